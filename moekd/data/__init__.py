@@ -1,0 +1,1 @@
+"""Instruction data: loading, prompt template, tokenization, the built-in synthetic suite."""

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny tokenizer, the bundled demo data and tiny teachers saved like user checkpoints."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import json
+from pathlib import Path
+
+import pytest
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"
+
+
+@pytest.fixture(scope="session")
+def data_file() -> Path:
+    return DEMO_DATA
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from moekd.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
+    texts = [" ".join(r.values()) for r in rows] * 4
+    train_tokenizer(texts, vocab_size=400, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def make_teacher(tmp_path_factory, tokenizer):
+    """`make_teacher(family, **config)` -> directory of a tiny saved checkpoint (built once per arguments)."""
+    from moekd.tiny_models import make_tiny_model
+
+    built: dict = {}
+
+    def build(family: str = "mixtral", **config) -> Path:
+        key = (family, tuple(sorted(config.items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"teacher_{family}")
+            make_tiny_model(family, tokenizer, out, seed=1, **config)
+            built[key] = out
+        return built[key]
+
+    return build
