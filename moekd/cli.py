@@ -40,3 +40,187 @@ def main() -> None:
 
 
 # ---------------------------------------------------------------- cache
+
+
+@cache_app.command("build")
+def cache_build(
+    teacher: str = typer.Option(..., help="Teacher checkpoint: a local Hugging Face directory (or a hub id when online)."),
+    data: Path = typer.Option(..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."),
+    out: Path = typer.Option(..., help="Store to write, e.g. run.zarr."),
+    policy: str = typer.Option("topk", help="Teacher routing policy: topk, all, ka, topp, mc."),
+    m: Optional[int] = typer.Option(None, "--m", help="Teacher samples per example (stochastic policies; ka default 2)."),
+    ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts instead of taking the top ones (default 0.05)."),
+    ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
+    top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach."),
+    k: int = typer.Option(64, help="Teacher token ids stored per position and sample (top-k, plus a tail bucket)."),
+    max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens; longer rows are an error (or skipped with --skip-invalid)."),
+    max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated and counted."),
+    dtype: str = typer.Option("auto", help="Teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    batch_tokens: int = typer.Option(8192, help="Padded tokens per teacher forward."),
+    seed: int = typer.Option(0, help="Base seed; each (example, sample) draws from its own seed derived from it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished build (same settings required)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template instead of the Dolly template."),
+    instruction_field: Optional[str] = typer.Option(None, help="Field holding the instruction (default: instruction)."),
+    context_field: Optional[str] = typer.Option(None, help="Field holding the context (default: context or input; '' for none)."),
+    response_field: Optional[str] = typer.Option(None, help="Field holding the response (default: response or output)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Leave out bad or over-long rows (counted in the summary) instead of stopping."),
+    positions_per_shard: int = typer.Option(65536, help="Stored positions per shard file, the unit of resumable work."),
+) -> None:
+    """Run the teacher once per example and sample and write its sparse distributions to a Zarr store.
+
+    Example: moekd cache build --teacher ./teacher --data train.jsonl --out run.zarr --k 64
+    """
+    from moekd.cache_builder.build import BuildOptions, build_cache
+
+    params = {"m": m, "ka_lambda": ka_lambda, "ka_drop": ka_drop, "top_p": top_p}
+    options = BuildOptions(
+        teacher=teacher, data=str(data), out=str(out), policy=policy,
+        policy_params={key: value for key, value in params.items() if value is not None},
+        k=k, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        seed=seed, resume=resume, overwrite=overwrite, tokenizer=tokenizer, chat_template=chat_template,
+        fields={"instruction": instruction_field, "context": context_field, "response": response_field},
+        skip_invalid=skip_invalid, positions_per_shard=positions_per_shard,
+    )
+    s = build_cache(options, console=Console(stderr=True))
+    console.print(
+        f"[green]wrote[/] {s.out}: {s.examples} examples, {s.positions} positions x {s.samples} sample(s); "
+        f"units {s.units_done}/{s.units_total} computed this run; {s.teacher_tokens:,} teacher tokens at "
+        f"{s.tokens_per_second:,.0f} tok/s; {s.wall_seconds:.1f} s total. "
+        f"Truncated responses: {s.truncated_responses}. Skipped rows: {s.skipped or 'none'}.",
+        highlight=False,
+    )
+
+
+@cache_app.command("info")
+def cache_info(store: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
+    """Summarise a store: metadata, examples, stored positions, sizes on disk.
+
+    Example: moekd cache info run.zarr
+    """
+    from rich.table import Table
+
+    from moekd.store.verify import store_info
+
+    info = store_info(store)
+    meta = info["meta"]
+    table = Table(title=f"moekd cache {store}", show_header=False)
+    rows = [
+        ("status", meta.build.status),
+        ("schema", meta.schema_version),
+        ("teacher", f"{meta.teacher.name_or_path} ({meta.teacher.architecture}, vocab {meta.teacher.vocab_size})"),
+        ("experts", f"{meta.teacher.num_experts} per layer, top-{meta.teacher.experts_per_token}, {len(meta.teacher.moe_layers)} MoE layers"
+         if meta.teacher.num_experts else "dense teacher"),
+        ("policy", f"{meta.policy.name} {meta.policy.params} M={meta.policy.samples} seed={meta.policy.seed}"),
+        ("encoding", f"top-{meta.encoding.k} + tail, {meta.encoding.logprob_codec} (max error {meta.encoding.max_abs_error_nats:.5f} nat)"),
+        ("dataset", f"{meta.dataset.source} ({meta.dataset.format}, {meta.dataset.template} template)"),
+        ("examples", f"{meta.layout.num_examples:,}"),
+        ("tokens", f"{meta.layout.num_tokens:,}"),
+        ("stored positions", f"{meta.layout.num_positions:,} x {meta.layout.num_samples} sample(s)"),
+        ("truncated / skipped", f"{meta.dataset.truncated_responses} / {meta.dataset.skipped or 0}"),
+        ("size on disk", f"{info['bytes_total']:,} B"),
+        ("bytes per position", f"{info['bytes_per_position']:.1f}"),
+        ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} (distribution arrays)"),
+        ("built", f"{meta.build.created_at} -> {meta.build.completed_at} on {meta.build.device}"),
+    ]
+    for name, size in info["bytes_per_array"].items():
+        rows.append((f"  {name}", f"{size:,} B"))
+    for key, value in rows:
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@cache_app.command("verify")
+def cache_verify(
+    store: str = typer.Argument(..., help="Store path or fsspec URL."),
+    deep: bool = typer.Option(False, "--deep", help="Also decode every value and check its range."),
+) -> None:
+    """Check schema, structure and per-file checksums (and, with --deep, every value). Exit 1 on any problem.
+
+    Example: moekd cache verify run.zarr --deep
+    """
+    from moekd.store.verify import verify_store
+
+    report = verify_store(store, deep=deep)
+    if report.ok:
+        checked = f", {report.positions_checked:,} positions decoded" if deep else ""
+        Console().print(f"[green]OK[/] {store}: {report.files_checked} files match the manifest{checked}")
+        return
+    for problem in report.problems:
+        console.print(f"[red]FAIL[/] {problem}", highlight=False)
+    console.print(f"[bold red]{store}: {len(report.problems)} problem(s)[/]")
+    raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="Directory to write train.jsonl, valid.jsonl, test.jsonl and synth_info.json into."),
+    seed: int = typer.Option(0, help="Generator seed; the same seed writes byte-identical files."),
+    n_train: int = typer.Option(2000, help="Records in train.jsonl (families balanced)."),
+    n_valid: int = typer.Option(200, help="Records in valid.jsonl."),
+    n_test: int = typer.Option(400, help="Records in test.jsonl."),
+) -> None:
+    """Write the built-in instruction suite: short Dolly-form tasks from 16 task families, disjoint splits.
+
+    Example: moekd data synth --out data/synth --seed 0 --n-train 2000
+    """
+    from rich.table import Table
+
+    from moekd.data.synth import write_suite
+
+    info = write_suite(out, seed=seed, n_train=n_train, n_valid=n_valid, n_test=n_test)
+    splits = list(info["counts"])
+    table = Table(title=f"moekd data synth -> {out} (seed {seed})")
+    table.add_column("family")
+    for split in splits:
+        table.add_column(split, justify="right")
+    for family in info["families"]:
+        table.add_row(family, *(str(info["counts_per_family"][split].get(family, 0)) for split in splits))
+    table.add_row("total", *(str(info["counts"][split]) for split in splits), style="bold")
+    Console().print(table)
+
+
+# ---------------------------------------------------------------- eval
+
+
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Option(..., help="Model checkpoint directory (saved with save_pretrained, tokenizer included)."),
+    data: list[Path] = typer.Option(..., help="Test data in Dolly or Alpaca form; repeat --data for several datasets."),
+    seeds: str = typer.Option("10,20,30,40,50", help="Comma-separated sampling seeds; one generation per prompt per seed."),
+    max_new_tokens: int = typer.Option(256, help="Longest response in tokens."),
+    max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens; a longer prompt is an error."),
+    batch_size: int = typer.Option(16, help="Prompts per generate() call (left padded); part of what makes a run reproducible."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write scores here and generations to <stem>.generations.jsonl beside it."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N rows of each dataset."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template, as in training with --chat-template."),
+) -> None:
+    """Sample responses (temperature 1, top_k 0, top_p 1) and score ROUGE-L: mean and std over seeds.
+
+    Example: moekd eval --model runs/student --data data/synth/test.jsonl --seeds 10,20 --max-new-tokens 64 --json eval.json
+    """
+    from rich.table import Table
+
+    from moekd.eval.evaluate import evaluate, parse_seeds, write_report
+
+    seed_list = parse_seeds(seeds)
+    report = evaluate(
+        model, data, seed_list, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len, batch_size=batch_size,
+        limit=limit, device=device, chat_template=chat_template, log=lambda line: console.print(line, highlight=False),
+    )
+    table = Table(title=f"ROUGE-L of {model} (x100, mean ± std over {len(seed_list)} seeds)")
+    for column in ("dataset", "n", "mean", "std", *(f"seed {s}" for s in seed_list)):
+        table.add_column(column, justify="left" if column == "dataset" else "right", overflow="fold")
+    for scores in report.datasets:
+        per_seed = (f"{scores.per_seed[s]:.2f}" for s in seed_list)
+        table.add_row(scores.data, str(scores.n), f"{scores.mean:.2f}", f"{scores.std:.2f}", *per_seed)
+    Console().print(table)
+    if json_out is not None:
+        json_path, gen_path = write_report(report, json_out)
+        console.print(f"[green]wrote[/] {json_path} and {gen_path}", highlight=False)

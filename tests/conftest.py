@@ -6,7 +6,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import json
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,13 @@ def data_file() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
+    from moekd.data.prompts import format_prompt
+    from moekd.data.records import load_records
     from moekd.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
-    rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
-    texts = [" ".join(r.values()) for r in rows] * 4
+    records = load_records(DEMO_DATA).records
+    texts = [format_prompt(r) + r.response for r in records] * 4
     train_tokenizer(texts, vocab_size=400, out_dir=out)
     return out
 

@@ -1,0 +1,5 @@
+"""`python -m moekd` is the `moekd` command."""
+
+from moekd.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""Teacher-cache metadata, schema v1: the single source of truth for what a store holds.
+
+Stored as the `moekd` attribute of the store's root group and exported as JSON Schema
+(`teacher_cache.schema.json`) for other teams. Readers pin the major version; optional fields
+added later bump the minor version, and an older reader ignores them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1.0"
+FORMAT = "moekd-teacher-cache"
+ALIGNMENT_DESCRIPTION = (
+    "target_positions[p] = t means the stored distribution at p was produced by the teacher at token "
+    "position t of its example and predicts input_ids[t + 1]; only positions whose next token is a "
+    "response token are stored."
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherInfo(Strict):
+    name_or_path: str
+    architecture: str = Field(description="Model class, e.g. MixtralForCausalLM")
+    model_type: str
+    revision: Optional[str] = Field(None, description="Hub commit, when loaded from a hub id")
+    weights_sha256: Optional[str] = Field(None, description="sha256 over the checkpoint's weight files, sorted by name")
+    vocab_size: int = Field(gt=0, description="Size of the teacher's output layer; stored ids are below it")
+    dtype: str = Field(description="Dtype the teacher ran in")
+    moe_layers: list[str] = Field(description="Module names of the routers, in depth order; empty for a dense teacher")
+    router_class: Optional[str] = None
+    num_experts: Optional[int] = None
+    experts_per_token: Optional[int] = None
+
+
+class TokenizerInfo(Strict):
+    name_or_path: str
+    size: int = Field(gt=0, description="len(tokenizer)")
+    vocab_sha256: str = Field(description="sha256 of the token-to-id mapping")
+    sha256: str = Field(description="sha256 of the whole tokenizer: mapping, rules and special tokens")
+    eos_token_id: int
+    pad_token_id: Optional[int] = None
+    bos_token_id: Optional[int] = None
+
+
+class PolicyInfo(Strict):
+    name: str = Field(description="Routing policy the teacher ran under, e.g. topk, all, ka")
+    samples: int = Field(ge=1, description="M: teacher passes per example, each stored separately")
+    stochastic: bool
+    params: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    seed: int
+    seed_derivation: str = Field(description="How the seed of each (example, sample) is derived from `seed`")
+
+
+class EncodingInfo(Strict):
+    kind: Literal["topk_tail"] = "topk_tail"
+    k: int = Field(gt=0, description="Teacher token ids stored per position and sample")
+    logprob_codec: Literal["u16_gap_delta"] = "u16_gap_delta"
+    scale: float = Field(gt=0, description="Quantisation steps per nat of the gaps below the top-1 log-prob")
+    max_abs_error_nats: float = Field(description="Largest decoding error of a stored log-prob within max_gap_nats")
+    max_gap_nats: float = Field(description="Gaps below the top-1 log-prob are clamped here")
+    normalisation: str
+    tail: str
+
+
+class AlignmentInfo(Strict):
+    convention: Literal["next_token"] = "next_token"
+    description: str = ALIGNMENT_DESCRIPTION
+
+
+class DatasetInfo(Strict):
+    source: str
+    format: str
+    fingerprint_sha256: str = Field(description="sha256 of the records' content after field mapping")
+    fields: dict[str, Optional[str]]
+    template: Literal["dolly", "chat"]
+    max_prompt_len: int
+    max_len: int
+    rows_read: int
+    examples: int
+    skipped: dict[str, int] = Field(default_factory=dict, description="Rows left out (only with --skip-invalid), by reason")
+    truncated_responses: int
+
+
+class ArraySpec(Strict):
+    shape: list[int]
+    dtype: str
+    dims: list[str]
+
+
+class LayoutInfo(Strict):
+    num_examples: int
+    num_tokens: int
+    num_positions: int
+    num_samples: int
+    positions_per_chunk: int
+    positions_per_shard: int
+    arrays: dict[str, ArraySpec]
+
+
+class BuildInfo(Strict):
+    status: Literal["building", "complete"]
+    created_at: str
+    completed_at: Optional[str] = None
+    wall_seconds: Optional[float] = None
+    units: int = Field(description="Independently written and resumable pieces (one per position shard)")
+    batch_tokens: int
+    device: str
+    manifest_sha256: Optional[str] = Field(None, description="sha256 of manifest.json (per-file checksums)")
+    versions: dict[str, str]
+
+
+class CacheMetadata(Strict):
+    format: Literal["moekd-teacher-cache"] = FORMAT
+    schema_version: str = SCHEMA_VERSION
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    policy: PolicyInfo
+    encoding: EncodingInfo
+    alignment: AlignmentInfo = AlignmentInfo()
+    dataset: DatasetInfo
+    layout: LayoutInfo
+    build: BuildInfo

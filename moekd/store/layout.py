@@ -1,0 +1,85 @@
+"""Where everything lives in a store: array names, shapes, chunking, and the unit plan.
+
+A store is one Zarr v3 group holding flat arrays:
+- per token: `input_ids` [T];
+- per example: `example_token_offsets` [E+1], `example_position_offsets` [E+1],
+  `example_prompt_len` [E], `example_source_index` [E] (row of the source data);
+- per stored position p (response positions only, see the alignment convention):
+  `target_positions` [P] (position inside its example), and per sample m the sparse teacher
+  distribution: `topk_ids` [P, M, k], `topk_gaps` [P, M, k], `top1_logprob` [P, M],
+  `tail_logprob` [P, M] (see moekd.encoding); gate distributions when asked for.
+Position arrays are sharded along P; the build writes one shard range ("unit") at a time, so
+no two units ever share a file and each unit can be redone alone after a crash.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moekd.schemas.cache import ArraySpec
+
+POSITIONS_PER_CHUNK = 256
+POSITIONS_PER_SHARD = 65536
+TOKENS_PER_CHUNK = 16384
+EXAMPLES_PER_CHUNK = 16384
+
+BUILD_DIR = ".moekd-build"  # resume state of an unfinished build; removed once the store is complete
+MANIFEST = "manifest.json"  # per-file sha256 of a complete store
+ROOT_META = "zarr.json"
+
+
+def array_specs(num_examples: int, num_tokens: int, num_positions: int, samples: int, k: int,
+                extra: dict[str, ArraySpec] | None = None) -> dict[str, ArraySpec]:
+    """Every array of a store with these sizes; `extra` adds position arrays (first dim P)."""
+    E, T, P, M = num_examples, num_tokens, num_positions, samples
+    specs = {
+        "input_ids": ArraySpec(shape=[T], dtype="int32", dims=["token"]),
+        "example_token_offsets": ArraySpec(shape=[E + 1], dtype="int64", dims=["example+1"]),
+        "example_position_offsets": ArraySpec(shape=[E + 1], dtype="int64", dims=["example+1"]),
+        "example_prompt_len": ArraySpec(shape=[E], dtype="int32", dims=["example"]),
+        "example_source_index": ArraySpec(shape=[E], dtype="int64", dims=["example"]),
+        "target_positions": ArraySpec(shape=[P], dtype="int32", dims=["position"]),
+        "topk_ids": ArraySpec(shape=[P, M, k], dtype="int32", dims=["position", "sample", "rank"]),
+        "topk_gaps": ArraySpec(shape=[P, M, k], dtype="uint16", dims=["position", "sample", "rank"]),
+        "top1_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=["position", "sample"]),
+        "tail_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=["position", "sample"]),
+    }
+    specs.update(extra or {})
+    return specs
+
+
+def position_arrays(specs: dict[str, ArraySpec]) -> list[str]:
+    return sorted(name for name, spec in specs.items() if spec.dims[0] == "position")
+
+
+def chunking(spec: ArraySpec, positions_per_shard: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(chunk shape, shard shape or None) of an array."""
+    first = spec.dims[0]
+    rest = tuple(spec.shape[1:])
+    if first == "position":
+        chunk = min(POSITIONS_PER_CHUNK, positions_per_shard)
+        return (chunk, *rest), (positions_per_shard, *rest)
+    if first == "token":
+        return (TOKENS_PER_CHUNK,), None
+    return (EXAMPLES_PER_CHUNK,), None
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    start: int  # first position
+    stop: int  # one past the last position
+
+
+def plan_units(num_positions: int, positions_per_shard: int) -> list[Unit]:
+    starts = range(0, num_positions, positions_per_shard)
+    return [Unit(i, s, min(s + positions_per_shard, num_positions)) for i, s in enumerate(starts)]
+
+
+def examples_overlapping(position_offsets: np.ndarray, unit: Unit) -> range:
+    """Indices of the examples with at least one stored position inside `unit`."""
+    first = int(np.searchsorted(position_offsets, unit.start, side="right")) - 1
+    last = int(np.searchsorted(position_offsets, unit.stop, side="left"))
+    return range(max(first, 0), last)

@@ -1,0 +1,162 @@
+"""Checking a store end to end (`moekd cache verify`) and summarising it (`moekd cache info`).
+
+Works on local paths and fsspec URLs alike: files are read through fsspec, arrays through zarr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+
+from moekd.encoding import MAX_ABS_ERROR, decode_logprobs
+from moekd.errors import MoekdError
+from moekd.schemas import parse_metadata
+from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META
+from moekd.store.reader import open_group
+
+# Decoded masses may exceed 1 by the quantisation error of k log-probs: e^(1/512) - 1 < 2e-3.
+MASS_TOLERANCE = 2 * MAX_ABS_ERROR
+
+
+@dataclass
+class VerifyReport:
+    location: str
+    deep: bool
+    files_checked: int = 0
+    positions_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _files(location: str) -> tuple[fsspec.AbstractFileSystem, str, dict[str, int]]:
+    fs, root = fsspec.core.url_to_fs(location)
+    root = root.rstrip("/")
+    found = {}
+    for path, info in fs.find(root, detail=True).items():
+        rel = path[len(root):].lstrip("/")
+        found[rel] = info.get("size", 0)
+    return fs, root, found
+
+
+def verify_store(location: str, deep: bool = False) -> VerifyReport:
+    """Every problem found in the store at `location` (none means it is intact and complete)."""
+    report = VerifyReport(location, deep)
+    fs, root, found = _files(location)
+    if ROOT_META not in found:
+        report.problems.append(f"{ROOT_META} is missing: not a Zarr v3 store")
+        return report
+    try:
+        raw = json.loads(fs.cat_file(f"{root}/{ROOT_META}")).get("attributes", {}).get("moekd")
+        meta = parse_metadata(raw, location)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        report.problems.append(f"{ROOT_META} is not valid JSON (truncated or corrupted)")
+        return report
+    except MoekdError as e:
+        report.problems.append(str(e))
+        return report
+    if meta.build.status != "complete":
+        report.problems.append(f"incomplete build (status {meta.build.status!r}): resume it with `moekd cache build ... --resume`")
+        return report
+    if MANIFEST not in found:
+        report.problems.append(f"{MANIFEST} is missing")
+        return report
+    manifest_bytes = fs.cat_file(f"{root}/{MANIFEST}")
+    if hashlib.sha256(manifest_bytes).hexdigest() != meta.build.manifest_sha256:
+        report.problems.append(f"{MANIFEST} does not match the checksum recorded in the metadata")
+        return report
+    listed = json.loads(manifest_bytes)["files"]
+    for rel, entry in listed.items():
+        if rel not in found:
+            report.problems.append(f"{rel}: missing")
+        elif found[rel] != entry["size"]:
+            report.problems.append(f"{rel}: {found[rel]} bytes, expected {entry['size']} (truncated or replaced)")
+        elif hashlib.sha256(fs.cat_file(f"{root}/{rel}")).hexdigest() != entry["sha256"]:
+            report.problems.append(f"{rel}: checksum mismatch (corrupted)")
+        report.files_checked += 1
+    for rel in sorted(set(found) - set(listed) - {ROOT_META, MANIFEST}):
+        if not rel.startswith(BUILD_DIR + "/"):
+            report.problems.append(f"{rel}: not in the manifest (unexpected file)")
+    if report.problems:
+        return report
+    group = open_group(location)
+    for name, spec in meta.layout.arrays.items():
+        if name not in group:
+            report.problems.append(f"array {name} is missing")
+        elif list(group[name].shape) != spec.shape or str(group[name].dtype) != spec.dtype:
+            report.problems.append(f"array {name}: {group[name].shape} {group[name].dtype}, layout says {spec.shape} {spec.dtype}")
+    if not report.problems and deep:
+        _check_values(group, meta, report)
+    return report
+
+
+def _check_values(group, meta, report: VerifyReport) -> None:
+    layout = meta.layout
+    tok_off = group["example_token_offsets"][:]
+    pos_off = group["example_position_offsets"][:]
+    prompt_len = group["example_prompt_len"][:]
+    lengths = np.diff(tok_off)
+    if tok_off[0] != 0 or tok_off[-1] != layout.num_tokens or np.any(lengths < 1):
+        report.problems.append("example_token_offsets: not increasing from 0 to num_tokens")
+    if pos_off[0] != 0 or pos_off[-1] != layout.num_positions or np.any(np.diff(pos_off) < 1):
+        report.problems.append("example_position_offsets: not increasing from 0 to num_positions")
+    if report.problems:
+        return
+    expected_positions = np.concatenate([np.arange(p - 1, n - 1) for p, n in zip(prompt_len, lengths)])
+    vocab = meta.teacher.vocab_size
+    if np.any(group["input_ids"][:] >= meta.tokenizer.size) or np.any(group["input_ids"][:] < 0):
+        report.problems.append("input_ids: ids outside the tokenizer's range")
+    step = layout.positions_per_shard
+    for start in range(0, layout.num_positions, step):
+        stop = min(start + step, layout.num_positions)
+        where = f"positions {start}..{stop - 1}"
+        try:
+            ids = group["topk_ids"][start:stop]
+            logprobs = decode_logprobs(group["top1_logprob"][start:stop], group["topk_gaps"][start:stop])
+            tail = group["tail_logprob"][start:stop]
+            targets = group["target_positions"][start:stop]
+        except Exception as e:  # a chunk whose crc32c fails, or undecodable bytes
+            report.problems.append(f"{where}: cannot decode ({type(e).__name__}: {e})")
+            continue
+        if not np.array_equal(targets, expected_positions[start:stop]):
+            report.problems.append(f"{where}: target_positions disagree with the example table")
+        if np.any(ids < 0) or np.any(ids >= vocab):
+            report.problems.append(f"{where}: topk_ids outside [0, {vocab})")
+        if not np.all(np.isfinite(logprobs)) or np.any(logprobs > 0):
+            report.problems.append(f"{where}: top-k log-probs not finite and <= 0")
+        if np.any(np.isnan(tail)) or np.any(tail > 0):
+            report.problems.append(f"{where}: tail log-probs NaN or > 0")
+        mass = np.exp(logprobs.astype(np.float64)).sum(-1) + np.exp(tail.astype(np.float64))
+        if np.any(mass > 1 + MASS_TOLERANCE):
+            report.problems.append(f"{where}: probability mass up to {mass.max():.6f} > 1")
+        report.positions_checked += stop - start
+
+
+def store_info(location: str) -> dict:
+    """Metadata summary and sizes of a store (complete or not)."""
+    fs, root, found = _files(location)
+    if ROOT_META not in found:
+        raise MoekdError(f"cache {location}: no {ROOT_META}; not a Zarr v3 store")
+    raw = json.loads(fs.cat_file(f"{root}/{ROOT_META}")).get("attributes", {}).get("moekd")
+    meta = parse_metadata(raw, location)
+    arrays = {}
+    for rel, size in found.items():
+        top = rel.split("/")[0]
+        if top in meta.layout.arrays:
+            arrays[top] = arrays.get(top, 0) + size
+    total = sum(found.values())
+    positions = meta.layout.num_positions
+    distribution = sum(size for name, size in arrays.items() if meta.layout.arrays[name].dims[0] == "position")
+    return {
+        "meta": meta,
+        "bytes_total": total,
+        "bytes_per_array": dict(sorted(arrays.items())),
+        "bytes_per_position": total / max(positions, 1),
+        "distribution_bytes_per_position_sample": distribution / max(positions * meta.layout.num_samples, 1),
+    }
