@@ -1,4 +1,4 @@
-"""A built-in instruction suite: short Dolly-form tasks from fifteen generated task families.
+"""A built-in instruction suite: short Dolly-form tasks from sixteen generated task families.
 
 Each family has several instruction phrasings, each paired with its own response style, so a
 model can learn the task and the wording, an MoE teacher can specialise experts by family, and
@@ -229,10 +229,10 @@ def spell_backwards(rng: random.Random) -> tuple[str, str, str]:
     style = rng.randrange(4)
     if style == 0:
         return f"Spell the word '{word}' backwards.", "", backwards
-    if style == 3:
-        return f"Spell '{word}' backwards in capital letters.", "", backwards.upper()
     if style == 1:
         return f"Write '{word}' with its letters in reverse order.", "", f"The word '{word}' backwards is '{backwards}'."
+    if style == 2:
+        return f"Spell '{word}' backwards in capital letters.", "", backwards.upper()
     return "Spell the word in the input backwards, letter by letter.", word, " ".join(backwards)
 
 

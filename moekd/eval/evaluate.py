@@ -1,0 +1,168 @@
+"""`moekd eval`: sample responses for each dataset and seed, score ROUGE-L, report mean and std over seeds.
+
+Protocol of the published work (METHODS §8): prompts built exactly as in training, one sampled
+response per prompt per seed (temperature 1, top_k 0, top_p 1), ROUGE-L F-measure x100 with
+stemming, max over a record's references, averaged over the dataset; then mean and std over
+seeds. std is the population std (ddof=0, numpy's default), recorded in the report.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moekd.data.prompts import format_prompt, prompt_ids
+from moekd.data.records import Record, detect_fields, read_rows
+from moekd.errors import MoekdError
+from moekd.eval.generate import SAMPLING, generate_responses, load_model
+from moekd.eval.rouge import rouge_l
+
+DEFAULT_SEEDS = (10, 20, 30, 40, 50)
+
+
+@dataclass
+class EvalExample:
+    record: Record
+    references: list[str]
+    row: int  # row number in the data file
+
+
+@dataclass
+class DatasetScores:
+    data: str
+    n: int
+    per_seed: dict[int, float]  # seed -> mean ROUGE-L over the dataset
+    mean: float
+    std: float
+
+
+@dataclass
+class EvalReport:
+    model: str
+    settings: dict
+    datasets: list[DatasetScores]
+    generations: list[dict] = field(repr=False)  # one row per dataset, example and seed
+
+    def summary(self) -> dict:
+        """The report without the generations, as written to the --json file."""
+        return {"model": self.model, "settings": self.settings, "datasets": [asdict(d) for d in self.datasets]}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'10,20,30' -> [10, 20, 30]."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        seeds = [int(p) for p in parts]
+    except ValueError:
+        raise MoekdError(f"--seeds: expected comma-separated integers such as 10,20,30,40,50, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise MoekdError(f"--seeds: {text!r} repeats a seed")
+    if any(s < 0 for s in seeds):
+        raise MoekdError(f"--seeds: seeds must be non-negative, got {text!r}")
+    return seeds
+
+
+def load_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalExample]:
+    """Records of a Dolly/Alpaca-form file whose response field is one reference or a list of them."""
+    rows, _ = read_rows(path)
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise MoekdError(f"--data: {path} holds no rows")
+    fields = detect_fields(rows)
+    examples = []
+    for n, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise MoekdError(f"--data: {path} row {n}: expected a JSON object, got {type(row).__name__}")
+        instruction, context = row.get(fields.instruction), row.get(fields.context) if fields.context else None
+        references = row.get(fields.response)
+        references = [references] if isinstance(references, str) else references
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise MoekdError(f"--data: {path} row {n}: field {fields.instruction!r} must be a non-empty string")
+        if context is not None and not isinstance(context, str):
+            raise MoekdError(f"--data: {path} row {n}: field {fields.context!r} must be a string")
+        if not isinstance(references, list) or not references or not all(isinstance(r, str) and r.strip() for r in references):
+            raise MoekdError(
+                f"--data: {path} row {n}: field {fields.response!r} must be a non-empty string or a list of them"
+            )
+        examples.append(EvalExample(Record(instruction, context or "", references[0]), references, n))
+    return examples
+
+
+def evaluate(
+    model_dir: str | Path,
+    data_paths: list[str | Path],
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    max_new_tokens: int = 256,
+    max_prompt_len: int = 256,
+    batch_size: int = 16,
+    limit: int | None = None,
+    device: str = "cpu",
+    chat_template: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> EvalReport:
+    """ROUGE-L of `model_dir`'s sampled responses on each dataset, per seed and as mean/std over seeds."""
+    for flag, value in (("--max-new-tokens", max_new_tokens), ("--max-prompt-len", max_prompt_len), ("--batch-size", batch_size)):
+        if value < 1:
+            raise MoekdError(f"{flag} must be at least 1, got {value}")
+    if limit is not None and limit < 1:
+        raise MoekdError(f"--limit must be at least 1, got {limit}")
+    if not seeds:
+        raise MoekdError("--seeds: give at least one seed")
+    if not data_paths:
+        raise MoekdError("--data: give at least one data file")
+    datasets = {str(path): load_eval_examples(path, limit) for path in data_paths}  # read all before the slow part
+    model, tokenizer = load_model(model_dir, device)
+
+    scores, generations = [], []
+    for name, examples in datasets.items():
+        prompts = [format_prompt(ex.record, tokenizer, chat_template) for ex in examples]
+        ids = [prompt_ids(tokenizer, prompt, chat_template) for prompt in prompts]
+        for ex, prompt in zip(examples, ids):
+            if len(prompt) > max_prompt_len:
+                raise MoekdError(
+                    f"--data {name} row {ex.row}: the prompt is {len(prompt)} tokens, over --max-prompt-len "
+                    f"{max_prompt_len}; raise --max-prompt-len"
+                )
+        per_seed = {}
+        for seed in seeds:
+            responses = generate_responses(model, tokenizer, ids, seed, max_new_tokens, batch_size)
+            rouge = [rouge_l(response, ex.references) for response, ex in zip(responses, examples)]
+            per_seed[seed] = float(np.mean(rouge))
+            for ex, prompt, response, score in zip(examples, prompts, responses, rouge):
+                reference = ex.references[0] if len(ex.references) == 1 else ex.references
+                generations.append(
+                    {"dataset": name, "index": ex.row, "seed": seed, "prompt": prompt,
+                     "reference": reference, "generation": response, "rougeL": score}
+                )
+            if log:
+                log(f"{name} seed {seed}: ROUGE-L {per_seed[seed]:.2f} over {len(examples)} prompts")
+        values = list(per_seed.values())
+        scores.append(DatasetScores(name, len(examples), per_seed, float(np.mean(values)), float(np.std(values))))
+
+    settings = {
+        **SAMPLING, "max_new_tokens": max_new_tokens, "max_prompt_len": max_prompt_len, "batch_size": batch_size,
+        "seeds": list(seeds), "limit": limit, "device": device, "chat_template": chat_template,
+        "metric": "rougeL_fmeasure_x100_stemmed_max_over_references", "std_ddof": 0,
+    }
+    return EvalReport(str(model_dir), settings, scores, generations)
+
+
+def generations_path(json_path: str | Path) -> Path:
+    """`out.json` -> `out.generations.jsonl`, beside it."""
+    json_path = Path(json_path)
+    return json_path.with_name(f"{json_path.stem}.generations.jsonl")
+
+
+def write_report(report: EvalReport, json_path: str | Path) -> tuple[Path, Path]:
+    """Write the scores to `json_path` and every generation to `<stem>.generations.jsonl` beside it."""
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report.summary(), indent=2) + "\n", encoding="utf-8")
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in report.generations)
+    gen_path = generations_path(json_path)
+    gen_path.write_text(lines, encoding="utf-8")
+    return json_path, gen_path

@@ -1,0 +1,93 @@
+"""Load a checkpoint with its tokenizer and sample responses the way the published work does.
+
+Sampling is pure ancestral sampling from the model's distribution: temperature 1, top_k 0,
+top_p 1, nothing else. transformers fills every decoding parameter we leave unset from the
+checkpoint's generation_config.json and then from its global defaults (top_k=50), so the
+checkpoint's decoding defaults are swapped out for an empty config while we generate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moekd.errors import MoekdError
+
+SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_model(model_dir: str | Path, device: str = "cpu"):
+    """(model, tokenizer) of a saved checkpoint directory, the model in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise MoekdError(f"--model: {model_dir} is not a directory; pass a checkpoint saved with save_pretrained")
+    if not (model_dir / "config.json").exists():
+        raise MoekdError(f"--model: {model_dir} has no config.json; pass a checkpoint saved with save_pretrained")
+    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+        raise MoekdError(
+            f"--model: {model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer into the checkpoint with tokenizer.save_pretrained"
+        )
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise MoekdError(f"--device: {e}") from None
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer.eos_token_id is None:
+        raise MoekdError(f"--model: the tokenizer in {model_dir} defines no eos_token; set one in tokenizer_config.json")
+    dtype = torch.float32 if device.type == "cpu" else "auto"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS plus any the checkpoint's generation config adds (e.g. an end-of-turn token)."""
+    ids = {tokenizer.eos_token_id}
+    extra = model.generation_config.eos_token_id
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    return sorted(ids)
+
+
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    seed: int,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    greedy: bool = False,
+) -> list[str]:
+    """One response per prompt (token ids), batched in the given order with left padding, cut at EOS.
+
+    torch is seeded once with `seed` before the first batch, so the same prompts, seed and
+    batch size give the same responses. `greedy` decodes by argmax instead (for checks).
+    """
+    from transformers import GenerationConfig
+
+    eos = eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    decoding = {"do_sample": False} if greedy else SAMPLING
+    config = GenerationConfig(**decoding, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    device = next(model.parameters()).device
+    checkpoint_defaults = model.generation_config
+    model.generation_config = GenerationConfig()
+    torch.manual_seed(seed)
+    responses = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+            attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+            with torch.inference_mode():
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+            for row in out[:, width:].tolist():
+                cut = next((i for i, token in enumerate(row) if token in eos), len(row))
+                responses.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    finally:
+        model.generation_config = checkpoint_defaults
+    return responses
