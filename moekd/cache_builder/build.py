@@ -8,6 +8,7 @@ the crash-safety protocol.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -126,6 +127,7 @@ class UnitRunner:
         self.pad_id, self.batch_tokens = pad_id, batch_tokens
         self.lengths = np.diff(tables.token_offsets)
         self.device = next(model.parameters()).device
+        self.slices_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def tokens(self, unit_examples: range) -> int:
         return int(self.lengths[list(unit_examples)].sum()) * self.samples
@@ -153,11 +155,15 @@ class UnitRunner:
             rows = np.concatenate([
                 np.arange(t.position_offsets[e], t.position_offsets[e + 1]) - first for e in batch
             ])
+            targets = targets.to(self.device)
+            # The lm_head runs on the target positions only (a boolean `logits_to_keep` returns their
+            # logits flattened, in row-major order); prompt logits would be thrown away.
+            keep = {"logits_to_keep": targets} if self.slices_logits else {}
             for m in range(self.samples):
                 seeds = [derive_seed(self.seed, int(t.source_index[e]), m) for e in batch]
                 with self.controller.active(row_seeds=seeds):
-                    logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-                top_id, top_lp, tail = sparse_next_token(logits[targets.to(self.device)], self.k)
+                    logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False, **keep).logits
+                top_id, top_lp, tail = sparse_next_token(logits if logits.dim() == 2 else logits[targets], self.k)
                 ids[rows, m] = top_id.cpu().numpy()
                 logprobs[rows, m] = top_lp.cpu().numpy()
                 tails[rows, m] = tail.cpu().numpy()

@@ -1,0 +1,206 @@
+"""Find a teacher's MoE routers and make them route by a policy (see `policies.py`).
+
+Routers are found through the model class's `_can_record_outputs["router_logits"]`; each
+returns `(router_logits [T, N], weights [T, k], index [T, k])` for the B*T flattened tokens.
+A forward hook rewrites `(weights, index)` only, so `output_router_logits=True` still records
+the raw logits; the `topk` policy installs no rewrite at all.
+
+Gate distribution g per router family (what policies select from and `gate_probs` returns):
+- softmax routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): softmax(router_logits) in float32;
+- DeepSeek-V3-style routers: sigmoid(router_logits) normalised to sum 1. The correction bias
+  and the group limit belong to the native top-k choice only; other policies select from g
+  without them and keep the native weighting (sigmoid scores, `norm_topk_prob`, scaling).
+
+Token positions for the random draws come from a forward pre-hook on the model: the row's
+count of attended tokens before each token (cumsum of a 2D `attention_mask` - 1, which under
+`generate()` covers the cached tokens too), else `position_ids`, else `cache_position`, else
+past length + 0..T-1. A token's position is therefore the same with left or right padding,
+in a prefill or in a KV-cached decoding step, and in a gradient-checkpointing replay.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from moekd.cache_builder.policies import NativeTopK, RoutingPolicy, token_uniforms
+from moekd.errors import MoekdError
+
+
+class SoftmaxGate:
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE routers: softmax gates, top-k renormalised if `norm_topk_prob`."""
+
+    def gate_probs(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float(), dim=-1)
+
+    def weights(self, router: nn.Module, logits: torch.Tensor, index: torch.Tensor, valid, renormalise: bool) -> torch.Tensor:
+        w = self.gate_probs(router, logits).gather(1, index)
+        if valid is not None:
+            w = w * valid
+        if renormalise or getattr(router, "norm_topk_prob", True):  # Mixtral always renormalises
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w
+
+
+class DeepseekV3Gate:
+    """DeepSeek-V3-style routers: sigmoid scores, optional renormalisation, routed scaling factor."""
+
+    def gate_probs(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.float().sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True)
+
+    def weights(self, router: nn.Module, logits: torch.Tensor, index: torch.Tensor, valid, renormalise: bool) -> torch.Tensor:
+        w = logits.float().sigmoid().gather(1, index)
+        if valid is not None:
+            w = w * valid
+        if router.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * router.routed_scaling_factor
+
+
+GATES = {
+    "MixtralTopKRouter": SoftmaxGate(),
+    "Qwen2MoeTopKRouter": SoftmaxGate(),
+    "Qwen3MoeTopKRouter": SoftmaxGate(),
+    "OlmoeTopKRouter": SoftmaxGate(),
+    "DeepseekV3TopkRouter": DeepseekV3Gate(),
+}
+
+
+def router_classes(model: nn.Module) -> tuple[type, ...]:
+    """Router module classes the model declares for recording `router_logits`; empty for dense models."""
+    recorders = getattr(model, "_can_record_outputs", None) or {}
+    entries = recorders.get("router_logits")
+    entries = entries if isinstance(entries, (list, tuple)) else [entries] if entries is not None else []
+    return tuple(getattr(e, "target_class", e) for e in entries if isinstance(getattr(e, "target_class", e), type))
+
+
+def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(module name, router) of every MoE router in the model, in forward order."""
+    classes = router_classes(model)
+    return [(name, m) for name, m in model.named_modules() if classes and isinstance(m, classes)]
+
+
+class RouterController:
+    """Routes every MoE layer of `model` by `policy` inside `active()`; optionally records gates."""
+
+    def __init__(self, model: nn.Module, policy: RoutingPolicy | None = None, capture_gates: bool = False):
+        self.model = model
+        self.policy = policy or NativeTopK()
+        self.capture_gates = capture_gates
+        self.rewrites = not isinstance(self.policy, NativeTopK)
+        routers = find_routers(model)
+        self.moe_layers = [name for name, _ in routers]
+        self._routers = [r for _, r in routers]
+        self.router_class = ", ".join(sorted({type(r).__name__ for r in self._routers})) or None
+        self.num_experts = self._routers[0].num_experts if routers else None
+        self.top_k = self._routers[0].top_k if routers else None
+        if self.rewrites and not routers:
+            raise MoekdError(
+                f"--policy {self.policy.name} needs an MoE teacher: {type(model).__name__} has no router modules; "
+                "use --policy topk for a dense teacher"
+            )
+        if self.rewrites or capture_gates:
+            unsupported = sorted({type(r).__name__ for r in self._routers} - set(GATES))
+            if unsupported:
+                what = f"--policy {self.policy.name}" if self.rewrites else "capturing gate distributions"
+                raise MoekdError(
+                    f"{what}: router class {', '.join(unsupported)} is not supported (supported: {', '.join(GATES)}); "
+                    "use --policy topk without gate capture, or add an adapter for it in moekd/cache_builder/routing.py"
+                )
+        drop = getattr(self.policy, "ka_drop", 0)
+        if routers and drop >= self.num_experts:
+            raise MoekdError(f"--ka-drop {drop} leaves no expert: the teacher has {self.num_experts} experts per layer")
+        self._positions: torch.Tensor | None = None
+        self._row_seeds: torch.Tensor | None = None
+        self._gates: list[torch.Tensor | None] = []
+        self._activated: list[torch.Tensor | None] = []
+
+    @contextmanager
+    def active(self, row_seeds: list[int] | None = None):
+        """Install the hooks for the enclosed forwards (one seed per batch row for a stochastic policy)."""
+        if self.policy.stochastic and row_seeds is None:
+            raise ValueError(f"policy {self.policy.name} is stochastic: pass row_seeds, one per batch row")
+        self._row_seeds = None if row_seeds is None else torch.tensor(row_seeds, dtype=torch.int64)
+        self._gates = [None] * len(self._routers)
+        self._activated = [None] * len(self._routers)
+        handles = []
+        try:
+            if self.policy.stochastic:
+                handles.append(self.model.register_forward_pre_hook(self._record_positions, with_kwargs=True))
+            if self.rewrites or self.capture_gates:
+                for layer, router in enumerate(self._routers):
+                    handles.append(router.register_forward_hook(self._router_hook(layer)))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._positions = None
+
+    def gate_probs(self) -> list[torch.Tensor]:
+        """float32 [B*T, N] gate distribution of each MoE layer in the last forward (needs capture_gates)."""
+        return self._captured(self._gates)
+
+    def activated_experts(self) -> list[torch.Tensor]:
+        """bool [B*T, N]: the experts each token activated (nonzero weight) per MoE layer in the last forward."""
+        return self._captured(self._activated)
+
+    def _captured(self, tensors: list) -> list[torch.Tensor]:
+        if not self.capture_gates:
+            raise ValueError("RouterController was built with capture_gates=False")
+        if any(t is None for t in tensors):
+            raise ValueError("no forward ran with the controller active")
+        return list(tensors)
+
+    def _router_hook(self, layer: int):
+        gate = GATES.get(type(self._routers[layer]).__name__)
+
+        def hook(router: nn.Module, args, output):
+            logits, weights, index = output
+            valid = None
+            if self.rewrites:
+                probs = gate.gate_probs(router, logits)
+                uniforms = self._uniforms(layer, logits) if self.policy.stochastic else None
+                index, valid = self.policy.select(probs, uniforms, router.top_k)
+                weights = gate.weights(router, logits, index, valid, self.policy.renormalise).to(weights.dtype)
+            if self.capture_gates:
+                with torch.no_grad():
+                    self._gates[layer] = gate.gate_probs(router, logits).detach()
+                    hit = torch.ones_like(index, dtype=torch.bool) if valid is None else valid
+                    active = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, index, hit)
+                    self._activated[layer] = active
+            return (logits, weights, index) if self.rewrites else None
+
+        return hook
+
+    def _uniforms(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+        if self._positions is None:
+            raise RuntimeError("a router ran before the model's forward: call the model the controller was built with")
+        rows, cols = self._positions.shape
+        if rows * cols != logits.shape[0]:
+            raise RuntimeError(f"router saw {logits.shape[0]} tokens but the model forward had {rows}x{cols}")
+        seeds = self._row_seeds.to(logits.device)
+        return token_uniforms(seeds, layer, self._positions.to(logits.device), self.num_experts + 1)
+
+    def _record_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        rows, length = ids.shape if ids is not None else embeds.shape[:2]
+        if len(self._row_seeds) != rows:
+            raise ValueError(f"{len(self._row_seeds)} row seeds for a batch of {rows} rows")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        position_ids = kwargs.get("position_ids")
+        cache_position = kwargs.get("cache_position")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] >= length:
+            positions = (mask.long().cumsum(dim=-1) - 1)[:, -length:].clamp(min=0)
+        elif position_ids is not None:
+            positions = position_ids[0] if position_ids.dim() == 3 else position_ids
+        elif cache_position is not None:
+            positions = cache_position
+        else:
+            past = kwargs.get("past_key_values")
+            start = past.get_seq_length() if past is not None else 0
+            positions = torch.arange(start, start + length)
+        self._positions = positions.long().expand(rows, length)

@@ -1,0 +1,201 @@
+"""Per-layer routing statistics of a teacher over a set of examples (`moekd routing stats`).
+
+For every MoE layer, over the counted tokens (`scope="response"`: the positions whose
+next-token distribution the cache stores, i.e. `TokenizedExample.target_positions`;
+`scope="all"`: every non-padding token):
+- activated / dormant mass: mean over tokens of the gate mass of the experts the policy
+  activated / did not activate (they sum to 1; METHODS §1);
+- mean number of activated experts per token;
+- load: share of all token-to-expert assignments that went to each expert (sums to 1), and
+  its coefficient of variation std/mean (population std; 0 = perfectly balanced);
+- gate entropy: mean over tokens of -sum g log g, in nats (log N = uniform gates).
+Gate distributions g are the ones `RouterController.gate_probs` defines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moekd.cache_builder.policies import RoutingPolicy, derive_seed
+from moekd.cache_builder.routing import RouterController
+from moekd.data.prompts import TokenizedExample
+from moekd.errors import MoekdError
+
+
+@dataclass
+class LayerRoutingStats:
+    layer: str
+    activated_mass: float
+    dormant_mass: float
+    mean_activated: float
+    load: list[float]
+    load_cv: float
+    gate_entropy: float
+
+
+@dataclass
+class RoutingStats:
+    policy: str
+    scope: str
+    tokens: int
+    router_class: str
+    num_experts: int
+    top_k: int
+    layers: list[LayerRoutingStats]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compute_routing_stats(
+    model,
+    examples: list[TokenizedExample],
+    policy: RoutingPolicy | None = None,
+    pad_token_id: int = 0,
+    batch_size: int = 8,
+    seed: int = 0,
+    scope: str = "response",
+) -> RoutingStats:
+    """Routing statistics of `model` under `policy` (native top-k by default) over `examples`."""
+    _check_scope(scope)
+    ctrl = RouterController(model, policy, capture_gates=True)
+    if not ctrl.moe_layers:
+        raise MoekdError(f"--teacher: {type(model).__name__} has no MoE routers, so there is no routing to report")
+    layers = len(ctrl.moe_layers)
+    mass = np.zeros(layers)
+    entropy = np.zeros(layers)
+    active = np.zeros(layers)
+    counts = np.zeros((layers, ctrl.num_experts))
+    tokens = 0
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        ids, mask, counted = _pad_batch(batch, pad_token_id, scope)
+        seeds = [derive_seed(seed, ex.source_index, 0) for ex in batch]
+        with torch.no_grad(), ctrl.active(row_seeds=seeds):
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        rows = counted.flatten()
+        tokens += int(rows.sum())
+        for layer, (gates, activated) in enumerate(zip(ctrl.gate_probs(), ctrl.activated_experts())):
+            g = gates[rows.to(gates.device)].double().cpu()
+            a = activated[rows.to(gates.device)].cpu()
+            mass[layer] += float((g * a).sum())
+            entropy[layer] += float(-torch.special.xlogy(g, g).sum())
+            active[layer] += float(a.sum())
+            counts[layer] += a.sum(dim=0).double().numpy()
+    if tokens == 0:
+        raise MoekdError(f"no {scope} tokens in the examples to compute routing statistics on")
+    stats = []
+    for layer, name in enumerate(ctrl.moe_layers):
+        load = counts[layer] / counts[layer].sum()
+        stats.append(LayerRoutingStats(
+            layer=name,
+            activated_mass=mass[layer] / tokens,
+            dormant_mass=1.0 - mass[layer] / tokens,
+            mean_activated=active[layer] / tokens,
+            load=load.tolist(),
+            load_cv=float(load.std() / load.mean()),
+            gate_entropy=entropy[layer] / tokens,
+        ))
+    return RoutingStats(ctrl.policy.name, scope, tokens, ctrl.router_class, ctrl.num_experts, ctrl.top_k, stats)
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in ("response", "all"):
+        raise MoekdError(f"--scope must be 'response' or 'all', got {scope!r}")
+
+
+def _pad_batch(batch: list[TokenizedExample], pad_token_id: int, scope: str):
+    """Right-padded input ids, attention mask and the bool [B, L] mask of counted tokens."""
+    width = max(len(ex.input_ids) for ex in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    counted = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, ex in enumerate(batch):
+        ids[row, : len(ex.input_ids)] = torch.from_numpy(ex.input_ids.astype(np.int64))
+        mask[row, : len(ex.input_ids)] = 1
+        positions = ex.target_positions if scope == "response" else np.arange(len(ex.input_ids))
+        counted[row, torch.from_numpy(positions.astype(np.int64))] = True
+    return ids, mask, counted
+
+
+def routing_stats_for_files(
+    teacher: str | Path,
+    data: str | Path,
+    policy: RoutingPolicy | None = None,
+    max_examples: int = 64,
+    batch_size: int = 8,
+    max_prompt_len: int = 256,
+    max_len: int = 512,
+    seed: int = 0,
+    scope: str = "response",
+    device: str = "auto",
+    dtype: str = "auto",
+) -> RoutingStats:
+    """Load a teacher checkpoint and a data file, and compute routing statistics on the first examples."""
+    from moekd.cache_builder.teacher import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from moekd.data.prompts import tokenize_records
+    from moekd.data.records import load_records
+
+    _check_scope(scope)
+    if max_examples < 1:
+        raise MoekdError(f"--max-examples must be at least 1, got {max_examples}")
+    if batch_size < 1:
+        raise MoekdError(f"--batch-size must be at least 1, got {batch_size}")
+    resolved = resolve_device(device)
+    tokenizer = load_tokenizer(teacher)
+    loaded = load_records(data)
+    report = tokenize_records(
+        loaded.records[:max_examples], loaded.source_index[:max_examples], tokenizer, max_prompt_len, max_len
+    )
+    model = load_causal_lm(teacher, resolve_dtype(dtype, resolved), resolved)
+    return compute_routing_stats(model, report.examples, policy, tokenizer.pad_token_id, batch_size, seed, scope)
+
+
+def render_table(stats: RoutingStats):
+    """A rich Table with one row per MoE layer."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"Routing of {stats.router_class} (N={stats.num_experts}, k={stats.top_k}), --policy {stats.policy}, "
+        f"{stats.tokens} {stats.scope} tokens",
+        caption="activated/other: mean gate mass of the activated/other experts; experts: activated per token; "
+        "load CV: coefficient of variation of the expert load; entropy: gate entropy in nats",
+    )
+    table.add_column("layer", no_wrap=True)
+    for column in ("activated", "other", "experts", "load CV", "entropy"):
+        table.add_column(column, justify="right")
+    for s in stats.layers:
+        table.add_row(
+            s.layer, f"{s.activated_mass:.3f}", f"{s.dormant_mass:.3f}", f"{s.mean_activated:.2f}",
+            f"{s.load_cv:.3f}", f"{s.gate_entropy:.3f}",
+        )
+    return table
+
+
+def plot_stats(stats: RoutingStats, path: str | Path) -> None:
+    """Per-layer activated vs non-activated gate mass (stacked bars) and load CV, saved as an image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(stats.layers))
+    activated = [s.activated_mass for s in stats.layers]
+    fig, (mass_ax, cv_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    mass_ax.bar(x, activated, label="activated")
+    mass_ax.bar(x, [s.dormant_mass for s in stats.layers], bottom=activated, label="non-activated")
+    mass_ax.set(xlabel="MoE layer", ylabel="mean gate mass", ylim=(0, 1), title=f"Gate mass (--policy {stats.policy})")
+    mass_ax.legend(loc="lower right")
+    cv_ax.plot(x, [s.load_cv for s in stats.layers], marker="o")
+    cv_ax.set(xlabel="MoE layer", ylabel="CV of expert load", title="Load imbalance")
+    cv_ax.set_ylim(bottom=0)
+    for ax in (mass_ax, cv_ax):
+        ax.set_xticks(x)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    plt.close(fig)
