@@ -68,6 +68,7 @@ def cache_build(
     response_field: Optional[str] = typer.Option(None, help="Field holding the response (default: response or output)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Leave out bad or over-long rows (counted in the summary) instead of stopping."),
     positions_per_shard: int = typer.Option(65536, help="Stored positions per shard file, the unit of resumable work."),
+    router_probs: str = typer.Option("none", help="Also store each MoE layer's gate distribution: none, full, or top-R (R largest + rest mass)."),
 ) -> None:
     """Run the teacher once per example and sample and write its sparse distributions to a Zarr store.
 
@@ -82,7 +83,7 @@ def cache_build(
         k=k, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
         seed=seed, resume=resume, overwrite=overwrite, tokenizer=tokenizer, chat_template=chat_template,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
-        skip_invalid=skip_invalid, positions_per_shard=positions_per_shard,
+        skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs,
     )
     s = build_cache(options, console=Console(stderr=True))
     console.print(
@@ -152,6 +153,50 @@ def cache_verify(
         console.print(f"[red]FAIL[/] {problem}", highlight=False)
     console.print(f"[bold red]{store}: {len(report.problems)} problem(s)[/]")
     raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- routing
+
+
+@routing_app.command("stats")
+def routing_stats(
+    teacher: str = typer.Option(..., help="Teacher checkpoint directory (Hugging Face MoE causal LM)."),
+    data: Path = typer.Option(..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."),
+    policy: str = typer.Option("topk", help="Routing policy to measure: topk, all, ka, topp, mc."),
+    ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts (default 0.05)."),
+    ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1)."),
+    top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach (default 0.9)."),
+    scope: str = typer.Option("response", help="Tokens counted: response (the positions the cache stores) or all."),
+    max_examples: int = typer.Option(64, help="Examples read from the start of --data."),
+    batch_size: int = typer.Option(8, help="Examples per teacher forward."),
+    max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens."),
+    max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated."),
+    seed: int = typer.Option(0, help="Base seed of the stochastic policies (derived per example like cache build, sample 0)."),
+    dtype: str = typer.Option("auto", help="Teacher dtype: auto, float32, bfloat16, float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    plot: Optional[Path] = typer.Option(None, help="Also save a per-layer plot (PNG) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout instead of a table."),
+) -> None:
+    """Per MoE layer: gate mass of the activated and non-activated experts, expert load CV, gate entropy.
+
+    Example: moekd routing stats --teacher ./teacher --data train.jsonl --plot routing.png
+    """
+    import json
+
+    from moekd.cache_builder.policies import make_policy
+    from moekd.cache_builder.routing_stats import plot_stats, render_table, routing_stats_for_files
+
+    chosen = make_policy(policy, ka_lambda=ka_lambda, ka_drop=ka_drop, top_p=top_p)
+    stats = routing_stats_for_files(
+        teacher, data, chosen, max_examples=max_examples, batch_size=batch_size, max_prompt_len=max_prompt_len,
+        max_len=max_len, seed=seed, scope=scope, device=device, dtype=dtype,
+    )
+    if plot is not None:
+        plot_stats(stats, plot)
+    if as_json:
+        typer.echo(json.dumps(stats.to_dict(), indent=2))
+    else:
+        Console().print(render_table(stats))
 
 
 # ---------------------------------------------------------------- data
@@ -224,3 +269,65 @@ def eval_command(
     if json_out is not None:
         json_path, gen_path = write_report(report, json_out)
         console.print(f"[green]wrote[/] {json_path} and {gen_path}", highlight=False)
+
+
+# ---------------------------------------------------------------- train
+
+
+@app.command("train")
+def train_command(
+    student: str = typer.Option(..., help="Student checkpoint: a local Hugging Face causal LM directory (dense or MoE)."),
+    out: Path = typer.Option(..., help="Run directory: config.json, metrics.jsonl/.csv, step-XXXXXX/ checkpoints, final/."),
+    cache: Optional[str] = typer.Option(None, help="Teacher cache (path or fsspec URL) to distil from."),
+    data: Optional[Path] = typer.Option(None, help="Instruction data for plain SFT with --loss ce, instead of --cache."),
+    loss: str = typer.Option("fkl", help="fkl, rkl, skl, srkl, jsd, tvd (over the k stored ids + tail bucket), or ce."),
+    skew_lambda: float = typer.Option(0.1, help="Mixing weight λ of skl and srkl."),
+    jsd_beta: float = typer.Option(0.5, help="β of jsd."),
+    temperature: float = typer.Option(1.0, help="Divides student logits and teacher log-probs (loss not scaled by T²)."),
+    ce_weight: float = typer.Option(0.0, help="w in (1-w)·KD + w·CE, CE on the ground-truth response tokens."),
+    samples: str = typer.Option("mean", help="With M > 1 teacher samples: mean (average the losses) or random (one per example and epoch)."),
+    lr: float = typer.Option(1e-4, help="Peak AdamW learning rate."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay."),
+    schedule: str = typer.Option("cosine", help="constant or cosine (to 0), after the warmup."),
+    warmup: int = typer.Option(0, help="Optimizer steps of linear warmup."),
+    max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm."),
+    batch_tokens: int = typer.Option(8192, help="Padded tokens per micro-batch (rows x longest row)."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to train (instead of --epochs)."),
+    epochs: Optional[int] = typer.Option(None, help="Passes over the training examples (default 1 when --max-steps is not given)."),
+    eval_every: int = typer.Option(100, help="Held-out evaluation every N steps (also before the first and after the last); 0: only those."),
+    eval_fraction: float = typer.Option(0.05, help="Share of the examples held out for evaluation (at least 1; 0 for none); fixed for a given dataset."),
+    save_every: int = typer.Option(500, help="Resumable checkpoint every N steps; 0: only final/."),
+    resume: Optional[str] = typer.Option(None, help="auto (newest complete checkpoint in --out, or a fresh start) or a step-XXXXXX directory."),
+    seed: int = typer.Option(0, help="Seed of the batch order, the --samples random draws and torch."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N (bf16 autocast on CUDA)."),
+    workers: int = typer.Option(2, help="Loader processes reading the cache ahead of training (0: read in the training process)."),
+    allow_tokenizer_mismatch: bool = typer.Option(False, "--allow-tokenizer-mismatch", help="Train although the tokenizers differ, when their token-to-id mappings are the same."),
+    max_prompt_len: int = typer.Option(256, help="--data: longest prompt in tokens."),
+    max_len: int = typer.Option(512, help="--data: longest prompt+response in tokens (responses are truncated)."),
+) -> None:
+    """Train a student on a teacher cache (KD), or on instruction data (--loss ce).
+
+    Example: moekd train --cache run.zarr --student ./student --out runs/kd --loss fkl --max-steps 1000 --lr 5e-5 --warmup 50
+    """
+    from transformers.utils import logging as hf_logging
+
+    from moekd.distill.train import TrainOptions, train
+
+    hf_logging.disable_progress_bar()  # our own progress bar is enough
+    options = TrainOptions(
+        student=student, out=str(out), cache=cache, data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda,
+        jsd_beta=jsd_beta, temperature=temperature, ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,
+        schedule=schedule, warmup=warmup, max_grad_norm=max_grad_norm, batch_tokens=batch_tokens, grad_accum=grad_accum,
+        max_steps=max_steps, epochs=epochs, eval_every=eval_every, eval_fraction=eval_fraction, save_every=save_every,
+        resume=resume, seed=seed, device=device, workers=workers, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+        max_prompt_len=max_prompt_len, max_len=max_len,
+    )
+    s = train(options, console=Console(stderr=True))
+    evals = f"held-out loss {s.eval_loss_start:.4f} -> {s.eval_loss:.4f}; " if s.eval_loss_start is not None else (
+        f"held-out loss {s.eval_loss:.4f}; " if s.eval_loss is not None else "")
+    console.print(
+        f"[green]trained[/] {s.steps} steps, {s.tokens:,} tokens at {s.tokens_per_second:,.0f} tok/s; {evals}"
+        f"model in {s.final_dir}" + (f" (resumed from {s.resumed_from})" if s.resumed_from else ""),
+        highlight=False,
+    )

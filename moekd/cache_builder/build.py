@@ -9,6 +9,7 @@ the crash-safety protocol.
 from __future__ import annotations
 
 import inspect
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -32,10 +33,18 @@ from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, SCALE, encode_logprobs
 from moekd.errors import MoekdError
 from moekd.schemas.cache import (
-    BuildInfo, CacheMetadata, DatasetInfo, EncodingInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
+    BuildInfo, CacheMetadata, DatasetInfo, EncodingInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
 )
-from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, Unit, array_specs, examples_overlapping
+from moekd.store.layout import (
+    POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, Unit, array_specs, examples_overlapping, gate_specs,
+)
 from moekd.store.writer import CacheWriter, ExampleTables, store_state
+
+
+GATE_DEFINITION = (
+    "softmax(router logits) for softmax routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); sigmoid(router logits) "
+    "normalised to sum 1 for DeepSeek-V3-style routers; taken at the stored position, under the sample's routing policy"
+)
 
 
 @dataclass
@@ -59,6 +68,7 @@ class BuildOptions:
     fields: dict = field(default_factory=dict)
     skip_invalid: bool = False
     positions_per_shard: int = POSITIONS_PER_SHARD
+    router_probs: str = "none"
 
 
 @dataclass
@@ -89,6 +99,22 @@ def _check_options(o: BuildOptions) -> None:
         raise MoekdError(f"--positions-per-shard must be a positive multiple of {POSITIONS_PER_CHUNK} (or smaller than it)")
     if o.resume and o.overwrite:
         raise MoekdError("--resume and --overwrite exclude each other")
+    if not re.fullmatch(r"none|full|top-[0-9]+", o.router_probs):
+        raise MoekdError(f"--router-probs: {o.router_probs!r} is not none, full or top-R (e.g. top-4)")
+
+
+def gate_experts_kept(router_probs: str, num_experts: int | None) -> int | None:
+    """Experts stored per layer for `--router-probs` (none | full | top-R); None stores no gates."""
+    if router_probs == "none":
+        return None
+    if num_experts is None:
+        raise MoekdError(f"--router-probs {router_probs} needs an MoE teacher; this one has no routers (use --router-probs none)")
+    if router_probs == "full":
+        return num_experts
+    r = router_probs.removeprefix("top-")
+    if not router_probs.startswith("top-") or not r.isdigit() or not 1 <= int(r) < num_experts:
+        raise MoekdError(f"--router-probs: {router_probs!r} is not none, full or top-R with 1 <= R < {num_experts}")
+    return int(r)
 
 
 def example_tables(examples) -> ExampleTables:
@@ -121,8 +147,9 @@ def length_batches(indices, lengths: np.ndarray, batch_tokens: int) -> list[list
 class UnitRunner:
     """Teacher passes for the examples of one unit, M samples each, encoded for the store."""
 
-    def __init__(self, model, controller, tables: ExampleTables, samples: int, k: int, seed: int, pad_id: int, batch_tokens: int):
-        self.model, self.controller = model, controller
+    def __init__(self, model, controller, tables: ExampleTables, samples: int, k: int, seed: int, pad_id: int,
+                 batch_tokens: int, gate_r: int | None = None):
+        self.model, self.controller, self.gate_r = model, controller, gate_r
         self.tables, self.samples, self.k, self.seed = tables, samples, k, seed
         self.pad_id, self.batch_tokens = pad_id, batch_tokens
         self.lengths = np.diff(tables.token_offsets)
@@ -141,6 +168,8 @@ class UnitRunner:
         ids = np.zeros((span, self.samples, self.k), np.int32)
         logprobs = np.zeros((span, self.samples, self.k), np.float32)
         tails = np.zeros((span, self.samples), np.float32)
+        if self.gate_r:
+            gates = np.zeros((span, self.samples, len(self.controller.moe_layers), self.controller.num_experts), np.float32)
         for batch in length_batches(examples, self.lengths, self.batch_tokens):
             width = int(self.lengths[batch[0]])
             input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -167,16 +196,32 @@ class UnitRunner:
                 ids[rows, m] = top_id.cpu().numpy()
                 logprobs[rows, m] = top_lp.cpu().numpy()
                 tails[rows, m] = tail.cpu().numpy()
+                if self.gate_r:  # routers see every token: [B*T, N] per layer -> [P_b, L, N]
+                    per_layer = torch.stack(self.controller.gate_probs(), dim=1)
+                    gates[rows, m] = per_layer.view(*targets.shape, *per_layer.shape[1:])[targets].cpu().numpy()
                 on_batch(int(attention.sum()))
         lo, hi = unit.start - first, unit.stop - first
         top1, gaps = encode_logprobs(logprobs[lo:hi])
-        return {
+        arrays = {
             "target_positions": t.target_positions[unit.start:unit.stop],
             "topk_ids": ids[lo:hi],
             "topk_gaps": gaps,
             "top1_logprob": top1,
             "tail_logprob": tails[lo:hi],
         }
+        if self.gate_r:
+            arrays.update(encode_gates(gates[lo:hi], self.gate_r))
+        return arrays
+
+
+def encode_gates(gates: np.ndarray, r: int) -> dict[str, np.ndarray]:
+    """Gate distributions [..., N] as stored: all of them, or the r largest (ids, probs) and the rest mass."""
+    if r == gates.shape[-1]:
+        return {"gate_probs": gates.astype(np.float16)}
+    order = np.argsort(-gates, axis=-1, kind="stable")[..., :r]
+    top = np.take_along_axis(gates, order, axis=-1)
+    rest = np.clip(1.0 - top.astype(np.float64).sum(-1), 0.0, 1.0)
+    return {"gate_ids": order.astype(np.uint16), "gate_probs": top.astype(np.float16), "gate_rest": rest.astype(np.float32)}
 
 
 def _progress(console: Console) -> Progress:
@@ -208,9 +253,20 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
                          "they do not belong together (pass the teacher's own tokenizer with --tokenizer)")
     if o.k > vocab:
         raise MoekdError(f"--k {o.k} exceeds the teacher's vocabulary of {vocab}")
-    controller = RouterController(model, policy)
+    controller = RouterController(model, policy, capture_gates=o.router_probs != "none")
+    gate_r = gate_experts_kept(o.router_probs, controller.num_experts)
     tables = example_tables(report.examples)
     samples = policy.samples
+    num_positions = len(tables.target_positions)
+    arrays = array_specs(len(report.examples), len(tables.input_ids), num_positions, samples, o.k)
+    gate_info = None
+    if gate_r:
+        extra = gate_specs(num_positions, samples, len(controller.moe_layers), controller.num_experts, gate_r)
+        arrays.update(extra)
+        gate_info = GateInfo(
+            mode="full" if gate_r == controller.num_experts else "top", r=gate_r, num_experts=controller.num_experts,
+            layers=controller.moe_layers, definition=GATE_DEFINITION, arrays=sorted(extra),
+        )
     skipped = {**loaded.skipped, **report.skipped}
     meta = CacheMetadata(
         teacher=TeacherInfo(
@@ -244,13 +300,14 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
             num_examples=len(report.examples), num_tokens=len(tables.input_ids), num_positions=len(tables.target_positions),
             num_samples=samples, positions_per_chunk=min(POSITIONS_PER_CHUNK, o.positions_per_shard),
             positions_per_shard=o.positions_per_shard,
-            arrays=array_specs(len(report.examples), len(tables.input_ids), len(tables.target_positions), samples, o.k),
+            arrays=arrays,
         ),
         build=BuildInfo(
             status="building", created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             units=-(-len(tables.target_positions) // o.positions_per_shard), batch_tokens=o.batch_tokens,
             device=str(device), versions=_versions(),
         ),
+        gates=gate_info,
     )
     settings = {
         "teacher_weights_sha256": meta.teacher.weights_sha256 or meta.teacher.name_or_path,
@@ -258,11 +315,11 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
         "fields": meta.dataset.fields, "template": meta.dataset.template, "max_prompt_len": o.max_prompt_len,
         "max_len": o.max_len, "skip_invalid": o.skip_invalid, "policy": policy.name, "policy_params": meta.policy.params,
         "samples": samples, "seed": o.seed, "k": o.k, "dtype": meta.teacher.dtype, "batch_tokens": o.batch_tokens,
-        "positions_per_shard": o.positions_per_shard,
+        "positions_per_shard": o.positions_per_shard, "router_probs": o.router_probs,
     }
     writer = CacheWriter.open(out, meta, settings, tables, resume=o.resume, overwrite=o.overwrite)
     pending = writer.pending_units()
-    runner = UnitRunner(model, controller, tables, samples, o.k, o.seed, tokenizer.pad_token_id, o.batch_tokens)
+    runner = UnitRunner(model, controller, tables, samples, o.k, o.seed, tokenizer.pad_token_id, o.batch_tokens, gate_r)
     total_tokens = sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in pending)
     teacher_seconds, done_tokens = 0.0, 0
     with _progress(console) as progress:

@@ -87,6 +87,15 @@ class DatasetInfo(Strict):
     truncated_responses: int
 
 
+class GateInfo(Strict):
+    mode: Literal["full", "top"] = Field(description="full: all N experts; top: the R largest with the remaining mass")
+    r: int = Field(gt=0, description="Experts stored per layer (N when mode is full)")
+    num_experts: int
+    layers: list[str] = Field(description="Router module names, in the order of the stored layer axis")
+    definition: str = Field(description="What the gate distribution of a router family is")
+    arrays: list[str]
+
+
 class ArraySpec(Strict):
     shape: list[int]
     dtype: str
@@ -126,3 +135,4 @@ class CacheMetadata(Strict):
     dataset: DatasetInfo
     layout: LayoutInfo
     build: BuildInfo
+    gates: Optional[GateInfo] = Field(None, description="Teacher gate distributions, when stored (--router-probs)")

@@ -7,7 +7,9 @@ A store is one Zarr v3 group holding flat arrays:
 - per stored position p (response positions only, see the alignment convention):
   `target_positions` [P] (position inside its example), and per sample m the sparse teacher
   distribution: `topk_ids` [P, M, k], `topk_gaps` [P, M, k], `top1_logprob` [P, M],
-  `tail_logprob` [P, M] (see moekd.encoding); gate distributions when asked for.
+  `tail_logprob` [P, M] (see moekd.encoding); with --router-probs the teacher's gate
+  distributions per MoE layer: `gate_probs` [P, M, L, N] (full), or `gate_ids` [P, M, L, R],
+  `gate_probs` [P, M, L, R] and `gate_rest` [P, M, L] (the mass of the other experts).
 Position arrays are sharded along P; the build writes one shard range ("unit") at a time, so
 no two units ever share a file and each unit can be redone alone after a crash.
 """
@@ -48,6 +50,18 @@ def array_specs(num_examples: int, num_tokens: int, num_positions: int, samples:
     }
     specs.update(extra or {})
     return specs
+
+
+def gate_specs(num_positions: int, samples: int, layers: int, num_experts: int, r: int) -> dict[str, ArraySpec]:
+    """Gate-distribution arrays: all N experts when r == N, else the r largest plus the rest mass."""
+    P, M, L = num_positions, samples, layers
+    if r == num_experts:
+        return {"gate_probs": ArraySpec(shape=[P, M, L, r], dtype="float16", dims=["position", "sample", "layer", "expert"])}
+    return {
+        "gate_ids": ArraySpec(shape=[P, M, L, r], dtype="uint16", dims=["position", "sample", "layer", "rank"]),
+        "gate_probs": ArraySpec(shape=[P, M, L, r], dtype="float16", dims=["position", "sample", "layer", "rank"]),
+        "gate_rest": ArraySpec(shape=[P, M, L], dtype="float32", dims=["position", "sample", "layer"]),
+    }
 
 
 def position_arrays(specs: dict[str, ArraySpec]) -> list[str]:

@@ -135,7 +135,22 @@ def _check_values(group, meta, report: VerifyReport) -> None:
         mass = np.exp(logprobs.astype(np.float64)).sum(-1) + np.exp(tail.astype(np.float64))
         if np.any(mass > 1 + MASS_TOLERANCE):
             report.problems.append(f"{where}: probability mass up to {mass.max():.6f} > 1")
+        if meta.gates is not None:
+            _check_gates(group, meta.gates, start, stop, where, report)
         report.positions_checked += stop - start
+
+
+def _check_gates(group, gates, start: int, stop: int, where: str, report: VerifyReport) -> None:
+    probs = group["gate_probs"][start:stop].astype(np.float64)
+    mass = probs.sum(-1)
+    if gates.mode == "top":
+        ids, rest = group["gate_ids"][start:stop], group["gate_rest"][start:stop].astype(np.float64)
+        if np.any(ids >= gates.num_experts):
+            report.problems.append(f"{where}: gate_ids outside [0, {gates.num_experts})")
+        mass = mass + rest
+    # float16 probabilities: each carries a relative error below 2^-11
+    if np.any(probs < 0) or np.any(np.abs(mass - 1) > 2e-3 * probs.shape[-1] ** 0.5 + 1e-3):
+        report.problems.append(f"{where}: gate distributions are not probability distributions")
 
 
 def store_info(location: str) -> dict:
