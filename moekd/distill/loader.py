@@ -1,0 +1,240 @@
+"""Training batches from a teacher cache (or from tokenized data, for plain SFT).
+
+- Split: a fixed held-out subset of the examples for evaluation, the same for every run on the
+  same examples (it does not depend on --seed), never trained on.
+- Order: per epoch, seeded by (seed, epoch). Examples are shuffled inside each position shard
+  of the store, sorted by length within small windows (less padding), packed into batches
+  whose padded size (rows x longest row) stays within the token budget, and the batches are
+  then shuffled across the whole epoch. A batch therefore reads from one shard file, in one
+  coordinate read per array, while the model still sees shards interleaved.
+- Position: (epoch, batch index) identifies the next batch; `BatchOrder(start=...)` continues
+  exactly where a checkpoint stopped.
+- Workers: a torch DataLoader over a map-style dataset whose items are whole batches; each
+  worker process opens its own CacheReader.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from moekd.encoding import decode_logprobs
+from moekd.errors import MoekdError
+from moekd.store.reader import CacheReader
+
+SPLIT_SEED = 0  # held-out examples are chosen independently of --seed, so runs compare on the same set
+LENGTH_WINDOW = 64  # examples sorted by length together before packing
+
+
+@dataclass(frozen=True)
+class LoaderPosition:
+    epoch: int
+    batch: int  # index of the next batch within the epoch
+
+
+def held_out_split(num_examples: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, eval) example indices, both sorted; eval holds round(fraction x E) examples, at least 1."""
+    if not 0 <= eval_fraction < 1:
+        raise MoekdError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
+    num_eval = max(1, round(eval_fraction * num_examples)) if eval_fraction > 0 else 0
+    if num_examples - num_eval < 1:
+        raise MoekdError(
+            f"the training data holds {num_examples} example(s): too few to hold {num_eval} out for evaluation "
+            "and train on the rest; use more data or --eval-fraction 0"
+        )
+    chosen = np.random.default_rng(SPLIT_SEED).permutation(num_examples)[:num_eval]
+    is_eval = np.zeros(num_examples, dtype=bool)
+    is_eval[chosen] = True
+    return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+
+
+def pack(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> list[list[int]]:
+    """Consecutive examples of `order` grouped so that rows x longest row <= batch_tokens."""
+    batches, current, longest = [], [], 0
+    for i in order.tolist():
+        wider = max(longest, int(lengths[i]))
+        if current and (len(current) + 1) * wider > batch_tokens:
+            batches.append(current)
+            current, wider = [], int(lengths[i])
+        current.append(i)
+        longest = wider
+    if current:
+        batches.append(current)
+    return batches
+
+
+def plan_epoch(indices: np.ndarray, lengths: np.ndarray, shards: np.ndarray, batch_tokens: int,
+               seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch, in order (see the module docstring)."""
+    rng = np.random.default_rng([seed, epoch])
+    shuffled = indices[np.lexsort((rng.random(len(indices)), shards[indices]))]  # grouped by shard, random within
+    batches = []
+    for members in np.split(shuffled, np.flatnonzero(np.diff(shards[shuffled])) + 1):
+        for w in range(0, len(members), LENGTH_WINDOW):
+            window = members[w:w + LENGTH_WINDOW]
+            members[w:w + LENGTH_WINDOW] = window[np.argsort(-lengths[window], kind="stable")]
+        batches += pack(members, lengths, batch_tokens)
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class BatchOrder:
+    """Iterates (epoch, batch index, example indices) from `start`, over `epochs` epochs or forever."""
+
+    def __init__(self, indices: np.ndarray, lengths: np.ndarray, shards: np.ndarray, batch_tokens: int,
+                 seed: int, start: LoaderPosition = LoaderPosition(0, 0), epochs: int | None = None):
+        longest = int(lengths[indices].max())
+        if batch_tokens < longest:
+            raise MoekdError(f"--batch-tokens {batch_tokens} is below the longest training example ({longest} tokens); raise it")
+        self.indices, self.lengths, self.shards = indices, lengths, shards
+        self.batch_tokens, self.seed, self.start, self.epochs = batch_tokens, seed, start, epochs
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        return plan_epoch(self.indices, self.lengths, self.shards, self.batch_tokens, self.seed, epoch)
+
+    def __iter__(self):
+        epoch, first = self.start.epoch, self.start.batch
+        while self.epochs is None or epoch < self.epochs:
+            for b, examples in enumerate(self.epoch(epoch)[first:], start=first):
+                yield epoch, b, examples
+            epoch, first = epoch + 1, 0
+
+
+class CacheSource:
+    """Examples and their stored teacher distributions; opens one CacheReader per process."""
+
+    has_teacher = True
+    ARRAYS = ("input_ids", "topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
+
+    def __init__(self, reader: CacheReader):
+        self.location = reader.location
+        self.lengths = reader.example_lengths()
+        self.token_offsets, self.position_offsets = reader.token_offsets, reader.position_offsets
+        self.prompt_len = reader.prompt_len.astype(np.int64)
+        self.shards = reader.position_offsets[:-1] // reader.meta.layout.positions_per_shard
+        self.samples = reader.meta.layout.num_samples
+        self._open(reader)
+
+    def _open(self, reader: CacheReader) -> None:
+        self._reader, self._pid = reader, os.getpid()
+        self._arrays = {name: reader.group[name] for name in self.ARRAYS}
+
+    def __getstate__(self) -> dict:  # a spawned worker opens its own reader
+        return {**self.__dict__, "_reader": None, "_arrays": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _handles(self) -> dict:
+        """The zarr arrays, opened again in each worker process: handles do not survive a fork."""
+        if self._pid != os.getpid():
+            self._open(CacheReader(self.location))
+        return self._arrays
+
+    @property
+    def reader(self) -> CacheReader:
+        self._handles()
+        return self._reader
+
+    def read(self, examples: list[int]) -> dict[str, np.ndarray]:
+        """Tokens and stored positions of `examples`, one coordinate read per array."""
+        handles = self._handles()
+        tokens = np.concatenate([np.arange(self.token_offsets[e], self.token_offsets[e + 1]) for e in examples])
+        rows = np.concatenate([np.arange(self.position_offsets[e], self.position_offsets[e + 1]) for e in examples])
+        arrays = {name: handles[name].oindex[tokens if name == "input_ids" else rows] for name in self.ARRAYS}
+        return {
+            "input_ids": arrays["input_ids"],
+            "token_counts": self.lengths[examples],
+            "position_counts": np.diff(self.position_offsets)[examples],
+            # the store's alignment convention: positions prompt_len-1 .. L-2, each predicting the next token
+            "target_positions": np.concatenate([np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]),
+            "topk_ids": arrays["topk_ids"],
+            "topk_logprobs": decode_logprobs(arrays["top1_logprob"], arrays["topk_gaps"]),
+            "tail_logprob": arrays["tail_logprob"],
+        }
+
+
+class TokenizedSource:
+    """Tokenized examples held in memory (`--data`): ground truth only, no teacher."""
+
+    has_teacher = False
+    samples = 0
+
+    def __init__(self, examples):
+        self.examples = examples
+        self.lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+        self.shards = np.zeros(len(examples), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def read(self, examples: list[int]) -> dict[str, np.ndarray]:
+        chosen = [self.examples[e] for e in examples]
+        targets = [e.target_positions for e in chosen]
+        return {
+            "input_ids": np.concatenate([e.input_ids for e in chosen]),
+            "token_counts": self.lengths[examples],
+            "position_counts": np.array([len(t) for t in targets]),
+            "target_positions": np.concatenate(targets),
+        }
+
+
+class BatchDataset(Dataset):
+    """Item (epoch, batch index, example indices) -> one padded batch of tensors.
+
+    Keys: input_ids [B, W] (right-padded), rows [P] (flat index b*W + t of each target position),
+    labels [P] (the token each position predicts), examples [B], epoch, batch, tokens (unpadded);
+    from a cache also topk_ids [P, M', k], topk_logprobs [P, M', k], tail_logprob [P, M'] where
+    M' = M for samples="mean" and 1 for "random" (one sample per example, drawn from (seed, epoch, example)).
+    """
+
+    def __init__(self, source, pad_id: int, samples: str = "mean", seed: int = 0):
+        if samples not in ("mean", "random"):
+            raise MoekdError(f"--samples must be mean or random, got {samples!r}")
+        self.source, self.pad_id, self.samples, self.seed = source, pad_id, samples, seed
+
+    def __getitem__(self, item: tuple[int, int, list[int]]) -> dict:
+        epoch, index, examples = item[0], item[1], list(item[2])
+        data = self.source.read(examples)
+        counts, positions = data["token_counts"], data["position_counts"]
+        width = int(counts.max())
+        input_ids = np.full((len(examples), width), self.pad_id, dtype=np.int64)
+        row_of_position = np.repeat(np.arange(len(examples)), positions)
+        for row, chunk in enumerate(np.split(data["input_ids"], np.cumsum(counts)[:-1])):
+            input_ids[row, :len(chunk)] = chunk
+        t = data["target_positions"].astype(np.int64)
+        batch = {
+            "input_ids": torch.from_numpy(input_ids),
+            "rows": torch.from_numpy(row_of_position * width + t),
+            "labels": torch.from_numpy(input_ids[row_of_position, t + 1]),
+            "examples": torch.tensor(examples),
+            "epoch": epoch,
+            "batch": index,
+            "tokens": int(counts.sum()),
+        }
+        if self.source.has_teacher:
+            ids, logprobs, tail = data["topk_ids"], data["topk_logprobs"], data["tail_logprob"]
+            if self.samples == "random" and ids.shape[1] > 1:
+                drawn = np.array([np.random.default_rng([self.seed, epoch, e]).integers(ids.shape[1]) for e in examples])
+                pick = drawn[row_of_position]
+                at = np.arange(len(pick))
+                ids, logprobs, tail = ids[at, pick, None], logprobs[at, pick, None], tail[at, pick, None]
+            batch.update(topk_ids=torch.from_numpy(np.ascontiguousarray(ids)),
+                         topk_logprobs=torch.from_numpy(np.ascontiguousarray(logprobs)),
+                         tail_logprob=torch.from_numpy(np.ascontiguousarray(tail)))
+        return batch
+
+
+def _as_is(batch):
+    return batch
+
+
+def make_loader(dataset: BatchDataset, order, workers: int, prefetch: int = 4) -> DataLoader:
+    """Batches of `order` (an iterable of (epoch, index, examples)) read by `workers` processes."""
+    return DataLoader(
+        dataset, sampler=order, batch_size=None, collate_fn=_as_is, num_workers=workers,
+        prefetch_factor=prefetch if workers else None, persistent_workers=False,
+    )
