@@ -184,8 +184,7 @@ def test_cli_train(cache, student, tmp_path):
 
 def test_training_code_never_imports_the_teacher_side():
     code = ("import sys, moekd.cli, moekd.distill.train; "
-            "print([m for m in sys.modules if m.split('.')[:3] in (['moekd','cache_builder','routing'],"
-            "['moekd','cache_builder','build'], ['moekd','cache_builder','policies'])])")
+            "print([m for m in sys.modules if m.startswith('moekd.cache_builder')])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

@@ -23,15 +23,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from moekd import __version__
 from moekd.cache_builder.policies import SEED_DERIVATION, derive_seed, make_policy
 from moekd.cache_builder.routing import RouterController
-from moekd.cache_builder.teacher import (
-    checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype,
-    sparse_next_token,
-)
+from moekd.cache_builder.sparsify import sparse_next_token
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, SCALE, encode_logprobs
 from moekd.errors import MoekdError
+from moekd.models import checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype
 from moekd.schemas.cache import (
     BuildInfo, CacheMetadata, DatasetInfo, EncodingInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
 )

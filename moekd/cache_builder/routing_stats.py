@@ -137,7 +137,7 @@ def routing_stats_for_files(
     dtype: str = "auto",
 ) -> RoutingStats:
     """Load a teacher checkpoint and a data file, and compute routing statistics on the first examples."""
-    from moekd.cache_builder.teacher import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from moekd.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from moekd.data.prompts import tokenize_records
     from moekd.data.records import load_records
 

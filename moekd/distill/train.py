@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 
 from moekd import __version__
-from moekd.cache_builder.teacher import load_causal_lm, load_tokenizer, output_vocab_size, resolve_device
+from moekd.models import load_causal_lm, load_tokenizer, output_vocab_size, resolve_device
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_fingerprint

@@ -1,4 +1,4 @@
-"""Loading the teacher and turning its logits into sparse next-token distributions."""
+"""Loading Hugging Face checkpoints (teacher or student) onto a device, and fingerprinting them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from moekd.errors import MoekdError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-LOGSOFTMAX_ROWS = 1024  # positions per fp32 log-softmax, to bound memory at large vocabularies
 
 
 def resolve_device(device: str) -> torch.device:
@@ -79,17 +78,3 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype, device: torch.device, f
 
 def output_vocab_size(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
-
-
-@torch.no_grad()
-def sparse_next_token(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k ids and log-probs (normalised over the full vocabulary) and the log tail mass of rows [P, V]."""
-    ids, logprobs, tails = [], [], []
-    for chunk in logits.split(LOGSOFTMAX_ROWS):
-        full = torch.log_softmax(chunk.float(), dim=-1)
-        top_lp, top_id = full.topk(k, dim=-1, sorted=True)
-        full.scatter_(-1, top_id, float("-inf"))  # what is left is the tail
-        ids.append(top_id)
-        logprobs.append(top_lp)
-        tails.append(torch.logsumexp(full, dim=-1))
-    return torch.cat(ids), torch.cat(logprobs), torch.cat(tails)
