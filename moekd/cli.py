@@ -6,6 +6,7 @@ which `main` prints as one red line (exit code 2) instead of a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,8 @@ console = Console(stderr=True)
 
 
 def main() -> None:
+    # moekd draws its own progress bars; transformers' per-load bars would only clutter them
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except MoekdError as e:

@@ -65,14 +65,14 @@ KA = {"ka_lambda": 0.05}
 DEFAULT_CACHES = (CacheSpec("topk", "topk"), CacheSpec("all", "all"), CacheSpec("ka", "ka", {"m": 2, **KA}))
 DEFAULT_PLAN = DemoPlan(
     n_train=2000, n_valid=100, n_test=200, vocab=1024,
-    teacher=dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2),
-    student=dict(family="llama", hidden=48, layers=2),
-    teacher_epochs=6, student_epochs=3, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
+    teacher=dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, router_std=None),
+    student=dict(family="llama", hidden=64, layers=2),
+    teacher_epochs=6, student_epochs=6, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
     seeds=(10, 20, 30, 40, 50), max_new_tokens=64, caches=DEFAULT_CACHES,
 )
 QUICK_PLAN = DemoPlan(
     n_train=320, n_valid=16, n_test=32, vocab=512,
-    teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2),
+    teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, router_std=None),
     student=dict(family="llama", hidden=32, layers=1),
     teacher_epochs=4, student_epochs=2, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=2048, warmup=4, k=16,
     seeds=(10, 20), max_new_tokens=32, caches=DEFAULT_CACHES,

@@ -68,8 +68,13 @@ def tiny_config(
     return cfg
 
 
-def make_tiny_model(family: str, tokenizer, out_dir: str | Path | None = None, seed: int = 0, router_std: float = 1.0, **config):
-    """A randomly initialised tiny model of `family` matching `tokenizer`, saved to `out_dir` with it."""
+def make_tiny_model(family: str, tokenizer, out_dir: str | Path | None = None, seed: int = 0,
+                    router_std: float | None = 1.0, **config):
+    """A randomly initialised tiny model of `family` matching `tokenizer`, saved to `out_dir` with it.
+
+    `router_std` re-initialises the router weights (peaked gates for tests); None keeps the
+    config's initialisation (near-uniform gates, as before training).
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -78,7 +83,7 @@ def make_tiny_model(family: str, tokenizer, out_dir: str | Path | None = None, s
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("gate.weight") and param.dim() == 2 and param.shape[0] > 1:
+            if router_std is not None and name.endswith("gate.weight") and param.dim() == 2 and param.shape[0] > 1:
                 param.normal_(0.0, router_std)
     model.eval()
     if out_dir is not None:
