@@ -246,7 +246,7 @@ def eval_command(
     batch_size: int = typer.Option(16, help="Prompts per generate() call (left padded); part of what makes a run reproducible."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write scores here and generations to <stem>.generations.jsonl beside it."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N rows of each dataset."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template, as in training with --chat-template."),
 ) -> None:
     """Sample responses (temperature 1, top_k 0, top_p 1) and score ROUGE-L: mean and std over seeds.
@@ -313,11 +313,8 @@ def train_command(
 
     Example: moekd train --cache run.zarr --student ./student --out runs/kd --loss fkl --max-steps 1000 --lr 5e-5 --warmup 50
     """
-    from transformers.utils import logging as hf_logging
-
     from moekd.distill.train import TrainOptions, train
 
-    hf_logging.disable_progress_bar()  # our own progress bar is enough
     options = TrainOptions(
         student=student, out=str(out), cache=cache, data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda,
         jsd_beta=jsd_beta, temperature=temperature, ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,

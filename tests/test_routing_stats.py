@@ -91,3 +91,23 @@ def test_table_plot_json_and_file_entry_point(make_teacher, data_file, tmp_path)
 def test_dense_teacher_is_reported(make_teacher, data_file):
     with pytest.raises(MoekdError, match="no MoE routers"):
         routing_stats_for_files(make_teacher("llama"), data_file, max_examples=2)
+
+
+def test_routing_stats_command(make_teacher, data_file, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from moekd.cli import app
+
+    args = ["routing", "stats", "--teacher", str(make_teacher("olmoe")), "--data", str(data_file), "--max-examples", "8"]
+    table = CliRunner().invoke(app, args + ["--plot", str(tmp_path / "r.png")])
+    assert table.exit_code == 0, table.output
+    assert "model.layers.1.mlp.gate" in table.output and (tmp_path / "r.png").stat().st_size > 0
+    as_json = CliRunner().invoke(app, args + ["--policy", "ka", "--json"])
+    stats = json.loads(as_json.stdout)
+    assert stats["policy"] == "ka" and len(stats["layers"]) == 2
+    for layer in stats["layers"]:
+        assert abs(layer["activated_mass"] + layer["dormant_mass"] - 1) < 1e-5
+    dense = CliRunner().invoke(app, ["routing", "stats", "--teacher", str(make_teacher("llama")), "--data", str(data_file)])
+    assert "has no MoE routers" in str(dense.exception)

@@ -100,7 +100,7 @@ def evaluate(
     max_prompt_len: int = 256,
     batch_size: int = 16,
     limit: int | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     chat_template: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> EvalReport:

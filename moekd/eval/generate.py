@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 
 from moekd.errors import MoekdError
+from moekd.models import resolve_device
 
 SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_model(model_dir: str | Path, device: str = "cpu"):
+def load_model(model_dir: str | Path, device: str = "auto"):
     """(model, tokenizer) of a saved checkpoint directory, the model in eval mode on `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -32,10 +33,7 @@ def load_model(model_dir: str | Path, device: str = "cpu"):
             f"--model: {model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
             "save the tokenizer into the checkpoint with tokenizer.save_pretrained"
         )
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise MoekdError(f"--device: {e}") from None
+    device = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.eos_token_id is None:
         raise MoekdError(f"--model: the tokenizer in {model_dir} defines no eos_token; set one in tokenizer_config.json")
