@@ -30,7 +30,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from moekd.cache_builder.build import BuildOptions, build_cache, example_tables, length_batches  # noqa: E402
+from moekd.cache_builder.build import BuildOptions, build_cache, example_tables  # noqa: E402
+from moekd.cache_builder.runner import length_batches  # noqa: E402
 from moekd.cache_builder.policies import make_policy  # noqa: E402
 from moekd.cache_builder.routing import RouterController  # noqa: E402
 from moekd.data.prompts import format_prompt, tokenize_records  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 from moekd import CacheReader
 from moekd.cache_builder.build import BuildOptions, build_cache
 from moekd.distill import train as train_module
-from moekd.distill.checkpoint import MARKER, is_complete
+from moekd.distill.checkpoint import is_complete
 from moekd.distill.loader import BatchDataset, BatchOrder, CacheSource, LoaderPosition, held_out_split, make_loader
 from moekd.distill.metrics import MetricsLog, read_metrics
 from moekd.distill.train import TrainOptions, train

@@ -1,0 +1,97 @@
+"""What a build writes about itself: the store metadata, and the settings a resume must match."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime, timezone
+
+import torch
+
+from moekd import __version__
+from moekd.cache_builder.policies import SEED_DERIVATION
+from moekd.data.tokenizer import tokenizer_fingerprint
+from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, SCALE
+from moekd.models import checkpoint_sha256, output_vocab_size
+from moekd.schemas.cache import (
+    BuildInfo, CacheMetadata, DatasetInfo, EncodingInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
+)
+from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
+
+GATE_DEFINITION = (
+    "softmax(router logits) for softmax routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); sigmoid(router logits) "
+    "normalised to sum 1 for DeepSeek-V3-style routers; taken at the stored position, under the sample's routing policy"
+)
+
+
+def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype) -> CacheMetadata:
+    """Metadata of the store a build with options `o` is about to write (status: building)."""
+    samples, num_positions = policy.samples, len(tables.target_positions)
+    arrays = array_specs(len(report.examples), len(tables.input_ids), num_positions, samples, o.k)
+    gates = None
+    if gate_r:
+        extra = gate_specs(num_positions, samples, len(controller.moe_layers), controller.num_experts, gate_r)
+        arrays.update(extra)
+        gates = GateInfo(
+            mode="full" if gate_r == controller.num_experts else "top", r=gate_r, num_experts=controller.num_experts,
+            layers=controller.moe_layers, definition=GATE_DEFINITION, arrays=sorted(extra),
+        )
+    return CacheMetadata(
+        teacher=TeacherInfo(
+            name_or_path=str(o.teacher), architecture=type(model).__name__, model_type=model.config.model_type,
+            revision=getattr(model.config, "_commit_hash", None), weights_sha256=checkpoint_sha256(o.teacher),
+            vocab_size=output_vocab_size(model), dtype=str(dtype).removeprefix("torch."),
+            moe_layers=controller.moe_layers, router_class=controller.router_class,
+            num_experts=controller.num_experts, experts_per_token=controller.top_k,
+        ),
+        tokenizer=TokenizerInfo(
+            name_or_path=str(o.tokenizer or o.teacher), size=len(tokenizer), **tokenizer_fingerprint(tokenizer),
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        ),
+        policy=PolicyInfo(
+            name=policy.name, samples=samples, stochastic=policy.stochastic, params=policy.describe(), seed=o.seed,
+            seed_derivation=SEED_DERIVATION,
+        ),
+        encoding=EncodingInfo(
+            k=o.k, scale=SCALE, max_abs_error_nats=MAX_ABS_ERROR, max_gap_nats=MAX_GAP,
+            normalisation="log_softmax over the teacher's full output vocabulary at temperature 1, in float32",
+            tail="tail_logprob = log of the probability mass outside the top-k (exact, from the full distribution)",
+        ),
+        dataset=DatasetInfo(
+            source=str(o.data), format=loaded.format, fingerprint_sha256=loaded.fingerprint(),
+            fields=asdict(loaded.fields), template="chat" if o.chat_template else "dolly",
+            max_prompt_len=o.max_prompt_len, max_len=o.max_len,
+            rows_read=len(loaded.records) + sum(loaded.skipped.values()), examples=len(report.examples),
+            skipped={**loaded.skipped, **report.skipped}, truncated_responses=report.truncated_responses,
+        ),
+        layout=LayoutInfo(
+            num_examples=len(report.examples), num_tokens=len(tables.input_ids), num_positions=num_positions,
+            num_samples=samples, positions_per_chunk=min(POSITIONS_PER_CHUNK, o.positions_per_shard),
+            positions_per_shard=o.positions_per_shard, arrays=arrays,
+        ),
+        build=BuildInfo(
+            status="building", created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            units=-(-num_positions // o.positions_per_shard), batch_tokens=o.batch_tokens,
+            device=str(device), versions=_versions(),
+        ),
+        gates=gates,
+    )
+
+
+def resume_settings(o, meta: CacheMetadata) -> dict:
+    """Everything that determines the store's content: a resumed build must match it field by field."""
+    return {
+        "teacher_weights_sha256": meta.teacher.weights_sha256 or meta.teacher.name_or_path,
+        "tokenizer_sha256": meta.tokenizer.sha256, "data_fingerprint": meta.dataset.fingerprint_sha256,
+        "fields": meta.dataset.fields, "template": meta.dataset.template, "max_prompt_len": o.max_prompt_len,
+        "max_len": o.max_len, "skip_invalid": o.skip_invalid, "policy": meta.policy.name,
+        "policy_params": meta.policy.params, "samples": meta.policy.samples, "seed": o.seed, "k": o.k,
+        "dtype": meta.teacher.dtype, "batch_tokens": o.batch_tokens, "positions_per_shard": o.positions_per_shard,
+        "router_probs": o.router_probs,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+    import zarr
+
+    return {"moekd": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "zarr": zarr.__version__}

@@ -1,0 +1,108 @@
+"""Teacher passes for one unit of the store: batches, M samples under the routing policy, encoded arrays."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+from moekd.cache_builder.policies import derive_seed
+from moekd.cache_builder.sparsify import sparse_next_token
+from moekd.encoding import encode_logprobs
+from moekd.store.layout import Unit, examples_overlapping
+from moekd.store.writer import ExampleTables
+
+
+def length_batches(indices, lengths: np.ndarray, batch_tokens: int) -> list[list[int]]:
+    """Examples grouped longest first so that rows x longest row stays within `batch_tokens`."""
+    order = sorted(indices, key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class UnitRunner:
+    """Teacher passes for the examples of one unit, M samples each, encoded for the store."""
+
+    def __init__(self, model, controller, tables: ExampleTables, samples: int, k: int, seed: int, pad_id: int,
+                 batch_tokens: int, gate_r: int | None = None):
+        self.model, self.controller, self.gate_r = model, controller, gate_r
+        self.tables, self.samples, self.k, self.seed = tables, samples, k, seed
+        self.pad_id, self.batch_tokens = pad_id, batch_tokens
+        self.lengths = np.diff(tables.token_offsets)
+        self.device = next(model.parameters()).device
+        self.slices_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def tokens(self, unit_examples: range) -> int:
+        return int(self.lengths[list(unit_examples)].sum()) * self.samples
+
+    @torch.no_grad()
+    def run(self, unit: Unit, on_batch=lambda tokens: None) -> dict[str, np.ndarray]:
+        t = self.tables
+        examples = examples_overlapping(t.position_offsets, unit)
+        first = int(t.position_offsets[examples.start])
+        span = int(t.position_offsets[examples.stop]) - first
+        ids = np.zeros((span, self.samples, self.k), np.int32)
+        logprobs = np.zeros((span, self.samples, self.k), np.float32)
+        tails = np.zeros((span, self.samples), np.float32)
+        if self.gate_r:
+            gates = np.zeros((span, self.samples, len(self.controller.moe_layers), self.controller.num_experts), np.float32)
+        for batch in length_batches(examples, self.lengths, self.batch_tokens):
+            width = int(self.lengths[batch[0]])
+            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            targets = torch.zeros((len(batch), width), dtype=torch.bool)
+            for row, e in enumerate(batch):
+                n = int(self.lengths[e])
+                input_ids[row, :n] = torch.from_numpy(t.input_ids[t.token_offsets[e]:t.token_offsets[e + 1]])
+                attention[row, :n] = 1
+                targets[row, int(t.prompt_len[e]) - 1:n - 1] = True
+            input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+            rows = np.concatenate([
+                np.arange(t.position_offsets[e], t.position_offsets[e + 1]) - first for e in batch
+            ])
+            targets = targets.to(self.device)
+            # The lm_head runs on the target positions only (a boolean `logits_to_keep` returns their
+            # logits flattened, in row-major order); prompt logits would be thrown away.
+            keep = {"logits_to_keep": targets} if self.slices_logits else {}
+            for m in range(self.samples):
+                seeds = [derive_seed(self.seed, int(t.source_index[e]), m) for e in batch]
+                with self.controller.active(row_seeds=seeds):
+                    logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False, **keep).logits
+                top_id, top_lp, tail = sparse_next_token(logits if logits.dim() == 2 else logits[targets], self.k)
+                ids[rows, m] = top_id.cpu().numpy()
+                logprobs[rows, m] = top_lp.cpu().numpy()
+                tails[rows, m] = tail.cpu().numpy()
+                if self.gate_r:  # routers see every token: [B*T, N] per layer -> [P_b, L, N]
+                    per_layer = torch.stack(self.controller.gate_probs(), dim=1)
+                    gates[rows, m] = per_layer.view(*targets.shape, *per_layer.shape[1:])[targets].cpu().numpy()
+                on_batch(int(attention.sum()))
+        lo, hi = unit.start - first, unit.stop - first
+        top1, gaps = encode_logprobs(logprobs[lo:hi])
+        arrays = {
+            "target_positions": t.target_positions[unit.start:unit.stop],
+            "topk_ids": ids[lo:hi],
+            "topk_gaps": gaps,
+            "top1_logprob": top1,
+            "tail_logprob": tails[lo:hi],
+        }
+        if self.gate_r:
+            arrays.update(encode_gates(gates[lo:hi], self.gate_r))
+        return arrays
+
+
+def encode_gates(gates: np.ndarray, r: int) -> dict[str, np.ndarray]:
+    """Gate distributions [..., N] as stored: all of them, or the r largest (ids, probs) and the rest mass."""
+    if r == gates.shape[-1]:
+        return {"gate_probs": gates.astype(np.float16)}
+    order = np.argsort(-gates, axis=-1, kind="stable")[..., :r]
+    top = np.take_along_axis(gates, order, axis=-1)
+    rest = np.clip(1.0 - top.astype(np.float64).sum(-1), 0.0, 1.0)
+    return {"gate_ids": order.astype(np.uint16), "gate_probs": top.astype(np.float16), "gate_rest": rest.astype(np.float32)}
