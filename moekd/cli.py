@@ -126,7 +126,8 @@ def cache_info(store: str = typer.Argument(..., help="Store path or fsspec URL."
         ("truncated / skipped", f"{meta.dataset.truncated_responses} / {meta.dataset.skipped or 0}"),
         ("size on disk", f"{info['bytes_total']:,} B"),
         ("bytes per position", f"{info['bytes_per_position']:.1f}"),
-        ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} (distribution arrays)"),
+        ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} (top-k ids, log-probs, tail)"
+         + (f" + {info['gate_bytes_per_position_sample']:.1f} (gates)" if meta.gates else "")),
         ("built", f"{meta.build.created_at} -> {meta.build.completed_at} on {meta.build.device}"),
     ]
     for name, size in info["bytes_per_array"].items():

@@ -18,7 +18,7 @@ from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import CacheMetadata
 
-DECODED = ("topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
+DISTRIBUTION_ARRAYS = ("topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
 
 
 @dataclass
@@ -63,7 +63,7 @@ class CacheReader:
         self.source_index = self.group["example_source_index"][:]
         self.extra_names = sorted(
             name for name, spec in self.meta.layout.arrays.items()
-            if spec.dims[0] == "position" and name not in DECODED and name != "target_positions"
+            if spec.dims[0] == "position" and name not in DISTRIBUTION_ARRAYS and name != "target_positions"
         )
 
     def __len__(self) -> int:
@@ -79,7 +79,7 @@ class CacheReader:
 
     def read_positions(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Decoded position arrays for stored positions [start, stop), in one read per array."""
-        raw = {name: self.group[name][start:stop] for name in (*DECODED, "target_positions", *self.extra_names)}
+        raw = {name: self.group[name][start:stop] for name in (*DISTRIBUTION_ARRAYS, "target_positions", *self.extra_names)}
         out = {
             "target_positions": raw["target_positions"],
             "topk_ids": raw["topk_ids"],

@@ -16,7 +16,7 @@ from moekd.encoding import MAX_ABS_ERROR, decode_logprobs
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META
-from moekd.store.reader import open_group
+from moekd.store.reader import DISTRIBUTION_ARRAYS, open_group
 
 # Decoded masses may exceed 1 by the quantisation error of k log-probs: e^(1/512) - 1 < 2e-3.
 MASS_TOLERANCE = 2 * MAX_ABS_ERROR
@@ -167,11 +167,13 @@ def store_info(location: str) -> dict:
             arrays[top] = arrays.get(top, 0) + size
     total = sum(found.values())
     positions = meta.layout.num_positions
-    distribution = sum(size for name, size in arrays.items() if meta.layout.arrays[name].dims[0] == "position")
+    position_samples = max(positions * meta.layout.num_samples, 1)
+    gates = meta.gates.arrays if meta.gates else []
     return {
         "meta": meta,
         "bytes_total": total,
         "bytes_per_array": dict(sorted(arrays.items())),
         "bytes_per_position": total / max(positions, 1),
-        "distribution_bytes_per_position_sample": distribution / max(positions * meta.layout.num_samples, 1),
+        "distribution_bytes_per_position_sample": sum(arrays.get(name, 0) for name in DISTRIBUTION_ARRAYS) / position_samples,
+        "gate_bytes_per_position_sample": sum(arrays.get(name, 0) for name in gates) / position_samples,
     }
