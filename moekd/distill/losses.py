@@ -37,8 +37,9 @@ with zero gradient. A row whose buckets are all -inf carries no teacher distribu
 is 0. Reverse KL is +inf where the teacher gives zero mass to a bucket the student does not,
 as the definition says (the skew, JSD and TV kinds stay finite there).
 
-Memory: the student tail needs the logits with each (position, sample)'s stored ids masked
-out, a [P, M, V] tensor; the trainer reads one teacher sample per example per step (M = 1).
+Memory: the student tail needs the logits with a sample's stored ids masked out, one [P, V]
+tensor at a time; with M > 1 samples each is recomputed in backward (activation checkpointing)
+instead of keeping M of them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 KD_LOSSES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
 
@@ -70,7 +72,6 @@ def sparse_kd_loss(
     _check_options(kind, temperature, skew_lambda, jsd_beta)
     _check_sparse_shapes(student_logits, topk_ids, topk_logprobs, tail_logprob)
     logits = _upcast(student_logits) / temperature
-    vocab_size = logits.shape[-1]
 
     buckets = torch.cat([topk_logprobs, tail_logprob.unsqueeze(-1)], dim=-1).to(logits.dtype)
     no_teacher = ~torch.isfinite(buckets).any(dim=-1)  # [P, M]: padding rows
@@ -84,16 +85,30 @@ def sparse_kd_loss(
     stored_logq = stored_logq.masked_fill(~stored, -math.inf)
 
     # Tail bucket: log of the student mass outside the stored ids, from the logits themselves so
-    # that a tail mass far below float epsilon keeps its exact log. Padded slots scatter into an
-    # extra column that is dropped, so they never hide a real id.
-    in_topk = torch.zeros(*ids.shape[:-1], vocab_size + 1, dtype=torch.bool, device=logits.device)
-    in_topk = in_topk.scatter_(-1, ids.masked_fill(~stored, vocab_size), True)[..., :vocab_size]
-    outside = logits.unsqueeze(1).masked_fill(in_topk, -math.inf)  # [P, M, V]
-    tail_logq = torch.logsumexp(outside, dim=-1) - logz[:, None]  # -inf when the ids cover V
+    # that a tail mass far below float epsilon keeps its exact log. One sample at a time, and with
+    # several samples recomputed in backward, so memory stays one [P, V] whatever M.
+    samples = ids.shape[1]
+    tails = [
+        _logsumexp_outside(logits, ids[:, m], stored[:, m]) if samples == 1
+        else checkpoint(_logsumexp_outside, logits, ids[:, m], stored[:, m], use_reentrant=False)
+        for m in range(samples)
+    ]
+    tail_logq = torch.stack(tails, dim=1) - logz[:, None]  # -inf when the ids cover V
 
     student_logq = torch.cat([stored_logq, tail_logq.unsqueeze(-1)], dim=-1)
     loss = _divergence(teacher_logp, student_logq, kind, skew_lambda, jsd_beta)
     return loss.masked_fill(no_teacher, 0.0)
+
+
+def _logsumexp_outside(logits: Tensor, ids: Tensor, stored: Tensor) -> Tensor:
+    """logsumexp of each row of `logits` [P, V] over the ids [P, k] not stored there.
+
+    Padded slots scatter into an extra column that is dropped, so they never hide a real id.
+    """
+    vocab_size = logits.shape[-1]
+    in_topk = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=logits.device)
+    in_topk.scatter_(-1, ids.masked_fill(~stored, vocab_size), True)
+    return torch.logsumexp(logits.masked_fill(in_topk[:, :vocab_size], -math.inf), dim=-1)
 
 
 def dense_kd_loss(
