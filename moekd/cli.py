@@ -40,6 +40,9 @@ def main() -> None:
     except MoekdError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: finished units and checkpoints are kept; rerun with --resume to continue")
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------- cache
