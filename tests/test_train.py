@@ -293,3 +293,11 @@ def test_student_vocabulary_smaller_than_the_cache_is_refused(cache, tokenizer, 
 def test_bad_options_are_refused(cache, student, tmp_path, change, message):
     with pytest.raises(MoekdError, match=message):
         train(options(student, tmp_path / "run", **{"cache": str(cache), **change}))
+
+
+def test_trains_from_a_cache_in_object_storage(cache, student, tmp_path):
+    import fsspec
+
+    fsspec.filesystem("memory").put(str(cache), "/bucket/ka.zarr", recursive=True)
+    summary = train(options(student, tmp_path / "remote", cache="memory://bucket/ka.zarr", max_steps=2, workers=0))
+    assert summary.steps == 2 and is_complete(tmp_path / "remote" / "final")
