@@ -65,7 +65,7 @@ def cache_build(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     batch_tokens: int = typer.Option(8192, help="Padded tokens per teacher forward."),
     seed: int = typer.Option(0, help="Base seed; each (example, sample) draws from its own seed derived from it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished build (same settings required)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished build (same settings required), or start one if there is none."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
     chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template instead of the Dolly template."),
@@ -251,7 +251,7 @@ def eval_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write scores here and generations to <stem>.generations.jsonl beside it."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N rows of each dataset."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template, as in training with --chat-template."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template (as a cache built with --chat-template)."),
 ) -> None:
     """Sample responses (temperature 1, top_k 0, top_p 1) and score ROUGE-L: mean and std over seeds.
 

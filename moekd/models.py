@@ -19,7 +19,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise MoekdError(f"--device: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise MoekdError(f"--device: {device!r} is not a device moekd runs on; use auto, cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise MoekdError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return resolved
@@ -54,7 +56,8 @@ def load_tokenizer(path: str | Path, flag: str = "--teacher"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        raise MoekdError(f"{flag}: cannot load a tokenizer from {path} ({str(e).splitlines()[0]}); pass --tokenizer PATH") from None
+        raise MoekdError(f"{flag}: cannot load a tokenizer from {path} ({str(e).splitlines()[0]}); "
+                         "save the tokenizer into the checkpoint directory (or, for cache build, pass --tokenizer PATH)") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

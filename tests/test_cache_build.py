@@ -154,7 +154,7 @@ def test_resume_refuses_other_settings_and_overwrite_rules(make_teacher, data_fi
         writer_module.CacheWriter.write_unit = real_write_unit
     with pytest.raises(MoekdError, match="unfinished build .* --resume"):
         build_cache(options(teacher, data_file, out2))
-    with pytest.raises(MoekdError, match=r"other settings \(k: 16 in the store, 8 now; max_len: 128 in the store, 100 now\)"):
+    with pytest.raises(MoekdError, match=r"other settings \(.*k: 16 in the store, 8 now; max_len: 128 in the store, 100 now"):
         build_cache(options(teacher, data_file, out2, resume=True, k=8, max_len=100))
     build_cache(options(teacher, data_file, out2, overwrite=True))
     assert CacheReader(out2).meta.build.status == "complete"
@@ -279,3 +279,62 @@ def test_json_schema_file_is_in_sync():
     from moekd.schemas import JSON_SCHEMA_PATH, json_schema
 
     assert json.loads(JSON_SCHEMA_PATH.read_text()) == json_schema(), "run `python -m moekd.schemas`"
+
+
+def test_resume_refuses_changed_examples(make_teacher, data_file, tmp_path):
+    """The same kept records at other source rows seed other samples: resume must notice."""
+    from moekd.store import writer as writer_module
+
+    teacher = make_teacher("mixtral")
+    out = tmp_path / "c.zarr"
+    real_write_unit = writer_module.CacheWriter.write_unit
+
+    def crash_after_first(self, unit, arrays):
+        real_write_unit(self, unit, arrays)
+        raise KeyboardInterrupt
+
+    writer_module.CacheWriter.write_unit = crash_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_cache(options(teacher, data_file, out))
+    finally:
+        writer_module.CacheWriter.write_unit = real_write_unit
+    shifted = tmp_path / "shifted.jsonl"
+    shifted.write_text('{"instruction": "bad row"}\n' + data_file.read_text())
+    with pytest.raises(MoekdError, match="examples_sha256"):
+        build_cache(options(teacher, shifted, out, resume=True, skip_invalid=True))
+
+
+def test_overwrite_never_leaves_a_partial_store_readable(make_teacher, data_file, tmp_path, mixtral_cache, monkeypatch):
+    out = tmp_path / "c.zarr"
+    shutil.copytree(mixtral_cache, out)
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while deleting the old store
+
+    monkeypatch.setattr("moekd.store.writer.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(options(make_teacher("mixtral"), data_file, out, overwrite=True))
+    assert not out.exists()  # renamed away first: nothing at --out can be read as the old store
+
+
+def test_seed_and_device_are_checked(make_teacher, data_file, tmp_path):
+    with pytest.raises(MoekdError, match="--seed must be in"):
+        build_cache(options(make_teacher("mixtral"), data_file, tmp_path / "c.zarr", seed=-1))
+    with pytest.raises(MoekdError, match="--device: 'meta'"):
+        build_cache(options(make_teacher("mixtral"), data_file, tmp_path / "c.zarr", device="meta"))
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_non_finite_teacher_output_is_an_error(tmp_path, tokenizer, data_file):
+    from moekd.tiny_models import make_tiny_model
+
+    model = make_tiny_model("mixtral", tokenizer, None)
+    with torch.no_grad():
+        model.lm_head.weight[:, 0] = float("nan")
+    model.save_pretrained(str(tmp_path / "t"))
+    tokenizer.save_pretrained(str(tmp_path / "t"))
+    with pytest.raises(MoekdError, match="non-finite logits in a batch of data rows"):
+        build_cache(options(tmp_path / "t", data_file, tmp_path / "c.zarr"))
+    with pytest.raises(MoekdError, match="unfinished build"):
+        CacheReader(tmp_path / "c.zarr")

@@ -197,7 +197,7 @@ def test_ka_lambda0_keeps_top_n_minus_1_with_renormalised_weights(load, family):
     """Renormalised on OLMoE too, whose native top-k is not (norm_topk_prob=False)."""
     model = load(family)
     ids, mask = batch()
-    block, x, y, ctrl = block_io(model, make_policy("ka", ka_lambda=0.0), ids, mask, seeds=[1, 2])
+    block, x, y, ctrl = block_io(model, make_policy("ka", m=1, ka_lambda=0.0), ids, mask, seeds=[1, 2])
     for gates, active in zip(ctrl.gate_probs(), ctrl.activated_experts()):
         expected = torch.ones_like(active).scatter_(1, gates.argmin(dim=-1, keepdim=True), False)
         assert torch.equal(active, expected)
@@ -211,7 +211,7 @@ def test_ka_lambda0_keeps_top_n_minus_1_with_renormalised_weights(load, family):
 def test_ka_on_deepseek_v3_keeps_native_weighting(load):
     model = load("deepseek_v3")
     ids, mask = batch()
-    block, x, y, ctrl = block_io(model, make_policy("ka", ka_lambda=0.0), ids, mask, seeds=[1, 2])
+    block, x, y, ctrl = block_io(model, make_policy("ka", m=1, ka_lambda=0.0), ids, mask, seeds=[1, 2])
     router = block.gate
     scores = (x.float() @ router.weight.T).sigmoid()
     active = ctrl.activated_experts()[0]

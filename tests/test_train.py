@@ -301,3 +301,10 @@ def test_trains_from_a_cache_in_object_storage(cache, student, tmp_path):
     fsspec.filesystem("memory").put(str(cache), "/bucket/ka.zarr", recursive=True)
     summary = train(options(student, tmp_path / "remote", cache="memory://bucket/ka.zarr", max_steps=2, workers=0))
     assert summary.steps == 2 and is_complete(tmp_path / "remote" / "final")
+
+
+def test_metrics_reader_drops_a_line_torn_by_a_crash(tmp_path):
+    from moekd.distill.metrics import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]

@@ -81,6 +81,8 @@ def _check_options(o: BuildOptions) -> None:
         raise MoekdError(f"--positions-per-shard must be a positive multiple of {POSITIONS_PER_CHUNK} (or smaller than it)")
     if o.resume and o.overwrite:
         raise MoekdError("--resume and --overwrite exclude each other")
+    if not 0 <= o.seed < 2**63:
+        raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
     if not re.fullmatch(r"none|full|top-[0-9]+", o.router_probs):
         raise MoekdError(f"--router-probs: {o.router_probs!r} is not none, full or top-R (e.g. top-4)")
 
@@ -146,7 +148,7 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
     tables = example_tables(report.examples)
     samples = policy.samples
     meta = describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype)
-    settings = resume_settings(o, meta)
+    settings = resume_settings(o, meta, tables)
     skipped = meta.dataset.skipped
     writer = CacheWriter.open(out, meta, settings, tables, resume=o.resume, overwrite=o.overwrite)
     pending = writer.pending_units()

@@ -16,6 +16,7 @@ from moekd.schemas.cache import (
     BuildInfo, CacheMetadata, DatasetInfo, EncodingInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
 )
 from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
+from moekd.store.writer import ExampleTables, hash_arrays
 
 GATE_DEFINITION = (
     "softmax(router logits) for softmax routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); sigmoid(router logits) "
@@ -77,9 +78,14 @@ def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, repo
     )
 
 
-def resume_settings(o, meta: CacheMetadata) -> dict:
+def resume_settings(o, meta: CacheMetadata, tables: ExampleTables) -> dict:
     """Everything that determines the store's content: a resumed build must match it field by field."""
     return {
+        # tokens, offsets, prompt lengths and source rows (which also seed the samples)
+        "examples_sha256": hash_arrays(vars(tables)),
+        "device_type": meta.build.device.split(":")[0],
+        "torch": torch.__version__,
+        "transformers": meta.build.versions["transformers"],
         "teacher_weights_sha256": meta.teacher.weights_sha256 or meta.teacher.name_or_path,
         "tokenizer_sha256": meta.tokenizer.sha256, "data_fingerprint": meta.dataset.fingerprint_sha256,
         "fields": meta.dataset.fields, "template": meta.dataset.template, "max_prompt_len": o.max_prompt_len,

@@ -208,6 +208,11 @@ def make_policy(
         return MonteCarloRouting(samples=m or 2)
     ka_lambda = 0.05 if ka_lambda is None else ka_lambda
     ka_drop = 1 if ka_drop is None else ka_drop
+    if ka_lambda == 0 and (m or 2) > 1:
+        raise MoekdError(
+            f"--m {m or 2} with --ka-lambda 0: KA then always keeps the top experts, so every sample would be "
+            "identical; use --m 1 or a --ka-lambda above 0"
+        )
     if not 0.0 <= ka_lambda <= 1.0:
         raise MoekdError(f"--ka-lambda must be in [0, 1] (probability of sampling the kept experts), got {ka_lambda}")
     if ka_drop < 1:

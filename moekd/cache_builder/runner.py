@@ -10,6 +10,7 @@ import torch
 from moekd.cache_builder.policies import derive_seed
 from moekd.cache_builder.sparsify import sparse_next_token
 from moekd.encoding import encode_logprobs
+from moekd.errors import MoekdError
 from moekd.store.layout import Unit, examples_overlapping
 from moekd.store.writer import ExampleTables
 
@@ -77,6 +78,10 @@ class UnitRunner:
                 with self.controller.active(row_seeds=seeds):
                     logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False, **keep).logits
                 top_id, top_lp, tail = sparse_next_token(logits if logits.dim() == 2 else logits[targets], self.k)
+                if not torch.isfinite(top_lp[:, 0]).all():
+                    rows_bad = sorted({int(t.source_index[e]) for e in batch})
+                    raise MoekdError(f"the teacher produced non-finite logits in a batch of data rows {rows_bad[:10]} "
+                                     f"(sample {m}); try --dtype float32 or bfloat16 instead of float16")
                 ids[rows, m] = top_id.cpu().numpy()
                 logprobs[rows, m] = top_lp.cpu().numpy()
                 tails[rows, m] = tail.cpu().numpy()

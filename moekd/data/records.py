@@ -108,6 +108,8 @@ def detect_fields(rows: list[dict], override: dict[str, str | None] | None = Non
         base = FieldMap("instruction", "input", "response")
     fields = {"instruction": base.instruction, "context": base.context, "response": base.response}
     for key, value in (override or {}).items():
+        if value == "" and key != "context":
+            raise MoekdError(f"--{key}-field must name a field; only --context-field may be empty (no context)")
         if value is not None:
             fields[key] = value or None  # "" turns the context field off
     return FieldMap(**fields)

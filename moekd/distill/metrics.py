@@ -21,7 +21,7 @@ class MetricsLog:
         self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
         kept = []
         if self.jsonl.exists():
-            kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= keep_until_step]
+            kept = [r for r in read_metrics(out) if r["step"] <= keep_until_step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as fh:
             writer = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
@@ -53,7 +53,14 @@ def _tensorboard(out: Path):
 
 
 def read_metrics(out: str | Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    """The logged records; a last line torn by a crash during its append is left out."""
+    records = []
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
 
 
 def progress_bar(console: Console) -> Progress:

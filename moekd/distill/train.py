@@ -290,6 +290,8 @@ def _check_options(o: TrainOptions) -> None:
         raise MoekdError(f"--schedule must be constant or cosine, got {o.schedule!r}")
     if o.max_steps is not None and o.epochs is not None:
         raise MoekdError("pass one of --max-steps and --epochs, not both")
+    if not 0 <= o.seed < 2**63:
+        raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
     positive = {"--lr": o.lr, "--batch-tokens": o.batch_tokens, "--grad-accum": o.grad_accum,
                 "--max-grad-norm": o.max_grad_norm, "--max-steps": o.max_steps, "--epochs": o.epochs}
     for flag, value in positive.items():

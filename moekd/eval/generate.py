@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from moekd.errors import MoekdError
-from moekd.models import resolve_device
+from moekd.models import load_causal_lm, resolve_device
 
 SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -21,7 +21,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def load_model(model_dir: str | Path, device: str = "auto"):
     """(model, tokenizer) of a saved checkpoint directory, the model in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -37,9 +37,8 @@ def load_model(model_dir: str | Path, device: str = "auto"):
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if tokenizer.eos_token_id is None:
         raise MoekdError(f"--model: the tokenizer in {model_dir} defines no eos_token; set one in tokenizer_config.json")
-    dtype = torch.float32 if device.type == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
-    return model, tokenizer
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return load_causal_lm(model_dir, dtype, device, "--model"), tokenizer
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:

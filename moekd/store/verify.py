@@ -158,7 +158,10 @@ def store_info(location: str) -> dict:
     fs, root, found = _files(location)
     if ROOT_META not in found:
         raise MoekdError(f"cache {location}: no {ROOT_META}; not a Zarr v3 store")
-    raw = json.loads(fs.cat_file(f"{root}/{ROOT_META}")).get("attributes", {}).get("moekd")
+    try:
+        raw = json.loads(fs.cat_file(f"{root}/{ROOT_META}")).get("attributes", {}).get("moekd")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MoekdError(f"cache {location}: {ROOT_META} is not valid JSON (torn or corrupted); run `moekd cache verify`") from None
     meta = parse_metadata(raw, location)
     arrays = {}
     for rel, size in found.items():

@@ -10,8 +10,9 @@ Protocol (every step survives SIGKILL at any moment):
    their marker are redone.
 4. Finalize: per-file sha256 manifest (files fsynced), then the root `zarr.json` is replaced
    atomically with `status: complete` -- the single commit point of the store.
-Markers and the manifest are written with write-to-temp + rename because zarr's LocalStore
-writes in place; that is the only reason this module touches files directly.
+Markers, the manifest and the root metadata are written here with write-to-temp + fsync +
+rename (zarr's LocalStore renames too but never fsyncs), and the temporary files of writes a
+crash interrupted are removed before the manifest is made.
 """
 
 from __future__ import annotations
@@ -98,6 +99,14 @@ def store_state(path: Path) -> str:
     return "empty" if not any(path.iterdir()) else "foreign"
 
 
+def _remove_store(path: Path) -> None:
+    """Delete a store so that no kill midway can leave a partial store that still reads as complete:
+    it is renamed away (atomically) first."""
+    doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
 class CacheWriter:
     """Writes one store; `open` creates it or picks up an unfinished build."""
 
@@ -120,7 +129,7 @@ class CacheWriter:
         if state == "unfinished" and not (resume or overwrite):
             raise MoekdError(f"--out: an unfinished build is at {path}; pass --resume to continue it or --overwrite to start again")
         if state in ("complete", "unfinished") and overwrite:
-            shutil.rmtree(path)
+            _remove_store(path)
             state = "absent"
         writer = cls(path, meta)
         if state == "unfinished" and (path / BUILD_DIR / "init.done").exists():
@@ -129,7 +138,7 @@ class CacheWriter:
             writer.meta = parse_metadata(stored, str(path))  # keeps the original creation time
             return writer
         if state == "unfinished":  # killed during init: nothing of value is there yet
-            shutil.rmtree(path)
+            _remove_store(path)
         writer._init(settings, tables)
         return writer
 
@@ -199,6 +208,8 @@ class CacheWriter:
         missing = [u.index for u in self.units if not self._marker(u).exists()]
         if missing:
             raise MoekdError(f"cannot finalize {self.path}: units {missing[:10]} are not written; rerun with --resume")
+        for stray in [*self.path.rglob("*.partial"), *self.path.rglob(".*.tmp-*")]:
+            stray.unlink()  # temporary files of writes a crash interrupted
         files = {}
         for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
             rel = file.relative_to(self.path).as_posix()
