@@ -35,6 +35,24 @@ def read_all(path) -> dict:
     return {name: np.concatenate([getattr(ex, name).ravel() for ex in r]) for name in ARRAYS}
 
 
+def interrupted_build(build_options: BuildOptions) -> None:
+    """A build stopped right after its first unit is committed: an unfinished store."""
+    from moekd.store.writer import CacheWriter
+
+    real_write_unit = CacheWriter.write_unit
+
+    def crash_after_first(self, unit, arrays):
+        real_write_unit(self, unit, arrays)
+        raise KeyboardInterrupt
+
+    CacheWriter.write_unit = crash_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_cache(build_options)
+    finally:
+        CacheWriter.write_unit = real_write_unit
+
+
 @pytest.fixture(scope="session")
 def mixtral_cache(tmp_path_factory, make_teacher, data_file):
     out = tmp_path_factory.mktemp("caches") / "mixtral.zarr"
@@ -134,24 +152,8 @@ def test_resume_refuses_other_settings_and_overwrite_rules(make_teacher, data_fi
         build_cache(options(teacher, data_file, out))
     with pytest.raises(MoekdError, match="already complete"):
         build_cache(options(teacher, data_file, out, resume=True))
-    # an unfinished build: fake one by interrupting after init
     out2 = tmp_path / "u.zarr"
-    build_cache(options(teacher, data_file, out2))
-    shutil.rmtree(out2)
-    from moekd.store import writer as writer_module
-
-    real_write_unit = writer_module.CacheWriter.write_unit
-
-    def crash_after_first(self, unit, arrays):
-        real_write_unit(self, unit, arrays)
-        raise KeyboardInterrupt
-
-    writer_module.CacheWriter.write_unit = crash_after_first
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            build_cache(options(teacher, data_file, out2))
-    finally:
-        writer_module.CacheWriter.write_unit = real_write_unit
+    interrupted_build(options(teacher, data_file, out2))
     with pytest.raises(MoekdError, match="unfinished build .* --resume"):
         build_cache(options(teacher, data_file, out2))
     with pytest.raises(MoekdError, match=r"other settings \(.*k: 16 in the store, 8 now; max_len: 128 in the store, 100 now"):
@@ -283,22 +285,9 @@ def test_json_schema_file_is_in_sync():
 
 def test_resume_refuses_changed_examples(make_teacher, data_file, tmp_path):
     """The same kept records at other source rows seed other samples: resume must notice."""
-    from moekd.store import writer as writer_module
-
     teacher = make_teacher("mixtral")
     out = tmp_path / "c.zarr"
-    real_write_unit = writer_module.CacheWriter.write_unit
-
-    def crash_after_first(self, unit, arrays):
-        real_write_unit(self, unit, arrays)
-        raise KeyboardInterrupt
-
-    writer_module.CacheWriter.write_unit = crash_after_first
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            build_cache(options(teacher, data_file, out))
-    finally:
-        writer_module.CacheWriter.write_unit = real_write_unit
+    interrupted_build(options(teacher, data_file, out))
     shifted = tmp_path / "shifted.jsonl"
     shifted.write_text('{"instruction": "bad row"}\n' + data_file.read_text())
     with pytest.raises(MoekdError, match="examples_sha256"):
