@@ -312,6 +312,11 @@ def train_command(
     allow_tokenizer_mismatch: bool = typer.Option(False, "--allow-tokenizer-mismatch", help="Train although the tokenizers differ, when their token-to-id mappings are the same."),
     max_prompt_len: int = typer.Option(256, help="--data: longest prompt in tokens."),
     max_len: int = typer.Option(512, help="--data: longest prompt+response in tokens (responses are truncated)."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="--data: build prompts with the tokenizer's chat template, as cache build does."),
+    instruction_field: Optional[str] = typer.Option(None, help="--data: field holding the instruction."),
+    context_field: Optional[str] = typer.Option(None, help="--data: field holding the context ('' for none)."),
+    response_field: Optional[str] = typer.Option(None, help="--data: field holding the response."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="--data: leave out bad or over-long rows instead of stopping."),
 ) -> None:
     """Train a student on a teacher cache (KD), or on instruction data (--loss ce).
 
@@ -325,7 +330,8 @@ def train_command(
         schedule=schedule, warmup=warmup, max_grad_norm=max_grad_norm, batch_tokens=batch_tokens, grad_accum=grad_accum,
         max_steps=max_steps, epochs=epochs, eval_every=eval_every, eval_fraction=eval_fraction, save_every=save_every,
         resume=resume, seed=seed, device=device, workers=workers, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
-        max_prompt_len=max_prompt_len, max_len=max_len,
+        max_prompt_len=max_prompt_len, max_len=max_len, chat_template=chat_template, skip_invalid=skip_invalid,
+        fields={"instruction": instruction_field, "context": context_field, "response": response_field},
     )
     s = train(options, console=Console(stderr=True))
     evals = f"held-out loss {s.eval_loss_start:.4f} -> {s.eval_loss:.4f}; " if s.eval_loss_start is not None else (

@@ -308,3 +308,16 @@ def test_metrics_reader_drops_a_line_torn_by_a_crash(tmp_path):
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_sft_data_takes_the_field_flags_of_cache_build(student, data_file, tmp_path):
+    import json
+
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text("".join(json.dumps({"q": r["instruction"], "a": r["response"]}) + "\n" for r in rows))
+    fields = {"instruction": "q", "context": "", "response": "a"}
+    summary = train(options(student, tmp_path / "sft", data=str(custom), loss="ce", max_steps=2, fields=fields))
+    assert summary.steps == 2
+    with pytest.raises(MoekdError, match="field 'instruction' is missing"):
+        train(options(student, tmp_path / "sft2", data=str(custom), loss="ce", max_steps=2))

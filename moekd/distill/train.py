@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -79,6 +79,9 @@ class TrainOptions:
     allow_tokenizer_mismatch: bool = False
     max_prompt_len: int = 256
     max_len: int = 512
+    chat_template: bool = False
+    fields: dict = field(default_factory=dict)
+    skip_invalid: bool = False
 
 
 @dataclass
@@ -305,8 +308,9 @@ def _check_options(o: TrainOptions) -> None:
 def _open_source(o: TrainOptions, tokenizer, console: Console):
     """The example source and a hash identifying its content."""
     if o.data is not None:
-        loaded = load_records(o.data)
-        report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len)
+        loaded = load_records(o.data, o.fields, o.skip_invalid)
+        report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
+                                  o.chat_template, o.skip_invalid)
         return TokenizedSource(report.examples), loaded.fingerprint()
     report = verify_store(o.cache)
     if not report.ok:
