@@ -127,7 +127,7 @@ def load_records(
     fmap = detect_fields(rows, fields)
     records, index, skipped = [], [], {}
     for n, row in enumerate(rows):
-        problem = _row_problem(row, fmap)
+        problem = row_problem(row, fmap)
         if problem is None:
             ctx = row.get(fmap.context) if fmap.context else None
             records.append(Record(row[fmap.instruction], ctx or "", row[fmap.response]))
@@ -144,17 +144,25 @@ def load_records(
     return LoadedRecords(records, index, fmap, fmt, skipped)
 
 
-def _row_problem(row: object, fmap: FieldMap) -> tuple[str, str] | None:
+def row_problem(row: object, fmap: FieldMap, reference_lists: bool = False) -> tuple[str, str] | None:
+    """(reason, message) of what is wrong with a row, or None. With `reference_lists` the response
+    may also be a non-empty list of references (evaluation data)."""
     if not isinstance(row, dict):
         return "not_an_object", f"expected a JSON object, got {type(row).__name__}"
     for name in (fmap.instruction, fmap.response):
         if name not in row or row[name] is None:
             return f"missing_{name}", f"field {name!r} is missing (row has {sorted(row)})"
-        if not isinstance(row[name], str):
-            return f"non_string_{name}", f"field {name!r} must be a string, got {type(row[name]).__name__}"
+    response = row[fmap.response]
+    if reference_lists and isinstance(response, list):
+        if not response or not all(isinstance(r, str) and r.strip() for r in response):
+            return f"bad_{fmap.response}", f"field {fmap.response!r} must be a non-empty string or a list of them"
+        response = response[0]
+    for name, value in ((fmap.instruction, row[fmap.instruction]), (fmap.response, response)):
+        if not isinstance(value, str):
+            return f"non_string_{name}", f"field {name!r} must be a string, got {type(value).__name__}"
     if fmap.context and row.get(fmap.context) is not None and not isinstance(row[fmap.context], str):
         return f"non_string_{fmap.context}", f"field {fmap.context!r} must be a string, got {type(row[fmap.context]).__name__}"
-    if not row[fmap.response].strip():
+    if not response.strip():
         return f"empty_{fmap.response}", f"field {fmap.response!r} is empty"
     if not row[fmap.instruction].strip():
         return f"empty_{fmap.instruction}", f"field {fmap.instruction!r} is empty"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from moekd.data.prompts import format_prompt, prompt_ids
-from moekd.data.records import Record, detect_fields, read_rows
+from moekd.data.records import Record, detect_fields, read_rows, row_problem
 from moekd.errors import MoekdError
 from moekd.eval.generate import SAMPLING, generate_responses, load_model
 from moekd.eval.rouge import rouge_l
@@ -75,20 +75,13 @@ def load_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
     fields = detect_fields(rows)
     examples = []
     for n, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise MoekdError(f"--data: {path} row {n}: expected a JSON object, got {type(row).__name__}")
-        instruction, context = row.get(fields.instruction), row.get(fields.context) if fields.context else None
-        references = row.get(fields.response)
+        problem = row_problem(row, fields, reference_lists=True)
+        if problem is not None:
+            raise MoekdError(f"--data: {path} row {n}: {problem[1]}")
+        references = row[fields.response]
         references = [references] if isinstance(references, str) else references
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise MoekdError(f"--data: {path} row {n}: field {fields.instruction!r} must be a non-empty string")
-        if context is not None and not isinstance(context, str):
-            raise MoekdError(f"--data: {path} row {n}: field {fields.context!r} must be a string")
-        if not isinstance(references, list) or not references or not all(isinstance(r, str) and r.strip() for r in references):
-            raise MoekdError(
-                f"--data: {path} row {n}: field {fields.response!r} must be a non-empty string or a list of them"
-            )
-        examples.append(EvalExample(Record(instruction, context or "", references[0]), references, n))
+        context = (row.get(fields.context) if fields.context else None) or ""
+        examples.append(EvalExample(Record(row[fields.instruction], context, references[0]), references, n))
     return examples
 
 
