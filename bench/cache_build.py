@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from moekd.cache_builder.build import BuildOptions, build_cache, example_tables  # noqa: E402
-from moekd.cache_builder.runner import length_batches  # noqa: E402
+from moekd.cache_builder.runner import length_batches, pad_batch  # noqa: E402
 from moekd.cache_builder.policies import make_policy  # noqa: E402
 from moekd.cache_builder.routing import RouterController  # noqa: E402
 from moekd.data.prompts import format_prompt, tokenize_records  # noqa: E402
@@ -53,15 +53,7 @@ def bare_forward_seconds(model, tables, batch_tokens: int, pad_id: int, controll
     start = time.perf_counter()
     with torch.no_grad():
         for batch in length_batches(range(len(lengths)), lengths, batch_tokens):
-            width = int(lengths[batch[0]])
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            keep = torch.zeros_like(ids, dtype=torch.bool)
-            for row, e in enumerate(batch):
-                n = int(lengths[e])
-                ids[row, :n] = torch.from_numpy(tables.input_ids[tables.token_offsets[e]:tables.token_offsets[e + 1]])
-                mask[row, :n] = 1
-                keep[row, int(tables.prompt_len[e]) - 1:n - 1] = True
+            ids, mask, keep = pad_batch(tables, batch, pad_id)
             sliced = {"logits_to_keep": keep} if targets_only else {}
             if controller is None:
                 model(input_ids=ids, attention_mask=mask, use_cache=False, **sliced).logits

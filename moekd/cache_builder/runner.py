@@ -29,6 +29,21 @@ def length_batches(indices, lengths: np.ndarray, batch_tokens: int) -> list[list
     return batches
 
 
+def pad_batch(tables: ExampleTables, batch: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, target mask) [B, longest] of the examples in `batch`;
+    the target mask marks the positions whose distributions the store keeps."""
+    lengths = [int(tables.token_offsets[e + 1] - tables.token_offsets[e]) for e in batch]
+    width = max(lengths)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    targets = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, (e, n) in enumerate(zip(batch, lengths)):
+        input_ids[row, :n] = torch.from_numpy(tables.input_ids[tables.token_offsets[e]:tables.token_offsets[e + 1]])
+        attention[row, :n] = 1
+        targets[row, int(tables.prompt_len[e]) - 1:n - 1] = True
+    return input_ids, attention, targets
+
+
 class UnitRunner:
     """Teacher passes for the examples of one unit, M samples each, encoded for the store."""
 
@@ -56,20 +71,10 @@ class UnitRunner:
         if self.gate_r:
             gates = np.zeros((span, self.samples, len(self.controller.moe_layers), self.controller.num_experts), np.float32)
         for batch in length_batches(examples, self.lengths, self.batch_tokens):
-            width = int(self.lengths[batch[0]])
-            input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            targets = torch.zeros((len(batch), width), dtype=torch.bool)
-            for row, e in enumerate(batch):
-                n = int(self.lengths[e])
-                input_ids[row, :n] = torch.from_numpy(t.input_ids[t.token_offsets[e]:t.token_offsets[e + 1]])
-                attention[row, :n] = 1
-                targets[row, int(t.prompt_len[e]) - 1:n - 1] = True
-            input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+            input_ids, attention, targets = (x.to(self.device) for x in pad_batch(t, batch, self.pad_id))
             rows = np.concatenate([
                 np.arange(t.position_offsets[e], t.position_offsets[e + 1]) - first for e in batch
             ])
-            targets = targets.to(self.device)
             # The lm_head runs on the target positions only (a boolean `logits_to_keep` returns their
             # logits flattened, in row-major order); prompt logits would be thrown away.
             keep = {"logits_to_keep": targets} if self.slices_logits else {}
