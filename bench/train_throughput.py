@@ -34,9 +34,11 @@ import torch
 
 from moekd.data.prompts import format_prompt
 from moekd.data.records import load_records
-from moekd.distill.loader import BatchDataset, BatchOrder, CacheSource, make_loader
+from moekd.distill.loader import BatchDataset, BatchOrder, make_loader
 from moekd.distill.losses import dense_kd_loss
-from moekd.distill.train import TrainOptions, batch_loss
+from moekd.distill.objective import batch_loss
+from moekd.distill.options import TrainOptions
+from moekd.distill.sources import CacheSource
 from moekd.store.reader import CacheReader
 
 DATA = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"

@@ -11,9 +11,10 @@ import pytest
 
 from moekd import CacheReader
 from moekd.cache_builder.build import BuildOptions, build_cache
-from moekd.distill import train as train_module
+from moekd.distill import objective as objective_module
 from moekd.distill.checkpoint import is_complete
-from moekd.distill.loader import BatchDataset, BatchOrder, CacheSource, LoaderPosition, held_out_split, make_loader
+from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader
+from moekd.distill.sources import CacheSource
 from moekd.distill.metrics import MetricsLog, read_metrics
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
@@ -193,7 +194,7 @@ def test_training_code_never_imports_the_teacher_side():
 
 
 def test_nan_loss_stops_naming_step_and_examples_and_keeps_last_checkpoint(cache, student, tmp_path, monkeypatch):
-    real, calls = train_module.sparse_kd_loss, []
+    real, calls = objective_module.sparse_kd_loss, []
 
     def nan_from_third_step(*args, **kwargs):
         import torch
@@ -205,7 +206,7 @@ def test_nan_loss_stops_naming_step_and_examples_and_keeps_last_checkpoint(cache
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_module, "sparse_kd_loss", nan_from_third_step)
+    monkeypatch.setattr(objective_module, "sparse_kd_loss", nan_from_third_step)
     with pytest.raises(MoekdError, match=r"step 3: the loss is nan on batch \d+ of epoch 0 \(examples \[\d+.*step-000002"):
         train(options(student, tmp_path / "run", cache=str(cache), save_every=2, eval_every=0))
     assert is_complete(tmp_path / "run" / "step-000002") and not (tmp_path / "run" / "step-000003").exists()

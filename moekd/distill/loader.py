@@ -1,4 +1,4 @@
-"""Training batches from a teacher cache (or from tokenized data, for plain SFT).
+"""Training batches from an example source (sources.py): split, order, padding, worker processes.
 
 - Split: a fixed held-out subset of the examples for evaluation, the same for every run on the
   same examples (it does not depend on --seed), never trained on.
@@ -10,21 +10,18 @@
 - Position: (epoch, batch index) identifies the next batch; `BatchOrder(start=...)` continues
   exactly where a checkpoint stopped.
 - Workers: a torch DataLoader over a map-style dataset whose items are whole batches; each
-  worker process opens its own CacheReader.
+  worker process opens its own store handles (see sources.CacheSource).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from moekd.encoding import decode_logprobs
 from moekd.errors import MoekdError
-from moekd.store.reader import CacheReader
 
 SPLIT_SEED = 0  # held-out examples are chosen independently of --seed, so runs compare on the same set
 LENGTH_WINDOW = 64  # examples sorted by length together before packing
@@ -101,85 +98,6 @@ class BatchOrder:
             for b, examples in enumerate(self.epoch(epoch)[first:], start=first):
                 yield epoch, b, examples
             epoch, first = epoch + 1, 0
-
-
-class CacheSource:
-    """Examples and their stored teacher distributions; opens one CacheReader per process."""
-
-    has_teacher = True
-    ARRAYS = ("input_ids", "topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
-
-    def __init__(self, reader: CacheReader):
-        self.location = reader.location
-        self.lengths = reader.example_lengths()
-        self.token_offsets, self.position_offsets = reader.token_offsets, reader.position_offsets
-        self.prompt_len = reader.prompt_len.astype(np.int64)
-        self.shards = reader.position_offsets[:-1] // reader.meta.layout.positions_per_shard
-        self.samples = reader.meta.layout.num_samples
-        self._open(reader)
-
-    def _open(self, reader: CacheReader) -> None:
-        self._reader, self._pid = reader, os.getpid()
-        self._arrays = {name: reader.group[name] for name in self.ARRAYS}
-
-    def __getstate__(self) -> dict:  # a spawned worker opens its own reader
-        return {**self.__dict__, "_reader": None, "_arrays": None, "_pid": None}
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def _handles(self) -> dict:
-        """The zarr arrays, opened again in each worker process: handles do not survive a fork."""
-        if self._pid != os.getpid():
-            self._open(CacheReader(self.location))
-        return self._arrays
-
-    @property
-    def reader(self) -> CacheReader:
-        self._handles()
-        return self._reader
-
-    def read(self, examples: list[int]) -> dict[str, np.ndarray]:
-        """Tokens and stored positions of `examples`, one coordinate read per array."""
-        handles = self._handles()
-        tokens = np.concatenate([np.arange(self.token_offsets[e], self.token_offsets[e + 1]) for e in examples])
-        rows = np.concatenate([np.arange(self.position_offsets[e], self.position_offsets[e + 1]) for e in examples])
-        arrays = {name: handles[name].oindex[tokens if name == "input_ids" else rows] for name in self.ARRAYS}
-        return {
-            "input_ids": arrays["input_ids"],
-            "token_counts": self.lengths[examples],
-            "position_counts": np.diff(self.position_offsets)[examples],
-            # the store's alignment convention: positions prompt_len-1 .. L-2, each predicting the next token
-            "target_positions": np.concatenate([np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]),
-            "topk_ids": arrays["topk_ids"],
-            "topk_logprobs": decode_logprobs(arrays["top1_logprob"], arrays["topk_gaps"]),
-            "tail_logprob": arrays["tail_logprob"],
-        }
-
-
-class TokenizedSource:
-    """Tokenized examples held in memory (`--data`): ground truth only, no teacher."""
-
-    has_teacher = False
-    samples = 0
-
-    def __init__(self, examples):
-        self.examples = examples
-        self.lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-        self.shards = np.zeros(len(examples), dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def read(self, examples: list[int]) -> dict[str, np.ndarray]:
-        chosen = [self.examples[e] for e in examples]
-        targets = [e.target_positions for e in chosen]
-        return {
-            "input_ids": np.concatenate([e.input_ids for e in chosen]),
-            "token_counts": self.lengths[examples],
-            "position_counts": np.array([len(t) for t in targets]),
-            "target_positions": np.concatenate(targets),
-        }
 
 
 class BatchDataset(Dataset):

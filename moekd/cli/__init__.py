@@ -1,0 +1,30 @@
+"""The `moekd` command line: thin typed commands; the work happens in the modules they call.
+
+One module per command group (cache, routing, data, train, eval, demo), all registered on the
+app of `app.py`. Errors a user can fix raise `MoekdError`, which `main` prints as one red line
+(exit code 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from moekd.cli import cache, data, demo, eval, routing, train  # noqa: F401  (registers the commands)
+from moekd.cli.app import app, console
+from moekd.errors import MoekdError
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    # moekd draws its own progress bars; transformers' per-load bars would only clutter them
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        app()
+    except MoekdError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]: finished units and checkpoints are kept; rerun with --resume to continue")
+        sys.exit(130)

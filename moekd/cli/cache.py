@@ -1,0 +1,125 @@
+"""`moekd cache ...`: build, inspect and verify teacher caches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from moekd.cli.app import cache_app, console
+
+
+@cache_app.command("build")
+def cache_build(
+    teacher: str = typer.Option(..., help="Teacher checkpoint: a local Hugging Face directory (or a hub id when online)."),
+    data: Path = typer.Option(..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."),
+    out: Path = typer.Option(..., help="Store to write, e.g. run.zarr."),
+    policy: str = typer.Option("topk", help="Teacher routing policy: topk, all, ka, topp, mc."),
+    m: Optional[int] = typer.Option(None, "--m", help="Teacher samples per example (stochastic policies; ka default 2)."),
+    ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts instead of taking the top ones (default 0.05)."),
+    ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
+    top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach."),
+    k: int = typer.Option(64, help="Teacher token ids stored per position and sample (top-k, plus a tail bucket)."),
+    max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens; longer rows are an error (or skipped with --skip-invalid)."),
+    max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated and counted."),
+    dtype: str = typer.Option("auto", help="Teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    batch_tokens: int = typer.Option(8192, help="Padded tokens per teacher forward."),
+    seed: int = typer.Option(0, help="Base seed; each (example, sample) draws from its own seed derived from it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished build (same settings required), or start one if there is none."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template instead of the Dolly template."),
+    instruction_field: Optional[str] = typer.Option(None, help="Field holding the instruction (default: instruction)."),
+    context_field: Optional[str] = typer.Option(None, help="Field holding the context (default: context or input; '' for none)."),
+    response_field: Optional[str] = typer.Option(None, help="Field holding the response (default: response or output)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Leave out bad or over-long rows (counted in the summary) instead of stopping."),
+    positions_per_shard: int = typer.Option(65536, help="Stored positions per shard file, the unit of resumable work."),
+    router_probs: str = typer.Option("none", help="Also store each MoE layer's gate distribution: none, full, or top-R (R largest + rest mass)."),
+) -> None:
+    """Run the teacher once per example and sample and write its sparse distributions to a Zarr store.
+
+    Example: moekd cache build --teacher ./teacher --data train.jsonl --out run.zarr --k 64
+    """
+    from moekd.cache_builder.build import BuildOptions, build_cache
+
+    params = {"m": m, "ka_lambda": ka_lambda, "ka_drop": ka_drop, "top_p": top_p}
+    options = BuildOptions(
+        teacher=teacher, data=str(data), out=str(out), policy=policy,
+        policy_params={key: value for key, value in params.items() if value is not None},
+        k=k, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        seed=seed, resume=resume, overwrite=overwrite, tokenizer=tokenizer, chat_template=chat_template,
+        fields={"instruction": instruction_field, "context": context_field, "response": response_field},
+        skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs,
+    )
+    s = build_cache(options, console=Console(stderr=True))
+    console.print(
+        f"[green]wrote[/] {s.out}: {s.examples} examples, {s.positions} positions x {s.samples} sample(s); "
+        f"units {s.units_done}/{s.units_total} computed this run; {s.teacher_tokens:,} teacher tokens at "
+        f"{s.tokens_per_second:,.0f} tok/s; {s.wall_seconds:.1f} s total. "
+        f"Truncated responses: {s.truncated_responses}. Skipped rows: {s.skipped or 'none'}.",
+        highlight=False,
+    )
+
+
+@cache_app.command("info")
+def cache_info(store: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
+    """Summarise a store: metadata, examples, stored positions, sizes on disk.
+
+    Example: moekd cache info run.zarr
+    """
+    from rich.table import Table
+
+    from moekd.store.verify import store_info
+
+    info = store_info(store)
+    meta = info["meta"]
+    table = Table(title=f"moekd cache {store}", show_header=False)
+    rows = [
+        ("status", meta.build.status),
+        ("schema", meta.schema_version),
+        ("teacher", f"{meta.teacher.name_or_path} ({meta.teacher.architecture}, vocab {meta.teacher.vocab_size})"),
+        ("experts", f"{meta.teacher.num_experts} per layer, top-{meta.teacher.experts_per_token}, {len(meta.teacher.moe_layers)} MoE layers"
+         if meta.teacher.num_experts else "dense teacher"),
+        ("policy", f"{meta.policy.name} {meta.policy.params} M={meta.policy.samples} seed={meta.policy.seed}"),
+        ("encoding", f"top-{meta.encoding.k} + tail, {meta.encoding.logprob_codec} (max error {meta.encoding.max_abs_error_nats:.5f} nat)"),
+        ("dataset", f"{meta.dataset.source} ({meta.dataset.format}, {meta.dataset.template} template)"),
+        ("examples", f"{meta.layout.num_examples:,}"),
+        ("tokens", f"{meta.layout.num_tokens:,}"),
+        ("stored positions", f"{meta.layout.num_positions:,} x {meta.layout.num_samples} sample(s)"),
+        ("truncated / skipped", f"{meta.dataset.truncated_responses} / {meta.dataset.skipped or 0}"),
+        ("size on disk", f"{info['bytes_total']:,} B"),
+        ("bytes per position", f"{info['bytes_per_position']:.1f}"),
+        ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} (top-k ids, log-probs, tail)"
+         + (f" + {info['gate_bytes_per_position_sample']:.1f} (gates)" if meta.gates else "")),
+        ("built", f"{meta.build.created_at} -> {meta.build.completed_at} on {meta.build.device}"),
+    ]
+    for name, size in info["bytes_per_array"].items():
+        rows.append((f"  {name}", f"{size:,} B"))
+    for key, value in rows:
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@cache_app.command("verify")
+def cache_verify(
+    store: str = typer.Argument(..., help="Store path or fsspec URL."),
+    deep: bool = typer.Option(False, "--deep", help="Also decode every value and check its range."),
+) -> None:
+    """Check schema, structure and per-file checksums (and, with --deep, every value). Exit 1 on any problem.
+
+    Example: moekd cache verify run.zarr --deep
+    """
+    from moekd.store.verify import verify_store
+
+    report = verify_store(store, deep=deep)
+    if report.ok:
+        checked = f", {report.positions_checked:,} positions decoded" if deep else ""
+        Console().print(f"[green]OK[/] {store}: {report.files_checked} files match the manifest{checked}")
+        return
+    for problem in report.problems:
+        console.print(f"[red]FAIL[/] {problem}", highlight=False)
+    console.print(f"[bold red]{store}: {len(report.problems)} problem(s)[/]")
+    raise typer.Exit(1)

@@ -1,0 +1,28 @@
+"""`moekd demo`: the whole pipeline on the built-in suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from moekd.cli.app import app, console
+
+
+@app.command("demo")
+def demo(
+    workdir: Optional[Path] = typer.Option(None, help="Where the stages write (default: moekd-demo, or moekd-demo-quick with --quick)."),
+    quick: bool = typer.Option(False, "--quick", help="A few-minute miniature of the pipeline (a smoke test; its numbers mean little)."),
+) -> None:
+    """Run the whole pipeline on the built-in suite: teacher, SFT student, caches (topk, all, ka), KD students, eval.
+
+    Finished stages are reused when it is run again. Example: moekd demo --quick
+    """
+    from moekd.demo import DEFAULT_PLAN, QUICK_PLAN, results_table, run_pipeline
+
+    workdir = workdir or Path("moekd-demo-quick" if quick else "moekd-demo")
+    results = run_pipeline(workdir, QUICK_PLAN if quick else DEFAULT_PLAN, console)
+    Console().print(results_table(results["rows"]))
+    console.print(f"results: {workdir / 'results.json'}, chart: {workdir / 'results.png'}", highlight=False)

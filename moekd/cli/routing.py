@@ -1,0 +1,56 @@
+"""`moekd routing ...`: inspect a teacher's MoE routing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from moekd.cli.app import routing_app
+
+
+@routing_app.command("stats")
+def routing_stats(
+    teacher: str = typer.Option(..., help="Teacher checkpoint directory (Hugging Face MoE causal LM)."),
+    data: Path = typer.Option(..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."),
+    policy: str = typer.Option("topk", help="Routing policy to measure: topk, all, ka, topp, mc."),
+    ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts (default 0.05)."),
+    ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1)."),
+    top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach (default 0.9)."),
+    scope: str = typer.Option("response", help="Tokens counted: response (the positions the cache stores) or all."),
+    max_examples: int = typer.Option(64, help="Examples read from the start of --data."),
+    batch_size: int = typer.Option(8, help="Examples per teacher forward."),
+    max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens."),
+    max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated."),
+    seed: int = typer.Option(0, help="Base seed of the stochastic policies (derived per example like cache build, sample 0)."),
+    dtype: str = typer.Option("auto", help="Teacher dtype: auto, float32, bfloat16, float16."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    plot: Optional[Path] = typer.Option(None, help="Also save a per-layer plot (PNG) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout instead of a table."),
+) -> None:
+    """Per MoE layer: gate mass of the activated and non-activated experts, expert load CV, gate entropy.
+
+    Example: moekd routing stats --teacher ./teacher --data train.jsonl --plot routing.png
+    """
+    import json
+
+    from moekd.cache_builder.policies import make_policy
+    from moekd.cache_builder.routing_stats import (
+        plot_stats,
+        render_table,
+        routing_stats_for_files,
+    )
+
+    chosen = make_policy(policy, ka_lambda=ka_lambda, ka_drop=ka_drop, top_p=top_p)
+    stats = routing_stats_for_files(
+        teacher, data, chosen, max_examples=max_examples, batch_size=batch_size, max_prompt_len=max_prompt_len,
+        max_len=max_len, seed=seed, scope=scope, device=device, dtype=dtype,
+    )
+    if plot is not None:
+        plot_stats(stats, plot)
+    if as_json:
+        typer.echo(json.dumps(stats.to_dict(), indent=2))
+    else:
+        Console().print(render_table(stats))

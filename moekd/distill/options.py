@@ -1,0 +1,84 @@
+"""The settings of a training run (`moekd train`), checked where they enter."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from moekd.distill.losses import KD_LOSSES
+from moekd.errors import MoekdError
+
+LOSSES = (*KD_LOSSES, "ce")
+# Settings that do not change what the run computes: they may differ when resuming.
+RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version")
+
+
+@dataclass
+class TrainOptions:
+    student: str
+    out: str
+    cache: str | None = None
+    data: str | None = None
+    loss: str = "fkl"
+    skew_lambda: float = 0.1
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    samples: str = "mean"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup: int = 0
+    max_grad_norm: float = 1.0
+    batch_tokens: int = 8192
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: int | None = None
+    eval_every: int = 100
+    eval_fraction: float = 0.05
+    save_every: int = 500
+    resume: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    allow_tokenizer_mismatch: bool = False
+    max_prompt_len: int = 256
+    max_len: int = 512
+    chat_template: bool = False
+    fields: dict = field(default_factory=dict)
+    skip_invalid: bool = False
+
+
+
+def check_options(o: TrainOptions) -> None:
+    if (o.cache is None) == (o.data is None):
+        raise MoekdError("pass exactly one of --cache (distillation) and --data (plain SFT with --loss ce)")
+    if o.loss not in LOSSES:
+        raise MoekdError(f"--loss must be one of {', '.join(LOSSES)}, got {o.loss!r}")
+    if o.data is not None and o.loss != "ce":
+        raise MoekdError(f"--loss {o.loss} needs teacher distributions: pass --cache, or use --loss ce with --data")
+    if not 0 <= o.ce_weight <= 1:
+        raise MoekdError(f"--ce-weight must be in [0, 1] (objective (1-w)·KD + w·CE), got {o.ce_weight}")
+    if o.loss == "ce" and o.ce_weight:
+        raise MoekdError("--ce-weight mixes CE into a KD loss; drop it with --loss ce")
+    if not (math.isfinite(o.temperature) and o.temperature > 0):
+        raise MoekdError(f"--temperature must be > 0, got {o.temperature}")
+    if not 0 < o.skew_lambda < 1 or not 0 < o.jsd_beta < 1:
+        raise MoekdError(f"--skew-lambda and --jsd-beta must lie strictly between 0 and 1, got {o.skew_lambda}, {o.jsd_beta}")
+    if o.samples not in ("mean", "random"):
+        raise MoekdError(f"--samples must be mean or random, got {o.samples!r}")
+    if o.schedule not in ("constant", "cosine"):
+        raise MoekdError(f"--schedule must be constant or cosine, got {o.schedule!r}")
+    if o.max_steps is not None and o.epochs is not None:
+        raise MoekdError("pass one of --max-steps and --epochs, not both")
+    if not 0 <= o.seed < 2**63:
+        raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
+    positive = {"--lr": o.lr, "--batch-tokens": o.batch_tokens, "--grad-accum": o.grad_accum,
+                "--max-grad-norm": o.max_grad_norm, "--max-steps": o.max_steps, "--epochs": o.epochs}
+    for flag, value in positive.items():
+        if value is not None and not value > 0:
+            raise MoekdError(f"{flag} must be positive, got {value}")
+    for flag, value in {"--warmup": o.warmup, "--eval-every": o.eval_every, "--save-every": o.save_every, "--workers": o.workers}.items():
+        if value < 0:
+            raise MoekdError(f"{flag} must be >= 0, got {value}")
+

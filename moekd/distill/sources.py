@@ -1,0 +1,165 @@
+"""Where training examples come from: a teacher cache (KD) or tokenized data (SFT), checked
+against the student before anything trains.
+
+- `CacheSource`: examples and their stored teacher distributions; each loader worker process
+  opens its own CacheReader.
+- `TokenizedSource`: tokenized instruction data held in memory (ground truth only).
+- `open_source` verifies the store and checks that the student's tokenizer is the cache's;
+  `check_vocabulary` that the student's output layer covers every id it will see.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from rich.console import Console
+
+from moekd.data.prompts import tokenize_records
+from moekd.data.records import load_records
+from moekd.data.tokenizer import tokenizer_fingerprint
+from moekd.distill.options import TrainOptions
+from moekd.encoding import decode_logprobs
+from moekd.errors import MoekdError
+from moekd.models import output_vocab_size
+from moekd.store.reader import CacheReader
+from moekd.store.verify import verify_store
+
+
+class CacheSource:
+    """Examples and their stored teacher distributions; opens one CacheReader per process."""
+
+    has_teacher = True
+    ARRAYS = ("input_ids", "topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
+
+    def __init__(self, reader: CacheReader):
+        self.location = reader.location
+        self.lengths = reader.example_lengths()
+        self.token_offsets, self.position_offsets = reader.token_offsets, reader.position_offsets
+        self.prompt_len = reader.prompt_len.astype(np.int64)
+        self.shards = reader.position_offsets[:-1] // reader.meta.layout.positions_per_shard
+        self.samples = reader.meta.layout.num_samples
+        self._open(reader)
+
+    def _open(self, reader: CacheReader) -> None:
+        self._reader, self._pid = reader, os.getpid()
+        self._arrays = {name: reader.group[name] for name in self.ARRAYS}
+
+    def __getstate__(self) -> dict:  # a spawned worker opens its own reader
+        return {**self.__dict__, "_reader": None, "_arrays": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _handles(self) -> dict:
+        """The zarr arrays, opened again in each worker process: handles do not survive a fork."""
+        if self._pid != os.getpid():
+            self._open(CacheReader(self.location))
+        return self._arrays
+
+    @property
+    def reader(self) -> CacheReader:
+        self._handles()
+        return self._reader
+
+    def read(self, examples: list[int]) -> dict[str, np.ndarray]:
+        """Tokens and stored positions of `examples`, one coordinate read per array."""
+        handles = self._handles()
+        tokens = np.concatenate([np.arange(self.token_offsets[e], self.token_offsets[e + 1]) for e in examples])
+        rows = np.concatenate([np.arange(self.position_offsets[e], self.position_offsets[e + 1]) for e in examples])
+        arrays = {name: handles[name].oindex[tokens if name == "input_ids" else rows] for name in self.ARRAYS}
+        return {
+            "input_ids": arrays["input_ids"],
+            "token_counts": self.lengths[examples],
+            "position_counts": np.diff(self.position_offsets)[examples],
+            # the store's alignment convention: positions prompt_len-1 .. L-2, each predicting the next token
+            "target_positions": np.concatenate([np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]),
+            "topk_ids": arrays["topk_ids"],
+            "topk_logprobs": decode_logprobs(arrays["top1_logprob"], arrays["topk_gaps"]),
+            "tail_logprob": arrays["tail_logprob"],
+        }
+
+
+class TokenizedSource:
+    """Tokenized examples held in memory (`--data`): ground truth only, no teacher."""
+
+    has_teacher = False
+    samples = 0
+
+    def __init__(self, examples):
+        self.examples = examples
+        self.lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+        self.shards = np.zeros(len(examples), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def read(self, examples: list[int]) -> dict[str, np.ndarray]:
+        chosen = [self.examples[e] for e in examples]
+        targets = [e.target_positions for e in chosen]
+        return {
+            "input_ids": np.concatenate([e.input_ids for e in chosen]),
+            "token_counts": self.lengths[examples],
+            "position_counts": np.array([len(t) for t in targets]),
+            "target_positions": np.concatenate(targets),
+        }
+
+
+
+def open_source(o: TrainOptions, tokenizer, console: Console):
+    """The example source and a hash identifying its content."""
+    if o.data is not None:
+        loaded = load_records(o.data, o.fields, o.skip_invalid)
+        report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
+                                  o.chat_template, o.skip_invalid)
+        return TokenizedSource(report.examples), loaded.fingerprint()
+    report = verify_store(o.cache)
+    if not report.ok:
+        shown = "; ".join(report.problems[:3]) + (f" (+{len(report.problems) - 3} more)" if len(report.problems) > 3 else "")
+        raise MoekdError(f"--cache {o.cache} fails verification: {shown}. Run `moekd cache verify {o.cache}` for details")
+    reader = CacheReader(o.cache)
+    if len(reader) == 0:
+        raise MoekdError(f"--cache {o.cache} holds no examples")
+    _check_tokenizer(tokenizer, reader.meta.tokenizer, o, console)
+    return CacheSource(reader), reader.meta.build.manifest_sha256
+
+
+def _check_tokenizer(tokenizer, stored, o: TrainOptions, console: Console) -> None:
+    found = tokenizer_fingerprint(tokenizer)
+    if found["sha256"] == stored.sha256:
+        return
+    same_ids = found["vocab_sha256"] == stored.vocab_sha256
+    how = []
+    if len(tokenizer) != stored.size:
+        how.append(f"size {len(tokenizer)} vs {stored.size}")
+    if same_ids:
+        how.append(f"same token-to-id mapping but other rules or special tokens (sha256 {found['sha256'][:12]} vs {stored.sha256[:12]})")
+    else:
+        how.append(f"token-to-id mapping differs (vocab_sha256 {found['vocab_sha256'][:12]} vs {stored.vocab_sha256[:12]})")
+    what = f"the student's tokenizer ({o.student}) differs from the cache's ({stored.name_or_path}): {'; '.join(how)}"
+    if same_ids and o.allow_tokenizer_mismatch:
+        console.print(f"[yellow]warning:[/] {what}; training anyway (--allow-tokenizer-mismatch)", highlight=False)
+        return
+    hint = ("pass --allow-tokenizer-mismatch to train anyway: the ids mean the same tokens" if same_ids else
+            "--allow-tokenizer-mismatch cannot help, the ids mean different tokens: use a student built with the cache's tokenizer")
+    raise MoekdError(f"--student: {what}; {hint}")
+
+
+def check_vocabulary(model, source, student: str) -> None:
+    vocab = output_vocab_size(model)
+    if isinstance(source, TokenizedSource):
+        largest = max(int(e.input_ids.max()) for e in source.examples)
+        if largest >= vocab:
+            raise MoekdError(f"--student {student}: its output layer has {vocab} entries but the data holds token id {largest}")
+        return
+    reader = source.reader
+    if vocab >= reader.meta.teacher.vocab_size:
+        return
+    step = reader.meta.layout.positions_per_shard
+    stored = max(int(reader.group["topk_ids"][s:s + step].max()) for s in range(0, reader.num_positions, step))
+    largest = max(stored, int(reader.group["input_ids"][:].max()))
+    if largest >= vocab:
+        raise MoekdError(
+            f"--student {student}: its output layer has {vocab} entries, fewer than the teacher's {reader.meta.teacher.vocab_size}, "
+            f"and the cache holds token id {largest}; use a student whose vocabulary covers the cache's tokenizer"
+        )
