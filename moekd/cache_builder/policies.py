@@ -1,7 +1,7 @@
 """Routing policies: which experts each token row of each MoE layer activates.
 
 A policy sees the layer's gate distribution g [T, N] (float32, rows sum to 1; how a router
-family defines g is in `routing.py`) and returns the selected experts. The router family then
+family defines g is in `moekd/routers.py`) and returns the selected experts. The router family then
 weights the selection: the expanding policies (`all`, `ka`, `topp`) renormalise the selected
 gate mass to 1 on softmax routers (METHODS §2-3: mask the other logits to -inf, softmax);
 `mc` keeps the family's native weighting (incl. `norm_topk_prob`); DeepSeek-V3-style routers

@@ -1,15 +1,8 @@
 """Find a teacher's MoE routers and make them route by a policy (see `policies.py`).
 
-Routers are found through the model class's `_can_record_outputs["router_logits"]`; each
-returns `(router_logits [T, N], weights [T, k], index [T, k])` for the B*T flattened tokens.
-A forward hook rewrites `(weights, index)` only, so `output_router_logits=True` still records
-the raw logits; the `topk` policy installs no rewrite at all.
-
-Gate distribution g per router family (what policies select from and `gate_probs` returns):
-- softmax routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): softmax(router_logits) in float32;
-- DeepSeek-V3-style routers: sigmoid(router_logits) normalised to sum 1. The correction bias
-  and the group limit belong to the native top-k choice only; other policies select from g
-  without them and keep the native weighting (sigmoid scores, `norm_topk_prob`, scaling).
+Routers and their gate distributions are described in `moekd/routers.py`. A forward hook
+rewrites `(weights, index)` only, so `output_router_logits=True` still records the raw
+logits; the `topk` policy installs no rewrite at all.
 
 Token positions for the random draws come from a forward pre-hook on the model: the row's
 count of attended tokens before each token (cumsum of a 2D `attention_mask` - 1, which under
@@ -27,60 +20,7 @@ from torch import nn
 
 from moekd.cache_builder.policies import NativeTopK, RoutingPolicy, token_uniforms
 from moekd.errors import MoekdError
-
-
-class SoftmaxGate:
-    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE routers: softmax gates, top-k renormalised if `norm_topk_prob`."""
-
-    def gate_probs(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float(), dim=-1)
-
-    def weights(self, router: nn.Module, logits: torch.Tensor, index: torch.Tensor, valid, renormalise: bool) -> torch.Tensor:
-        w = self.gate_probs(router, logits).gather(1, index)
-        if valid is not None:
-            w = w * valid
-        if renormalise or getattr(router, "norm_topk_prob", True):  # Mixtral always renormalises
-            w = w / w.sum(dim=-1, keepdim=True)
-        return w
-
-
-class DeepseekV3Gate:
-    """DeepSeek-V3-style routers: sigmoid scores, optional renormalisation, routed scaling factor."""
-
-    def gate_probs(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-        scores = logits.float().sigmoid()
-        return scores / scores.sum(dim=-1, keepdim=True)
-
-    def weights(self, router: nn.Module, logits: torch.Tensor, index: torch.Tensor, valid, renormalise: bool) -> torch.Tensor:
-        w = logits.float().sigmoid().gather(1, index)
-        if valid is not None:
-            w = w * valid
-        if router.norm_topk_prob:
-            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * router.routed_scaling_factor
-
-
-GATES = {
-    "MixtralTopKRouter": SoftmaxGate(),
-    "Qwen2MoeTopKRouter": SoftmaxGate(),
-    "Qwen3MoeTopKRouter": SoftmaxGate(),
-    "OlmoeTopKRouter": SoftmaxGate(),
-    "DeepseekV3TopkRouter": DeepseekV3Gate(),
-}
-
-
-def router_classes(model: nn.Module) -> tuple[type, ...]:
-    """Router module classes the model declares for recording `router_logits`; empty for dense models."""
-    recorders = getattr(model, "_can_record_outputs", None) or {}
-    entries = recorders.get("router_logits")
-    entries = entries if isinstance(entries, (list, tuple)) else [entries] if entries is not None else []
-    return tuple(getattr(e, "target_class", e) for e in entries if isinstance(getattr(e, "target_class", e), type))
-
-
-def find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(module name, router) of every MoE router in the model, in forward order."""
-    classes = router_classes(model)
-    return [(name, m) for name, m in model.named_modules() if classes and isinstance(m, classes)]
+from moekd.routers import GATES, find_routers
 
 
 class RouterController:
@@ -108,7 +48,7 @@ class RouterController:
                 what = f"--policy {self.policy.name}" if self.rewrites else "capturing gate distributions"
                 raise MoekdError(
                     f"{what}: router class {', '.join(unsupported)} is not supported (supported: {', '.join(GATES)}); "
-                    "use --policy topk without gate capture, or add an adapter for it in moekd/cache_builder/routing.py"
+                    "use --policy topk without gate capture, or add an adapter for it in moekd/routers.py"
                 )
         drop = getattr(self.policy, "ka_drop", 0)
         if routers and drop >= self.num_experts:
