@@ -1,6 +1,8 @@
-"""The compact encoding of sparse teacher distributions, shared by the builder and the reader.
+"""How teacher distributions are encoded in a store: the codecs shared by the builder and the reader.
 
-Per position and sample the teacher's k largest log-probs (sorted, descending) are stored as
+Three encodings (`cache build --encoding`), all per stored position p and teacher sample m:
+
+topk -- the k largest log-probs (normalised over the full vocabulary at T = 1) and their ids:
 - `top1_logprob` (float32): the largest log-prob, exact;
 - `topk_gaps` (uint16): the gap of each log-prob below the top-1, in steps of 1/SCALE nat,
   delta-coded along k (gaps are non-decreasing, so the deltas are small and compress well);
@@ -8,16 +10,32 @@ Per position and sample the teacher's k largest log-probs (sorted, descending) a
   from the full distribution (-inf when there is none).
 Decoding error is at most 1/(2*SCALE) nat per log-prob for gaps below MAX_GAP nats; larger gaps
 (probabilities below e^-256 of the top-1) are clamped to MAX_GAP.
+
+sampled -- random-sampling KD: n draws with replacement from the proposal r = p^t / Z_t, kept
+as the unique ids (ascending) and their counts c_i (padding: id 0, count 0). The estimate
+p_hat_i = (c_i / n) * p_i / r_i is unbiased for p (E[p_hat] = p); with t = 1 it is c_i / n and
+needs nothing else, with t != 1 the store also keeps log p_i and log Z_t. See `sampled_estimate`.
+
+hidden -- the teacher's final hidden state h [d] (the input of its output layer), from which
+logits = h @ W.T with the output layer W [V, d] stored once. zarr 3.1.6 has no bfloat16 or
+float8 dtype, so the bits are stored: bf16 as uint16 bit patterns, fp8 as uint8 bit patterns of
+float8 e4m3fn after dividing each row by its scale max|h| / 448 (stored as float32).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 SCALE = 256.0
 MAX_STEPS = np.iinfo(np.uint16).max
 MAX_GAP = MAX_STEPS / SCALE
 MAX_ABS_ERROR = 0.5 / SCALE
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+# Relative rounding error of one element: half a unit in the last place (7 and 3 mantissa bits).
+HIDDEN_RELATIVE_ERROR = {"bf16": 2.0**-8, "fp8": 2.0**-4}
+HIDDEN_STORED_DTYPE = {"bf16": "uint16", "fp8": "uint8"}
 
 
 def encode_logprobs(topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -34,3 +52,58 @@ def decode_logprobs(top1: np.ndarray, gaps: np.ndarray) -> np.ndarray:
     """Log-probs [..., k] (float32) from `encode_logprobs` output."""
     steps = np.cumsum(gaps, axis=-1, dtype=np.int64)
     return (top1[..., None].astype(np.float64) - steps / SCALE).astype(np.float32)
+
+
+def sampled_estimate(counts: np.ndarray, draws: int, proposal_temp: float, logprobs: np.ndarray | None = None,
+                     proposal_logz: np.ndarray | None = None, target_temp: float = 1.0) -> np.ndarray:
+    """Unbiased estimate [..., S] (float32) of the teacher's probabilities of the stored ids.
+
+    counts [..., S] of `draws` draws from r = p^t / Z_t (t = proposal_temp). The target is the
+    teacher at temperature `target_temp` (p^(1/T) renormalised). The draws themselves come from
+    the teacher at temperature 1/t, so for T = 1/t the estimate is c / n; for T = 1 (t != 1) it is
+    importance-weighted, c / n * p / r = c / n * exp((1 - t) log p + log Z_t), which needs the
+    stored log-probs and log Z_t. Other temperatures have no unbiased estimate from these draws.
+    """
+    frequency = counts.astype(np.float64) / draws
+    if np.isclose(target_temp * proposal_temp, 1.0, rtol=0, atol=1e-12):
+        return frequency.astype(np.float32)
+    if target_temp != 1.0 or logprobs is None or proposal_logz is None:
+        raise ValueError(f"no unbiased estimate of the teacher at temperature {target_temp} from draws at proposal "
+                         f"temperature {proposal_temp}: train at temperature 1 or {1 / proposal_temp:g}")
+    log_ratio = (1.0 - proposal_temp) * logprobs.astype(np.float64) + proposal_logz.astype(np.float64)[..., None]
+    return np.where(counts > 0, frequency * np.exp(log_ratio), 0.0).astype(np.float32)
+
+
+def encode_hidden(hidden: torch.Tensor, dtype: str) -> dict[str, np.ndarray]:
+    """Stored bits of hidden states [..., d] (any float dtype): `hidden_states`, plus `hidden_scale` for fp8."""
+    if dtype == "bf16":
+        bits = hidden.to(torch.bfloat16).view(torch.int16)
+        return {"hidden_states": bits.cpu().numpy().view(np.uint16)}
+    h = hidden.float()
+    scale = h.abs().amax(dim=-1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    bits = (h / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8)
+    return {"hidden_states": bits.cpu().numpy(), "hidden_scale": scale.cpu().numpy()}
+
+
+def decode_hidden(bits: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> torch.Tensor:
+    """float32 hidden states [..., d] from `encode_hidden` output."""
+    if dtype == "bf16":
+        return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float()
+    values = torch.from_numpy(np.ascontiguousarray(bits)).view(torch.float8_e4m3fn).float()
+    return values * torch.from_numpy(np.asarray(scale, dtype=np.float32)).unsqueeze(-1)
+
+
+def tensor_bits(weight: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a numpy array zarr can store: bfloat16 as its uint16 bit patterns."""
+    weight = weight.detach().cpu().contiguous()
+    if weight.dtype == torch.bfloat16:
+        return weight.view(torch.int16).numpy().view(np.uint16)
+    return weight.numpy()
+
+
+def tensor_from_bits(values: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of `tensor_bits` for a tensor of torch dtype name `dtype` (float32, float16, bfloat16)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(values).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(values))

@@ -2,7 +2,7 @@
 
 Flow: load and tokenize the data -> plan the store (sizes are known before the teacher runs;
 metadata.py) -> for each unfinished unit (one position shard): teacher forward x M under the
-routing policy, sparsify, encode (runner.py), write the unit and its marker -> finalize
+routing policy, encode in the store's encoding (runner.py, sparsify.py), write the unit and its marker -> finalize
 (manifest, commit). See store/writer.py for the crash-safety protocol.
 """
 
@@ -21,6 +21,7 @@ from moekd.cache_builder.metadata import describe_store, resume_settings
 from moekd.cache_builder.policies import make_policy
 from moekd.cache_builder.routing import RouterController
 from moekd.cache_builder.runner import UnitRunner
+from moekd.cache_builder.sparsify import encoding_flags, make_encoder
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.errors import MoekdError
@@ -36,7 +37,11 @@ class BuildOptions:
     out: str
     policy: str = "topk"
     policy_params: dict = field(default_factory=dict)
-    k: int = 64
+    encoding: str = "topk"
+    k: int | None = None  # topk: ids per position and sample (default 64)
+    draws: int | None = None  # sampled: draws per position and sample (default 32)
+    proposal_temp: float | None = None  # sampled: proposal temperature t (default 1)
+    hidden_dtype: str | None = None  # hidden: bf16 (default) or fp8
     max_prompt_len: int = 256
     max_len: int = 512
     dtype: str = "auto"
@@ -72,9 +77,9 @@ class BuildSummary:
         return self.teacher_tokens / max(self.teacher_seconds, 1e-9)
 
 
-def _check_options(o: BuildOptions) -> None:
-    if o.k < 1:
-        raise MoekdError(f"--k must be at least 1, got {o.k}")
+def _check_options(o: BuildOptions) -> dict:
+    """The checked options; returns the encoding's flags with their defaults."""
+    flags = encoding_flags(o.encoding, o.k, o.draws, o.proposal_temp, o.hidden_dtype)
     if o.batch_tokens < 1:
         raise MoekdError(f"--batch-tokens must be positive, got {o.batch_tokens}")
     if o.positions_per_shard < 1 or o.positions_per_shard % min(POSITIONS_PER_CHUNK, o.positions_per_shard):
@@ -85,6 +90,7 @@ def _check_options(o: BuildOptions) -> None:
         raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
     if not re.fullmatch(r"none|full|top-[0-9]+", o.router_probs):
         raise MoekdError(f"--router-probs: {o.router_probs!r} is not none, full or top-R (e.g. top-4)")
+    return flags
 
 
 def gate_experts_kept(router_probs: str, num_experts: int | None) -> int | None:
@@ -125,7 +131,7 @@ def _progress(console: Console) -> Progress:
 def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary:
     console = console or Console(stderr=True, quiet=True)
     started = time.perf_counter()
-    _check_options(o)
+    flags = _check_options(o)
     out = Path(o.out)
     if o.resume and store_state(out) == "complete":
         raise MoekdError(f"--resume: {out} is already complete; nothing to do (pass --overwrite to rebuild it)")
@@ -141,18 +147,19 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
     if len(tokenizer) > vocab:
         raise MoekdError(f"--teacher: the tokenizer has {len(tokenizer)} tokens but the teacher's output layer only {vocab}; "
                          "they do not belong together (pass the teacher's own tokenizer with --tokenizer)")
-    if o.k > vocab:
-        raise MoekdError(f"--k {o.k} exceeds the teacher's vocabulary of {vocab}")
+    encoder = make_encoder(o.encoding, flags, model, vocab)
     controller = RouterController(model, policy, capture_gates=o.router_probs != "none")
     gate_r = gate_experts_kept(o.router_probs, controller.num_experts)
     tables = example_tables(report.examples)
     samples = policy.samples
-    meta = describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype)
-    settings = resume_settings(o, meta, tables)
+    meta = describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loaded, report, tables, device, dtype)
+    settings = resume_settings(o, meta, encoder, tables)
     skipped = meta.dataset.skipped
-    writer = CacheWriter.open(out, meta, settings, tables, resume=o.resume, overwrite=o.overwrite)
+    writer = CacheWriter.open(out, meta, settings, tables, resume=o.resume, overwrite=o.overwrite,
+                              fixed_arrays=encoder.fixed_arrays())
     pending = writer.pending_units()
-    runner = UnitRunner(model, controller, tables, samples, o.k, o.seed, tokenizer.pad_token_id, o.batch_tokens, gate_r)
+    runner = UnitRunner(model, controller, tables, samples, encoder, meta.layout.arrays, o.seed, tokenizer.pad_token_id,
+                        o.batch_tokens, gate_r)
     total_tokens = sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in pending)
     teacher_seconds, done_tokens = 0.0, 0
     with _progress(console) as progress:

@@ -10,10 +10,9 @@ import torch
 from moekd import __version__
 from moekd.cache_builder.policies import SEED_DERIVATION
 from moekd.data.tokenizer import tokenizer_fingerprint
-from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, SCALE
 from moekd.models import checkpoint_sha256, output_vocab_size
 from moekd.schemas.cache import (
-    BuildInfo, CacheMetadata, DatasetInfo, EncodingInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
+    BuildInfo, CacheMetadata, DatasetInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
 )
 from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
 from moekd.store.writer import ExampleTables, hash_arrays
@@ -24,10 +23,11 @@ GATE_DEFINITION = (
 )
 
 
-def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype) -> CacheMetadata:
+def describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loaded, report, tables, device, dtype) -> CacheMetadata:
     """Metadata of the store a build with options `o` is about to write (status: building)."""
     samples, num_positions = policy.samples, len(tables.target_positions)
-    arrays = array_specs(len(report.examples), len(tables.input_ids), num_positions, samples, o.k)
+    arrays = array_specs(len(report.examples), len(tables.input_ids), num_positions, samples, encoder.info,
+                         output_vocab_size(model))
     gates = None
     if gate_r:
         extra = gate_specs(num_positions, samples, len(controller.moe_layers), controller.num_experts, gate_r)
@@ -52,11 +52,7 @@ def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, repo
             name=policy.name, samples=samples, stochastic=policy.stochastic, params=policy.describe(), seed=o.seed,
             seed_derivation=SEED_DERIVATION,
         ),
-        encoding=EncodingInfo(
-            k=o.k, scale=SCALE, max_abs_error_nats=MAX_ABS_ERROR, max_gap_nats=MAX_GAP,
-            normalisation="log_softmax over the teacher's full output vocabulary at temperature 1, in float32",
-            tail="tail_logprob = log of the probability mass outside the top-k (exact, from the full distribution)",
-        ),
+        encoding=encoder.info,
         dataset=DatasetInfo(
             source=str(o.data), format=loaded.format, fingerprint_sha256=loaded.fingerprint(),
             fields=asdict(loaded.fields), template="chat" if o.chat_template else "dolly",
@@ -78,7 +74,7 @@ def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, repo
     )
 
 
-def resume_settings(o, meta: CacheMetadata, tables: ExampleTables) -> dict:
+def resume_settings(o, meta: CacheMetadata, encoder, tables: ExampleTables) -> dict:
     """Everything that determines the store's content: a resumed build must match it field by field."""
     return {
         # tokens, offsets, prompt lengths and source rows (which also seed the samples)
@@ -90,9 +86,9 @@ def resume_settings(o, meta: CacheMetadata, tables: ExampleTables) -> dict:
         "tokenizer_sha256": meta.tokenizer.sha256, "data_fingerprint": meta.dataset.fingerprint_sha256,
         "fields": meta.dataset.fields, "template": meta.dataset.template, "max_prompt_len": o.max_prompt_len,
         "max_len": o.max_len, "skip_invalid": o.skip_invalid, "policy": meta.policy.name,
-        "policy_params": meta.policy.params, "samples": meta.policy.samples, "seed": o.seed, "k": o.k,
+        "policy_params": meta.policy.params, "samples": meta.policy.samples, "seed": o.seed,
         "dtype": meta.teacher.dtype, "batch_tokens": o.batch_tokens, "positions_per_shard": o.positions_per_shard,
-        "router_probs": o.router_probs,
+        "router_probs": o.router_probs, **encoder.settings(),
     }
 
 

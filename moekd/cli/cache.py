@@ -21,7 +21,11 @@ def cache_build(
     ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts instead of taking the top ones (default 0.05)."),
     ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
     top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach."),
-    k: int = typer.Option(64, help="Teacher token ids stored per position and sample (top-k, plus a tail bucket)."),
+    encoding: str = typer.Option("topk", help="What is stored per position and sample: topk (k largest + tail), sampled (random-sampling KD draws) or hidden (final hidden state + the output layer once: exact)."),
+    k: Optional[int] = typer.Option(None, help="topk: teacher token ids stored per position and sample, plus a tail bucket (default 64)."),
+    draws: Optional[int] = typer.Option(None, help="sampled: token ids drawn with replacement per position and sample (default 32)."),
+    proposal_temp: Optional[float] = typer.Option(None, help="sampled: draw from p^t renormalised (default 1); t != 1 also stores what importance weights need."),
+    hidden_dtype: Optional[str] = typer.Option(None, help="hidden: bf16 (default) or fp8 (e4m3, one scale per row)."),
     max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens; longer rows are an error (or skipped with --skip-invalid)."),
     max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated and counted."),
     dtype: str = typer.Option("auto", help="Teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."),
@@ -42,6 +46,8 @@ def cache_build(
     """Run the teacher once per example and sample and write its sparse distributions to a Zarr store.
 
     Example: moekd cache build --teacher ./teacher --data train.jsonl --out run.zarr --k 64
+
+    Example: moekd cache build --teacher ./teacher --data train.jsonl --out sampled.zarr --encoding sampled --draws 32
     """
     from moekd.cache_builder.build import BuildOptions, build_cache
 
@@ -49,7 +55,7 @@ def cache_build(
     options = BuildOptions(
         teacher=teacher, data=str(data), out=str(out), policy=policy,
         policy_params={key: value for key, value in params.items() if value is not None},
-        k=k, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        encoding=encoding, k=k, draws=draws, proposal_temp=proposal_temp, hidden_dtype=hidden_dtype, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
         seed=seed, resume=resume, overwrite=overwrite, tokenizer=tokenizer, chat_template=chat_template,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
         skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs,
@@ -84,7 +90,7 @@ def cache_info(store: str = typer.Argument(..., help="Store path or fsspec URL."
         ("experts", f"{meta.teacher.num_experts} per layer, top-{meta.teacher.experts_per_token}, {len(meta.teacher.moe_layers)} MoE layers"
          if meta.teacher.num_experts else "dense teacher"),
         ("policy", f"{meta.policy.name} {meta.policy.params} M={meta.policy.samples} seed={meta.policy.seed}"),
-        ("encoding", f"top-{meta.encoding.k} + tail, {meta.encoding.logprob_codec} (max error {meta.encoding.max_abs_error_nats:.5f} nat)"),
+        ("encoding", describe_encoding(meta.encoding)),
         ("dataset", f"{meta.dataset.source} ({meta.dataset.format}, {meta.dataset.template} template)"),
         ("examples", f"{meta.layout.num_examples:,}"),
         ("tokens", f"{meta.layout.num_tokens:,}"),
@@ -92,7 +98,8 @@ def cache_info(store: str = typer.Argument(..., help="Store path or fsspec URL."
         ("truncated / skipped", f"{meta.dataset.truncated_responses} / {meta.dataset.skipped or 0}"),
         ("size on disk", f"{info['bytes_total']:,} B"),
         ("bytes per position", f"{info['bytes_per_position']:.1f}"),
-        ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} (top-k ids, log-probs, tail)"
+        ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} ({meta.encoding.kind} arrays)"
+         + (f" + {info['output_layer_bytes']:,} B once (output layer)" if info["output_layer_bytes"] else "")
          + (f" + {info['gate_bytes_per_position_sample']:.1f} (gates)" if meta.gates else "")),
         ("built", f"{meta.build.created_at} -> {meta.build.completed_at} on {meta.build.device}"),
     ]
@@ -101,6 +108,16 @@ def cache_info(store: str = typer.Argument(..., help="Store path or fsspec URL."
     for key, value in rows:
         table.add_row(key, str(value))
     Console().print(table)
+
+
+def describe_encoding(encoding) -> str:
+    if encoding.kind == "topk_tail":
+        return f"topk: top-{encoding.k} + tail, {encoding.logprob_codec} (max error {encoding.max_abs_error_nats:.5f} nat)"
+    if encoding.kind == "sampled":
+        weights = ", importance weights stored" if encoding.importance_weights else ""
+        return f"sampled: {encoding.draws} draws from p^{encoding.proposal_temp:g}, unique ids + counts{weights}"
+    return (f"hidden: {encoding.hidden_dtype} hidden states (d = {encoding.hidden_size}) + output layer "
+            f"({encoding.output_layer_dtype}, sha256 {encoding.output_layer_sha256[:12]})")
 
 
 @cache_app.command("verify")

@@ -105,8 +105,9 @@ class BatchDataset(Dataset):
 
     Keys: input_ids [B, W] (right-padded), rows [P] (flat index b*W + t of each target position),
     labels [P] (the token each position predicts), examples [B], epoch, batch, tokens (unpadded);
-    from a cache also topk_ids [P, M', k], topk_logprobs [P, M', k], tail_logprob [P, M'] where
-    M' = M for samples="mean" and 1 for "random" (one sample per example, drawn from (seed, epoch, example)).
+    from a cache also the decoded teacher arrays of its encoding (CacheExample's names, e.g.
+    topk_ids [P, M', k], topk_logprobs [P, M', k], tail_logprob [P, M']) where M' = M for
+    samples="mean" and 1 for "random" (one sample per example, drawn from (seed, epoch, example)).
     """
 
     def __init__(self, source, pad_id: int, samples: str = "mean", seed: int = 0):
@@ -134,15 +135,12 @@ class BatchDataset(Dataset):
             "tokens": int(counts.sum()),
         }
         if self.source.has_teacher:
-            ids, logprobs, tail = data["topk_ids"], data["topk_logprobs"], data["tail_logprob"]
-            if self.samples == "random" and ids.shape[1] > 1:
-                drawn = np.array([np.random.default_rng([self.seed, epoch, e]).integers(ids.shape[1]) for e in examples])
-                pick = drawn[row_of_position]
-                at = np.arange(len(pick))
-                ids, logprobs, tail = ids[at, pick, None], logprobs[at, pick, None], tail[at, pick, None]
-            batch.update(topk_ids=torch.from_numpy(np.ascontiguousarray(ids)),
-                         topk_logprobs=torch.from_numpy(np.ascontiguousarray(logprobs)),
-                         tail_logprob=torch.from_numpy(np.ascontiguousarray(tail)))
+            teacher = data["teacher"]
+            if self.samples == "random" and self.source.samples > 1:
+                drawn = np.array([np.random.default_rng([self.seed, epoch, e]).integers(self.source.samples) for e in examples])
+                pick, at = drawn[row_of_position], np.arange(len(row_of_position))
+                teacher = {name: value[at, pick, None] for name, value in teacher.items()}
+            batch.update({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in teacher.items()})
         return batch
 
 

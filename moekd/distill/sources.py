@@ -19,10 +19,9 @@ from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.distill.options import TrainOptions
-from moekd.encoding import decode_logprobs
 from moekd.errors import MoekdError
 from moekd.models import output_vocab_size
-from moekd.store.reader import CacheReader
+from moekd.store.reader import CacheReader, decode_teacher, teacher_arrays
 from moekd.store.verify import verify_store
 
 
@@ -30,7 +29,6 @@ class CacheSource:
     """Examples and their stored teacher distributions; opens one CacheReader per process."""
 
     has_teacher = True
-    ARRAYS = ("input_ids", "topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
 
     def __init__(self, reader: CacheReader):
         self.location = reader.location
@@ -39,11 +37,13 @@ class CacheSource:
         self.prompt_len = reader.prompt_len.astype(np.int64)
         self.shards = reader.position_offsets[:-1] // reader.meta.layout.positions_per_shard
         self.samples = reader.meta.layout.num_samples
+        self.encoding = reader.meta.encoding
+        self.arrays = ("input_ids", *teacher_arrays(self.encoding))
         self._open(reader)
 
     def _open(self, reader: CacheReader) -> None:
         self._reader, self._pid = reader, os.getpid()
-        self._arrays = {name: reader.group[name] for name in self.ARRAYS}
+        self._arrays = {name: reader.group[name] for name in self.arrays}
 
     def __getstate__(self) -> dict:  # a spawned worker opens its own reader
         return {**self.__dict__, "_reader": None, "_arrays": None, "_pid": None}
@@ -67,16 +67,14 @@ class CacheSource:
         handles = self._handles()
         tokens = np.concatenate([np.arange(self.token_offsets[e], self.token_offsets[e + 1]) for e in examples])
         rows = np.concatenate([np.arange(self.position_offsets[e], self.position_offsets[e + 1]) for e in examples])
-        arrays = {name: handles[name].oindex[tokens if name == "input_ids" else rows] for name in self.ARRAYS}
+        arrays = {name: handles[name].oindex[tokens if name == "input_ids" else rows] for name in self.arrays}
         return {
             "input_ids": arrays["input_ids"],
             "token_counts": self.lengths[examples],
             "position_counts": np.diff(self.position_offsets)[examples],
             # the store's alignment convention: positions prompt_len-1 .. L-2, each predicting the next token
             "target_positions": np.concatenate([np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]),
-            "topk_ids": arrays["topk_ids"],
-            "topk_logprobs": decode_logprobs(arrays["top1_logprob"], arrays["topk_gaps"]),
-            "tail_logprob": arrays["tail_logprob"],
+            "teacher": decode_teacher(self.encoding, arrays),  # [P, M, ...] arrays of the store's encoding
         }
 
 
@@ -153,10 +151,16 @@ def check_vocabulary(model, source, student: str) -> None:
             raise MoekdError(f"--student {student}: its output layer has {vocab} entries but the data holds token id {largest}")
         return
     reader = source.reader
-    if vocab >= reader.meta.teacher.vocab_size:
+    teacher_vocab = reader.meta.teacher.vocab_size
+    if vocab >= teacher_vocab:
         return
+    if reader.meta.encoding.kind == "hidden":
+        raise MoekdError(f"--student {student}: its output layer has {vocab} entries, fewer than the teacher's {teacher_vocab}, "
+                         "over all of which a hidden-state cache gives the teacher's distribution; use a student whose "
+                         "output layer has at least as many entries")
+    ids = "topk_ids" if reader.meta.encoding.kind == "topk_tail" else "sampled_ids"
     step = reader.meta.layout.positions_per_shard
-    stored = max(int(reader.group["topk_ids"][s:s + step].max()) for s in range(0, reader.num_positions, step))
+    stored = max(int(reader.group[ids][s:s + step].max()) for s in range(0, reader.num_positions, step))
     largest = max(stored, int(reader.group["input_ids"][:].max()))
     if largest >= vocab:
         raise MoekdError(

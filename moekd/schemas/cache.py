@@ -3,15 +3,18 @@
 Stored as the `moekd` attribute of the store's root group and exported as JSON Schema
 (`teacher_cache.schema.json`) for other teams. Readers pin the major version; optional fields
 added later bump the minor version, and an older reader ignores them.
+
+1.1 added the `sampled` and `hidden` encodings (a reader of 1.0 refuses them by their `kind`);
+stores of 1.0 (`topk_tail` only) read unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 FORMAT = "moekd-teacher-cache"
 ALIGNMENT_DESCRIPTION = (
     "target_positions[p] = t means the stored distribution at p was produced by the teacher at token "
@@ -57,7 +60,7 @@ class PolicyInfo(Strict):
     seed_derivation: str = Field(description="How the seed of each (example, sample) is derived from `seed`")
 
 
-class EncodingInfo(Strict):
+class TopkEncoding(Strict):
     kind: Literal["topk_tail"] = "topk_tail"
     k: int = Field(gt=0, description="Teacher token ids stored per position and sample")
     logprob_codec: Literal["u16_gap_delta"] = "u16_gap_delta"
@@ -66,6 +69,31 @@ class EncodingInfo(Strict):
     max_gap_nats: float = Field(description="Gaps below the top-1 log-prob are clamped here")
     normalisation: str
     tail: str
+
+
+class SampledEncoding(Strict):
+    kind: Literal["sampled"] = "sampled"
+    draws: int = Field(ge=1, le=65535, description="n: token ids drawn with replacement per position and sample")
+    proposal_temp: float = Field(gt=0, description="t: the draws come from r = p^t / Z_t, p the teacher at temperature 1")
+    width: int = Field(gt=0, description="Slots per position and sample: min(draws, vocabulary); unused slots are padding")
+    importance_weights: bool = Field(description="True when t != 1: sampled_logprobs (log p of each id) and proposal_logz "
+                                                 "(log Z_t) are stored for the weights p/r")
+    draw_derivation: str
+    estimate: str
+
+
+class HiddenEncoding(Strict):
+    kind: Literal["hidden"] = "hidden"
+    hidden_dtype: Literal["bf16", "fp8"] = Field(description="bf16: uint16 bit patterns; fp8: uint8 bit patterns of "
+                                                              "float8 e4m3fn, each row divided by hidden_scale")
+    hidden_size: int = Field(gt=0, description="d: width of the teacher's final hidden state")
+    output_layer_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        description="Dtype of the stored output layer and of the logits computed from it (bfloat16 as uint16 bits)")
+    output_layer_sha256: str = Field(description="sha256 of the output_layer array's bytes (C order, as stored)")
+    definition: str
+
+
+EncodingInfo = Annotated[Union[TopkEncoding, SampledEncoding, HiddenEncoding], Field(discriminator="kind")]
 
 
 class AlignmentInfo(Strict):

@@ -119,7 +119,7 @@ class CacheWriter:
 
     @classmethod
     def open(cls, path: str | Path, meta: CacheMetadata, settings: dict, tables: ExampleTables,
-             resume: bool = False, overwrite: bool = False) -> "CacheWriter":
+             resume: bool = False, overwrite: bool = False, fixed_arrays: dict[str, np.ndarray] | None = None) -> "CacheWriter":
         path = Path(path)
         state = store_state(path)
         if state == "foreign":
@@ -139,7 +139,7 @@ class CacheWriter:
             return writer
         if state == "unfinished":  # killed during init: nothing of value is there yet
             _remove_store(path)
-        writer._init(settings, tables)
+        writer._init(settings, tables, fixed_arrays or {})
         return writer
 
     def _check_settings(self, settings: dict) -> None:
@@ -150,7 +150,7 @@ class CacheWriter:
             raise MoekdError(f"--resume: the unfinished build at {self.path} used other settings ({lines}); "
                              "rerun with the store's settings or pass --overwrite to start again")
 
-    def _init(self, settings: dict, tables: ExampleTables) -> None:
+    def _init(self, settings: dict, tables: ExampleTables, fixed_arrays: dict[str, np.ndarray]) -> None:
         try:
             (self.build_dir / "units").mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -171,6 +171,7 @@ class CacheWriter:
             "example_position_offsets": tables.position_offsets,
             "example_prompt_len": tables.prompt_len,
             "example_source_index": tables.source_index,
+            **fixed_arrays,  # arrays of the encoding that do not depend on the teacher's passes
         }
         for name, value in values.items():
             group[name][...] = value
