@@ -110,6 +110,27 @@ def _eval(console: Console, model: str, test: Path, out: Path, plan: DemoPlan) -
     return {"rougeL_mean": scores["mean"], "rougeL_std": scores["std"], "rougeL_per_seed": scores["per_seed"]}
 
 
+def prepare_teacher(work: Path, plan: DemoPlan, console: Console) -> dict:
+    """Stages 1-2 up to the trained teacher: the suite in work/data, the tokenizer, both initial models
+    in work/init, the teacher trained by SFT in work/teacher. Returns the teacher's row of the table."""
+    data = work / "data"
+    if not (data / "synth_info.json").exists():
+        write_suite(data, seed=0, n_train=plan.n_train, n_valid=plan.n_valid, n_test=plan.n_test)
+    if not (work / "tokenizer" / "tokenizer.json").exists():
+        texts = [format_prompt(r) + r.response for r in load_records(data / "train.jsonl").records]
+        train_tokenizer(texts, plan.vocab, work / "tokenizer")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
+    for role, config in (("teacher", plan.teacher), ("student", plan.student)):
+        if not (work / "init" / role / "config.json").exists():
+            make_tiny_model(config["family"], tokenizer, work / "init" / role, seed=0,
+                            **{k: v for k, v in config.items() if k != "family"})
+    return _train(console, work / "teacher", student=str(work / "init" / "teacher"), data=str(data / "train.jsonl"),
+                  loss="ce", epochs=plan.teacher_epochs, lr=plan.teacher_lr, batch_tokens=plan.batch_tokens,
+                  warmup=plan.warmup)
+
+
 def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = None) -> dict:
     """Run (or finish) every stage in `workdir`; return the table rows and write results.json/.png."""
     console = console or Console(stderr=True)
@@ -120,26 +141,9 @@ def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = 
     if plan_file.exists() and plan_file.read_text() != plan_json:
         raise MoekdError(f"--workdir: {work} holds a run of another plan (see {plan_file}); choose another --workdir")
     plan_file.write_text(plan_json)
-    data = work / "data"
-    if not (data / "synth_info.json").exists():
-        write_suite(data, seed=0, n_train=plan.n_train, n_valid=plan.n_valid, n_test=plan.n_test)
-    train_data, test_data = data / "train.jsonl", data / "test.jsonl"
-    if not (work / "tokenizer" / "tokenizer.json").exists():
-        texts = [format_prompt(r) + r.response for r in load_records(train_data).records]
-        train_tokenizer(texts, plan.vocab, work / "tokenizer")
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
-    for role, config in (("teacher", plan.teacher), ("student", plan.student)):
-        if not (work / "init" / role / "config.json").exists():
-            make_tiny_model(config["family"], tokenizer, work / "init" / role, seed=0,
-                            **{k: v for k, v in config.items() if k != "family"})
-
-    rows = {}
-    rows["teacher (MoE, SFT)"] = _train(console, work / "teacher", student=str(work / "init" / "teacher"),
-                                        data=str(train_data), loss="ce", epochs=plan.teacher_epochs,
-                                        lr=plan.teacher_lr, batch_tokens=plan.batch_tokens, warmup=plan.warmup)
+    rows = {"teacher (MoE, SFT)": prepare_teacher(work, plan, console)}
     teacher = Path(rows["teacher (MoE, SFT)"]["model"])
+    train_data, test_data = work / "data" / "train.jsonl", work / "data" / "test.jsonl"
     student = dict(student=str(work / "init" / "student"), epochs=plan.student_epochs, lr=plan.student_lr,
                    batch_tokens=plan.batch_tokens, warmup=plan.warmup)
     rows["student SFT"] = _train(console, work / "students" / "sft", data=str(train_data), loss="ce", **student)

@@ -18,8 +18,10 @@ needs nothing else, with t != 1 the store also keeps log p_i and log Z_t. See `s
 
 hidden -- the teacher's final hidden state h [d] (the input of its output layer), from which
 logits = h @ W.T with the output layer W [V, d] stored once. zarr 3.1.6 has no bfloat16 or
-float8 dtype, so the bits are stored: bf16 as uint16 bit patterns, fp8 as uint8 bit patterns of
-float8 e4m3fn after dividing each row by its scale max|h| / 448 (stored as float32).
+float8 dtype, so the bits are stored: bf16 as uint16 bit patterns (round to nearest even), fp8
+as uint8 bit patterns of float8 e4m3fn after dividing each row by its scale max|h| / 448
+(stored as float32); fp32 as float32. An element's error is at most HIDDEN_RELATIVE_ERROR of
+its value (fp8: or 2^-10 of the row's scale, below e4m3's normal range).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ MAX_ABS_ERROR = 0.5 / SCALE
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 # Relative rounding error of one element: half a unit in the last place (7 and 3 mantissa bits).
-HIDDEN_RELATIVE_ERROR = {"bf16": 2.0**-8, "fp8": 2.0**-4}
-HIDDEN_STORED_DTYPE = {"bf16": "uint16", "fp8": "uint8"}
+HIDDEN_RELATIVE_ERROR = {"fp32": 0.0, "bf16": 2.0**-8, "fp8": 2.0**-4}
+HIDDEN_STORED_DTYPE = {"fp32": "float32", "bf16": "uint16", "fp8": "uint8"}
 
 
 def encode_logprobs(topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +78,8 @@ def sampled_estimate(counts: np.ndarray, draws: int, proposal_temp: float, logpr
 
 def encode_hidden(hidden: torch.Tensor, dtype: str) -> dict[str, np.ndarray]:
     """Stored bits of hidden states [..., d] (any float dtype): `hidden_states`, plus `hidden_scale` for fp8."""
+    if dtype == "fp32":
+        return {"hidden_states": hidden.float().cpu().numpy()}
     if dtype == "bf16":
         bits = hidden.to(torch.bfloat16).view(torch.int16)
         return {"hidden_states": bits.cpu().numpy().view(np.uint16)}
@@ -88,6 +92,8 @@ def encode_hidden(hidden: torch.Tensor, dtype: str) -> dict[str, np.ndarray]:
 
 def decode_hidden(bits: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> torch.Tensor:
     """float32 hidden states [..., d] from `encode_hidden` output."""
+    if dtype == "fp32":
+        return torch.from_numpy(np.ascontiguousarray(bits))
     if dtype == "bf16":
         return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float()
     values = torch.from_numpy(np.ascontiguousarray(bits)).view(torch.float8_e4m3fn).float()

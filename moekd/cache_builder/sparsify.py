@@ -156,8 +156,9 @@ class HiddenEncoder(Encoder):
             output_layer_dtype=str(head.weight.dtype).removeprefix("torch."),
             output_layer_sha256=hashlib.sha256(self.weight_bits.tobytes()).hexdigest(),
             definition=("logits = hidden_states @ output_layer.T, computed in output_layer_dtype: exactly the teacher's "
-                        "logits at temperature 1 (bf16 hidden states round a float32 teacher's to 8 significant bits, "
-                        "fp8 to 4)"),
+                        "logits at temperature 1 when hidden_dtype holds the teacher's states without rounding (bf16 for a "
+                        "bfloat16 teacher, fp32 for a float32 one); bf16 rounds a float32 teacher's to 8 significant "
+                        "bits, fp8 to 4"),
         )
         self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -236,8 +237,8 @@ def encoding_flags(encoding: str, k: int | None, draws: int | None, proposal_tem
             raise MoekdError(f"--proposal-temp must be a finite number > 0, got {proposal_temp}")
         return {"draws": draws, "proposal_temp": proposal_temp}
     hidden_dtype = "bf16" if hidden_dtype is None else hidden_dtype
-    if hidden_dtype not in ("bf16", "fp8"):
-        raise MoekdError(f"--hidden-dtype must be bf16 or fp8, got {hidden_dtype!r}")
+    if hidden_dtype not in ("bf16", "fp8", "fp32"):
+        raise MoekdError(f"--hidden-dtype must be bf16, fp8 or fp32, got {hidden_dtype!r}")
     return {"hidden_dtype": hidden_dtype}
 
 

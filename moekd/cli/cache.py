@@ -25,7 +25,7 @@ def cache_build(
     k: Optional[int] = typer.Option(None, help="topk: teacher token ids stored per position and sample, plus a tail bucket (default 64)."),
     draws: Optional[int] = typer.Option(None, help="sampled: token ids drawn with replacement per position and sample (default 32)."),
     proposal_temp: Optional[float] = typer.Option(None, help="sampled: draw from p^t renormalised (default 1); t != 1 also stores what importance weights need."),
-    hidden_dtype: Optional[str] = typer.Option(None, help="hidden: bf16 (default) or fp8 (e4m3, one scale per row)."),
+    hidden_dtype: Optional[str] = typer.Option(None, help="hidden: bf16 (default), fp8 (e4m3, one scale per row) or fp32 (exact for a float32 teacher)."),
     max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens; longer rows are an error (or skipped with --skip-invalid)."),
     max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated and counted."),
     dtype: str = typer.Option("auto", help="Teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."),

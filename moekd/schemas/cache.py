@@ -84,8 +84,9 @@ class SampledEncoding(Strict):
 
 class HiddenEncoding(Strict):
     kind: Literal["hidden"] = "hidden"
-    hidden_dtype: Literal["bf16", "fp8"] = Field(description="bf16: uint16 bit patterns; fp8: uint8 bit patterns of "
-                                                              "float8 e4m3fn, each row divided by hidden_scale")
+    hidden_dtype: Literal["bf16", "fp8", "fp32"] = Field(
+        description="bf16: uint16 bit patterns; fp8: uint8 bit patterns of float8 e4m3fn, each row divided by "
+                    "hidden_scale; fp32: float32")
     hidden_size: int = Field(gt=0, description="d: width of the teacher's final hidden state")
     output_layer_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         description="Dtype of the stored output layer and of the logits computed from it (bfloat16 as uint16 bits)")
