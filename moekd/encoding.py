@@ -56,8 +56,8 @@ def decode_logprobs(top1: np.ndarray, gaps: np.ndarray) -> np.ndarray:
     return (top1[..., None].astype(np.float64) - steps / SCALE).astype(np.float32)
 
 
-def sampled_estimate(counts: np.ndarray, draws: int, proposal_temp: float, logprobs: np.ndarray | None = None,
-                     proposal_logz: np.ndarray | None = None, target_temp: float = 1.0) -> np.ndarray:
+def sampled_estimate(counts: torch.Tensor, draws: int, proposal_temp: float, logprobs: torch.Tensor | None = None,
+                     proposal_logz: torch.Tensor | None = None, target_temp: float = 1.0) -> torch.Tensor:
     """Unbiased estimate [..., S] (float32) of the teacher's probabilities of the stored ids.
 
     counts [..., S] of `draws` draws from r = p^t / Z_t (t = proposal_temp). The target is the
@@ -66,14 +66,22 @@ def sampled_estimate(counts: np.ndarray, draws: int, proposal_temp: float, logpr
     importance-weighted, c / n * p / r = c / n * exp((1 - t) log p + log Z_t), which needs the
     stored log-probs and log Z_t. Other temperatures have no unbiased estimate from these draws.
     """
-    frequency = counts.astype(np.float64) / draws
-    if np.isclose(target_temp * proposal_temp, 1.0, rtol=0, atol=1e-12):
-        return frequency.astype(np.float32)
-    if target_temp != 1.0 or logprobs is None or proposal_logz is None:
+    frequency = counts.double() / draws
+    if estimable_temperature(target_temp, proposal_temp) is None:
         raise ValueError(f"no unbiased estimate of the teacher at temperature {target_temp} from draws at proposal "
                          f"temperature {proposal_temp}: train at temperature 1 or {1 / proposal_temp:g}")
-    log_ratio = (1.0 - proposal_temp) * logprobs.astype(np.float64) + proposal_logz.astype(np.float64)[..., None]
-    return np.where(counts > 0, frequency * np.exp(log_ratio), 0.0).astype(np.float32)
+    if abs(target_temp * proposal_temp - 1.0) < 1e-12:
+        return frequency.float()
+    log_ratio = (1.0 - proposal_temp) * logprobs.double() + proposal_logz.double().unsqueeze(-1)
+    return torch.where(counts > 0, frequency * log_ratio.exp(), 0.0).float()
+
+
+def estimable_temperature(target_temp: float, proposal_temp: float) -> str | None:
+    """How draws at proposal temperature t estimate the teacher at temperature T without bias:
+    'frequencies' (T = 1/t), 'importance' (T = 1, t != 1), or None (any other T)."""
+    if abs(target_temp * proposal_temp - 1.0) < 1e-12:
+        return "frequencies"
+    return "importance" if target_temp == 1.0 else None
 
 
 def encode_hidden(hidden: torch.Tensor, dtype: str) -> dict[str, np.ndarray]:

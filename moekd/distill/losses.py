@@ -100,6 +100,41 @@ def sparse_kd_loss(
     return loss.masked_fill(no_teacher, 0.0)
 
 
+# Sampled caches (random-sampling KD, METHODS.md §7) hold draws from the teacher p: an unbiased
+# estimate p_hat of p. A loss admits an unbiased estimate from them when its student-dependent part
+# is linear in p: forward KL's cross-entropy -sum p log q. The others are refused, for this reason.
+SAMPLED_BIASED = {
+    "rkl": "reverse KL sums q·log(q/p) over the student's support and log p is not linear in p, so draws from p "
+           "give no unbiased estimate of it",
+    "skl": "skew KL takes log(λp + (1-λ)q), not linear in p, so its estimate from draws is biased",
+    "srkl": "skew reverse KL takes log((1-λ)p + λq), not linear in p, so its estimate from draws is biased",
+    "jsd": "JSD takes log(βp + (1-β)q), not linear in p, so its estimate from draws is biased",
+    "tvd": "total variation takes |p - q|, not linear in p (E|p_hat - q| > |p - q|), so its estimate is biased",
+}
+
+
+def sampled_kd_loss(student_logits: Tensor, sampled_ids: Tensor, sampled_weights: Tensor,
+                    temperature: float = 1.0) -> Tensor:
+    """Per-(position, sample) estimate [P, M] of the cross-entropy -sum_v p_v log q_v from sampled ids.
+
+    student_logits [P, V]; sampled_ids [P, M, S] (int); sampled_weights [P, M, S]: the unbiased
+    estimate p_hat of the (tempered) teacher at those ids, 0 in padding slots (moekd.encoding.
+    sampled_estimate). E[loss] = H(p, q) = KL(p || q) + H(p): its gradient is unbiased for the
+    forward-KL gradient (the teacher entropy H(p) does not depend on the student), so the value
+    is the forward KL plus a constant.
+    """
+    if student_logits.dim() != 2 or sampled_ids.dim() != 3 or sampled_ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(f"sampled_ids: expected [P={student_logits.shape[0]}, M, S] for logits [P, V], "
+                         f"got {list(sampled_ids.shape)}")
+    if sampled_weights.shape != sampled_ids.shape:
+        raise ValueError(f"sampled_weights: expected the shape of sampled_ids {list(sampled_ids.shape)}, "
+                         f"got {list(sampled_weights.shape)}")
+    logq = torch.log_softmax(_upcast(student_logits) / temperature, dim=-1)
+    ids = sampled_ids.long()
+    at_ids = logq.gather(-1, ids.flatten(1)).view_as(ids)
+    return -(sampled_weights.to(at_ids.dtype) * at_ids).sum(dim=-1)
+
+
 def _logsumexp_outside(logits: Tensor, ids: Tensor, stored: Tensor) -> Tensor:
     """logsumexp of each row of `logits` [P, V] over the ids [P, k] not stored there.
 

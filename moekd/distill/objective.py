@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moekd.distill.losses import masked_cross_entropy, reduce_kd_loss, sparse_kd_loss
+from moekd.distill.losses import masked_cross_entropy, reduce_kd_loss, sampled_kd_loss, sparse_kd_loss
 from moekd.distill.options import TrainOptions
 
 
@@ -25,10 +25,14 @@ def batch_loss(model, batch: dict, o: TrainOptions, device: torch.device) -> dic
     mask = torch.ones_like(labels, dtype=torch.bool)
     if o.loss == "ce":
         return {"loss": masked_cross_entropy(logits, labels, mask)}
-    per_sample = sparse_kd_loss(
-        logits, batch["topk_ids"].to(device), batch["topk_logprobs"].to(device), batch["tail_logprob"].to(device),
-        o.loss, o.temperature, o.skew_lambda, o.jsd_beta,
-    )
+    if "sampled_ids" in batch:  # a sampled cache: forward KL only (sources.check_loss_fits_cache)
+        per_sample = sampled_kd_loss(logits, batch["sampled_ids"].to(device), batch["sampled_weights"].to(device),
+                                     o.temperature)
+    else:
+        per_sample = sparse_kd_loss(
+            logits, batch["topk_ids"].to(device), batch["topk_logprobs"].to(device), batch["tail_logprob"].to(device),
+            o.loss, o.temperature, o.skew_lambda, o.jsd_beta,
+        )
     kd = reduce_kd_loss(per_sample, mask)
     if not o.ce_weight:
         return {"loss": kd}

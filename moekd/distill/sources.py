@@ -13,12 +13,15 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.distill.options import TrainOptions
+from moekd.distill.losses import SAMPLED_BIASED
+from moekd.encoding import estimable_temperature, sampled_estimate
 from moekd.errors import MoekdError
 from moekd.models import output_vocab_size
 from moekd.store.reader import CacheReader, decode_teacher, teacher_arrays
@@ -30,8 +33,8 @@ class CacheSource:
 
     has_teacher = True
 
-    def __init__(self, reader: CacheReader):
-        self.location = reader.location
+    def __init__(self, reader: CacheReader, temperature: float = 1.0):
+        self.location, self.temperature = reader.location, temperature
         self.lengths = reader.example_lengths()
         self.token_offsets, self.position_offsets = reader.token_offsets, reader.position_offsets
         self.prompt_len = reader.prompt_len.astype(np.int64)
@@ -74,8 +77,18 @@ class CacheSource:
             "position_counts": np.diff(self.position_offsets)[examples],
             # the store's alignment convention: positions prompt_len-1 .. L-2, each predicting the next token
             "target_positions": np.concatenate([np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]),
-            "teacher": decode_teacher(self.encoding, arrays),  # [P, M, ...] arrays of the store's encoding
+            "teacher": self._teacher(decode_teacher(self.encoding, arrays)),  # [P, M, ...] arrays
         }
+
+    def _teacher(self, decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What the loss takes: the decoded arrays, or for sampled caches the ids and the unbiased
+        estimate of the teacher (at the training temperature) there."""
+        if self.encoding.kind != "sampled":
+            return decoded
+        e, stored = self.encoding, {name: torch.from_numpy(value) for name, value in decoded.items()}
+        weights = sampled_estimate(stored["sampled_counts"], e.draws, e.proposal_temp, stored.get("sampled_logprobs"),
+                                   stored.get("proposal_logz"), self.temperature)
+        return {"sampled_ids": decoded["sampled_ids"], "sampled_weights": weights.numpy()}
 
 
 class TokenizedSource:
@@ -119,7 +132,23 @@ def open_source(o: TrainOptions, tokenizer, console: Console):
     if len(reader) == 0:
         raise MoekdError(f"--cache {o.cache} holds no examples")
     _check_tokenizer(tokenizer, reader.meta.tokenizer, o, console)
-    return CacheSource(reader), reader.meta.build.manifest_sha256
+    check_loss_fits_cache(o, reader.meta.encoding)
+    return CacheSource(reader, o.temperature), reader.meta.build.manifest_sha256
+
+
+def check_loss_fits_cache(o: TrainOptions, encoding) -> None:
+    """Sampled caches estimate the teacher without bias for forward KL only, at temperature 1 or 1/t."""
+    if encoding.kind != "sampled":
+        return
+    if o.loss in SAMPLED_BIASED:
+        raise MoekdError(f"--loss {o.loss}: --cache {o.cache} holds sampled teacher tokens, and {SAMPLED_BIASED[o.loss]}; "
+                         "use --loss fkl, or a topk or hidden cache")
+    t = encoding.proposal_temp
+    if o.loss != "ce" and estimable_temperature(o.temperature, t) is None:
+        temperatures = "1" if t == 1.0 else f"1 or {1 / t:g}"
+        raise MoekdError(f"--temperature {o.temperature:g}: --cache {o.cache} holds draws from p^{t:g}, which estimate the "
+                         f"teacher without bias at temperature {temperatures} only; use that, or rebuild the cache with "
+                         f"--proposal-temp {1 / o.temperature:g}")
 
 
 def _check_tokenizer(tokenizer, stored, o: TrainOptions, console: Console) -> None:

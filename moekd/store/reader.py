@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from moekd.encoding import decode_hidden, decode_logprobs, sampled_estimate, tensor_from_bits
+from moekd.encoding import decode_hidden, decode_logprobs, estimable_temperature, sampled_estimate, tensor_from_bits
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import CacheMetadata, EncodingInfo, HiddenEncoding, SampledEncoding, TopkEncoding
@@ -152,11 +152,12 @@ class CacheReader:
                                       tempered[..., -1].astype(np.float32), estimate=False)
         if isinstance(self.encoding, SampledEncoding):
             e = self.encoding
-            try:
-                probs = sampled_estimate(d["sampled_counts"], e.draws, e.proposal_temp, d.get("sampled_logprobs"),
-                                         d.get("proposal_logz"), temperature)
-            except ValueError as err:
-                raise MoekdError(f"cache {self.location}: {err}") from None
+            if estimable_temperature(temperature, e.proposal_temp) is None:
+                raise MoekdError(f"cache {self.location}: draws from p^{e.proposal_temp:g} estimate the teacher without "
+                                 f"bias at temperature 1 or {1 / e.proposal_temp:g} only, not {temperature:g}")
+            weights = {name: torch.from_numpy(d[name]) for name in ("sampled_logprobs", "proposal_logz") if name in d}
+            probs = sampled_estimate(torch.from_numpy(d["sampled_counts"]), e.draws, e.proposal_temp,
+                                     weights.get("sampled_logprobs"), weights.get("proposal_logz"), temperature).numpy()
             return SparseDistribution(d["sampled_ids"], probs, None, estimate=True)
         raise MoekdError(f"cache {self.location} stores hidden states, from which the full distribution follows: "
                          "use hidden_states with output_layer() instead of a sparse distribution")
