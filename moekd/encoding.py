@@ -2,14 +2,20 @@
 
 Three encodings (`cache build --encoding`), all per stored position p and teacher sample m:
 
-topk -- the k largest log-probs (normalised over the full vocabulary at T = 1) and their ids:
-- `top1_logprob` (float32): the largest log-prob, exact;
-- `topk_gaps` (uint16): the gap of each log-prob below the top-1, in steps of 1/SCALE nat,
-  delta-coded along k (gaps are non-decreasing, so the deltas are small and compress well);
-- `tail_logprob` (float32): log of the probability mass outside the top-k, computed exactly
-  from the full distribution (-inf when there is none).
-Decoding error is at most 1/(2*SCALE) nat per log-prob for gaps below MAX_GAP nats; larger gaps
-(probabilities below e^-256 of the top-1) are clamped to MAX_GAP.
+topk -- the k largest log-probs (normalised over the full vocabulary at T = 1), their ids, and
+the log of the mass outside them (the tail, computed exactly from the full distribution, -inf
+when there is none). Two codecs (`logprob_codec`):
+- `u16_steps_sorted_ids` (schema 1.1, what builds write): `topk_ids` int32, the ids ascending and
+  delta-coded along k (the first absolute, then the differences); `topk_steps` uint16, each
+  log-prob in the order of the ids as round(-log p * scale) steps below 0; `tail_steps` uint16,
+  the tail likewise. Step 65535 means -inf; log-probs below -65534/scale nats are clamped there.
+  Chosen by measurement over the 1.0 layout (bench/topk_codec.py): sorted, delta-coded ids compress
+  better than ids in rank order, and steps below 0 need no float32 top-1.
+- `u16_gap_delta` (schema 1.0, read only): `topk_ids` int32 in rank order; `top1_logprob` float32
+  exact; `topk_gaps` uint16 gaps below the top-1 at 1/256 nat, delta-coded along k;
+  `tail_logprob` float32.
+Either way a decoded log-prob is within 1/(2*scale) nat of the teacher's (within the clamp), and
+decoding returns the ids in rank order (log-probs descending).
 
 sampled -- random-sampling KD: n draws with replacement from the proposal r = p^t / Z_t, kept
 as the unique ids (ascending) and their counts c_i (padding: id 0, count 0). The estimate
@@ -29,7 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-SCALE = 256.0
+SCALE = 256.0  # u16_gap_delta's steps per nat
 MAX_STEPS = np.iinfo(np.uint16).max
 MAX_GAP = MAX_STEPS / SCALE
 MAX_ABS_ERROR = 0.5 / SCALE
@@ -39,9 +45,41 @@ FP8_MAX = 448.0  # largest finite float8 e4m3fn
 HIDDEN_RELATIVE_ERROR = {"fp32": 0.0, "bf16": 2.0**-8, "fp8": 2.0**-4}
 HIDDEN_STORED_DTYPE = {"fp32": "float32", "bf16": "uint16", "fp8": "uint8"}
 
+TOPK_SCALE = 256.0  # u16_steps_sorted_ids: the default steps per nat (`cache build --logprob-scale`)
+NEG_INF_STEP = MAX_STEPS  # u16_steps_sorted_ids: the step that stands for -inf
+
+
+def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, scale: float) -> dict[str, np.ndarray]:
+    """The `u16_steps_sorted_ids` arrays of ids [..., k], log-probs [..., k] and tail log-probs [...]."""
+    order = np.argsort(ids, axis=-1, kind="stable")
+    sorted_ids = np.take_along_axis(ids, order, -1).astype(np.int64)
+    return {
+        "topk_ids": np.diff(sorted_ids, axis=-1, prepend=0).astype(np.int32),
+        "topk_steps": _steps(np.take_along_axis(logprobs, order, -1), scale),
+        "tail_steps": _steps(tail, scale),
+    }
+
+
+def decode_topk(topk_ids: np.ndarray, topk_steps: np.ndarray, tail_steps: np.ndarray,
+                scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [..., k] int32, log-probs [..., k] float32 descending, tail [...] float32) from `encode_topk` output."""
+    ids = np.cumsum(topk_ids, axis=-1, dtype=np.int64)
+    order = np.argsort(topk_steps, axis=-1, kind="stable")  # rank order: steps ascending
+    ids = np.take_along_axis(ids, order, -1).astype(np.int32)
+    return ids, _logprobs(np.take_along_axis(topk_steps, order, -1), scale), _logprobs(tail_steps, scale)
+
+
+def _steps(logprobs: np.ndarray, scale: float) -> np.ndarray:
+    steps = np.clip(np.rint(-np.asarray(logprobs, dtype=np.float64) * scale), 0, MAX_STEPS - 1)
+    return np.where(np.isneginf(logprobs), NEG_INF_STEP, steps).astype(np.uint16)
+
+
+def _logprobs(steps: np.ndarray, scale: float) -> np.ndarray:
+    return np.where(steps == NEG_INF_STEP, -np.inf, -steps.astype(np.float64) / scale).astype(np.float32)
+
 
 def encode_logprobs(topk_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(top1 [...], delta-coded gaps [..., k] uint16) of descending log-probs [..., k]."""
+    """`u16_gap_delta` (schema 1.0): (top1 [...], delta-coded gaps [..., k] uint16) of descending log-probs [..., k]."""
     top1 = topk_logprobs[..., 0].astype(np.float32)
     steps = np.rint((top1[..., None].astype(np.float64) - topk_logprobs) * SCALE)
     steps = np.clip(steps, 0, MAX_STEPS).astype(np.int64)

@@ -261,16 +261,30 @@ def test_verify_deep_checks_the_output_layer(make_teacher, data_file, tmp_path):
     assert any("output_layer: sha256" in p for p in problems)
 
 
-def test_a_store_of_schema_1_0_still_reads(make_teacher, data_file, tmp_path):
-    out = tmp_path / "old.zarr"
-    build_cache(options(make_teacher("mixtral"), data_file, out, k=4))
-    root = out / "zarr.json"
-    meta = json.loads(root.read_text())
-    meta["attributes"]["moekd"]["schema_version"] = "1.0"
-    root.write_text(json.dumps(meta))
-    reader = CacheReader(out)
-    assert reader.meta.schema_version == "1.0" and reader[0].topk_logprobs.shape[-1] == 4
-    assert verify_store(str(out), deep=True).ok
+def test_a_store_written_by_schema_1_0_still_reads(make_teacher, tmp_path):
+    """tests/data/store_v1_0.zarr was written by moekd before 1.1 (ids in rank order, u16 gaps below a
+    float32 top-1) from the session's tiny Mixtral teacher: it reads, verifies and decodes as then."""
+    from pathlib import Path
+
+    from moekd.models import checkpoint_sha256
+
+    old = Path(__file__).parent / "data" / "store_v1_0.zarr"
+    reader = CacheReader(old)
+    assert reader.meta.schema_version == "1.0" and reader.meta.encoding.logprob_codec == "u16_gap_delta"
+    assert verify_store(str(old), deep=True).ok
+    teacher = make_teacher("mixtral")
+    assert reader.meta.teacher.weights_sha256 == checkpoint_sha256(teacher)  # the same teacher: compare values
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher)).eval()
+    for ex in reader:
+        with torch.no_grad():
+            full = torch.log_softmax(model(torch.from_numpy(ex.input_ids[None]).long()).logits[0].double(), -1)
+        expected = full[torch.from_numpy(ex.target_positions).long()]
+        ids = torch.from_numpy(ex.topk_ids[:, 0]).long()
+        np.testing.assert_array_equal(ids, expected.topk(4, dim=-1).indices)
+        np.testing.assert_allclose(ex.topk_logprobs[:, 0], expected.gather(1, ids), atol=1 / 512 + 2e-5)
+    assert reader.largest_stored_id() < reader.meta.teacher.vocab_size
 
 
 # ---------------------------------------------------------------- training from each encoding

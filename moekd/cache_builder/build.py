@@ -39,6 +39,7 @@ class BuildOptions:
     policy_params: dict = field(default_factory=dict)
     encoding: str = "topk"
     k: int | None = None  # topk: ids per position and sample (default 64)
+    logprob_scale: float | None = None  # topk: log-prob steps per nat (default moekd.encoding.TOPK_SCALE)
     draws: int | None = None  # sampled: draws per position and sample (default 32)
     proposal_temp: float | None = None  # sampled: proposal temperature t (default 1)
     hidden_dtype: str | None = None  # hidden: bf16 (default) or fp8
@@ -79,7 +80,7 @@ class BuildSummary:
 
 def _check_options(o: BuildOptions) -> dict:
     """The checked options; returns the encoding's flags with their defaults."""
-    flags = encoding_flags(o.encoding, o.k, o.draws, o.proposal_temp, o.hidden_dtype)
+    flags = encoding_flags(o.encoding, o.k, o.draws, o.proposal_temp, o.hidden_dtype, o.logprob_scale)
     if o.batch_tokens < 1:
         raise MoekdError(f"--batch-tokens must be positive, got {o.batch_tokens}")
     if o.positions_per_shard < 1 or o.positions_per_shard % min(POSITIONS_PER_CHUNK, o.positions_per_shard):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moekd.cache_builder.policies import token_uniforms
-from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, SCALE, encode_hidden, encode_logprobs, tensor_bits
+from moekd.encoding import MAX_STEPS, TOPK_SCALE, encode_hidden, encode_topk, tensor_bits
 from moekd.errors import MoekdError
 from moekd.schemas.cache import HiddenEncoding, SampledEncoding, TopkEncoding
 from moekd.store.layout import count_dtype
@@ -89,22 +89,21 @@ class Encoder:
 class TopkEncoder(Encoder):
     name = "topk"
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, scale: float = TOPK_SCALE):
+        self.k, self.scale = k, scale
         self.info = TopkEncoding(
-            k=k, scale=SCALE, max_abs_error_nats=MAX_ABS_ERROR, max_gap_nats=MAX_GAP,
+            k=k, logprob_codec="u16_steps_sorted_ids", scale=scale, max_abs_error_nats=0.5 / scale,
+            max_gap_nats=(MAX_STEPS - 1) / scale,
             normalisation="log_softmax over the teacher's full output vocabulary at temperature 1, in float32",
-            tail="tail_logprob = log of the probability mass outside the top-k (exact, from the full distribution)",
+            tail="tail = log of the probability mass outside the top-k (exact, from the full distribution)",
         )
 
     def settings(self) -> dict:
-        return {"encoding": self.name, "k": self.k}
+        return {"encoding": self.name, "k": self.k, "logprob_scale": self.scale}
 
     def encode(self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, targets=None) -> dict[str, np.ndarray]:
         ids, logprobs, tail = sparse_next_token(logits, self.k)
-        top1, gaps = encode_logprobs(logprobs.cpu().numpy())
-        return {"topk_ids": ids.cpu().numpy().astype(np.int32), "topk_gaps": gaps, "top1_logprob": top1,
-                "tail_logprob": tail.cpu().numpy()}
+        return encode_topk(ids.cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy(), self.scale)
 
 
 class SampledEncoder(Encoder):
@@ -210,24 +209,27 @@ def output_layer(model) -> nn.Linear:
     return head
 
 
-ENCODING_FLAGS = {"topk": ("--k",), "sampled": ("--draws", "--proposal-temp"), "hidden": ("--hidden-dtype",)}
+ENCODING_FLAGS = {"topk": ("--k", "--logprob-scale"), "sampled": ("--draws", "--proposal-temp"), "hidden": ("--hidden-dtype",)}
 
 
 def encoding_flags(encoding: str, k: int | None, draws: int | None, proposal_temp: float | None,
-                   hidden_dtype: str | None) -> dict:
+                   hidden_dtype: str | None, logprob_scale: float | None = None) -> dict:
     """The checked flags of `--encoding`, defaults filled in; flags of another encoding are refused."""
     if encoding not in ENCODING_FLAGS:
         raise MoekdError(f"--encoding: {encoding!r} is not topk, sampled or hidden")
-    given = {"--k": k, "--draws": draws, "--proposal-temp": proposal_temp, "--hidden-dtype": hidden_dtype}
+    given = {"--k": k, "--logprob-scale": logprob_scale, "--draws": draws, "--proposal-temp": proposal_temp, "--hidden-dtype": hidden_dtype}
     for flag, value in given.items():
         if value is not None and flag not in ENCODING_FLAGS[encoding]:
             owner = next(name for name, flags in ENCODING_FLAGS.items() if flag in flags)
             raise MoekdError(f"{flag} applies only to --encoding {owner}, not --encoding {encoding}; drop it")
     if encoding == "topk":
         k = 64 if k is None else k
+        scale = TOPK_SCALE if logprob_scale is None else float(logprob_scale)
         if k < 1:
             raise MoekdError(f"--k must be at least 1, got {k}")
-        return {"k": k}
+        if not (np.isfinite(scale) and 1 <= scale <= 4096):
+            raise MoekdError(f"--logprob-scale must be in [1, 4096] steps per nat, got {scale}")
+        return {"k": k, "scale": scale}
     if encoding == "sampled":
         draws = 32 if draws is None else draws
         proposal_temp = 1.0 if proposal_temp is None else float(proposal_temp)
@@ -247,7 +249,7 @@ def make_encoder(encoding: str, flags: dict, model, vocab_size: int) -> Encoder:
     if encoding == "topk":
         if flags["k"] > vocab_size:
             raise MoekdError(f"--k {flags['k']} exceeds the teacher's vocabulary of {vocab_size}")
-        return TopkEncoder(flags["k"])
+        return TopkEncoder(flags["k"], flags["scale"])
     if encoding == "sampled":
         return SampledEncoder(flags["draws"], flags["proposal_temp"], vocab_size)
     return HiddenEncoder(model, flags["hidden_dtype"])

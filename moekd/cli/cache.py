@@ -23,6 +23,7 @@ def cache_build(
     top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach."),
     encoding: str = typer.Option("topk", help="What is stored per position and sample: topk (k largest + tail), sampled (random-sampling KD draws) or hidden (final hidden state + the output layer once: exact)."),
     k: Optional[int] = typer.Option(None, help="topk: teacher token ids stored per position and sample, plus a tail bucket (default 64)."),
+    logprob_scale: Optional[float] = typer.Option(None, help="topk: log-prob quantisation steps per nat; error 1/(2 x scale) nat (default 256)."),
     draws: Optional[int] = typer.Option(None, help="sampled: token ids drawn with replacement per position and sample (default 32)."),
     proposal_temp: Optional[float] = typer.Option(None, help="sampled: draw from p^t renormalised (default 1); t != 1 also stores what importance weights need."),
     hidden_dtype: Optional[str] = typer.Option(None, help="hidden: bf16 (default), fp8 (e4m3, one scale per row) or fp32 (exact for a float32 teacher)."),
@@ -55,7 +56,7 @@ def cache_build(
     options = BuildOptions(
         teacher=teacher, data=str(data), out=str(out), policy=policy,
         policy_params={key: value for key, value in params.items() if value is not None},
-        encoding=encoding, k=k, draws=draws, proposal_temp=proposal_temp, hidden_dtype=hidden_dtype, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        encoding=encoding, k=k, logprob_scale=logprob_scale, draws=draws, proposal_temp=proposal_temp, hidden_dtype=hidden_dtype, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
         seed=seed, resume=resume, overwrite=overwrite, tokenizer=tokenizer, chat_template=chat_template,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
         skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs,

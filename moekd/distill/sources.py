@@ -187,10 +187,7 @@ def check_vocabulary(model, source, student: str) -> None:
         raise MoekdError(f"--student {student}: its output layer has {vocab} entries, fewer than the teacher's {teacher_vocab}, "
                          "over all of which a hidden-state cache gives the teacher's distribution; use a student whose "
                          "output layer has at least as many entries")
-    ids = "topk_ids" if reader.meta.encoding.kind == "topk_tail" else "sampled_ids"
-    step = reader.meta.layout.positions_per_shard
-    stored = max(int(reader.group[ids][s:s + step].max()) for s in range(0, reader.num_positions, step))
-    largest = max(stored, int(reader.group["input_ids"][:].max()))
+    largest = max(reader.largest_stored_id(), int(reader.group["input_ids"][:].max()))
     if largest >= vocab:
         raise MoekdError(
             f"--student {student}: its output layer has {vocab} entries, fewer than the teacher's {reader.meta.teacher.vocab_size}, "

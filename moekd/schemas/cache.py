@@ -63,10 +63,14 @@ class PolicyInfo(Strict):
 class TopkEncoding(Strict):
     kind: Literal["topk_tail"] = "topk_tail"
     k: int = Field(gt=0, description="Teacher token ids stored per position and sample")
-    logprob_codec: Literal["u16_gap_delta"] = "u16_gap_delta"
-    scale: float = Field(gt=0, description="Quantisation steps per nat of the gaps below the top-1 log-prob")
+    logprob_codec: Literal["u16_gap_delta", "u16_steps_sorted_ids"] = Field(
+        "u16_gap_delta", description="u16_steps_sorted_ids (1.1): ids ascending and delta-coded, log-probs and tail as "
+                                     "uint16 steps below 0 (65535: -inf); u16_gap_delta (1.0): ids in rank order, "
+                                     "float32 top-1, uint16 gaps below it delta-coded along k, float32 tail")
+    scale: float = Field(gt=0, description="Quantisation steps per nat of the stored log-probs")
     max_abs_error_nats: float = Field(description="Largest decoding error of a stored log-prob within max_gap_nats")
-    max_gap_nats: float = Field(description="Gaps below the top-1 log-prob are clamped here")
+    max_gap_nats: float = Field(description="Log-probs further than this below their reference (0, or the top-1 for "
+                                            "u16_gap_delta) are clamped there")
     normalisation: str
     tail: str
 

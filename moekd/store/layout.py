@@ -7,7 +7,8 @@ A store is one Zarr v3 group holding flat arrays:
 - per stored position p (response positions only, see the alignment convention):
   `target_positions` [P] (position inside its example), and per sample m the teacher's
   distribution in the store's encoding (see moekd.encoding):
-  topk: `topk_ids` [P, M, k], `topk_gaps` [P, M, k], `top1_logprob` [P, M], `tail_logprob` [P, M];
+  topk: `topk_ids` [P, M, k] (ascending, delta-coded), `topk_steps` [P, M, k], `tail_steps` [P, M]
+  (schema 1.0 stores: `topk_ids`, `topk_gaps` [P, M, k], `top1_logprob`, `tail_logprob` [P, M]);
   sampled: `sampled_ids` [P, M, S], `sampled_counts` [P, M, S], with t != 1 also
   `sampled_logprobs` [P, M, S] and `proposal_logz` [P, M];
   hidden: `hidden_states` [P, M, d] (bits), with fp8 also `hidden_scale` [P, M]; and once per
@@ -61,13 +62,20 @@ def encoding_specs(encoding: EncodingInfo, num_positions: int, samples: int, voc
     """The arrays that hold the teacher's distributions in `encoding`."""
     P, M = num_positions, samples
     per_sample = ["position", "sample"]
-    if isinstance(encoding, TopkEncoding):
+    if isinstance(encoding, TopkEncoding) and encoding.logprob_codec == "u16_gap_delta":  # schema 1.0
         k = encoding.k
         return {
             "topk_ids": ArraySpec(shape=[P, M, k], dtype="int32", dims=[*per_sample, "rank"]),
             "topk_gaps": ArraySpec(shape=[P, M, k], dtype="uint16", dims=[*per_sample, "rank"]),
             "top1_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=per_sample),
             "tail_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=per_sample),
+        }
+    if isinstance(encoding, TopkEncoding):
+        k = encoding.k
+        return {
+            "topk_ids": ArraySpec(shape=[P, M, k], dtype="int32", dims=[*per_sample, "slot"]),
+            "topk_steps": ArraySpec(shape=[P, M, k], dtype="uint16", dims=[*per_sample, "slot"]),
+            "tail_steps": ArraySpec(shape=[P, M], dtype="uint16", dims=per_sample),
         }
     if isinstance(encoding, SampledEncoding):
         S = encoding.width

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from moekd.encoding import decode_hidden, decode_logprobs, estimable_temperature, sampled_estimate, tensor_from_bits
+from moekd.encoding import decode_hidden, decode_logprobs, decode_topk, estimable_temperature, sampled_estimate, tensor_from_bits
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import CacheMetadata, EncodingInfo, HiddenEncoding, SampledEncoding, TopkEncoding
@@ -64,9 +64,12 @@ def teacher_arrays(encoding: EncodingInfo) -> list[str]:
 
 def decode_teacher(encoding: EncodingInfo, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The decoded teacher arrays (CacheExample's names) from the stored ones (`teacher_arrays`)."""
-    if isinstance(encoding, TopkEncoding):
+    if isinstance(encoding, TopkEncoding) and encoding.logprob_codec == "u16_gap_delta":  # schema 1.0
         return {"topk_ids": raw["topk_ids"], "topk_logprobs": decode_logprobs(raw["top1_logprob"], raw["topk_gaps"]),
                 "tail_logprob": raw["tail_logprob"]}
+    if isinstance(encoding, TopkEncoding):
+        ids, logprobs, tail = decode_topk(raw["topk_ids"], raw["topk_steps"], raw["tail_steps"], encoding.scale)
+        return {"topk_ids": ids, "topk_logprobs": logprobs, "tail_logprob": tail}
     if isinstance(encoding, SampledEncoding):
         out = {"sampled_ids": raw["sampled_ids"], "sampled_counts": raw["sampled_counts"].astype(np.int32)}
         if encoding.importance_weights:
@@ -129,6 +132,19 @@ class CacheReader:
         out = {"target_positions": raw["target_positions"], **decode_teacher(self.encoding, raw)}
         out.update({name: raw[name] for name in self.extra_names})
         return out
+
+    def largest_stored_id(self) -> int:
+        """The largest teacher token id the stored distributions name (topk and sampled stores), shard by shard."""
+        name = {"topk_tail": "topk_ids", "sampled": "sampled_ids"}.get(self.encoding.kind)
+        if name is None:
+            raise MoekdError(f"cache {self.location}: a hidden store covers the whole vocabulary, it names no ids")
+        step, largest = self.meta.layout.positions_per_shard, -1
+        for start in range(0, self.num_positions, step):
+            ids = self.group[name][start:start + step]
+            if name == "topk_ids" and self.encoding.logprob_codec == "u16_steps_sorted_ids":
+                ids = ids.sum(axis=-1, dtype=np.int64)  # delta-coded ascending ids: the last one, per row
+            largest = max(largest, int(ids.max(initial=-1)))
+        return largest
 
     def output_layer(self) -> torch.Tensor:
         """The teacher's output layer W [V, d] in its own dtype (hidden stores): logits = h @ W.T."""
