@@ -4,15 +4,14 @@
     python bench/topk_codec.py --random-teacher      # the 32k-vocabulary random teacher of bench/cache_build.py
 
 Builds a top-k cache (k = 64, M = 1) and a KA cache (M = 2) of the teacher once, then re-encodes
-their decoded arrays in each candidate layout and writes them with the store's own codecs,
-chunking and sharding (moekd.store.writer.COMPRESSORS), measuring bytes on disk:
-- `rank`:    ids in rank order (int32), u16 gaps below the top-1, delta-coded along k (the 1.0 layout);
-- `sorted`:  ids ascending and delta-coded (int32), gaps in id order (u16, not delta-coded);
-- `shared`:  (M > 1) one ascending id set per position, the union of the M samples' top-k (padded
-             to M x k), each sample's log-probs over it (absent ids: a sentinel);
-- `/S`:      log-prob steps of 1/S nat (S = 256 is the 1.0 layout; error 1/(2S) nat);
-- `+u16`:    top-1 and tail log-probs as u16 steps below 0 at the same scale instead of float32.
-k is also reported for 8, 16 and 32 (the first k of each row).
+their decoded arrays in each candidate layout and writes them with the store's own codecs and
+chunking (moekd.store.writer.COMPRESSORS, 256 positions per chunk), measuring bytes on disk:
+- `1.0`: ids in rank order (int32), float32 top-1, u16 gaps below it delta-coded along k, float32 tail;
+- `sorted ids, f32 top-1`: ids ascending and delta-coded, the same top-1 and u16 gaps in id order;
+- `1.1`: ids ascending and delta-coded, every log-prob and the tail as u16 steps below 0
+  (what `cache build` writes), at 256, 64, 32 and 16 steps per nat (error 1/(2 x scale) nat);
+- `1.1 + shared ids` (M > 1): one ascending id set per position, the union of the M samples' top-k.
+k = 8, 16 and 32 take the first k of each stored row (tail: the top-64 tail plus the ids dropped).
 """
 
 from __future__ import annotations
@@ -31,10 +30,10 @@ import zarr  # noqa: E402
 
 from moekd import CacheReader  # noqa: E402
 from moekd.cache_builder.build import BuildOptions, build_cache  # noqa: E402
+from moekd.encoding import NEG_INF_STEP, encode_logprobs, encode_topk  # noqa: E402
 from moekd.store.writer import COMPRESSORS  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"
-U16 = np.iinfo(np.uint16).max
 
 
 def stored_bytes(arrays: dict[str, np.ndarray], folder: Path) -> int:
@@ -48,61 +47,44 @@ def stored_bytes(arrays: dict[str, np.ndarray], folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "zarr.json")
 
 
-def steps_below(reference: np.ndarray, logprobs: np.ndarray, scale: float) -> np.ndarray:
-    return np.clip(np.rint((reference - logprobs.astype(np.float64)) * scale), 0, U16 - 1).astype(np.int64)
+def layout_1_0(ids, logprobs, tail, scale):
+    """Schema 1.0 (u16_gap_delta): rank-order ids, float32 top-1, u16 gaps below it delta-coded along k."""
+    top1, gaps = encode_logprobs(logprobs)
+    return {"topk_ids": ids.astype(np.int32), "topk_gaps": gaps, "top1_logprob": top1, "tail_logprob": tail.astype(np.float32)}
 
 
-def rank_layout(ids, logprobs, tail, scale, u16_scalars):
-    top1 = logprobs[..., 0].astype(np.float64)
-    steps = np.maximum.accumulate(steps_below(top1[..., None], logprobs, scale), axis=-1)
-    out = {"ids": ids.astype(np.int32), "gaps": np.diff(steps, axis=-1, prepend=0).astype(np.uint16)}
-    out.update(scalars(top1, tail, scale, u16_scalars))
-    return out, top1[..., None] - steps / scale
-
-
-def sorted_layout(ids, logprobs, tail, scale, u16_scalars):
+def layout_sorted_gaps(ids, logprobs, tail, scale):
+    """Sorted, delta-coded ids with 1.0's float32 top-1 and u16 gaps (not delta-coded: no order along the ids)."""
     order = np.argsort(ids, axis=-1, kind="stable")
-    ids_sorted = np.take_along_axis(ids, order, -1).astype(np.int64)
-    lp_sorted = np.take_along_axis(logprobs, order, -1)
-    top1 = logprobs[..., 0].astype(np.float64)
-    steps = steps_below(top1[..., None], lp_sorted, scale)
-    out = {"ids": np.diff(ids_sorted, axis=-1, prepend=0).astype(np.int32), "gaps": steps.astype(np.uint16)}
-    out.update(scalars(top1, tail, scale, u16_scalars))
-    decoded = np.empty_like(steps, dtype=np.float64)
-    np.put_along_axis(decoded, order, top1[..., None] - steps / scale, -1)  # back to rank order
-    return out, decoded
+    steps = np.rint((logprobs[..., :1].astype(np.float64) - np.take_along_axis(logprobs, order, -1)) * scale)
+    return {"topk_ids": encode_topk(ids, logprobs, tail, scale)["topk_ids"], "topk_gaps": steps.astype(np.uint16),
+            "top1_logprob": logprobs[..., 0].astype(np.float32), "tail_logprob": tail.astype(np.float32)}
 
 
-def shared_layout(ids, logprobs, tail, scale, u16_scalars):
-    """[P, M, k] -> one ascending union [P, M*k] (padded) and per-sample steps over it (U16 = absent)."""
+def layout_1_1(ids, logprobs, tail, scale):
+    """Schema 1.1 (u16_steps_sorted_ids), as builds write it."""
+    return encode_topk(ids, logprobs, tail, scale)
+
+
+def layout_shared(ids, logprobs, tail, scale):
+    """One ascending id set per position for the M samples (their union, padded to M x k), each sample's
+    u16 steps over it (65535 where a sample does not hold the id)."""
     P, M, k = ids.shape
-    flat = ids.reshape(P, M * k).astype(np.int64)
-    union = np.sort(flat, axis=-1)
+    union = np.sort(ids.reshape(P, M * k).astype(np.int64), axis=-1)
     fresh = np.ones_like(union, dtype=bool)
     fresh[:, 1:] = union[:, 1:] != union[:, :-1]
     slot = np.cumsum(fresh, axis=-1) - 1
     packed = np.zeros_like(union)
     np.put_along_axis(packed, slot, union, -1)
-    width = slot.max(axis=-1) + 1
-    valid = np.arange(M * k)[None] < width[:, None]
-    top1 = logprobs[..., 0].astype(np.float64)
-    steps = np.full((P, M, M * k), U16, dtype=np.int64)
-    # where each sample's id sits in its row's union (padding after the union holds 0, so search the valid prefix)
+    valid = np.arange(M * k)[None] <= slot[:, -1:]
     padded = np.where(valid, packed, np.iinfo(np.int64).max)
+    steps = np.full((P, M, M * k), NEG_INF_STEP, dtype=np.uint16)
     for m in range(M):
         where = np.stack([np.searchsorted(padded[p], ids[p, m]) for p in range(P)])
-        np.put_along_axis(steps[:, m], where, steps_below(top1[:, m, None], logprobs[:, m], scale), -1)
-    deltas = np.where(valid, np.diff(packed, axis=-1, prepend=0), 0)
-    out = {"ids": deltas.astype(np.int32), "gaps": steps.astype(np.uint16)}
-    out.update(scalars(top1, tail, scale, u16_scalars))
-    return out, width
-
-
-def scalars(top1, tail, scale, as_u16):
-    if not as_u16:
-        return {"top1": top1.astype(np.float32), "tail": tail.astype(np.float32)}
-    return {"top1": steps_below(0.0, top1, scale).astype(np.uint16),
-            "tail": np.where(np.isfinite(tail), steps_below(0.0, tail, scale), U16).astype(np.uint16)}
+        np.put_along_axis(steps[:, m], where, encode_topk(ids[:, m], logprobs[:, m], tail[:, m], scale)["topk_steps"][
+            np.arange(P)[:, None], np.argsort(np.argsort(ids[:, m], axis=-1), axis=-1)], -1)
+    return {"topk_ids": np.where(valid, np.diff(packed, axis=-1, prepend=0), 0).astype(np.int32), "topk_steps": steps,
+            "tail_steps": encode_topk(ids, logprobs, tail, scale)["tail_steps"]}
 
 
 def random_teacher(folder: Path) -> Path:
@@ -150,25 +132,23 @@ def main() -> None:
         d = r.read_positions(0, r.num_positions)
         caches[name] = (d["topk_ids"], d["topk_logprobs"], d["tail_logprob"])
     results = {}
-    print(f"{'layout':<26}{'k':>4}{'M':>3}{'B/pos-sample':>14}{'max err nat':>13}")
+    print(f"{'cache':<6}{'layout':<22}{'scale':>6}{'k':>4}{'M':>3}{'B/pos-sample':>14}{'vs 1.0':>8}")
     for cache, (ids_all, lp_all, tail_all) in caches.items():
         P, M, _ = ids_all.shape
         for k in (8, 16, 32, 64):
             ids, lp = ids_all[..., :k], lp_all[..., :k]
-            # the tail of the first k from the stored top-64 and its tail (exact up to the codec)
+            # the tail of the first k: the stored top-64's tail plus the ids k..63
             tail = np.log(np.exp(tail_all.astype(np.float64)) + np.exp(lp_all[..., k:].astype(np.float64)).sum(-1))
-            for scale in (256.0, 64.0, 32.0, 16.0):
-                for u16 in (False, True):
-                    layouts = {"rank": rank_layout, "sorted": sorted_layout}
-                    if M > 1:
-                        layouts["shared"] = shared_layout
-                    for layout, encode in layouts.items():
-                        arrays, decoded = encode(ids, lp, tail, scale, u16)
-                        size = stored_bytes(arrays, tmp / "probe")
-                        err = "" if layout == "shared" else f"{np.abs(decoded - lp).max():.5f}"
-                        label = f"{layout}/{scale:g}{'+u16' if u16 else ''}"
-                        results[f"{cache} k={k} {label}"] = {"bytes": size / (P * M), "max_err": err}
-                        print(f"{cache + ' ' + label:<26}{k:>4}{M:>3}{size / (P * M):>14.1f}{err:>13}")
+            layouts = [("1.0 (rank ids, gaps)", layout_1_0, 256.0), ("sorted ids, f32 top-1", layout_sorted_gaps, 256.0)]
+            layouts += [("1.1 (sorted, steps)", layout_1_1, scale) for scale in (256.0, 64.0, 32.0, 16.0)]
+            if M > 1:
+                layouts += [("1.1 + shared ids", layout_shared, 256.0)]
+            baseline = None
+            for label, encode, scale in layouts:
+                size = stored_bytes(encode(ids, lp, tail, scale), tmp / "probe") / (P * M)
+                baseline = baseline or size
+                results[f"{cache} k={k} {label} scale={scale:g}"] = size
+                print(f"{cache:<6}{label:<22}{scale:>6g}{k:>4}{M:>3}{size:>14.1f}{size / baseline:>8.3f}")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1) + "\n")
 
