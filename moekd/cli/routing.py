@@ -29,6 +29,7 @@ def routing_stats(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     plot: Optional[Path] = typer.Option(None, help="Also save a per-layer plot (PNG) here."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout instead of a table."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
 ) -> None:
     """Per MoE layer: gate mass of the activated and non-activated experts, expert load CV, gate entropy.
 
@@ -42,11 +43,14 @@ def routing_stats(
         render_table,
         routing_stats_for_files,
     )
+    from moekd.paths import check_output_file
 
+    if plot is not None:
+        check_output_file(plot, "--plot")
     chosen = make_policy(policy, ka_lambda=ka_lambda, ka_drop=ka_drop, top_p=top_p)
     stats = routing_stats_for_files(
         teacher, data, chosen, max_examples=max_examples, batch_size=batch_size, max_prompt_len=max_prompt_len,
-        max_len=max_len, seed=seed, scope=scope, device=device, dtype=dtype,
+        max_len=max_len, seed=seed, scope=scope, device=device, dtype=dtype, tokenizer=tokenizer,
     )
     if plot is not None:
         plot_stats(stats, plot)
