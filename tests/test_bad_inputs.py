@@ -449,6 +449,17 @@ CASES = [
     case("cli-missing-required-option", "cache build --data {data} --out {out}", "--teacher"),
 ]
 
+# `cache verify` judges a store that exists: what is wrong with it is its verdict (exit code 1, a FAIL line).
+VERIFY_PROBLEMS = [
+    case("verify-file", "cache verify {data}", "zarr.json is missing"),
+    case("verify-plain-directory", "cache verify {bad}", "zarr.json is missing", bad=folder(**{"a.txt": "x"})),
+    case("verify-other-tool-store", "cache verify {bad}", "not a moekd teacher cache", bad=other_zarr),
+    case("verify-newer-schema", "cache verify {bad}", "upgrade moekd", bad=copy("cache", store_meta(set_key("schema_version", "2.0")))),
+    case("verify-unfinished", "cache verify {unfinished}", "incomplete build"),
+    case("verify-torn-metadata", "cache verify {bad}", "not valid JSON", bad=copy("cache", truncate("zarr.json"))),
+    case("verify-corrupted", "cache verify {bad}", "topk_ids", "checksum mismatch", bad=copy("cache", flip_byte("topk_ids/c/*/*/*"))),
+]
+
 
 # ---------------------------------------------------------------- fixtures (built once per module)
 
@@ -587,6 +598,15 @@ def test_bad_input_is_refused_cleanly(c: Case, fx, shared_snapshot, tmp_path):
     else:
         assert snapshot(out) == before, f"{out} was changed"
         assert complete_outputs(out) == complete_before
+
+
+@pytest.mark.parametrize("c", VERIFY_PROBLEMS)
+def test_verify_reports_what_is_wrong_with_a_store(c: Case, fx, shared_snapshot, tmp_path):
+    argv, _ = prepare(c, fx, tmp_path)
+    code, output = run_cli(argv)
+    assert code == 1 and "Traceback" not in output, output
+    problems = [line for line in output.splitlines() if line.startswith("FAIL")]
+    assert any(all(culprit in line for culprit in c.culprit) for line in problems), output
 
 
 def test_the_table_covers_every_command():
