@@ -1,15 +1,17 @@
 """Bad input, everywhere: one table of command lines that every command must refuse cleanly.
 
-Each case is a command line run through the real entry point (`moekd.cli.main`, in process;
-a few also through `python -m moekd` in a subprocess) with placeholders for the fixtures
-below ({teacher}, {data}, {cache}, {run}, ...) and for the inputs the case makes itself
-({bad}, and {out} when the case gives an existing output path). Every case must:
+Each case is a command line run through the real entry point (`moekd.cli.main` in process; a few
+also through the `moekd` console script and `python -m moekd` in a fresh process) with
+placeholders for the fixtures below ({teacher}, {data}, {cache}, {run}, ...) and for the inputs
+the case makes itself ({bad}, and {out} when the case gives an existing output path). Every case
+must:
 - exit with code 2 and print no traceback;
 - print one line naming the culprit (flag, field or file: every string of `culprit`);
 - leave nothing behind that reads as complete: a fresh {out} must not exist afterwards, an
-  existing one must be unchanged, and neither may hold a complete store, training run,
-  evaluation report or suite.
-Adding a case for a new command or flag is one line in CASES.
+  existing one must be unchanged (no complete store, training checkpoint, suite or demo results
+  appears in it), and no shared input may change.
+Adding a case for a new command or flag is one line in CASES. `cache verify` on a store that
+exists gives a verdict instead (exit code 1, one FAIL line per problem): VERIFY_PROBLEMS.
 """
 
 from __future__ import annotations
@@ -62,9 +64,13 @@ def run_cli(argv: list[str]) -> tuple[int | str, str]:
     return code, buffer.getvalue()
 
 
-def run_subprocess(argv: list[str]) -> tuple[int, str]:
+CONSOLE_SCRIPT = shutil.which("moekd", path=str(Path(sys.executable).parent))
+
+
+def run_subprocess(launcher: list[str], argv: list[str]) -> tuple[int, str]:
+    """(exit code, stdout + stderr) of `LAUNCHER ARGV` in a fresh process that imports this checkout."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": "10000"}
-    done = subprocess.run([sys.executable, "-m", "moekd", *argv], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([*launcher, *argv], capture_output=True, text=True, env=env, timeout=300)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -73,7 +79,7 @@ def error_line(output: str) -> str:
     error of its panel, flattened to one line."""
     lines = [line for line in output.splitlines() if line.startswith("error:")]
     if lines:
-        assert len(lines) == 1, output
+        assert len(lines) == 1 and output.rstrip().endswith(lines[0]), f"not one last line:\n{output}"
         return lines[0]
     flat = " ".join(output.translate(str.maketrans("", "", "│╭╮╰╯─")).split())
     assert " Error " in flat, output
@@ -324,6 +330,9 @@ CASES = [
     case("stats-policy-unknown", STATS + " --policy best", "--policy"),
     case("stats-dtype-unknown", STATS + " --dtype int8", "--dtype"),
     case("stats-data-bad-row", STATS + " --data {bad}", "'instruction'", bad=jsonl({"instruction": 3, "response": "x"})),
+    case("stats-field-override-absent", STATS + " --response-field answer", "'answer'"),
+    case("stats-prompt-over-max", STATS + " --max-prompt-len 5", "--max-prompt-len"),
+    case("stats-chat-template-absent", STATS + " --chat-template", "--chat-template"),
     case("stats-plot-parent-is-file", STATS + " --plot {data}/routing.png", "--plot"),
     case("stats-plot-is-directory", STATS + " --plot {tmp}", "--plot"),
     # ---- train: choices, numbers, conflicts
@@ -553,19 +562,17 @@ def complete_outputs(path: Path) -> list[str]:
     from moekd.store.reader import CacheReader
     from moekd.store.writer import store_state
 
+    if not path.is_dir():
+        return []
     found = []
-    if path.is_dir():
-        if store_state(path) == "complete":
-            found.append("a complete store")
-        with contextlib.suppress(MoekdError):
-            CacheReader(path)
-            found.append("a store CacheReader opens")
-        if is_complete(path / "final") or latest_checkpoint(path):
-            found.append("a training checkpoint")
-        found += [f"{name}" for name in ("synth_info.json", "results.json") if (path / name).exists()]
-    elif path.is_file() and path.suffix == ".json":
-        found.append("an evaluation report")
-    return found
+    if store_state(path) == "complete":
+        found.append("a complete store")
+    with contextlib.suppress(MoekdError):
+        CacheReader(path)
+        found.append("a store CacheReader opens")
+    if is_complete(path / "final") or latest_checkpoint(path):
+        found.append("a training checkpoint")
+    return found + [name for name in ("synth_info.json", "results.json") if (path / name).exists()]
 
 
 def prepare(c: Case, fx: dict, tmp: Path) -> tuple[list[str], Path]:
@@ -617,15 +624,19 @@ def test_the_table_covers_every_command():
     assert len(CASES) >= 50 and len({p.id for p in CASES}) == len(CASES)
 
 
-SUBPROCESS_CASES = ("build-teacher-without-tokenizer", "train-resume-other-runs-checkpoint", "build-k-not-a-number")
+SUBPROCESS_CASES = [("build-teacher-without-tokenizer", "moekd"), ("train-resume-other-runs-checkpoint", "python -m moekd"),
+                    ("build-k-not-a-number", "moekd")]
 
 
-@pytest.mark.parametrize("case_id", SUBPROCESS_CASES)
-def test_the_console_command_behaves_the_same(case_id, fx, tmp_path):
-    """`python -m moekd` in a fresh process: the same exit code and the same error line as in process."""
+@pytest.mark.parametrize("case_id, launcher", SUBPROCESS_CASES)
+def test_the_console_command_behaves_the_same(case_id, launcher, fx, tmp_path):
+    """The `moekd` console script and `python -m moekd` in a fresh process: the same exit code and the
+    same error line as in process."""
+    if launcher == "moekd" and CONSOLE_SCRIPT is None:
+        pytest.skip("no moekd console script beside this Python")
     c = next(p.values[0] for p in CASES if p.id == case_id)
     argv, out = prepare(c, fx, tmp_path)
-    code, output = run_subprocess(argv)
+    code, output = run_subprocess([CONSOLE_SCRIPT] if launcher == "moekd" else [sys.executable, "-m", "moekd"], argv)
     in_process_code, in_process_output = run_cli(argv)
     assert code == in_process_code == 2, output
     assert "Traceback" not in output, output

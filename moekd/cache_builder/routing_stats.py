@@ -136,9 +136,12 @@ def routing_stats_for_files(
     device: str = "auto",
     dtype: str = "auto",
     tokenizer: str | None = None,
+    fields: dict[str, str | None] | None = None,
+    skip_invalid: bool = False,
+    chat_template: bool = False,
 ) -> RoutingStats:
     """Load a teacher checkpoint (and `tokenizer`, when it is not in the teacher's directory) and a data file,
-    and compute routing statistics on the first examples."""
+    and compute routing statistics on the first examples, prompted as `cache build` prompts them."""
     from moekd.models import check_tokenizer_fits, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from moekd.data.prompts import tokenize_records
     from moekd.data.records import load_records
@@ -153,9 +156,10 @@ def routing_stats_for_files(
     resolved = resolve_device(device)
     tokenizer_flag = "--tokenizer" if tokenizer else "--teacher"
     loaded_tokenizer = load_tokenizer(tokenizer or teacher, tokenizer_flag)
-    loaded = load_records(data)
+    loaded = load_records(data, fields, skip_invalid)
     report = tokenize_records(
-        loaded.records[:max_examples], loaded.source_index[:max_examples], loaded_tokenizer, max_prompt_len, max_len
+        loaded.records[:max_examples], loaded.source_index[:max_examples], loaded_tokenizer, max_prompt_len, max_len,
+        chat_template, skip_invalid,
     )
     model = load_causal_lm(teacher, resolve_dtype(dtype, resolved), resolved)
     check_tokenizer_fits(loaded_tokenizer, model, tokenizer_flag)

@@ -21,6 +21,8 @@ SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 def load_model(model_dir: str | Path, device: str = "auto"):
     """(model, tokenizer) of a saved checkpoint directory, the model in eval mode on `device`."""
     model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise MoekdError(f"--model: {model_dir} does not exist")
     if not model_dir.is_dir():
         raise MoekdError(f"--model: {model_dir} is not a directory; pass a checkpoint saved with save_pretrained")
     if not (model_dir / "config.json").exists():
