@@ -125,8 +125,8 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype, device: torch.device, f
 
 
 def check_tokenizer_fits(tokenizer, model, flag: str) -> None:
-    """Refuse a tokenizer that does not belong to `model`: one with ids beyond the model's output layer, or one
-    far smaller than it (output layers are padded to a round size, not to twice the vocabulary)."""
+    """Refuse a tokenizer that does not belong to the teacher `model`: one with ids beyond its output layer, or
+    one far smaller than it (output layers are padded to a round size, not to twice the vocabulary)."""
     tokens, rows = len(tokenizer), output_vocab_size(model)
     fix = "pass the model's own tokenizer" + (" with --tokenizer" if flag == "--teacher" else "")
     if tokens > rows:

@@ -421,7 +421,7 @@ CASES = [
     case("eval-model-without-weights", EVAL + " --model {bad}", "--model", bad=copy("student", drop("*.safetensors"))),
     case("eval-model-truncated-weights", EVAL + " --model {bad}", "--model", "model.safetensors",
          bad=copy("student", truncate("model.safetensors"))),
-    case("eval-model-tokenizer-too-large", EVAL + " --model {narrow_student}", "--model", "300"),
+    case("eval-model-tokenizer-too-large", EVAL + " --model {narrow_student}", "--model", "300", "row 0"),
     case("eval-model-tokenizer-without-eos", EVAL + " --model {bad}", "--model", "eos", bad=copy("student", NO_EOS)),
     case("eval-data-missing", EVAL + " --data {tmp}/absent.jsonl", "--data", "absent.jsonl"),
     case("eval-data-empty-references", EVAL + " --data {bad}", "--data", "'response'", bad=jsonl({"instruction": "x", "response": []})),

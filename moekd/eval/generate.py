@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from moekd.errors import MoekdError
-from moekd.models import check_tokenizer_fits, load_causal_lm, load_tokenizer, resolve_device
+from moekd.models import load_causal_lm, load_tokenizer, resolve_device
 
 SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
@@ -30,9 +30,7 @@ def load_model(model_dir: str | Path, device: str = "auto"):
     device = resolve_device(device)
     tokenizer = load_tokenizer(model_dir, "--model")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model = load_causal_lm(model_dir, dtype, device, "--model")
-    check_tokenizer_fits(tokenizer, model, "--model")
-    return model, tokenizer
+    return load_causal_lm(model_dir, dtype, device, "--model"), tokenizer
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
