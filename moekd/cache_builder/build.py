@@ -25,7 +25,9 @@ from moekd.cache_builder.sparsify import encoding_flags, make_encoder
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.errors import MoekdError
-from moekd.models import load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype
+from moekd.models import (
+    check_tokenizer_fits, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype,
+)
 from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, examples_overlapping
 from moekd.store.writer import CacheWriter, ExampleTables, store_state
 
@@ -42,7 +44,7 @@ class BuildOptions:
     logprob_scale: float | None = None  # topk: log-prob steps per nat (default moekd.encoding.TOPK_SCALE)
     draws: int | None = None  # sampled: draws per position and sample (default 32)
     proposal_temp: float | None = None  # sampled: proposal temperature t (default 1)
-    hidden_dtype: str | None = None  # hidden: bf16 (default) or fp8
+    hidden_dtype: str | None = None  # hidden: bf16 (default), fp8 or fp32
     max_prompt_len: int = 256
     max_len: int = 512
     dtype: str = "auto"
@@ -139,15 +141,14 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
     device = resolve_device(o.device)
     dtype = resolve_dtype(o.dtype, device)
     policy = make_policy(o.policy, **o.policy_params)
-    tokenizer = load_tokenizer(o.tokenizer or o.teacher, "--tokenizer" if o.tokenizer else "--teacher")
+    tokenizer_flag = "--tokenizer" if o.tokenizer else "--teacher"
+    tokenizer = load_tokenizer(o.tokenizer or o.teacher, tokenizer_flag)
     loaded = load_records(o.data, o.fields, o.skip_invalid)
     report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
                               o.chat_template, o.skip_invalid)
     model = load_causal_lm(o.teacher, dtype, device)
+    check_tokenizer_fits(tokenizer, model, tokenizer_flag)
     vocab = output_vocab_size(model)
-    if len(tokenizer) > vocab:
-        raise MoekdError(f"--teacher: the tokenizer has {len(tokenizer)} tokens but the teacher's output layer only {vocab}; "
-                         "they do not belong together (pass the teacher's own tokenizer with --tokenizer)")
     encoder = make_encoder(o.encoding, flags, model, vocab)
     controller = RouterController(model, policy, capture_gates=o.router_probs != "none")
     gate_r = gate_experts_kept(o.router_probs, controller.num_experts)

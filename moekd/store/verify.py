@@ -38,6 +38,8 @@ class VerifyReport:
 def _files(location: str) -> tuple[fsspec.AbstractFileSystem, str, dict[str, int]]:
     fs, root = fsspec.core.url_to_fs(location)
     root = root.rstrip("/")
+    if not fs.exists(root):
+        raise MoekdError(f"cache {location} does not exist")
     found = {}
     for path, info in fs.find(root, detail=True).items():
         rel = path[len(root):].lstrip("/")
