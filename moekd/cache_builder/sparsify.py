@@ -26,7 +26,7 @@ from moekd.schemas.cache import HiddenEncoding, SampledEncoding, TopkEncoding
 from moekd.store.layout import count_dtype
 
 LOGSOFTMAX_ROWS = 1024  # positions per fp32 log-softmax, to bound memory at large vocabularies
-SAMPLING_ROWS = 256  # positions per float64 cumulative distribution
+SAMPLING_ROWS = 128  # positions per float64 cumulative distribution
 DRAW_STREAM = -1  # the `layer` argument of token_uniforms for token draws; routing draws use layers 0..L-1
 DRAW_DERIVATION = (
     "draw j at (example, sample, position t) inverts the cumulative distribution of r = p^t / Z_t (float64, token-id "
