@@ -32,7 +32,9 @@ class FamilyReport:
     causal_lm: str
     router_class: str
     built: bool                      # a tiny model of it builds and runs on CPU (so the conformance suite runs it)
-    kind: str = ""                   # gate distribution g and native weighting, or why none fits
+    kind: str = ""                   # score function and top-k, or "none fits"
+    g: str = ""                      # gate distribution g
+    weighting: str = ""              # native weighting of the selected experts
     quirks: str = ""
     policies: tuple[str, ...] = ()   # policies a forward ran under
     reason: str = ""                 # why it is unsupported or not built
@@ -103,8 +105,11 @@ def family_report(family: Family, tokens: int = 12) -> FamilyReport:
         report.reason = unsupported[0].reason
     else:
         described = adapters[0].describe()
-        report.kind = f"g = {described['g']}; {described['weighting']}"
-        report.quirks = "; ".join(dict.fromkeys(q for i in infos for q in i.quirks))
+        report.kind, report.g, report.weighting = described["kind"], described["g"], described["weighting"]
+        if adapters[0].score == "score_fn":  # name the activation
+            report.g = report.g.replace("score_fn", type(infos[0].module.score_fn).__name__)
+        quirks = [f"top-{a.top_k} routing" for a in adapters[:1] if a.top_k == 1]
+        report.quirks = "; ".join(dict.fromkeys([*quirks, *(q for i in infos for q in i.quirks)]))
     ran = []
     for name in ALL_POLICIES:
         try:
@@ -121,14 +126,24 @@ def family_report(family: Family, tokens: int = 12) -> FamilyReport:
     return report
 
 
-def markdown_table(reports: list[FamilyReport]) -> str:
-    """The README table: one row per family."""
-    rows = ["| family | router class | kind (g; native weighting) | quirks | policies | tested |", "|---|---|---|---|---|---|"]
+COLUMNS = ("family", "router class", "kind", "g", "native weighting", "quirks", "policies", "tested")
+
+
+def table_rows(reports: list[FamilyReport]) -> list[tuple[str, ...]]:
+    """One row of `COLUMNS` per family."""
+    rows = []
     for r in reports:
-        policies = ", ".join(r.policies) if r.supported else (", ".join(r.policies) or "none") + f" ({r.reason})"
+        policies = ", ".join(r.policies) if r.supported else f"{', '.join(r.policies) or 'none'} only: {r.reason}"
         tested = "yes" if r.built else f"no: {r.reason}"
-        rows.append(f"| {r.model_type} | {r.router_class} | {r.kind} | {r.quirks} | {policies} | {tested} |")
-    return "\n".join(rows)
+        rows.append((r.model_type, r.router_class, r.kind, r.g, r.weighting, r.quirks, policies, tested))
+    return rows
+
+
+def markdown_table(reports: list[FamilyReport]) -> str:
+    """The README table."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(reports)]
+    return "\n".join(lines)
 
 
 def family_reports(model_types: list[str] | None = None, on_family=lambda family: None) -> list[FamilyReport]:

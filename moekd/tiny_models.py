@@ -103,7 +103,7 @@ SMALL_FIELDS = dict(
     moe_intermediate_size=32, shared_expert_intermediate_size=32, moe_shared_expert_intermediate_size=32,
     shared_intermediate_size=32, shared_experts_intermediate_size=32, expert_ffn_hidden_size=32, moe_hidden_size=32,
     dense_intermediate_size=64, ffn_hidden_size=64, intermediate_size_mlp=64,
-    n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0, num_dense_layers=0, zero_expert_num=2,
+    first_k_dense_replace=0, num_dense_layers=0,
     is_moe=True, enable_moe_block=True,
     kv_lora_rank=16, q_lora_rank=16, o_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     index_head_dim=16, index_n_heads=2, index_topk=8,
@@ -117,6 +117,9 @@ SMALL_FIELDS = dict(
 VOCAB_FIELDS = ("vocab_size", "unpadded_vocab_size", "vocab_size_per_layer_input")
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_top_k", "moe_k")
+# (cap, value when unset) - capped, never raised: a family without groups or shared experts stays so;
+# an unset value that the modeling code multiplies by anyway gets the neutral one.
+CAPPED_FIELDS = {"n_shared_experts": (1, 1), "n_group": (2, 1), "topk_group": (1, 1), "zero_expert_num": (2, None)}
 # What the field rules cannot infer, per model type (or config class name for sub-configs without one).
 FAMILY_FIELDS: dict[str, dict] = {
     "dots3_note_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16,
@@ -169,6 +172,14 @@ def _layer_pattern(default, layers: int) -> dict:
     return {"num_hidden_layers": len(keep), **pattern}
 
 
+def _default_value(default, name: str):
+    """A full-size config's value of `name` (through its attribute map); per-layer values read raw."""
+    try:
+        return getattr(default, name, None)
+    except RuntimeError:  # a heterogeneous config refuses global reads of per-layer attributes
+        return vars(default).get(name)
+
+
 def _small_kwargs(config_class, vocab_size: int, experts: int, top_k: int) -> dict:
     fields = _fields(config_class)
     default = config_class()
@@ -176,9 +187,15 @@ def _small_kwargs(config_class, vocab_size: int, experts: int, top_k: int) -> di
     kwargs.update({k: vocab_size for k in VOCAB_FIELDS if k in fields})
     for names, cap, least in ((EXPERT_FIELDS, experts, 4), (TOP_K_FIELDS, top_k, 1)):
         for name in names:
-            value = vars(default).get(name) if name in fields else False
+            value = _default_value(default, name) if name in fields else False
             if value is None or (isinstance(value, int) and not isinstance(value, bool)):
                 kwargs[name] = min(cap, value) if isinstance(value, int) and value >= least else cap
+    for name, (cap, unset) in CAPPED_FIELDS.items():
+        value = _default_value(default, name) if name in fields else False
+        if value is None and unset is not None:
+            kwargs[name] = unset
+        elif isinstance(value, int) and not isinstance(value, bool):
+            kwargs[name] = min(cap, value)
     if "qk_rope_head_dim" in fields and "head_dim" in fields:  # multi-head latent attention: rope part is the head
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]
     layers = getattr(default, "num_hidden_layers", None)
@@ -195,8 +212,9 @@ def tiny_family_config(model_type: str, vocab_size: int = 256, experts: int = 8,
     """A CPU-sized config of any model type of the installed transformers, from its config class.
 
     Every size field is shrunk by name (`SMALL_FIELDS`), experts and top-k are capped at
-    `experts` and `top_k` (a family whose default top-k is 1 stays top-1), per-layer patterns
-    keep each kind of layer twice, and `FAMILY_FIELDS` adds what a family needs beyond that.
+    `experts` and `top_k` (a family whose default top-k is 1 stays top-1), groups and shared
+    experts at `CAPPED_FIELDS`, per-layer patterns keep each kind of layer twice, and
+    `FAMILY_FIELDS` adds what a family needs beyond that.
     """
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

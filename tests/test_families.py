@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from transformers import PretrainedConfig
 
 from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
@@ -114,27 +115,40 @@ def adapters_or_refusal(model, policy_name):
     return infos
 
 
+def record_selections(info, store):
+    """Hooks storing (logits, weights, index) of each call of a router into `store[info.name]`.
+
+    Registered after a controller's hooks, they see the policy's selection.
+    """
+    adapter = info.adapter
+    if info.target is None:
+        return [info.module.register_forward_hook(lambda m, a, out: store.update({info.name: adapter.read(out)}))]
+    logits = {}
+    return [
+        info.module.register_forward_hook(lambda m, a, out: logits.update(last=out)),
+        info.target.register_forward_pre_hook(
+            lambda m, a, k: store.update({info.name: (logits["last"], *adapter.read_call(a, k))}), with_kwargs=True),
+    ]
+
+
 def routed(model, policy=None, seeds=None):
     """Final logits and every router's selection as dense [T, N] weights, under `policy` (native if None)."""
     infos = recognise_routers(model)
     ids, mask = batch()
-    dense = {}
-
-    def record(info):
-        def hook(module, args, output):
-            _, weights, index = info.adapter.read(output)
-            dense[info.name] = torch.zeros(index.shape[0], info.adapter.num_experts).scatter(1, index, weights.float())
-        return hook
-
+    selections = {}
     ctrl = RouterController(model, policy or make_policy("topk"))
     with torch.no_grad(), ctrl.active(row_seeds=seeds):
-        handles = [i.module.register_forward_hook(record(i)) for i in infos]  # after the policy's hooks: sees their output
+        handles = [h for info in infos for h in record_selections(info, selections)]
         try:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         finally:
             for h in handles:
                 h.remove()
-    return logits, [dense[i.name] for i in infos]
+    dense = []
+    for info in infos:
+        _, weights, index = selections[info.name]
+        dense.append(torch.zeros(index.shape[0], info.adapter.num_experts).scatter(1, index, weights.float()))
+    return logits, dense
 
 
 def native_reference(path, model, top_k: int, normalise: bool):
@@ -144,11 +158,12 @@ def native_reference(path, model, top_k: int, normalise: bool):
     family = model.config.model_type
     config = AutoConfig.from_pretrained(str(path))
     text = config.get_text_config()
-    fields = [f for f in TOP_K_FIELDS if isinstance(getattr(text, f, None), int)]
+    parts = [text, *(v for v in vars(text).values() if isinstance(v, PretrainedConfig))]  # e.g. DBRX's ffn_config
+    fields = [(part, f) for part in parts for f in TOP_K_FIELDS if isinstance(getattr(part, f, None), int)]
     if not fields:
         pytest.skip(f"{family}: the config has no top-k field to set")
-    for f in fields:
-        setattr(text, f, top_k)
+    for part, f in fields:
+        setattr(part, f, top_k)
     if getattr(text, "n_group", None) and getattr(text, "topk_group", None):
         text.topk_group = text.n_group
     if normalise and hasattr(text, "norm_topk_prob"):
@@ -166,7 +181,7 @@ def native_reference(path, model, top_k: int, normalise: bool):
 def assert_same_routing(got, expected):
     (logits, dense), (native_logits, native_dense) = got, expected
     for layer, (ours, theirs) in enumerate(zip(dense, native_dense)):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4, msg=lambda m: f"MoE layer {layer}: {m}")
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4, msg=lambda m, layer=layer: f"MoE layer {layer}: {m}")
     torch.testing.assert_close(logits, native_logits, atol=1e-4, rtol=1e-3)
 
 
@@ -207,7 +222,7 @@ def test_captured_gates_are_the_family_gates(family, family_dir):
     infos = adapters_or_refusal(model, "topk")
     ctrl = RouterController(model, make_policy("topk"), capture_gates=True)
     outputs = {}
-    handles = [i.module.register_forward_hook(lambda m, a, o, n=i.name: outputs.update({n: o})) for i in infos]
+    handles = [h for info in infos for h in record_selections(info, outputs)]
     ids, mask = batch(seed=3)
     try:
         with torch.no_grad(), ctrl.active():
@@ -217,7 +232,7 @@ def test_captured_gates_are_the_family_gates(family, family_dir):
             h.remove()
     for info, gates, active in zip(infos, ctrl.gate_probs(), ctrl.activated_experts()):
         adapter = info.adapter
-        logits, weights, index = adapter.read(outputs[info.name])
+        logits, weights, index = outputs[info.name]
         assert gates.dtype == torch.float32 and gates.shape == (20, adapter.num_experts)
         torch.testing.assert_close(gates.sum(dim=-1), torch.ones(20), atol=1e-5, rtol=0)
         torch.testing.assert_close(gates, adapter.gate_probs(info.module, logits))

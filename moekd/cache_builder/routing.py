@@ -41,6 +41,8 @@ class RouterController:
         self.moe_layers = [info.name for info in infos]
         self._routers = [info.module for info in infos]
         self._adapters = [info.adapter for info in infos]
+        self._targets = [info.target for info in infos]
+        self._logits: list[torch.Tensor | None] = [None] * len(infos)
         self.router_class = ", ".join(sorted({type(r).__name__ for r in self._routers})) or None
         unsupported = {type(i.module).__name__: i.reason for i in infos if i.adapter is None}
         if unsupported and (self.rewrites or capture_gates):
@@ -52,6 +54,8 @@ class RouterController:
             raise MoekdError(f"capturing gate distributions: the MoE layers have different expert counts "
                              f"{sorted({n for n, _ in sizes})}; use --router-probs none")
         self.num_experts, self.top_k = min(sizes) if sizes else (None, None)
+        kinds = sorted({a.describe()["g"] for a in self._adapters if a is not None})
+        self.gate_definition = " / ".join(kinds) or None
         drop = getattr(self.policy, "ka_drop", 0)
         if self.num_experts is not None and drop >= self.num_experts:
             raise MoekdError(f"--ka-drop {drop} leaves no expert: the teacher has {self.num_experts} experts per layer")
@@ -73,8 +77,12 @@ class RouterController:
             if self.policy.stochastic:
                 handles.append(self.model.register_forward_pre_hook(self._record_positions, with_kwargs=True))
             if self.rewrites or self.capture_gates:
-                for layer, router in enumerate(self._routers):
-                    handles.append(router.register_forward_hook(self._router_hook(layer)))
+                for layer, (router, target) in enumerate(zip(self._routers, self._targets)):
+                    if target is None:
+                        handles.append(router.register_forward_hook(self._router_hook(layer)))
+                    else:  # the router returns logits only; its block hands the selection to `target`
+                        handles.append(router.register_forward_hook(self._logits_hook(layer)))
+                        handles.append(target.register_forward_pre_hook(self._target_hook(layer), with_kwargs=True))
             yield self
         finally:
             for handle in handles:
@@ -96,25 +104,43 @@ class RouterController:
             raise ValueError("no forward ran with the controller active")
         return list(tensors)
 
+    def _route(self, layer: int, logits, weights, index):
+        """The layer's (weights, index) under the policy (unchanged for topk), recording gates if asked."""
+        router, adapter = self._routers[layer], self._adapters[layer]
+        valid = None
+        if self.rewrites:
+            probs = adapter.gate_probs(router, logits)
+            uniforms = self._uniforms(layer, logits, adapter.num_experts) if self.policy.stochastic else None
+            index, valid = self.policy.select(probs, uniforms, adapter.top_k)
+            weights = adapter.weights(router, logits, index, valid, self.policy.renormalise)
+        if self.capture_gates:
+            with torch.no_grad():
+                self._gates[layer] = adapter.gate_probs(router, logits).detach()
+                hit = torch.ones_like(index, dtype=torch.bool) if valid is None else valid
+                self._activated[layer] = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, index, hit)
+        return weights, index
+
     def _router_hook(self, layer: int):
         adapter = self._adapters[layer]
 
         def hook(router: nn.Module, args, output):
-            logits, weights, index = adapter.read(output)
-            valid = None
-            if self.rewrites:
-                probs = adapter.gate_probs(router, logits)
-                uniforms = self._uniforms(layer, logits, adapter.num_experts) if self.policy.stochastic else None
-                index, valid = self.policy.select(probs, uniforms, adapter.top_k)
-                weights = adapter.weights(router, logits, index, valid, self.policy.renormalise)
-                output = adapter.write(output, weights, index)
-            if self.capture_gates:
-                with torch.no_grad():
-                    self._gates[layer] = adapter.gate_probs(router, logits).detach()
-                    hit = torch.ones_like(index, dtype=torch.bool) if valid is None else valid
-                    active = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, index, hit)
-                    self._activated[layer] = active
-            return output if self.rewrites else None
+            weights, index = self._route(layer, *adapter.read(output))
+            return adapter.write(output, weights, index) if self.rewrites else None
+
+        return hook
+
+    def _logits_hook(self, layer: int):
+        def hook(router: nn.Module, args, output):
+            self._logits[layer] = output
+
+        return hook
+
+    def _target_hook(self, layer: int):
+        adapter = self._adapters[layer]
+
+        def hook(target: nn.Module, args, kwargs):
+            weights, index = self._route(layer, self._logits[layer], *adapter.read_call(args, kwargs))
+            return adapter.write_call(args, kwargs, weights, index) if self.rewrites else None
 
         return hook
 

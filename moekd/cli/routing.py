@@ -72,7 +72,7 @@ def routing_families(
     from rich.table import Table
 
     from moekd.cli.app import console
-    from moekd.families import family_reports, markdown_table, summary
+    from moekd.families import COLUMNS, family_reports, markdown_table, summary, table_rows
 
     with console.status("building the families") as status:
         reports = family_reports(family, on_family=lambda f: status.update(f"building {f.model_type}"))
@@ -84,10 +84,10 @@ def routing_families(
         typer.echo(f"\n{summary(reports)}")
         return
     table = Table(title="MoE causal-LM families of the installed transformers")
-    for column in ("family", "router class", "kind (g; native weighting)", "quirks", "policies", "tested"):
+    for column in COLUMNS:
         table.add_column(column, overflow="fold")
-    for r in reports:
-        policies = ", ".join(r.policies) + ("" if r.supported else f" ({r.reason})")
-        table.add_row(r.model_type, r.router_class, r.kind, r.quirks, policies, "yes" if r.built else f"no: {r.reason}")
-    Console().print(table)
-    Console().print(summary(reports))
+    for row in table_rows(reports):
+        table.add_row(*row)
+    out = Console(width=max(Console().width, 200))
+    out.print(table)
+    out.print(summary(reports))
