@@ -1,5 +1,8 @@
 """Tiny causal LMs built from configs, for the demo, tests and benchmarks.
 
+`make_tiny_model` builds the six hand-configured families of the demo and tests;
+`make_tiny_family_model` builds any model type of the installed transformers from its own
+config class, shrunk field by field (the conformance suite and `moekd routing families`).
 They are saved with `save_pretrained` and loaded back through the same path as a user's
 checkpoint. Random routers are nearly uniform, so router weights are re-initialised with a
 large standard deviation: that gives peaked gates on which routing policies really differ.
