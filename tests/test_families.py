@@ -296,3 +296,21 @@ def test_cache_build_and_deep_verify(family, family_dir, tiny_data, tmp_path):
     assert meta.teacher.moe_layers == [info.name for info in recognise_routers(load(path))]
     if supported:
         assert meta.policy.name == "ka" and meta.gates.mode == "full"
+
+
+def test_routing_families_command_reports_kind_policies_and_why_not():
+    from typer.testing import CliRunner
+
+    from moekd.cli import app
+
+    result = CliRunner().invoke(app, ["routing", "families", "--family", "mixtral", "--family", "phimoe", "--json"])
+    assert result.exit_code == 0, result.output
+    reports = {r["model_type"]: r for r in json.loads(result.stdout)}
+    assert reports["mixtral"]["supported"] and reports["mixtral"]["policies"] == ["topk", "all", "ka", "topp", "mc"]
+    assert reports["mixtral"]["kind"] == "softmax" and reports["mixtral"]["weighting"] == "selected scores, renormalised"
+    assert not reports["phimoe"]["supported"] and reports["phimoe"]["policies"] == ["topk"]
+    assert "no known function of the selected experts' scores" in reports["phimoe"]["reason"]
+    markdown = CliRunner().invoke(app, ["routing", "families", "--family", "mixtral", "--markdown"])
+    assert "| mixtral | MixtralTopKRouter | softmax |" in markdown.stdout and "1 / 1 MoE causal-LM families" in markdown.stdout
+    bad = CliRunner().invoke(app, ["routing", "families", "--family", "bert"])
+    assert bad.exit_code != 0 and "--family: bert is not an MoE causal-LM model type" in str(bad.exception)

@@ -106,3 +106,12 @@ def test_recognition_leaves_the_model_as_it_was():
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "deepseek_v3", "llama4_text", "gpt_oss"])
+def test_recognition_in_bfloat16_matches_float32(family):
+    """Teachers usually run in bf16: the recognised computation must not change with the dtype."""
+    model = make_tiny_family_model(family)
+    full = [i.adapter for i in recognise_routers(model)]
+    half = [i.adapter for i in recognise_routers(model.to(torch.bfloat16))]
+    assert half == full and all(a is not None for a in half)

@@ -166,7 +166,7 @@ def test_unknown_router_computation_is_named():
     model = ModelWithUnknownRouter()
     ctrl = RouterController(model, make_policy("topk"))
     assert ctrl.router_class == "SquaredLogitsRouter" and ctrl.moe_layers == ["router"]
-    with pytest.raises(MoekdError, match="router class SquaredLogitsRouter is not supported: no known computation"):
+    with pytest.raises(MoekdError, match="router class SquaredLogitsRouter is not supported: its weights are no known function"):
         RouterController(model, make_policy("all"))
     with pytest.raises(MoekdError, match="capturing gate distributions: router class SquaredLogitsRouter"):
         RouterController(model, make_policy("topk"), capture_gates=True)
