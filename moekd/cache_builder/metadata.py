@@ -18,8 +18,8 @@ from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
 from moekd.store.writer import ExampleTables, hash_arrays
 
 GATE_DEFINITION = (
-    "softmax(router logits) for softmax routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); sigmoid(router logits) "
-    "normalised to sum 1 for DeepSeek-V3-style routers; taken at the stored position, under the sample's routing policy"
+    "g = {g} (the router's per-expert scores normalised to sum 1, see moekd.routers); "
+    "taken at the stored position, under the sample's routing policy"
 )
 
 
@@ -34,7 +34,7 @@ def describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loa
         arrays.update(extra)
         gates = GateInfo(
             mode="full" if gate_r == controller.num_experts else "top", r=gate_r, num_experts=controller.num_experts,
-            layers=controller.moe_layers, definition=GATE_DEFINITION, arrays=sorted(extra),
+            layers=controller.moe_layers, definition=GATE_DEFINITION.format(g=controller.gate_definition), arrays=sorted(extra),
         )
     return CacheMetadata(
         teacher=TeacherInfo(

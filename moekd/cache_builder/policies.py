@@ -2,10 +2,10 @@
 
 A policy sees the layer's gate distribution g [T, N] (float32, rows sum to 1; how a router
 family defines g is in `moekd/routers.py`) and returns the selected experts. The router family then
-weights the selection: the expanding policies (`all`, `ka`, `topp`) renormalise the selected
-gate mass to 1 on softmax routers (METHODS §2-3: mask the other logits to -inf, softmax);
-`mc` keeps the family's native weighting (incl. `norm_topk_prob`); DeepSeek-V3-style routers
-always keep their native weighting (sigmoid scores, `norm_topk_prob`, routed scaling).
+weights the selection with its own scores (softmax, sigmoid, ...): the expanding policies (`all`,
+`ka`, `topp`) renormalise the selected scores to 1 (METHODS §2-3: on softmax routers, mask the
+other logits to -inf and softmax) and then apply the family's scale (routed scaling); `mc` keeps
+the family's native weighting exactly (incl. whether it renormalises).
 
 - `topk`: the router's own top-k; no rewrite, bit-identical to the unhooked model.
 - `all`:  every expert (k = N).

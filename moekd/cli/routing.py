@@ -65,3 +65,40 @@ def routing_stats(
         typer.echo(json.dumps(stats.to_dict(), indent=2))
     else:
         Console().print(render_table(stats))
+
+
+@routing_app.command("families")
+def routing_families(
+    family: Optional[list[str]] = typer.Option(None, help="Only this model type (repeatable); default: every MoE family."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown (the README's) instead."),
+    as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON on stdout instead of a table."),
+) -> None:
+    """Every MoE causal-LM family of the installed transformers: router class, kind, policies, tested.
+
+    Each family is built small from its config class and run once under every policy (all 66
+    families of transformers 5.24 took 42 s here). Example: moekd routing families --family gpt_oss
+    """
+    import json
+
+    from rich.table import Table
+
+    from moekd.cli.app import console
+    from moekd.families import COLUMNS, family_reports, markdown_table, summary, table_rows
+
+    with console.status("building the families") as status:
+        reports = family_reports(family, on_family=lambda f: status.update(f"building {f.model_type}"))
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+        return
+    if markdown:
+        typer.echo(markdown_table(reports))
+        typer.echo(f"\n{summary(reports)}")
+        return
+    table = Table(title="MoE causal-LM families of the installed transformers")
+    for column in COLUMNS:
+        table.add_column(column, overflow="fold")
+    for row in table_rows(reports):
+        table.add_row(*row)
+    out = Console(width=max(Console().width, 200))
+    out.print(table)
+    out.print(summary(reports))
