@@ -30,22 +30,26 @@ class RouterController:
         self.model = model
         self.policy = policy or NativeTopK()
         self.capture_gates = capture_gates
-        self.rewrites = not isinstance(self.policy, NativeTopK)
         routers = find_routers(model)
         self.moe_layers = [name for name, _ in routers]
         self._routers = [r for _, r in routers]
         self.router_class = ", ".join(sorted({type(r).__name__ for r in self._routers})) or None
         self.num_experts = self._routers[0].num_experts if routers else None
         self.top_k = self._routers[0].top_k if routers else None
+        native = isinstance(self.policy, NativeTopK)
+        self.rewrites = not (native and self.policy.is_native(self.top_k))
+        what = f"--experts {self.policy.experts}" if native else f"--policy {self.policy.name}"
         if self.rewrites and not routers:
             raise MoekdError(
-                f"--policy {self.policy.name} needs an MoE teacher: {type(model).__name__} has no router modules; "
-                "use --policy topk for a dense teacher"
+                f"{what} needs an MoE teacher: {type(model).__name__} has no router modules; "
+                "use --policy topk (without --experts) for a dense teacher"
             )
+        if native and routers and self.rewrites and self.policy.experts > self.num_experts:
+            raise MoekdError(f"{what}: the teacher has only {self.num_experts} experts per layer; use --experts 1..{self.num_experts}")
         if self.rewrites or capture_gates:
             unsupported = sorted({type(r).__name__ for r in self._routers} - set(GATES))
             if unsupported:
-                what = f"--policy {self.policy.name}" if self.rewrites else "capturing gate distributions"
+                what = what if self.rewrites else "capturing gate distributions"
                 raise MoekdError(
                     f"{what}: router class {', '.join(unsupported)} is not supported (supported: {', '.join(GATES)}); "
                     "use --policy topk without gate capture, or add an adapter for it in moekd/routers.py"
