@@ -7,7 +7,7 @@
 Runs the `moekd demo` pipeline (moekd/demo.py) with this plan: one MoE teacher; caches of the
 experts-K ablation (topk with K = 2 (native), 4, 6 and 8 (= all)), of KA's M ablation (M in
 {1, 2, 4, 8}, λ = 0.05) and λ ablation (λ in {0.01, 0.05, 0.2}, M = 2); a dense student per cache
-and an SFT student, each trained with 3 training seeds and scored on 500 test prompts by ROUGE-L
+and an SFT student, each trained with 3 training seeds and scored on 300 test prompts by ROUGE-L
 over 5 sampling seeds, teacher-forced response NLL and KL from the native teacher; the teacher
 under each K (its own ROUGE-L) and under each KA setting (KL from its native self). Then, on the
 trained teacher: the gate mass of activated vs other experts per layer (published Figure 1,
@@ -68,7 +68,7 @@ PROBES = (
     TeacherProbe("ka λ=0.05", "ka", KA, rouge=False),
     TeacherProbe("ka λ=0.2", "ka", {"ka_lambda": 0.2}, rouge=False),
 )
-PAPER_PLAN = replace(DEFAULT_PLAN, n_test=500, eval_batch_size=100, caches=CACHES, rows=ROWS, probes=PROBES,
+PAPER_PLAN = replace(DEFAULT_PLAN, n_test=300, eval_batch_size=100, caches=CACHES, rows=ROWS, probes=PROBES,
                      reference="KD topk K=2")
 # --quick: the same parts on the demo's miniature (4-expert teacher: K = 2, 4 = all)
 QUICK = replace(

@@ -99,9 +99,9 @@ DEFAULT_ROWS = (StudentSpec("SFT"), StudentSpec("KD topk", "topk"), StudentSpec(
 # The teacher: its MoE layers hold most of its weights (8 experts of width 4 x hidden, top-2); see README.
 TEACHER = dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, intermediate_size=384, router_std=None)
 DEFAULT_PLAN = DemoPlan(
-    n_train=2000, n_valid=100, n_test=200, vocab=1024, teacher=TEACHER,
+    n_train=1500, n_valid=100, n_test=200, vocab=1024, teacher=TEACHER,
     students={"dense": dict(family="llama", hidden=64, layers=2)},
-    teacher_epochs=10, student_epochs=4, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
+    teacher_epochs=8, student_epochs=3, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
     seeds=(10, 20, 30, 40, 50), train_seeds=(0, 1, 2), max_new_tokens=64, eval_batch_size=100,
     caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk",
 )
