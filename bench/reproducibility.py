@@ -44,7 +44,7 @@ def setup(work: Path) -> None:
     from moekd.data.tokenizer import train_tokenizer
     from moekd.tiny_models import make_tiny_model
 
-    write_suite(work / "data", seed=0, n_train=400, n_valid=16, n_test=32)
+    write_suite(work / "data", seed=0, n_train=200, n_valid=16, n_test=32)
     texts = [format_prompt(r) + r.response for r in load_records(work / "data" / "train.jsonl").records]
     tokenizer = train_tokenizer(texts, 512, work / "tokenizer")
     make_tiny_model("llama", tokenizer, work / "init", seed=0, hidden=64, layers=2)
@@ -62,7 +62,7 @@ def child(work: Path, out: Path, options: dict) -> dict:
     from moekd.eval.generate import generate_responses, load_model
 
     train(TrainOptions(student=str(work / "init"), out=str(out), data=str(work / "data" / "train.jsonl"), loss="ce",
-                       epochs=3, lr=3e-3, batch_tokens=2048, warmup=5, save_every=0, eval_every=0, seed=0,
+                       epochs=2, lr=3e-3, batch_tokens=2048, warmup=5, save_every=0, eval_every=0, seed=0,
                        device="cpu", **{"workers": 0, **options}))
     model, tokenizer = load_model(out / "final", "cpu")
     prompts = [prompt_ids(tokenizer, format_prompt(ex.record), False)
