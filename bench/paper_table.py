@@ -152,8 +152,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help=f"default: {RESULTS} (nothing is written with --quick)")
     parser.add_argument("--quick", action="store_true", help="a few-minute subset for development")
     parser.add_argument("--jobs", type=int, default=2, help="processes side by side (the numbers do not depend on it)")
+    parser.add_argument("--teacher-routing", type=Path, default=None, metavar="JSON",
+                        help="only the gate-mass and per-family tables of the trained teacher in --workdir, into JSON")
     args = parser.parse_args()
     workdir = args.workdir or Path("bench-paper-table-quick" if args.quick else "bench-paper-table")
+    if args.teacher_routing:
+        routing = teacher_routing(workdir, max_examples=500)
+        for table in routing_tables(routing):
+            Console(width=200).print(table)
+        args.teacher_routing.write_text(json.dumps(routing, indent=2) + "\n")
+        return
     out = args.out or (None if args.quick else RESULTS)
     console = Console(stderr=True)
     started, cpu = time.perf_counter(), cpu_seconds()
