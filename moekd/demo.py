@@ -49,6 +49,7 @@ class CacheSpec:
     name: str
     policy: str
     params: dict = field(default_factory=dict)  # make_policy parameters (m, ka_lambda, experts ...)
+    router_probs: str = "none"  # also store the gate distributions (full, top-R) for MoE students
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _cache(console: Console, out: Path, teacher: Path, data: Path, spec: CacheSp
         console.print(f"[bold]cache[/] {spec.name}: policy {spec.policy} {spec.params}")
         build_cache(BuildOptions(teacher=str(teacher), data=str(data), out=str(out), policy=spec.policy,
                                  policy_params=spec.params, k=plan.k, device="cpu", resume=state == "unfinished",
-                                 batch_tokens=plan.batch_tokens), _quiet(console))
+                                 batch_tokens=plan.batch_tokens, router_probs=spec.router_probs), _quiet(console))
     info = store_info(str(out))
     return {"cache_bytes": info["bytes_total"], "build_seconds": info["meta"].build.wall_seconds}
 
