@@ -21,6 +21,7 @@ def cache_build(
     ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts instead of taking the top ones (default 0.05)."),
     ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
     top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach."),
+    experts: Optional[int] = typer.Option(None, help="topk: activate the K experts with the largest gates, renormalised (default: the router's own k; K = N is the same as --policy all)."),
     encoding: str = typer.Option("topk", help="What is stored per position and sample: topk (k largest + tail), sampled (random-sampling KD draws) or hidden (final hidden state + the output layer once: exact)."),
     k: Optional[int] = typer.Option(None, help="topk: teacher token ids stored per position and sample, plus a tail bucket (default 64)."),
     logprob_scale: Optional[float] = typer.Option(None, help="topk: log-prob quantisation steps per nat; error 1/(2 x scale) nat (default 256)."),
@@ -52,7 +53,7 @@ def cache_build(
     """
     from moekd.cache_builder.build import BuildOptions, build_cache
 
-    params = {"m": m, "ka_lambda": ka_lambda, "ka_drop": ka_drop, "top_p": top_p}
+    params = {"m": m, "ka_lambda": ka_lambda, "ka_drop": ka_drop, "top_p": top_p, "experts": experts}
     options = BuildOptions(
         teacher=teacher, data=str(data), out=str(out), policy=policy,
         policy_params={key: value for key, value in params.items() if value is not None},

@@ -19,6 +19,7 @@ def routing_stats(
     ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts (default 0.05)."),
     ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1)."),
     top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach (default 0.9)."),
+    experts: Optional[int] = typer.Option(None, help="topk: activate the K experts with the largest gates (default: the router's own k)."),
     scope: str = typer.Option("response", help="Tokens counted: response (the positions the cache stores) or all."),
     max_examples: int = typer.Option(64, help="Examples read from the start of --data."),
     batch_size: int = typer.Option(8, help="Examples per teacher forward."),
@@ -52,7 +53,7 @@ def routing_stats(
 
     if plot is not None:
         check_output_file(plot, "--plot")
-    chosen = make_policy(policy, ka_lambda=ka_lambda, ka_drop=ka_drop, top_p=top_p)
+    chosen = make_policy(policy, ka_lambda=ka_lambda, ka_drop=ka_drop, top_p=top_p, experts=experts)
     stats = routing_stats_for_files(
         teacher, data, chosen, max_examples=max_examples, batch_size=batch_size, max_prompt_len=max_prompt_len,
         max_len=max_len, seed=seed, scope=scope, device=device, dtype=dtype, tokenizer=tokenizer,

@@ -8,6 +8,7 @@ checkpoint's decoding defaults are swapped out for an empty config while we gene
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -49,11 +50,15 @@ def generate_responses(
     max_new_tokens: int = 256,
     batch_size: int = 16,
     greedy: bool = False,
+    routing=None,
+    row_seeds: list[int] | None = None,
 ) -> list[str]:
     """One response per prompt (token ids), batched in the given order with left padding, cut at EOS.
 
     torch is seeded once with `seed` before the first batch, so the same prompts, seed and
     batch size give the same responses. `greedy` decodes by argmax instead (for checks).
+    `routing` (a RouterController of `model`) routes its MoE layers by a policy while it
+    generates, with one seed per prompt in `row_seeds` for a stochastic policy.
     """
     from transformers import GenerationConfig
 
@@ -72,7 +77,8 @@ def generate_responses(
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-            with torch.inference_mode():
+            seeds = row_seeds[start : start + batch_size] if row_seeds is not None else None
+            with torch.inference_mode(), routing.active(row_seeds=seeds) if routing is not None else nullcontext():
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
             for row in out[:, width:].tolist():
                 cut = next((i for i, token in enumerate(row) if token in eos), len(row))
