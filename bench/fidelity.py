@@ -3,8 +3,8 @@
     python bench/fidelity.py --json bench/results/fidelity.json    # the demo's teacher (several hours on 2 busy cores)
     python bench/fidelity.py --quick                                 # the quick demo plan, for a smoke run
 
-On the demo's teacher (trained by SFT on the built-in suite, `moekd.demo.prepare_teacher`; an
-existing demo workdir is reused) it builds a cache of the training split in every setting below,
+On a teacher trained by SFT on the built-in suite as the demo trains it (`moekd.demo.prepare_teacher`,
+plan FIDELITY_PLAN below) it builds a cache of the training split in every setting below,
 then measures, for each one:
 - bytes per position-sample of the teacher arrays (`moekd cache info`);
 - gradient fidelity against the exact full-vocabulary forward KL (teacher logits from its own
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +45,7 @@ from moekd.cache_builder.build import BuildOptions, build_cache  # noqa: E402
 from moekd.data.prompts import tokenize_records  # noqa: E402
 from moekd.data.records import load_records  # noqa: E402
 from moekd.demo import DEFAULT_PLAN, QUICK_PLAN, prepare_teacher  # noqa: E402
+from moekd.tiny_models import make_tiny_model  # noqa: E402
 from moekd.distill.loader import BatchDataset, pack  # noqa: E402
 from moekd.distill.losses import dense_kd_loss, sampled_kd_loss, sparse_kd_loss  # noqa: E402
 from moekd.distill.objective import batch_loss  # noqa: E402
@@ -61,6 +63,10 @@ SETTINGS = {
     "hidden fp32 (exact)": dict(encoding="hidden", hidden_dtype="fp32"),
 }
 EXACT = "hidden fp32 (exact)"
+# The demo's suite and teacher as the fidelity figures were measured on: 2,000 training examples, a
+# Mixtral-style teacher (hidden 96, 4 layers, 8 experts, top-2) trained by SFT for 6 epochs.
+FIDELITY_PLAN = replace(DEFAULT_PLAN, n_train=2000, teacher_epochs=6,
+                        teacher=dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, router_std=None))
 
 
 def build(work: Path, teacher: Path, data: Path, name: str, plan, **extra) -> Path:
@@ -193,8 +199,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     names = [n for n in SETTINGS if not args.only or n in args.only.split(",") or n == EXACT]
-    plan = QUICK_PLAN if args.quick else DEFAULT_PLAN
+    plan = QUICK_PLAN if args.quick else FIDELITY_PLAN
     work = args.workdir
+    plan_file, plan_json = work / "fidelity_plan.json", json.dumps(asdict(plan), indent=2)
+    if plan_file.exists() and plan_file.read_text() != plan_json:
+        parser.error(f"--workdir {work} holds a run of another plan (see {plan_file}); choose another --workdir")
+    work.mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(plan_json)
     console = Console(stderr=True)
     started = time.time()
     teacher_dir = Path(prepare_teacher(work, plan, console)["model"])
@@ -205,7 +216,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     loaded = load_records(test_data)
     test = tokenize_records(loaded.records, loaded.source_index, tokenizer, 256, 512).examples
-    init = work / "init" / "student"
+    init = work / "init" / "dense-seed0"
+    if not (init / "config.json").exists():
+        config = plan.students["dense"]
+        make_tiny_model(config["family"], tokenizer, init, seed=0, **{k: v for k, v in config.items() if k != "family"})
     rows = {}
     for name in names:
         console.print(f"[bold]{name}[/]")
