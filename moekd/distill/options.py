@@ -11,6 +11,7 @@ from moekd.errors import MoekdError
 LOSSES = (*KD_LOSSES, "ce")
 # Settings that do not change what the run computes: they may differ when resuming.
 RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version")
+NOT_RECORDED = ("storage_options",)  # may hold credentials
 
 
 @dataclass
@@ -18,6 +19,7 @@ class TrainOptions:
     student: str
     out: str
     cache: str | None = None
+    storage_options: dict | None = None  # fsspec options for a --cache URL; never written to the run directory
     data: str | None = None
     loss: str = "fkl"
     skew_lambda: float = 0.1

@@ -33,7 +33,7 @@ class CacheSource:
     ARRAYS = ("input_ids", "topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
 
     def __init__(self, reader: CacheReader):
-        self.location = reader.location
+        self.location, self.storage_options = reader.location, reader.storage_options
         self.lengths = reader.example_lengths()
         self.token_offsets, self.position_offsets = reader.token_offsets, reader.position_offsets
         self.prompt_len = reader.prompt_len.astype(np.int64)
@@ -54,7 +54,7 @@ class CacheSource:
     def _handles(self) -> dict:
         """The zarr arrays, opened again in each worker process: handles do not survive a fork."""
         if self._pid != os.getpid():
-            self._open(CacheReader(self.location))
+            self._open(CacheReader(self.location, self.storage_options))
         return self._arrays
 
     @property
@@ -113,11 +113,11 @@ def open_source(o: TrainOptions, tokenizer, console: Console):
         report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
                                   o.chat_template, o.skip_invalid)
         return TokenizedSource(report.examples), loaded.fingerprint()
-    report = verify_store(o.cache)
+    report = verify_store(o.cache, storage_options=o.storage_options)
     if not report.ok:
         shown = "; ".join(report.problems[:3]) + (f" (+{len(report.problems) - 3} more)" if len(report.problems) > 3 else "")
         raise MoekdError(f"--cache {o.cache} fails verification: {shown}. Run `moekd cache verify {o.cache}` for details")
-    reader = CacheReader(o.cache)
+    reader = CacheReader(o.cache, o.storage_options)
     if len(reader) == 0:
         raise MoekdError(f"--cache {o.cache} holds no examples")
     _check_tokenizer(tokenizer, reader.meta.tokenizer, o, console)

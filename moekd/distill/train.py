@@ -27,7 +27,7 @@ from moekd.distill.checkpoint import (
 from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader, pack
 from moekd.distill.metrics import MetricsLog, progress_bar
 from moekd.distill.objective import batch_loss, held_out_loss
-from moekd.distill.options import RUN_ONLY, TrainOptions, check_options
+from moekd.distill.options import NOT_RECORDED, RUN_ONLY, TrainOptions, check_options
 from moekd.distill.sources import check_vocabulary, open_source
 from moekd.errors import MoekdError
 from moekd.models import load_causal_lm, load_tokenizer, resolve_device
@@ -61,7 +61,7 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
     order = BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed)
     epochs = None if o.max_steps else (o.epochs or 1)
     total_steps = o.max_steps or -(-sum(len(order.epoch(e)) for e in range(epochs)) // o.grad_accum)
-    config = {**asdict(o), "epochs": epochs, "source_sha256": source_sha, "total_steps": total_steps,
+    config = {**{k: v for k, v in asdict(o).items() if k not in NOT_RECORDED}, "epochs": epochs, "source_sha256": source_sha, "total_steps": total_steps,
               "train_examples": len(train_idx), "eval_examples": len(eval_idx), "moekd_version": __version__}
     out = Path(o.out)
     resume_from = resume_point(out, config, o.resume, RUN_ONLY)

@@ -62,10 +62,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -221,7 +221,7 @@ class CacheWriter:
         except BaseException:
             shutil.rmtree(draft, ignore_errors=True)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def _init(self, settings: dict, tables: ExampleTables, shards: int | None) -> None:
