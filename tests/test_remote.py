@@ -188,3 +188,22 @@ def test_pack_opens_directly_and_catches_a_corrupted_member(cache, tmp_path):
     assert "topk_gaps/c/0/0/0: checksum mismatch (corrupted)" in verify_store(str(tmp_path / "bad.zip")).problems
     with pytest.raises(MoekdError, match="exists; remove it or choose another name"):
         pack_store(str(cache), out)
+
+
+def test_train_reads_a_cache_from_s3_and_from_a_zip(cache, s3, tokenizer, tmp_path):
+    from moekd.distill.checkpoint import is_complete
+    from moekd.distill.train import TrainOptions, train
+    from moekd.tiny_models import make_tiny_model
+
+    student = tmp_path / "student"
+    make_tiny_model("llama", tokenizer, student, seed=3, hidden=32)
+    url = "s3://team/train/run.zarr"
+    copy_store(str(cache), url, destination_options=s3)
+    pack_store(str(cache), tmp_path / "run.zip")
+    common = dict(student=str(student), lr=3e-3, batch_tokens=1024, max_steps=2, eval_every=0, save_every=0,
+                  workers=1, device="cpu", eval_fraction=0.1)
+    remote = train(TrainOptions(out=str(tmp_path / "s3"), cache=url, storage_options=s3, **common))
+    packed = train(TrainOptions(out=str(tmp_path / "zip"), cache=str(tmp_path / "run.zip"), **common))
+    local = train(TrainOptions(out=str(tmp_path / "local"), cache=str(cache), **common))
+    assert remote.loss == packed.loss == local.loss and is_complete(tmp_path / "s3" / "final")
+    assert "secret" not in (tmp_path / "s3" / "config.json").read_text()  # credentials never reach the run directory
