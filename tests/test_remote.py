@@ -11,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from moekd import CacheReader
-from moekd.cache_builder.build import BuildOptions, build_cache
 from moekd.cli import app
 from moekd.errors import MoekdError
 from moekd.store import transfer
@@ -25,12 +24,8 @@ ARRAYS = ("input_ids", "target_positions", "topk_ids", "topk_logprobs", "tail_lo
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, make_teacher, data_file):
-    """Two chunks per shard, so that reading one example takes a ranged read of a shard (as at scale)."""
-    out = tmp_path_factory.mktemp("remote") / "run.zarr"
-    build_cache(BuildOptions(teacher=str(make_teacher("mixtral")), data=str(data_file), out=str(out), k=16,
-                             max_prompt_len=96, max_len=128, batch_tokens=512, positions_per_shard=512, device="cpu"))
-    return out
+def cache(small_cache):
+    return small_cache
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +48,7 @@ def cache_build(
     As a job array: moekd cache build ... --shard $I/$N in each job, then moekd cache finalize run.zarr
     """
     from moekd.cache_builder.build import BuildOptions, build_cache
+    from moekd.distributed import Ranks
 
     params = {"m": m, "ka_lambda": ka_lambda, "ka_drop": ka_drop, "top_p": top_p}
     options = BuildOptions(
@@ -60,7 +60,7 @@ def cache_build(
         skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs, shard=shard,
     )
     s = build_cache(options, console=Console(stderr=True))
-    if s.ranks > 1 and os.environ.get("RANK", "0") != "0":
+    if not Ranks.from_env().main:
         return  # rank 0 prints the job's summary
     if s.already_complete:
         console.print(f"[green]already complete[/] {s.out}: built with the same settings; nothing to do", highlight=False)

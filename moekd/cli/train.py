@@ -52,8 +52,11 @@ def train_command(
     """Train a student on a teacher cache (KD), or on instruction data (--loss ce).
 
     Example: moekd train --cache run.zarr --student ./student --out runs/kd --loss fkl --max-steps 1000 --lr 5e-5 --warmup 50
+
+    On several GPUs (DDP, each rank trains its share of every batch): torchrun --nproc-per-node 8 -m moekd train ...
     """
     from moekd.distill.train import TrainOptions, train
+    from moekd.distributed import Ranks
     from moekd.store.location import parse_storage_options
 
     options = TrainOptions(
@@ -66,6 +69,8 @@ def train_command(
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
     )
     s = train(options, console=Console(stderr=True))
+    if not Ranks.from_env().main:
+        return  # rank 0 prints the run's summary
     evals = f"held-out loss {s.eval_loss_start:.4f} -> {s.eval_loss:.4f}; " if s.eval_loss_start is not None else (
         f"held-out loss {s.eval_loss:.4f}; " if s.eval_loss is not None else "")
     console.print(

@@ -10,7 +10,7 @@ from moekd.errors import MoekdError
 
 LOSSES = (*KD_LOSSES, "ce")
 # Settings that do not change what the run computes: they may differ when resuming.
-RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version")
+RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version", "world_size")
 NOT_RECORDED = ("storage_options",)  # may hold credentials
 
 
