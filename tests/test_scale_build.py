@@ -70,8 +70,8 @@ def assert_same_arrays(path: Path, reference: Path) -> None:
     assert a.meta.layout == b.meta.layout
     for name in b.meta.layout.arrays:
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:], err_msg=name)
-    files = lambda p: json.loads((p / "manifest.json").read_text())["files"]  # noqa: E731
-    assert files(path) == files(reference)  # byte for byte, file by file
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["files"] == json.loads((reference / "manifest.json").read_text())["files"]  # byte for byte, file by file
 
 
 def test_two_ranks_build_the_store_of_one_and_report_once(reference, make_teacher, data_file, tmp_path):

@@ -191,8 +191,7 @@ def _build(o: BuildOptions, ranks: Ranks, console: Console, started: float) -> B
     writer = planned[0] if ranks.main else CacheWriter.join(out, settings)
     work = split_units(writer, ranks, shard)
     runner = UnitRunner(model, controller, tables, policy.samples, o.k, o.seed, tokenizer.pad_token_id, o.batch_tokens, gate_r)
-    tokens_of = lambda units: sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in units)  # noqa: E731
-    total_tokens = tokens_of(work.everyone)
+    total_tokens = sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in work.everyone)
     teacher_seconds, done_tokens = 0.0, 0
     progress_tokens, ranks_done = ranks.counter("build/tokens"), ranks.counter("build/ranks-done")
     with _progress(console) as progress:

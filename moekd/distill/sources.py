@@ -115,15 +115,13 @@ def verify_cache(o: TrainOptions) -> None:
         raise MoekdError(f"--cache {o.cache} fails verification: {shown}. Run `moekd cache verify {o.cache}` for details")
 
 
-def open_source(o: TrainOptions, tokenizer, console: Console, verify: bool = True):
-    """The example source and a hash identifying its content (`verify`: check the cache first)."""
+def open_source(o: TrainOptions, tokenizer, console: Console):
+    """The example source and a hash identifying its content (a --cache is verified first with `verify_cache`)."""
     if o.data is not None:
         loaded = load_records(o.data, o.fields, o.skip_invalid)
         report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
                                   o.chat_template, o.skip_invalid)
         return TokenizedSource(report.examples), loaded.fingerprint()
-    if verify:
-        verify_cache(o)
     reader = CacheReader(o.cache, o.storage_options)
     if len(reader) == 0:
         raise MoekdError(f"--cache {o.cache} holds no examples")

@@ -75,7 +75,7 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
     tokenizer = load_tokenizer(o.student, "--student")
     if o.cache is not None:
         ranks.share(lambda: verify_cache(o))  # every file hashed once, not once per rank
-    source, source_sha = open_source(o, tokenizer, console, verify=False)
+    source, source_sha = open_source(o, tokenizer, console)
     train_idx, eval_idx = held_out_split(len(source), o.eval_fraction)
     order = BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed)
     epochs = None if o.max_steps else (o.epochs or 1)

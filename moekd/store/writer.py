@@ -131,6 +131,10 @@ def settings_differences(old: dict, new: dict) -> list[str]:
             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def _split(shards: int | None) -> str:
+    return f"as {shards} --shard jobs" if shards else "without --shard"
+
+
 def _remove_store(path: Path) -> None:
     """Delete a store so that no kill midway can leave a partial store that still reads as complete:
     it is renamed away (atomically) first."""
@@ -192,9 +196,8 @@ class CacheWriter:
             raise MoekdError(f"--resume: the unfinished build at {path} used other settings ({'; '.join(differ)}); "
                              "rerun with the store's settings or pass --overwrite to start again")
         if writer.shards != shards:
-            how = lambda n: f"as {n} --shard jobs" if n else "without --shard"  # noqa: E731
             hint = f"run its unfinished shards with --shard I/{writer.shards}" if writer.shards else "continue it with --resume and no --shard"
-            raise MoekdError(f"--shard: the build at {path} is planned {how(writer.shards)}, not {how(shards)}; {hint}")
+            raise MoekdError(f"--shard: the build at {path} is planned {_split(writer.shards)}, not {_split(shards)}; {hint}")
         return writer
 
     @classmethod
