@@ -61,7 +61,8 @@ def train_command(
 
     options = TrainOptions(
         student=student, out=str(out), cache=cache, storage_options=parse_storage_options(storage_options),
-        data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda, jsd_beta=jsd_beta, temperature=temperature, ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,
+        data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda, jsd_beta=jsd_beta, temperature=temperature,
+        ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,
         schedule=schedule, warmup=warmup, max_grad_norm=max_grad_norm, batch_tokens=batch_tokens, grad_accum=grad_accum,
         max_steps=max_steps, epochs=epochs, eval_every=eval_every, eval_fraction=eval_fraction, save_every=save_every,
         resume=resume, seed=seed, device=device, workers=workers, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
