@@ -114,14 +114,15 @@ def test_resume_after_sigkill_is_identical(make_teacher, data_file, tmp_path):
             "--out", str(out), "--k", "16", "--max-prompt-len", "96", "--max-len", "128", "--batch-tokens", "128",
             "--positions-per-shard", "256", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    killed_with_units = False
-    for wait_for_units in (0, 2):  # once during init, once between/inside units
+    killed_planning = killed_with_units = False
+    for wait_for_units in (0, 2):  # once while planning, once between/inside units
         proc = subprocess.Popen(args + (["--resume"] if out.exists() else []), env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         units = out / BUILD_DIR / "units"
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if wait_for_units == 0 and (out / BUILD_DIR / "settings.json").exists():
+            if wait_for_units == 0 and list(tmp_path.glob(".killed.zarr.plan-*/.moekd-build/settings.json")):
+                killed_planning = True
                 break
             if wait_for_units and units.exists() and len(list(units.glob("*.json"))) >= wait_for_units:
                 killed_with_units = True
@@ -129,6 +130,8 @@ def test_resume_after_sigkill_is_identical(make_teacher, data_file, tmp_path):
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        if wait_for_units == 0:  # a planner killed before its rename leaves no store, only its hidden draft
+            assert killed_planning and not out.exists()
     assert killed_with_units, "the build finished before it could be killed mid-way"
     with pytest.raises(MoekdError, match="unfinished build"):
         CacheReader(out)
