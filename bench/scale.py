@@ -1,6 +1,6 @@
 """Scale-out throughput, measured side by side in one run.
 
-    python bench/scale.py --json bench/results/scale.json     # ~5-8 minutes on a 2-core CPU
+    python bench/scale.py --json bench/results/scale.json     # ~25 minutes on this shared 2-core CPU
     python bench/scale.py --quick                             # a smaller workload, for a smoke run
 
 Prints, on one workload (the built-in synthetic suite, a tiny Mixtral-style teacher, a Llama student):
