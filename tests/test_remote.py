@@ -80,26 +80,28 @@ def test_push_read_verify_info_pull_over_s3(cache, s3, tmp_path):
 
 def test_interrupted_push_resumes_and_never_reads_as_complete(cache, s3, monkeypatch):
     url = "s3://team/interrupted/run.zarr"
-    real_write, calls, written = transfer._Destination.write, [], []
+    real_blocks, started, cut = transfer._blocks, [], []
 
-    def dies_on_the_tenth(self, *args):
-        calls.append(1)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        size = real_write(self, *args)
-        written.append(1)
-        return size
+    def dies_inside_the_tenth_file(fs, path, advance):
+        started.append(path)
+        for block in real_blocks(fs, path, advance):
+            yield block
+            if len(started) == 10:  # Ctrl-C in the middle of an upload
+                cut.append(path.split("run.zarr/")[-1])
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(transfer._Destination, "write", dies_on_the_tenth)
+    monkeypatch.setattr(transfer, "_blocks", dies_inside_the_tenth_file)
     with pytest.raises(KeyboardInterrupt):
         copy_store(str(cache), url, destination_options=s3, jobs=1)
     monkeypatch.undo()
-    assert "team/interrupted/run.zarr/zarr.json" not in objects(s3, "team/interrupted")
+    there = objects(s3, "team/interrupted")
+    assert "team/interrupted/run.zarr/zarr.json" not in there
+    assert f"team/interrupted/run.zarr/{cut[0]}" not in there  # the aborted upload left no object behind
     with pytest.raises(MoekdError, match="not a readable Zarr v3 group"):
         CacheReader(url, s3)
     assert not verify_store(url, storage_options=s3).ok
     report = copy_store(str(cache), url, destination_options=s3, jobs=4)
-    assert report.kept == len(written) >= 9 and report.copied == report.files - len(written)
+    assert report.kept == len(there) >= 9 and report.copied == report.files - len(there)
     assert verify_store(url, deep=True, storage_options=s3).ok
 
 

@@ -188,7 +188,7 @@ def _build(o: BuildOptions, ranks: Ranks, console: Console, started: float) -> B
     planned: list[CacheWriter] = []
     ranks.share(lambda: planned.append(CacheWriter.open(out, meta, settings, tables, o.resume, o.overwrite, shards)))
     # the other ranks open rank 0's plan, checking it against their own settings (their data, teacher, versions)
-    writer = planned[0] if ranks.main else CacheWriter.join(out, settings)
+    writer = planned[0] if ranks.main else _join_plan(out, settings)
     work = split_units(writer, ranks, shard)
     runner = UnitRunner(model, controller, tables, policy.samples, o.k, o.seed, tokenizer.pad_token_id, o.batch_tokens, gate_r)
     total_tokens = sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in work.everyone)
@@ -227,6 +227,15 @@ def _build(o: BuildOptions, ranks: Ranks, console: Console, started: float) -> B
         units_missing=units_missing, teacher_tokens=sum(r[1] for r in per_rank),
         teacher_seconds=max(r[2] for r in per_rank), wall_seconds=time.perf_counter() - started,
     )
+
+
+def _join_plan(out: Path, settings: dict, wait_seconds: float = 60.0) -> CacheWriter:
+    """Rank 0's plan, seen from another rank; on a filesystem shared by several nodes, the rename that
+    published it may take a moment (attribute caching) to be seen here."""
+    deadline = time.monotonic() + wait_seconds
+    while store_state(out) != "unfinished" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return CacheWriter.join(out, settings)
 
 
 def _complete_with(out: Path, settings: dict) -> bool:

@@ -138,12 +138,21 @@ class _Destination:
                 tmp.unlink(missing_ok=True)
             return size
         path = file_path(self.root, rel)
-        with self.fs.open(path, "wb") as fh:
+        fh = self.fs.open(path, "wb")
+        try:
             for block in chunks:
                 h.update(block)
                 size += len(block)
                 fh.write(block)
-        if h.hexdigest() != sha256 or _sha256(self.fs, path) != sha256:  # as sent, then as stored
+            if h.hexdigest() != sha256:  # as read from the source
+                raise _Corrupted(rel)
+        except BaseException:
+            if hasattr(fh, "discard"):
+                fh.discard()  # an aborted upload leaves no object (closing would commit the part written)
+                fh.closed = True  # so that neither we nor its finaliser commit what was discarded
+            raise
+        fh.close()
+        if _sha256(self.fs, path) != sha256:  # as stored at the destination
             self.fs.rm_file(path)
             raise _Corrupted(rel)
         return size
