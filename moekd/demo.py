@@ -28,6 +28,7 @@ from moekd.distill.checkpoint import is_complete
 from moekd.distill.metrics import read_metrics
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
+from moekd.paths import check_output_dir
 from moekd.eval.evaluate import evaluate, write_report
 from moekd.store.verify import store_info
 from moekd.store.writer import store_state
@@ -113,12 +114,14 @@ def _eval(console: Console, model: str, test: Path, out: Path, plan: DemoPlan) -
 def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = None) -> dict:
     """Run (or finish) every stage in `workdir`; return the table rows and write results.json/.png."""
     console = console or Console(stderr=True)
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work = check_output_dir(workdir, "--workdir")
     plan_file = work / "plan.json"
     plan_json = json.dumps(asdict(plan), indent=2)
     if plan_file.exists() and plan_file.read_text() != plan_json:
         raise MoekdError(f"--workdir: {work} holds a run of another plan (see {plan_file}); choose another --workdir")
+    if not plan_file.exists() and work.exists() and any(work.iterdir()):
+        raise MoekdError(f"--workdir: {work} is not empty and holds no moekd demo; choose a new or empty directory")
+    work.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(plan_json)
     data = work / "data"
     if not (data / "synth_info.json").exists():

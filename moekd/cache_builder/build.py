@@ -32,7 +32,9 @@ from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.distributed import Ranks
 from moekd.errors import MoekdError
-from moekd.models import checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype
+from moekd.models import (
+    check_tokenizer_fits, checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype,
+)
 from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, examples_overlapping
 from moekd.store.writer import CacheWriter, ExampleTables, recorded_settings, settings_differences, store_state
 
@@ -161,7 +163,8 @@ def _build(o: BuildOptions, ranks: Ranks, console: Console, started: float) -> B
     device = ranks.device(resolve_device(o.device))
     dtype = resolve_dtype(o.dtype, device)
     policy = make_policy(o.policy, **o.policy_params)
-    tokenizer = load_tokenizer(o.tokenizer or o.teacher, "--tokenizer" if o.tokenizer else "--teacher")
+    tokenizer_flag = "--tokenizer" if o.tokenizer else "--teacher"
+    tokenizer = load_tokenizer(o.tokenizer or o.teacher, tokenizer_flag)
     loaded = load_records(o.data, o.fields, o.skip_invalid)
     report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
                               o.chat_template, o.skip_invalid)
@@ -175,10 +178,8 @@ def _build(o: BuildOptions, ranks: Ranks, console: Console, started: float) -> B
                        teacher_tokens=0, teacher_seconds=0.0, wall_seconds=time.perf_counter() - started,
                        already_complete=True)
     model = load_causal_lm(o.teacher, dtype, device)
+    check_tokenizer_fits(tokenizer, model, tokenizer_flag)
     vocab = output_vocab_size(model)
-    if len(tokenizer) > vocab:
-        raise MoekdError(f"--teacher: the tokenizer has {len(tokenizer)} tokens but the teacher's output layer only {vocab}; "
-                         "they do not belong together (pass the teacher's own tokenizer with --tokenizer)")
     if o.k > vocab:
         raise MoekdError(f"--k {o.k} exceeds the teacher's vocabulary of {vocab}")
     controller = RouterController(model, policy, capture_gates=o.router_probs != "none")

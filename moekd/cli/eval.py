@@ -31,7 +31,10 @@ def eval_command(
     from rich.table import Table
 
     from moekd.eval.evaluate import evaluate, parse_seeds, write_report
+    from moekd.paths import check_output_file
 
+    if json_out is not None:
+        check_output_file(json_out, "--json")
     seed_list = parse_seeds(seeds)
     report = evaluate(
         model, data, seed_list, max_new_tokens=max_new_tokens, max_prompt_len=max_prompt_len, batch_size=batch_size,

@@ -29,6 +29,12 @@ def routing_stats(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     plot: Optional[Path] = typer.Option(None, help="Also save a per-layer plot (PNG) here."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout instead of a table."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template, as cache build does."),
+    instruction_field: Optional[str] = typer.Option(None, help="Field holding the instruction (default: instruction)."),
+    context_field: Optional[str] = typer.Option(None, help="Field holding the context (default: context or input; '' for none)."),
+    response_field: Optional[str] = typer.Option(None, help="Field holding the response (default: response or output)."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Leave out bad or over-long rows instead of stopping."),
 ) -> None:
     """Per MoE layer: gate mass of the activated and non-activated experts, expert load CV, gate entropy.
 
@@ -42,11 +48,16 @@ def routing_stats(
         render_table,
         routing_stats_for_files,
     )
+    from moekd.paths import check_output_file
 
+    if plot is not None:
+        check_output_file(plot, "--plot")
     chosen = make_policy(policy, ka_lambda=ka_lambda, ka_drop=ka_drop, top_p=top_p)
     stats = routing_stats_for_files(
         teacher, data, chosen, max_examples=max_examples, batch_size=batch_size, max_prompt_len=max_prompt_len,
-        max_len=max_len, seed=seed, scope=scope, device=device, dtype=dtype,
+        max_len=max_len, seed=seed, scope=scope, device=device, dtype=dtype, tokenizer=tokenizer,
+        fields={"instruction": instruction_field, "context": context_field, "response": response_field},
+        skip_invalid=skip_invalid, chat_template=chat_template,
     )
     if plot is not None:
         plot_stats(stats, plot)

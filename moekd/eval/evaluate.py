@@ -20,6 +20,7 @@ from moekd.data.records import Record, detect_fields, read_rows, row_problem
 from moekd.errors import MoekdError
 from moekd.eval.generate import SAMPLING, generate_responses, load_model
 from moekd.eval.rouge import rouge_l
+from moekd.models import output_vocab_size
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 
@@ -109,9 +110,9 @@ def evaluate(
         raise MoekdError("--data: give at least one data file")
     datasets = {str(path): load_eval_examples(path, limit) for path in data_paths}  # read all before the slow part
     model, tokenizer = load_model(model_dir, device)
-
-    scores, generations = [], []
-    for name, examples in datasets.items():
+    rows = output_vocab_size(model)
+    prompted = {}
+    for name, examples in datasets.items():  # every prompt is checked before the first generation
         prompts = [format_prompt(ex.record, tokenizer, chat_template) for ex in examples]
         ids = [prompt_ids(tokenizer, prompt, chat_template) for prompt in prompts]
         for ex, prompt in zip(examples, ids):
@@ -120,6 +121,16 @@ def evaluate(
                     f"--data {name} row {ex.row}: the prompt is {len(prompt)} tokens, over --max-prompt-len "
                     f"{max_prompt_len}; raise --max-prompt-len"
                 )
+            if max(prompt) >= rows:
+                raise MoekdError(
+                    f"--model {model_dir}: its output layer has {rows} entries but the prompt of --data {name} row "
+                    f"{ex.row} holds token id {max(prompt)}: the tokenizer saved with it is not the model's"
+                )
+        prompted[name] = prompts, ids
+
+    scores, generations = [], []
+    for name, examples in datasets.items():
+        prompts, ids = prompted[name]
         per_seed = {}
         for seed in seeds:
             responses = generate_responses(model, tokenizer, ids, seed, max_new_tokens, batch_size)

@@ -13,30 +13,22 @@ from pathlib import Path
 import torch
 
 from moekd.errors import MoekdError
-from moekd.models import load_causal_lm, resolve_device
+from moekd.models import load_causal_lm, load_tokenizer, resolve_device
 
 SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_model(model_dir: str | Path, device: str = "auto"):
     """(model, tokenizer) of a saved checkpoint directory, the model in eval mode on `device`."""
-    from transformers import AutoTokenizer
-
     model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise MoekdError(f"--model: {model_dir} does not exist")
     if not model_dir.is_dir():
         raise MoekdError(f"--model: {model_dir} is not a directory; pass a checkpoint saved with save_pretrained")
     if not (model_dir / "config.json").exists():
         raise MoekdError(f"--model: {model_dir} has no config.json; pass a checkpoint saved with save_pretrained")
-    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
-        raise MoekdError(
-            f"--model: {model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-            "save the tokenizer into the checkpoint with tokenizer.save_pretrained"
-        )
     device = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.eos_token_id is None:
-        raise MoekdError(f"--model: the tokenizer in {model_dir} defines no eos_token; set one in tokenizer_config.json")
+    tokenizer = load_tokenizer(model_dir, "--model")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     return load_causal_lm(model_dir, dtype, device, "--model"), tokenizer
 

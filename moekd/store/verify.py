@@ -40,7 +40,7 @@ def _read_root(fs, root: str, location: str) -> dict:
     """The root metadata's `moekd` attribute; MoekdError when it is missing or torn."""
     try:
         raw = fs.cat_file(file_path(root, ROOT_META))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise MoekdError(f"cache {location}: {ROOT_META} is missing: not a Zarr v3 store") from None
     try:
         return json.loads(raw).get("attributes", {}).get("moekd")
