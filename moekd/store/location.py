@@ -71,9 +71,13 @@ def open_group(location: str | Path, storage_options: dict | None = None):
         raise MoekdError(f"cache {location} is not a readable Zarr v3 group ({e})") from None
 
 
-def open_files(location: str | Path, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, root) for reading the store's files as `fs.cat_file(f"{root}/{name}")`."""
+def open_files(location: str | Path, storage_options: dict | None = None,
+               must_exist: bool = True) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root) for reading the store's files as `fs.cat_file(f"{root}/{name}")`; with
+    `must_exist`, a clear error when nothing is there (where the filesystem can tell: not over HTTP)."""
     location = str(location)
+    if must_exist and not is_url(location) and not Path(location).exists():
+        raise MoekdError(f"cache {location} does not exist")
     try:
         if is_zip(location):
             if is_url(location):
@@ -85,6 +89,8 @@ def open_files(location: str | Path, storage_options: dict | None = None) -> tup
                 fs = fsspec.filesystem("zip", fo=location)
             return fs, ""
         fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))
+        if must_exist and is_url(location) and can_list(fs) and not fs.exists(root):
+            raise MoekdError(f"cache {location} does not exist")
     except ImportError as e:
         raise _missing_backend(location, e) from None
     return fs, root.rstrip("/")

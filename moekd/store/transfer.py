@@ -80,7 +80,7 @@ class _Destination:
             self.dir = Path(location.removeprefix("file://"))
             self.fs, self.root = fsspec.filesystem("file"), str(self.dir)
         else:
-            self.fs, self.root = open_files(location, storage_options)
+            self.fs, self.root = open_files(location, storage_options, must_exist=False)
             self.fs.invalidate_cache()  # listings cached earlier in this process may predate an interrupted copy
         self.verb = verb
 
