@@ -302,7 +302,26 @@ CASES = [
     case("build-out-parent-is-file", BUILD + " --out {data}/run.zarr", "--out"),
     case("build-out-complete-store", BUILD, "--out", "--overwrite", out=copy("cache")),
     case("build-out-unfinished-store", BUILD, "--out", "--resume", out=copy("unfinished")),
-    case("build-resume-complete-store", BUILD + " --resume", "--resume", "complete", out=copy("cache")),
+    case("build-resume-complete-store-other-settings", BUILD + " --resume --k 8", "--resume", "complete", "k: 16",
+         out=copy("cache")),
+    case("build-shard-out-of-range", BUILD + " --shard 2/2", "--shard", "2/2"),
+    case("build-shard-not-a-fraction", BUILD + " --shard half", "--shard", "half"),
+    case("build-shard-and-overwrite", BUILD + " --shard 0/2 --overwrite", "--shard", "--overwrite"),
+    case("build-shard-on-a-build-planned-without", BUILD + " --shard 0/2", "--shard", "without --shard",
+         out=copy("unfinished")),
+    # ---- cache finalize / push / pull / pack
+    case("finalize-missing", "cache finalize {tmp}/absent.zarr", "absent.zarr"),
+    case("finalize-file", "cache finalize {data}", "demo_instructions.jsonl"),
+    case("finalize-units-missing", "cache finalize {bad}", "units are not written", "--resume", bad=copy("unfinished")),
+    case("push-source-missing", "cache push {tmp}/absent.zarr {out}", "absent.zarr"),
+    case("push-source-unfinished", "cache push {unfinished} {out}", "unfinished build"),
+    case("push-into-foreign-directory", "cache push {cache} {out}", "not part of this store", out=folder(**{"notes.txt": "mine"})),
+    case("push-jobs-zero", "cache push {cache} {out} --jobs 0", "--jobs"),
+    case("push-storage-options-not-json", "cache push {cache} s3://bucket/run.zarr --storage-options '{{oops'", "--storage-options"),
+    case("pull-source-missing", "cache pull {tmp}/absent.zarr {out}", "absent.zarr"),
+    case("pack-not-zip", "cache pack {cache} {tmp}/run.tar", "run.tar", ".zip"),
+    case("pack-exists", "cache pack {cache} {out}", "exists", out=text("x", "run.zip")),
+    case("pack-source-unfinished", "cache pack {unfinished} {tmp}/run.zip", "unfinished build"),
     case("build-resume-other-settings", BUILD + " --resume --k 8", "--resume", "k: 16", out=copy("unfinished")),
     # ---- cache info / verify
     case("info-missing", "cache info {tmp}/absent.zarr", "absent.zarr", "does not exist"),
@@ -315,6 +334,8 @@ CASES = [
     case("info-bad-metadata-field", "cache info {bad}", "layout.num_examples",
          bad=copy("cache", store_meta(set_key("layout.num_examples", "many")))),
     case("info-no-argument", "cache info", "Missing argument 'store'"),
+    case("info-storage-options-not-json", "cache info {cache} --storage-options '{{oops'", "--storage-options", "JSON"),
+    case("verify-storage-options-not-object", "cache verify {cache} --storage-options '[1]'", "--storage-options", "object"),
     case("verify-missing", "cache verify {tmp}/absent.zarr", "absent.zarr", "does not exist"),
     case("verify-no-argument", "cache verify --deep", "Missing argument 'store'"),
     case("verify-unknown-option", "cache verify {cache} --deeep", "--deeep"),
@@ -346,6 +367,7 @@ CASES = [
     case("train-no-source", "train --student {student} --out {out}", "--cache", "--data"),
     case("train-both-sources", TRAIN + " --data {data}", "--cache", "--data"),
     case("train-loss-unknown", TRAIN + " --loss kl", "--loss"),
+    case("train-storage-options-not-json", TRAIN + " --storage-options '{{oops'", "--storage-options"),
     case("train-kd-loss-on-data", SFT + " --loss fkl", "--loss"),
     case("train-ce-weight-above-1", TRAIN + " --ce-weight 2", "--ce-weight"),
     case("train-ce-weight-with-ce", SFT + " --ce-weight 0.5", "--ce-weight"),
@@ -486,8 +508,8 @@ def interrupted_build(argv: list[str]) -> None:
 
     real = CacheWriter.write_unit
 
-    def stop_after_first(self, unit, arrays):
-        real(self, unit, arrays)
+    def stop_after_first(self, unit, *args):
+        real(self, unit, *args)
         raise KeyboardInterrupt
 
     with mock.patch.object(CacheWriter, "write_unit", stop_after_first):
@@ -625,8 +647,8 @@ def test_verify_reports_what_is_wrong_with_a_store(c: Case, fx, shared_snapshot,
 
 def test_the_table_covers_every_command():
     commands = {" ".join(p.values[0].command.split()[:2]) for p in CASES}
-    for command in ("cache build", "cache info", "cache verify", "routing stats", "train --cache", "train --data",
-                    "eval --model", "data synth", "demo --quick"):
+    for command in ("cache build", "cache info", "cache verify", "cache finalize", "cache push", "cache pull", "cache pack",
+                    "routing stats", "train --cache", "train --data", "eval --model", "data synth", "demo --quick"):
         assert command in commands, command
     assert len(CASES) >= 50 and len({p.id for p in CASES}) == len(CASES)
 

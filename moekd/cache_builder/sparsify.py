@@ -75,7 +75,7 @@ def draw_tokens(logprobs: torch.Tensor, uniforms: torch.Tensor, proposal_temp: f
 
 
 class Encoder:
-    """What every encoder has: `info` (its metadata), `settings()` (what a resume must match) and `encode`."""
+    """What every encoder has: `info` (its metadata) and `encode`."""
 
     def fixed_arrays(self) -> dict[str, np.ndarray]:
         """Arrays written once per store, before any unit."""
@@ -87,7 +87,6 @@ class Encoder:
 
 
 class TopkEncoder(Encoder):
-    name = "topk"
 
     def __init__(self, k: int, scale: float = TOPK_SCALE):
         self.k, self.scale = k, scale
@@ -98,16 +97,12 @@ class TopkEncoder(Encoder):
             tail="tail = log of the probability mass outside the top-k (exact, from the full distribution)",
         )
 
-    def settings(self) -> dict:
-        return {"encoding": self.name, "k": self.k, "logprob_scale": self.scale}
-
     def encode(self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, targets=None) -> dict[str, np.ndarray]:
         ids, logprobs, tail = sparse_next_token(logits, self.k)
         return encode_topk(ids.cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy(), self.scale)
 
 
 class SampledEncoder(Encoder):
-    name = "sampled"
 
     def __init__(self, draws: int, proposal_temp: float, vocab_size: int):
         self.draws, self.proposal_temp = draws, proposal_temp
@@ -119,9 +114,6 @@ class SampledEncoder(Encoder):
             estimate=("p_hat_i = c_i / n estimates the teacher at temperature 1/t; at temperature 1 it is "
                       "c_i / n * exp((1 - t) * sampled_logprobs_i + proposal_logz) (unbiased: E[p_hat] = p)"),
         )
-
-    def settings(self) -> dict:
-        return {"encoding": self.name, "draws": self.draws, "proposal_temp": self.proposal_temp}
 
     def encode(self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, targets=None) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"sampled_ids": [], "sampled_counts": [], "sampled_logprobs": [], "proposal_logz": []}
@@ -144,7 +136,6 @@ class HiddenEncoder(Encoder):
     """The teacher's final (normed) hidden state at each stored position: the input of its output layer,
     captured by a forward hook, checked to give the model's logits exactly."""
 
-    name = "hidden"
 
     def __init__(self, model, hidden_dtype: str):
         head = output_layer(model)
@@ -160,9 +151,6 @@ class HiddenEncoder(Encoder):
                         "bits, fp8 to 4"),
         )
         self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def settings(self) -> dict:
-        return {"encoding": self.name, "hidden_dtype": self.hidden_dtype}
 
     def fixed_arrays(self) -> dict[str, np.ndarray]:
         return {"output_layer": self.weight_bits}
@@ -229,7 +217,7 @@ def encoding_flags(encoding: str, k: int | None, draws: int | None, proposal_tem
             raise MoekdError(f"--k must be at least 1, got {k}")
         if not (np.isfinite(scale) and 1 <= scale <= 4096):
             raise MoekdError(f"--logprob-scale must be in [1, 4096] steps per nat, got {scale}")
-        return {"k": k, "scale": scale}
+        return {"k": k, "logprob_scale": scale}
     if encoding == "sampled":
         draws = 32 if draws is None else draws
         proposal_temp = 1.0 if proposal_temp is None else float(proposal_temp)
@@ -249,7 +237,7 @@ def make_encoder(encoding: str, flags: dict, model, vocab_size: int) -> Encoder:
     if encoding == "topk":
         if flags["k"] > vocab_size:
             raise MoekdError(f"--k {flags['k']} exceeds the teacher's vocabulary of {vocab_size}")
-        return TopkEncoder(flags["k"], flags["scale"])
+        return TopkEncoder(flags["k"], flags["logprob_scale"])
     if encoding == "sampled":
         return SampledEncoder(flags["draws"], flags["proposal_temp"], vocab_size)
     return HiddenEncoder(model, flags["hidden_dtype"])

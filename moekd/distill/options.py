@@ -11,7 +11,8 @@ from moekd.paths import check_output_dir
 
 LOSSES = (*KD_LOSSES, "ce")
 # Settings that do not change what the run computes: they may differ when resuming.
-RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version")
+RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version", "world_size")
+NOT_RECORDED = ("storage_options",)  # may hold credentials
 
 
 @dataclass
@@ -19,6 +20,7 @@ class TrainOptions:
     student: str
     out: str
     cache: str | None = None
+    storage_options: dict | None = None  # fsspec options for a --cache URL; never written to the run directory
     data: str | None = None
     loss: str = "fkl"
     skew_lambda: float = 0.1
