@@ -194,19 +194,17 @@ def test_training_code_never_imports_the_teacher_side():
 
 
 def test_nan_loss_stops_naming_step_and_examples_and_keeps_last_checkpoint(cache, student, tmp_path, monkeypatch):
-    real, calls = objective_module.sparse_kd_loss, []
+    real, calls = objective_module.sparse_losses_, []
 
-    def nan_from_third_step(*args, **kwargs):
-        import torch
-
-        loss = real(*args, **kwargs)
-        if torch.is_grad_enabled():
+    def nan_from_third_step(logits, topk_ids, topk_logprobs, tail_logprob, labels, kd_weight, ce_weight, need_grad, *rest):
+        kd, ce, grad = real(logits, topk_ids, topk_logprobs, tail_logprob, labels, kd_weight, ce_weight, need_grad, *rest)
+        if need_grad:  # a training step, not an evaluation
             calls.append(1)
             if len(calls) >= 3:
-                return loss * float("nan")
-        return loss
+                kd = kd * float("nan")
+        return kd, ce, grad
 
-    monkeypatch.setattr(objective_module, "sparse_kd_loss", nan_from_third_step)
+    monkeypatch.setattr(objective_module, "sparse_losses_", nan_from_third_step)
     with pytest.raises(MoekdError, match=r"step 3: the loss is nan on batch \d+ of epoch 0 \(examples \[\d+.*step-000002"):
         train(options(student, tmp_path / "run", cache=str(cache), save_every=2, eval_every=0))
     assert is_complete(tmp_path / "run" / "step-000002") and not (tmp_path / "run" / "step-000003").exists()

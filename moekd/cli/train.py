@@ -29,6 +29,7 @@ def train_command(
     warmup: int = typer.Option(0, help="Optimizer steps of linear warmup."),
     max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm."),
     batch_tokens: int = typer.Option(8192, help="Padded tokens per micro-batch (rows x longest row)."),
+    loss_chunk: int = typer.Option(1024, help="Positions per chunk of the loss: logits are computed chunk by chunk from the hidden states, never all at once."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to train (instead of --epochs)."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the training examples (default 1 when --max-steps is not given)."),
@@ -57,7 +58,8 @@ def train_command(
     options = TrainOptions(
         student=student, out=str(out), cache=cache, data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda,
         jsd_beta=jsd_beta, temperature=temperature, ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,
-        schedule=schedule, warmup=warmup, max_grad_norm=max_grad_norm, batch_tokens=batch_tokens, grad_accum=grad_accum,
+        schedule=schedule, warmup=warmup, max_grad_norm=max_grad_norm, batch_tokens=batch_tokens, loss_chunk=loss_chunk,
+        grad_accum=grad_accum,
         max_steps=max_steps, epochs=epochs, eval_every=eval_every, eval_fraction=eval_fraction, save_every=save_every,
         resume=resume, seed=seed, device=device, workers=workers, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
         max_prompt_len=max_prompt_len, max_len=max_len, chat_template=chat_template, skip_invalid=skip_invalid,

@@ -37,19 +37,40 @@ with zero gradient. A row whose buckets are all -inf carries no teacher distribu
 is 0. Reverse KL is +inf where the teacher gives zero mass to a bucket the student does not,
 as the definition says (the skew, JSD and TV kinds stay finite there).
 
-Memory: the student tail needs the logits with a sample's stored ids masked out, one [P, V]
-tensor at a time; with M > 1 samples each is recomputed in backward (activation checkpointing)
-instead of keeping M of them.
+How the student side is computed, the same for every kind and any M (logits z over V, tempered):
+the logits at the stored ids of all M samples of a position (their union U) are gathered, and
+one logsumexp is taken over the logits outside U ("the rest"), in a single [P, V] pass that
+masks U in place. The rest of the computation works on [P, M, k] tensors, in log space:
+
+    log Z       = logaddexp(lse_rest, logsumexp of z over the distinct ids of U)
+    log q(i)    = z_i - log Z
+    log tail_m  = logaddexp(lse_rest, logsumexp of z over U minus sample m's ids) - log Z
+
+The tail is a sum of positive terms, never 1 - (stored mass): no cancellation, so it keeps the
+float32 relative precision of a logsumexp at every size, down to tails far below float epsilon
+(tested from 1e-1 to 1e-30 against the per-sample masked computation this replaced), and the
+stored ids may cover all but a vanishing part of the student's mass: value and gradient stay
+those of the exact definition. The gradient costs one [P, V] pass too: outside U it is
+exp(z_v - lse_rest), the share of v in the rest, times one number per position, and the ids of
+U get theirs from the [P, M, k] graph. So the [P, V] work of a KD loss is that of a
+cross-entropy (a max, an exp, a sum, and a scaled copy in backward), whatever M; with labels,
+the cross-entropy of an objective mixing KD and CE shares that same pass (at T = 1).
+
+`sparse_kd_loss` takes [P, V] logits (autograd: a custom backward for the [P, V] part).
+`sparse_losses_` is the same computation on one chunk of logits it may overwrite, returning the
+gradient of a weighted sum of KD and CE directly: the chunked training objective
+(objective.py, chunked.py) feeds it one chunk of positions at a time, so no step holds [P, V].
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 KD_LOSSES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
 
@@ -71,44 +92,181 @@ def sparse_kd_loss(
     """
     _check_options(kind, temperature, skew_lambda, jsd_beta)
     _check_sparse_shapes(student_logits, topk_ids, topk_logprobs, tail_logprob)
-    logits = _upcast(student_logits) / temperature
+    teacher = _teacher_buckets(topk_logprobs, tail_logprob, temperature, _compute_dtype(student_logits.dtype))
+    slots = _Slots(topk_ids.long().flatten(1), teacher.stored.flatten(1))
+    at_ids, lse_rest = _LogitsAtIdsAndRest.apply(student_logits, slots.ids, slots.valid, temperature)
+    log_z = _log_normaliser(at_ids, lse_rest, slots)
+    return _kd_terms(at_ids, lse_rest, log_z, slots, teacher, kind, skew_lambda, jsd_beta)
 
-    buckets = torch.cat([topk_logprobs, tail_logprob.unsqueeze(-1)], dim=-1).to(logits.dtype)
-    no_teacher = ~torch.isfinite(buckets).any(dim=-1)  # [P, M]: padding rows
-    buckets = buckets.masked_fill(no_teacher.unsqueeze(-1), 0.0)  # keeps those rows finite; loss zeroed below
-    teacher_logp = torch.log_softmax(buckets / temperature, dim=-1)  # [P, M, k+1]
 
-    stored = torch.isfinite(buckets[..., :-1])  # [P, M, k]; False for padded slots
-    logz = torch.logsumexp(logits, dim=-1)  # [P]
-    ids = topk_ids.long()
-    stored_logq = logits.gather(-1, ids.flatten(1)).view_as(ids) - logz[:, None, None]
-    stored_logq = stored_logq.masked_fill(~stored, -math.inf)
+def sparse_losses_(
+    logits: Tensor,
+    topk_ids: Tensor | None,
+    topk_logprobs: Tensor | None,
+    tail_logprob: Tensor | None,
+    labels: Tensor | None,
+    kd_weight: float,
+    ce_weight: float,
+    need_grad: bool,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    skew_lambda: float = 0.1,
+    jsd_beta: float = 0.5,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """KD and CE of one chunk of positions, with the gradient of kd_weight·ΣKD + ce_weight·ΣCE.
 
-    # Tail bucket: log of the student mass outside the stored ids, from the logits themselves so
-    # that a tail mass far below float epsilon keeps its exact log. One sample at a time, and with
-    # several samples recomputed in backward, so memory stays one [P, V] whatever M.
-    samples = ids.shape[1]
-    tails = [
-        _logsumexp_outside(logits, ids[:, m], stored[:, m]) if samples == 1
-        else checkpoint(_logsumexp_outside, logits, ids[:, m], stored[:, m], use_reentrant=False)
-        for m in range(samples)
-    ]
-    tail_logq = torch.stack(tails, dim=1) - logz[:, None]  # -inf when the ids cover V
+    Consumes `logits` [C, V] (float32 or float64, contiguous: overwritten). Returns the detached
+    per-(position, sample) divergence [C, M] (None when topk_ids is None), the per-position
+    cross-entropy of `labels` [C] at T = 1 (None when labels is None), and with need_grad the
+    gradient with respect to the logits [C, V] (in the logits' storage, or in that of their
+    tempered copy), else None. The definitions are those of `sparse_kd_loss` and
+    `masked_cross_entropy`; the caller checks options, shapes and ids.
+    """
+    kd = ce = None
+    passes = []  # (d pass logits / d logits, slots, at_ids, lse_rest, rest, rest_sum): one [C, V] pass each
+    with torch.enable_grad() if need_grad else nullcontext():
+        if topk_ids is not None:
+            teacher = _teacher_buckets(topk_logprobs, tail_logprob, temperature, logits.dtype)
+            slots = _Slots(topk_ids.long().flatten(1), teacher.stored.flatten(1))
+            shared = labels is not None and temperature == 1.0
+            if shared:  # the labels join the stored ids as extra slots: one pass for KD and CE
+                slots = _Slots(torch.cat([slots.ids, labels.long().unsqueeze(1)], 1), F.pad(slots.valid, (0, 1), value=True))
+                tempered = logits
+            elif temperature == 1.0:
+                tempered = logits
+            else:  # in place unless the CE pass needs the logits at T = 1
+                tempered = logits / temperature if labels is not None else logits.div_(temperature)
+            passes.append((1.0 / temperature, slots, *_logits_at_ids_and_rest_(tempered, slots.ids, slots.valid)))
+            at_ids, lse_rest = _track(passes[-1], need_grad)
+            log_z = _log_normaliser(at_ids, lse_rest, slots)
+            kd = _kd_terms(at_ids, lse_rest, log_z, slots, teacher, kind, skew_lambda, jsd_beta)
+            if shared:
+                ce = log_z - at_ids[:, -1]
+        if labels is not None and ce is None:
+            slots = _Slots(labels.long().unsqueeze(1), torch.ones(len(labels), 1, dtype=torch.bool, device=labels.device))
+            passes.append((1.0, slots, *_logits_at_ids_and_rest_(logits, slots.ids, slots.valid)))
+            at_ids, lse_rest = _track(passes[-1], need_grad)
+            ce = torch.logaddexp(lse_rest, at_ids[:, 0]) - at_ids[:, 0]
+        if not need_grad:
+            return _detached(kd), _detached(ce), None
+        objective = sum(w * t.sum() for w, t in ((kd_weight, kd), (ce_weight, ce)) if t is not None)
+        grads = torch.autograd.grad(objective, [t for p in passes for t in p[2:4]], materialize_grads=True)
+    grad = None
+    for n, (scale, slots, _, _, rest, rest_sum) in enumerate(passes):
+        pass_grad = _rest_grad_(rest, rest_sum, slots.ids, grads[2 * n], grads[2 * n + 1])
+        grad = pass_grad.mul_(scale) if grad is None else grad.add_(pass_grad, alpha=scale)
+    return _detached(kd), _detached(ce), grad
+
+
+class _LogitsAtIdsAndRest(torch.autograd.Function):
+    """(logits / T at the ids [P, n], logsumexp of logits / T outside the valid ids [P]), with a one-pass backward."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, ids: Tensor, valid: Tensor, temperature: float):
+        z = torch.empty(logits.shape, dtype=_compute_dtype(logits.dtype), device=logits.device).copy_(logits)
+        at_ids, lse_rest, rest, rest_sum = _logits_at_ids_and_rest_(z.div_(temperature), ids, valid)
+        ctx.save_for_backward(rest, rest_sum, ids)
+        ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
+        return at_ids, lse_rest
+
+    @staticmethod
+    def backward(ctx, grad_at_ids: Tensor, grad_lse_rest: Tensor):
+        rest, rest_sum, ids = ctx.saved_tensors
+        grad = _rest_grad_(rest.clone(), rest_sum, ids, grad_at_ids, grad_lse_rest)  # a copy: the graph may be retained
+        return grad.div_(ctx.temperature).to(ctx.logits_dtype), None, None, None
+
+
+def _logits_at_ids_and_rest_(z: Tensor, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The one [P, V] pass. Consumes z [P, V]: returns z at `ids` [P, n], the logsumexp of each row
+    outside its valid ids [P], and, in z's storage, exp(z - shift) outside those ids (0 at them) with
+    its row sums [P]: what the backward needs."""
+    z_at_ids = z.gather(1, ids)
+    # -inf at the valid ids; a padded slot (amin with +inf) leaves its id as it is, even one it shares.
+    fill = torch.full_like(z_at_ids, math.inf).masked_fill_(valid, -math.inf)
+    z.scatter_reduce_(1, ids, fill, reduce="amin")
+    shift = z.amax(dim=1, keepdim=True)
+    shift.masked_fill_(~torch.isfinite(shift), 0.0)  # rows with nothing outside the ids
+    rest = z.sub_(shift).exp_()
+    rest_sum = rest.sum(dim=1)
+    return z_at_ids, shift.squeeze(1) + rest_sum.log(), rest, rest_sum
+
+
+def _rest_grad_(rest: Tensor, rest_sum: Tensor, ids: Tensor, grad_at_ids: Tensor, grad_lse_rest: Tensor) -> Tensor:
+    """Gradient with respect to z [P, V] from those of (z at ids, lse_rest), in rest's storage."""
+    scale = torch.where(rest_sum > 0, grad_lse_rest / rest_sum, 0.0)  # d lse_rest / d z_v = rest_v / rest_sum
+    return rest.mul_(scale.unsqueeze(1)).scatter_add_(1, ids, grad_at_ids)
+
+
+class _Slots:
+    """The ids gathered for one pass [P, n] and which are real (valid), with each distinct valid id marked once."""
+
+    def __init__(self, ids: Tensor, valid: Tensor):
+        self.ids, self.valid = ids, valid
+        self.key = ids.masked_fill(~valid, -1)
+        sorted_key, order = self.key.sort(dim=1)
+        first = sorted_key >= 0
+        first[:, 1:] &= sorted_key[:, 1:] != sorted_key[:, :-1]
+        self.distinct = torch.zeros_like(valid).scatter_(1, order, first)
+
+
+def _log_normaliser(at_ids: Tensor, lse_rest: Tensor, slots: _Slots) -> Tensor:
+    """log Z [P]: the rest plus each distinct valid id once (ids repeat across samples)."""
+    return _logaddexp(lse_rest, _masked_logsumexp(at_ids, slots.distinct))
+
+
+def _kd_terms(at_ids, lse_rest, log_z, slots: _Slots, teacher: _Teacher, kind, skew_lambda, jsd_beta) -> Tensor:
+    """Per-(position, sample) divergence [P, M]; the first M·k slots are the samples' stored ids."""
+    rows, samples, k = teacher.stored.shape
+    stored_logq = (at_ids[:, :samples * k] - log_z.unsqueeze(1)).view(rows, samples, k)
+    stored_logq = stored_logq.masked_fill(~teacher.stored, -math.inf)
+
+    # Tail of sample m: the rest plus the distinct valid ids (of any slot) that are not among sample m's.
+    sample_keys = slots.key[:, :samples * k].view(rows, samples, k).sort(dim=-1).values
+    probe = slots.key.unsqueeze(1).expand(rows, samples, -1).contiguous()
+    in_sample = sample_keys.gather(-1, torch.searchsorted(sample_keys, probe).clamp_(max=k - 1)) == probe
+    others = _masked_logsumexp(at_ids.unsqueeze(1).expand(rows, samples, -1), slots.distinct.unsqueeze(1) & ~in_sample)
+    tail_logq = _logaddexp(lse_rest.unsqueeze(1), others) - log_z.unsqueeze(1)  # -inf when the ids cover V
 
     student_logq = torch.cat([stored_logq, tail_logq.unsqueeze(-1)], dim=-1)
-    loss = _divergence(teacher_logp, student_logq, kind, skew_lambda, jsd_beta)
-    return loss.masked_fill(no_teacher, 0.0)
+    loss = _divergence(teacher.logp, student_logq, kind, skew_lambda, jsd_beta)
+    return loss.masked_fill(teacher.absent, 0.0)
 
 
-def _logsumexp_outside(logits: Tensor, ids: Tensor, stored: Tensor) -> Tensor:
-    """logsumexp of each row of `logits` [P, V] over the ids [P, k] not stored there.
+class _Teacher(NamedTuple):
+    logp: Tensor  # [P, M, k+1] tempered log-probs over the buckets
+    absent: Tensor  # [P, M] rows that carry no teacher distribution
+    stored: Tensor  # [P, M, k] real (not padded) slots
 
-    Padded slots scatter into an extra column that is dropped, so they never hide a real id.
-    """
-    vocab_size = logits.shape[-1]
-    in_topk = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=logits.device)
-    in_topk.scatter_(-1, ids.masked_fill(~stored, vocab_size), True)
-    return torch.logsumexp(logits.masked_fill(in_topk[:, :vocab_size], -math.inf), dim=-1)
+
+def _teacher_buckets(topk_logprobs: Tensor, tail_logprob: Tensor, temperature: float, dtype: torch.dtype) -> _Teacher:
+    buckets = torch.cat([topk_logprobs, tail_logprob.unsqueeze(-1)], dim=-1).to(dtype)
+    absent = ~torch.isfinite(buckets).any(dim=-1)
+    buckets = buckets.masked_fill(absent.unsqueeze(-1), 0.0)  # keeps those rows finite; their loss is zeroed
+    return _Teacher(torch.log_softmax(buckets / temperature, dim=-1), absent, torch.isfinite(topk_logprobs))
+
+
+def _masked_logsumexp(x: Tensor, keep: Tensor) -> Tensor:
+    """logsumexp over the last dim of the entries where keep is True; -inf (zero gradient) where there are none."""
+    return torch.logsumexp(x.masked_fill(~keep, -math.inf), dim=-1)
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """logaddexp that stays -inf with a zero (not NaN) gradient where both are -inf."""
+    empty = torch.isneginf(a) & torch.isneginf(b)
+    return torch.logaddexp(a.masked_fill(empty, 0.0), b.masked_fill(empty, 0.0)).masked_fill(empty, -math.inf)
+
+
+def _track(pass_: tuple, need_grad: bool) -> tuple[Tensor, Tensor]:
+    """The pass's (at_ids, lse_rest) as leaves of the small graph whose gradient the pass's backward takes."""
+    return pass_[2].requires_grad_(need_grad), pass_[3].requires_grad_(need_grad)
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
 
 
 def dense_kd_loss(
@@ -206,7 +364,7 @@ def _log_mixture(logp: Tensor, logq: Tensor, weight_p: float) -> Tensor:
 
 
 def _upcast(logits: Tensor) -> Tensor:
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits.to(_compute_dtype(logits.dtype))
 
 
 def _check_options(kind: str, temperature: float, skew_lambda: float, jsd_beta: float) -> None:
@@ -232,3 +390,5 @@ def _check_sparse_shapes(student_logits: Tensor, topk_ids: Tensor, topk_logprobs
         raise ValueError(f"topk_logprobs: expected the shape of topk_ids {list(topk_ids.shape)}, got {list(topk_logprobs.shape)}")
     if tail_logprob.shape != topk_ids.shape[:2]:
         raise ValueError(f"tail_logprob: expected shape [P, M] = {list(topk_ids.shape[:2])}, got {list(tail_logprob.shape)}")
+    if topk_ids.numel() and not (0 <= int(topk_ids.min()) and int(topk_ids.max()) < vocab_size):
+        raise ValueError(f"topk_ids: ids must lie in [0, {vocab_size}), got {int(topk_ids.min())}..{int(topk_ids.max())}")

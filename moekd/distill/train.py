@@ -29,6 +29,7 @@ from moekd.distill.metrics import MetricsLog, progress_bar
 from moekd.distill.objective import batch_loss, held_out_loss
 from moekd.distill.options import RUN_ONLY, TrainOptions, check_options
 from moekd.distill.sources import check_vocabulary, open_source
+from moekd.distill.student import Student
 from moekd.errors import MoekdError
 from moekd.models import load_causal_lm, load_tokenizer, resolve_device
 from moekd.store.writer import atomic_write
@@ -68,6 +69,7 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
 
     model = load_causal_lm(resume_from or o.student, torch.float32, device, "--student")
     check_vocabulary(model, source, o.student)
+    student = Student(model)  # the forward to hidden states; the loss applies the output layer
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup, total_steps, o.schedule))
     torch.manual_seed(o.seed)
@@ -89,7 +91,7 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
                                                          source.lengths, o.batch_tokens))]
 
     def evaluate() -> dict[str, float]:
-        return held_out_loss(model, make_loader(BatchDataset(source, pad_id, "mean", o.seed), eval_order, o.workers), o, device)
+        return held_out_loss(student, make_loader(BatchDataset(source, pad_id, "mean", o.seed), eval_order, o.workers), o, device)
 
     eval_start = None
     if step == 0 and eval_order:
@@ -103,7 +105,7 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
             if not micro:
                 break
             lr = scheduler.get_last_lr()[0]
-            terms, grad_norm = _optimizer_step(model, optimizer, micro, o, device, step + 1, out)
+            terms, grad_norm = _optimizer_step(student, optimizer, micro, o, device, step + 1, out)
             scheduler.step()
             step += 1
             batch_tokens = sum(b["tokens"] for b in micro)

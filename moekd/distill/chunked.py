@@ -1,0 +1,134 @@
+"""Losses on a language model's output layer, computed chunk by chunk over positions: no [P, V] logits.
+
+`chunked_output_loss(hidden, head, chunk_loss, chunk)` takes the final hidden states [P, d] of
+the positions to score and the output layer (`OutputLayer`: weight [V, d], optional bias, the
+logit scaling or soft-capping some families apply). For each chunk of `chunk` positions it
+computes the chunk's logits [C, V] in float32, hands them to `chunk_loss`, which returns the
+chunk's loss terms and the gradient of its "loss" term with respect to those logits, and sends
+that gradient through the output layer at once (grad_hidden = g·W, grad_W += gᵀ·h): forward and
+backward of a chunk both happen in the forward call, as in Liger-Kernel's fused linear losses.
+So each logit is computed once, a step runs the three matmuls of a plain lm_head + loss, and at
+most one chunk's [C, V] buffers exist at a time. The backward of the returned loss only scales
+the gradients kept for hidden, W and b by its incoming gradient (a scalar loss: any objective
+built on it differentiates correctly; double backward is not supported).
+
+A chunk loss is any callable with a `terms` tuple (names, "loss" first) that maps (logits
+[C, V] float32, which it may overwrite; the chunk's rows as a slice of the P positions;
+need_grad) to (a 1-D tensor of the chunk's contribution to each term, the gradient of the
+"loss" contribution with respect to the logits or None). objective.py's is the sparse KD + CE
+of a cached batch; a loss against a full teacher distribution computed per chunk (for example
+from stored teacher hidden states and the teacher's own output layer) fits the same slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """logits = softcap·tanh(s / softcap) with s = scale·(h Wᵀ + b); without softcap, logits = s."""
+
+    weight: Tensor  # [V, d]
+    bias: Tensor | None = None  # [V]
+    scale: float = 1.0  # Cohere's logit_scale, Granite's 1 / logits_scaling
+    softcap: float | None = None  # Gemma 2/3's final_logit_softcapping
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """All the logits of hidden [..., d], through autograd: the reference the chunked loss must match."""
+        logits = F.linear(hidden, self.weight, self.bias) * self.scale
+        return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
+
+
+class ChunkLoss(Protocol):
+    terms: tuple[str, ...]
+
+    def __call__(self, logits: Tensor, rows: slice, need_grad: bool) -> tuple[Tensor, Tensor | None]: ...
+
+
+def chunked_output_loss(
+    hidden: Tensor, head: OutputLayer, chunk_loss: ChunkLoss, chunk: int, matmul_dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """The sum over chunks of `chunk_loss`'s terms, as float32 scalars; "loss" carries the gradient
+    to hidden [P, d], head.weight and head.bias (the other terms are detached).
+
+    matmul_dtype: the dtype of the logit matmuls (default: that of hidden and weight promoted);
+    bfloat16 under CUDA autocast, as autocast would run the lm_head. The logits are upcast to
+    float32 per chunk either way.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk: expected a positive number of positions, got {chunk}")
+    inputs = (hidden, head.weight, head.bias)
+    needs = tuple(t is not None and t.requires_grad and torch.is_grad_enabled() for t in inputs)
+    if any(needs):
+        loss, values = _ChunkedOutputLoss.apply(*inputs, head.scale, head.softcap, chunk_loss, chunk, matmul_dtype, needs)
+    else:
+        loss, values, _ = _run_chunks(hidden, head, chunk_loss, chunk, matmul_dtype, needs)
+    return {"loss": loss, **{name: values[n] for n, name in enumerate(chunk_loss.terms[1:])}}
+
+
+class _ChunkedOutputLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, scale, softcap, chunk_loss, chunk, matmul_dtype, needs):
+        head = OutputLayer(weight, bias, scale, softcap)
+        loss, values, grads = _run_chunks(hidden, head, chunk_loss, chunk, matmul_dtype, needs)
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(values)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return loss, values
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_values):
+        grads = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            if grad is not None:
+                grad = grad.mul_(grad_loss) if grad_loss.item() != 1.0 else grad  # the loss scaled by the objective
+                grad = grad.to(dtype)
+            grads.append(grad)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _run_chunks(hidden: Tensor, head: OutputLayer, chunk_loss: ChunkLoss, chunk: int,
+                matmul_dtype: torch.dtype | None, needs: tuple[bool, bool, bool]):
+    """(loss, other term values, (grad_hidden, grad_weight, grad_bias) or Nones) over all chunks."""
+    need_grad = any(needs)
+    dtype = matmul_dtype or torch.promote_types(hidden.dtype, head.weight.dtype)
+    weight = head.weight.detach().to(dtype)
+    bias = None if head.bias is None else head.bias.detach().to(dtype)
+    accumulate = torch.promote_types(head.weight.dtype, torch.float32)
+    grad_hidden = torch.empty_like(hidden) if needs[0] else None
+    grad_weight = torch.zeros(head.weight.shape, dtype=accumulate, device=hidden.device) if needs[1] else None
+    grad_bias = torch.zeros(head.weight.shape[0], dtype=accumulate, device=hidden.device) if needs[2] else None
+    total = torch.zeros(len(chunk_loss.terms), dtype=torch.float64, device=hidden.device)
+    with torch.no_grad():
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, min(start + chunk, hidden.shape[0]))
+            h = hidden[rows].detach().to(dtype)
+            logits = F.linear(h, weight, bias).to(torch.float32 if dtype != torch.float64 else dtype)
+            if head.scale != 1.0:
+                logits.mul_(head.scale)
+            if head.softcap is not None:
+                logits.div_(head.softcap).tanh_()
+                softcap_slope = 1 - logits.square() if need_grad else None  # d softcap·tanh(s/softcap) / ds
+                logits.mul_(head.softcap)
+            values, grad = chunk_loss(logits, rows, need_grad)
+            total += values.to(total.dtype)
+            if not need_grad:
+                continue
+            if head.softcap is not None:
+                grad.mul_(softcap_slope)
+            grad_logits = grad.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (grad_logits @ weight).mul_(head.scale).to(grad_hidden.dtype)
+            if grad_weight is not None and dtype == accumulate:
+                grad_weight.addmm_(grad_logits.T, h, alpha=head.scale)
+            elif grad_weight is not None:  # low-precision matmuls, float32 accumulation over the chunks
+                grad_weight.add_((grad_logits.T @ h).to(accumulate), alpha=head.scale)
+            if grad_bias is not None:
+                grad_bias.add_(grad.sum(dim=0).to(accumulate), alpha=head.scale)
+    return total[0].float(), total[1:].float(), (grad_hidden, grad_weight, grad_bias)
