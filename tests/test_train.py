@@ -127,7 +127,8 @@ def test_kd_training_lowers_held_out_loss_and_writes_checkpoints(kd_run):
 
 
 def test_interrupted_run_resumes_to_identical_metrics(cache, student, tmp_path, monkeypatch):
-    kw = dict(cache=str(cache), samples="random", grad_accum=2, max_steps=5, save_every=2, eval_every=2, schedule="cosine", warmup=2)
+    kw = dict(cache=str(cache), samples="random", grad_accum=2, max_steps=5, save_every=2, eval_every=2, schedule="cosine", warmup=2,
+              loss_chunk=96)  # several chunks per batch
     train(options(student, tmp_path / "whole", **kw))
 
     real_write = MetricsLog.write
@@ -288,6 +289,7 @@ def test_student_vocabulary_smaller_than_the_cache_is_refused(cache, tokenizer, 
     (dict(max_steps=3, epochs=1), "one of --max-steps and --epochs"),
     (dict(batch_tokens=64), "--batch-tokens 64 is below the longest training example"),
     (dict(samples="all"), "--samples must be mean or random"),
+    (dict(loss_chunk=0), "--loss-chunk must be positive"),
 ])
 def test_bad_options_are_refused(cache, student, tmp_path, change, message):
     with pytest.raises(MoekdError, match=message):

@@ -41,7 +41,9 @@ class OutputLayer:
 
     def logits(self, hidden: Tensor) -> Tensor:
         """All the logits of hidden [..., d], through autograd: the reference the chunked loss must match."""
-        logits = F.linear(hidden, self.weight, self.bias) * self.scale
+        dtype = torch.promote_types(hidden.dtype, self.weight.dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        logits = F.linear(hidden.to(dtype), self.weight.to(dtype), bias) * self.scale
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)
 
 
@@ -54,7 +56,7 @@ class ChunkLoss(Protocol):
 def chunked_output_loss(
     hidden: Tensor, head: OutputLayer, chunk_loss: ChunkLoss, chunk: int, matmul_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
-    """The sum over chunks of `chunk_loss`'s terms, as float32 scalars; "loss" carries the gradient
+    """The sum over chunks of `chunk_loss`'s terms, as float32 scalars (float64 for float64 inputs); "loss" carries the gradient
     to hidden [P, d], head.weight and head.bias (the other terms are detached).
 
     matmul_dtype: the dtype of the logit matmuls (default: that of hidden and weight promoted);
@@ -98,18 +100,19 @@ def _run_chunks(hidden: Tensor, head: OutputLayer, chunk_loss: ChunkLoss, chunk:
     """(loss, other term values, (grad_hidden, grad_weight, grad_bias) or Nones) over all chunks."""
     need_grad = any(needs)
     dtype = matmul_dtype or torch.promote_types(hidden.dtype, head.weight.dtype)
+    logits_dtype = torch.promote_types(dtype, torch.float32)
     weight = head.weight.detach().to(dtype)
     bias = None if head.bias is None else head.bias.detach().to(dtype)
     accumulate = torch.promote_types(head.weight.dtype, torch.float32)
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    grad_weight = torch.zeros(head.weight.shape, dtype=accumulate, device=hidden.device) if needs[1] else None
+    grad_weight = None  # allocated by the first chunk's matmul
     grad_bias = torch.zeros(head.weight.shape[0], dtype=accumulate, device=hidden.device) if needs[2] else None
     total = torch.zeros(len(chunk_loss.terms), dtype=torch.float64, device=hidden.device)
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, min(start + chunk, hidden.shape[0]))
             h = hidden[rows].detach().to(dtype)
-            logits = F.linear(h, weight, bias).to(torch.float32 if dtype != torch.float64 else dtype)
+            logits = F.linear(h, weight, bias).to(logits_dtype)
             if head.scale != 1.0:
                 logits.mul_(head.scale)
             if head.softcap is not None:
@@ -125,10 +128,13 @@ def _run_chunks(hidden: Tensor, head: OutputLayer, chunk_loss: ChunkLoss, chunk:
             grad_logits = grad.to(dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = (grad_logits @ weight).mul_(head.scale).to(grad_hidden.dtype)
-            if grad_weight is not None and dtype == accumulate:
+            if needs[1] and grad_weight is None:
+                grad_weight = torch.mm(grad_logits.T, h).to(accumulate)
+                grad_weight = grad_weight.mul_(head.scale) if head.scale != 1.0 else grad_weight
+            elif needs[1] and dtype == accumulate:
                 grad_weight.addmm_(grad_logits.T, h, alpha=head.scale)
-            elif grad_weight is not None:  # low-precision matmuls, float32 accumulation over the chunks
+            elif needs[1]:  # low-precision matmuls, float32 accumulation over the chunks
                 grad_weight.add_((grad_logits.T @ h).to(accumulate), alpha=head.scale)
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(dim=0).to(accumulate), alpha=head.scale)
-    return total[0].float(), total[1:].float(), (grad_hidden, grad_weight, grad_bias)
+    return total[0].to(logits_dtype), total[1:].to(logits_dtype), (grad_hidden, grad_weight, grad_bias)

@@ -93,10 +93,16 @@ def sparse_kd_loss(
     _check_options(kind, temperature, skew_lambda, jsd_beta)
     _check_sparse_shapes(student_logits, topk_ids, topk_logprobs, tail_logprob)
     teacher = _teacher_buckets(topk_logprobs, tail_logprob, temperature, _compute_dtype(student_logits.dtype))
-    slots = _Slots(topk_ids.long().flatten(1), teacher.stored.flatten(1))
+    student_logq = student_bucket_logprobs(student_logits, topk_ids, teacher.stored, temperature)
+    return _divergence(teacher.logp, student_logq, kind, skew_lambda, jsd_beta).masked_fill(teacher.absent, 0.0)
+
+
+def student_bucket_logprobs(student_logits: Tensor, topk_ids: Tensor, stored: Tensor, temperature: float = 1.0) -> Tensor:
+    """The student's log-probs [P, M, k+1] over each sample's buckets: the stored ids (-inf at padded
+    slots, stored [P, M, k] False) and the tail, from logits [P, V] divided by the temperature."""
+    slots = _Slots(topk_ids.long().flatten(1), stored.flatten(1))
     at_ids, lse_rest = _LogitsAtIdsAndRest.apply(student_logits, slots.ids, slots.valid, temperature)
-    log_z = _log_normaliser(at_ids, lse_rest, slots)
-    return _kd_terms(at_ids, lse_rest, log_z, slots, teacher, kind, skew_lambda, jsd_beta)
+    return _student_log_probs(at_ids, lse_rest, slots, stored)[1]
 
 
 def sparse_losses_(
@@ -131,15 +137,16 @@ def sparse_losses_(
             shared = labels is not None and temperature == 1.0
             if shared:  # the labels join the stored ids as extra slots: one pass for KD and CE
                 slots = _Slots(torch.cat([slots.ids, labels.long().unsqueeze(1)], 1), F.pad(slots.valid, (0, 1), value=True))
+            if temperature == 1.0:
                 tempered = logits
-            elif temperature == 1.0:
-                tempered = logits
-            else:  # in place unless the CE pass needs the logits at T = 1
-                tempered = logits / temperature if labels is not None else logits.div_(temperature)
+            elif labels is None:
+                tempered = logits.div_(temperature)
+            else:  # a copy: the CE pass below needs the logits at T = 1
+                tempered = logits / temperature
             passes.append((1.0 / temperature, slots, *_logits_at_ids_and_rest_(tempered, slots.ids, slots.valid)))
             at_ids, lse_rest = _track(passes[-1], need_grad)
-            log_z = _log_normaliser(at_ids, lse_rest, slots)
-            kd = _kd_terms(at_ids, lse_rest, log_z, slots, teacher, kind, skew_lambda, jsd_beta)
+            log_z, student_logq = _student_log_probs(at_ids, lse_rest, slots, teacher.stored)
+            kd = _divergence(teacher.logp, student_logq, kind, skew_lambda, jsd_beta).masked_fill(teacher.absent, 0.0)
             if shared:
                 ce = log_z - at_ids[:, -1]
         if labels is not None and ce is None:
@@ -154,7 +161,9 @@ def sparse_losses_(
     grad = None
     for n, (scale, slots, _, _, rest, rest_sum) in enumerate(passes):
         pass_grad = _rest_grad_(rest, rest_sum, slots.ids, grads[2 * n], grads[2 * n + 1])
-        grad = pass_grad.mul_(scale) if grad is None else grad.add_(pass_grad, alpha=scale)
+        if scale != 1.0:
+            pass_grad.mul_(scale)
+        grad = pass_grad if grad is None else grad.add_(pass_grad)
     return _detached(kd), _detached(ce), grad
 
 
@@ -198,38 +207,42 @@ def _rest_grad_(rest: Tensor, rest_sum: Tensor, ids: Tensor, grad_at_ids: Tensor
 
 
 class _Slots:
-    """The ids gathered for one pass [P, n] and which are real (valid), with each distinct valid id marked once."""
+    """The ids gathered for one pass [P, n] and which are real (valid); each distinct valid id of a row
+    gets a group number (its rank among them), and `distinct` marks one slot per group."""
 
     def __init__(self, ids: Tensor, valid: Tensor):
         self.ids, self.valid = ids, valid
-        self.key = ids.masked_fill(~valid, -1)
-        sorted_key, order = self.key.sort(dim=1)
+        sorted_key, order = ids.masked_fill(~valid, -1).sort(dim=1)
         first = sorted_key >= 0
         first[:, 1:] &= sorted_key[:, 1:] != sorted_key[:, :-1]
         self.distinct = torch.zeros_like(valid).scatter_(1, order, first)
+        self.group = torch.empty_like(ids).scatter_(1, order, (first.cumsum(dim=1) - 1).clamp_(min=0))
 
 
-def _log_normaliser(at_ids: Tensor, lse_rest: Tensor, slots: _Slots) -> Tensor:
-    """log Z [P]: the rest plus each distinct valid id once (ids repeat across samples)."""
-    return _logaddexp(lse_rest, _masked_logsumexp(at_ids, slots.distinct))
+def _student_log_probs(at_ids: Tensor, lse_rest: Tensor, slots: _Slots, stored: Tensor) -> tuple[Tensor, Tensor]:
+    """log Z [P] and log q over the buckets [P, M, k+1] of the samples whose stored ids fill the first M·k slots.
 
+    The ids of the slots were left out of lse_rest; each distinct valid one comes back once, as
+    exp(z - shift) in float64 by group (shift: the row's largest such logit, so no term overflows
+    and none that matters underflows).
+    """
+    rows, samples, k = stored.shape
+    n = slots.ids.shape[1]
+    shift = at_ids.detach().masked_fill(~slots.valid, -math.inf).amax(dim=1)
+    shift = shift.masked_fill(~torch.isfinite(shift), 0.0)
+    terms = (at_ids.double() - shift.double().unsqueeze(1)).exp().masked_fill(~slots.distinct, 0.0)
+    by_group = torch.zeros_like(terms).scatter_add(1, slots.group, terms)  # [P, n]: each distinct id once
+    log_z = _logaddexp(lse_rest, (_log(by_group.sum(dim=1)) + shift).to(at_ids.dtype))
+    stored_logq = (at_ids[:, :samples * k] - log_z.unsqueeze(1)).view(rows, samples, k).masked_fill(~stored, -math.inf)
 
-def _kd_terms(at_ids, lse_rest, log_z, slots: _Slots, teacher: _Teacher, kind, skew_lambda, jsd_beta) -> Tensor:
-    """Per-(position, sample) divergence [P, M]; the first M·k slots are the samples' stored ids."""
-    rows, samples, k = teacher.stored.shape
-    stored_logq = (at_ids[:, :samples * k] - log_z.unsqueeze(1)).view(rows, samples, k)
-    stored_logq = stored_logq.masked_fill(~teacher.stored, -math.inf)
-
-    # Tail of sample m: the rest plus the distinct valid ids (of any slot) that are not among sample m's.
-    sample_keys = slots.key[:, :samples * k].view(rows, samples, k).sort(dim=-1).values
-    probe = slots.key.unsqueeze(1).expand(rows, samples, -1).contiguous()
-    in_sample = sample_keys.gather(-1, torch.searchsorted(sample_keys, probe).clamp_(max=k - 1)) == probe
-    others = _masked_logsumexp(at_ids.unsqueeze(1).expand(rows, samples, -1), slots.distinct.unsqueeze(1) & ~in_sample)
-    tail_logq = _logaddexp(lse_rest.unsqueeze(1), others) - log_z.unsqueeze(1)  # -inf when the ids cover V
-
-    student_logq = torch.cat([stored_logq, tail_logq.unsqueeze(-1)], dim=-1)
-    loss = _divergence(teacher.logp, student_logq, kind, skew_lambda, jsd_beta)
-    return loss.masked_fill(teacher.absent, 0.0)
+    # Tail of sample m: the rest plus the distinct ids (of any slot: other samples', labels) it does not hold.
+    held = torch.zeros(rows, samples, n, dtype=torch.bool, device=stored.device)  # [p, m, group]
+    held.view(rows, -1).scatter_reduce_(1, torch.arange(samples, device=stored.device).repeat_interleave(k) * n
+                                        + slots.group[:, :samples * k], stored.view(rows, -1), reduce="amax")
+    others = torch.bmm((~held).double(), by_group.unsqueeze(2)).squeeze(2)  # [P, M]
+    tail_logq = _logaddexp(lse_rest.unsqueeze(1), (_log(others) + shift.double().unsqueeze(1)).to(at_ids.dtype))
+    tail_logq = tail_logq - log_z.unsqueeze(1)  # -inf when the ids cover V
+    return log_z, torch.cat([stored_logq, tail_logq.unsqueeze(-1)], dim=-1)
 
 
 class _Teacher(NamedTuple):
@@ -245,9 +258,10 @@ def _teacher_buckets(topk_logprobs: Tensor, tail_logprob: Tensor, temperature: f
     return _Teacher(torch.log_softmax(buckets / temperature, dim=-1), absent, torch.isfinite(topk_logprobs))
 
 
-def _masked_logsumexp(x: Tensor, keep: Tensor) -> Tensor:
-    """logsumexp over the last dim of the entries where keep is True; -inf (zero gradient) where there are none."""
-    return torch.logsumexp(x.masked_fill(~keep, -math.inf), dim=-1)
+def _log(x: Tensor) -> Tensor:
+    """log of x >= 0: -inf with a zero (not NaN) gradient at 0."""
+    positive = x > 0
+    return torch.where(positive, x, 1.0).log().masked_fill(~positive, -math.inf)
 
 
 def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
