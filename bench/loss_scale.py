@@ -133,7 +133,10 @@ def memory_in_fresh_process(case: Case, a, threads: int) -> tuple[float, float]:
 
 
 def interleaved_times(cases: list[Case], a) -> dict[Case, float]:
-    """Minimum seconds per step of each case over a.repeats round-robin rounds (one warm-up step each first)."""
+    """Minimum seconds per step of each case over a.repeats round-robin rounds, each starting one case later.
+
+    No warm-up steps: a step's large buffers are mapped afresh every time (glibc returns blocks
+    above 32 MB to the system), so the first step costs what the others do; warm_up() ran once."""
     inputs = {}
     for case in cases:
         key = (case.samples, case.kind != "ce")
@@ -141,14 +144,20 @@ def interleaved_times(cases: list[Case], a) -> dict[Case, float]:
             inputs[key] = make_inputs(case, a.hidden, a.k)
     steps = {case: make_step(case, inputs[(case.samples, case.kind != "ce")]) for case in cases}
     times = {case: [] for case in cases}
-    for round_ in range(a.repeats + 1):
+    for round_ in range(a.repeats):
         shift = round_ % len(cases)
         for case in cases[shift:] + cases[:shift]:
             start = time.perf_counter()
             steps[case]()
-            if round_:  # round 0 warms up
-                times[case].append(time.perf_counter() - start)
+            times[case].append(time.perf_counter() - start)
     return {case: min(t) for case, t in times.items()}
+
+
+def warm_up(a) -> None:
+    """One small step of each method: thread pools, kernels and autograd set up before anything is timed."""
+    for method in METHODS:
+        case = Case(method, 4096, 256, 1 if method.startswith("kd") else 0, "fkl" if method.startswith("kd") else "ce")
+        make_step(case, make_inputs(case, a.hidden, a.k))()
 
 
 class MemoryModel:
@@ -240,15 +249,19 @@ def add_ratios(rows: list[dict]) -> None:
         r["baseline"] = baseline["method"]
         r["time_vs_ce"] = r["seconds"] / baseline["seconds"]
         r["memory_vs_ce"] = r["step_mb"] / baseline["step_mb"]
-        previous = measured.get(("kd-previous", r["samples"], r["kind"], LOSS_CHUNK))
+        # KD previous of the same kind and M; where only fkl was measured, fkl's (its cost hardly depends on the kind)
+        previous = measured.get(("kd-previous", r["samples"], r["kind"], LOSS_CHUNK)) or measured.get(
+            ("kd-previous", r["samples"], "fkl", LOSS_CHUNK))
         if r["method"] == "kd-chunked" and previous is not None:
+            r["previous_kind"] = previous["kind"]
             r["time_vs_previous"] = r["seconds"] / previous["seconds"]
             r["memory_vs_previous"] = r["step_mb"] / previous["step_mb"]
 
 
 def print_group(rows: list[dict], vocab: int, positions: int) -> None:
     base = next((r["baseline"] for r in rows if "baseline" in r), "ce-full")
-    print(f"V {vocab:,}, P {positions:,}: ratios to {METHODS[base]} and to KD previous (same kind and M)")
+    print(f"V {vocab:,}, P {positions:,}: ratios to {METHODS[base]} and to KD previous of the same M "
+          "(and kind; * of fkl, where only fkl was measured)")
     print(f"  {'case':<34} {'step s':>8} {'/CE':>6} {'/prev':>6} {'step MB':>9} {'/CE':>6} {'/prev':>6}")
     for r in rows:
         if "skipped" in r:
@@ -256,7 +269,8 @@ def print_group(rows: list[dict], vocab: int, positions: int) -> None:
             continue
 
         def ratio(key):
-            return f"{r[key]:6.2f}" if key in r else " " * 6
+            mark = "*" if key.endswith("previous") and r.get("previous_kind", r["kind"]) != r["kind"] else " "
+            return f"{r[key]:5.2f}{mark}" if key in r else " " * 6
 
         print(f"  {r['label']:<34} {r['seconds']:8.2f} {ratio('time_vs_ce')} {ratio('time_vs_previous')} "
               f"{r['step_mb']:9,.0f} {ratio('memory_vs_ce')} {ratio('memory_vs_previous')}", flush=True)
@@ -290,28 +304,34 @@ def main() -> None:
                    help="KD kinds of the previous implementation ('' for none): its time hardly depends on the kind.")
     p.add_argument("--k", type=int, default=64, help="Stored ids per position and sample.")
     p.add_argument("--hidden", type=int, default=256, help="Hidden size d of the output layer.")
-    p.add_argument("--repeats", type=int, default=2, help="Timed rounds (after one warm-up round).")
+    p.add_argument("--repeats", type=int, default=2, help="Timed rounds of every case.")
     p.add_argument("--memory-budget", type=float, default=12.0, help="GB a measuring process may use.")
     p.add_argument("--chunk-sweep", action="store_true", help=f"Time and memory of chunks {SWEEP_CHUNKS} at the first --vocab and --positions (default 151936, 2048).")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="Torch threads (default: all cores). On a machine shared with other jobs, 1: with more, every "
+                        "operator waits at its fork/join for threads the other jobs hold off the cores.")
     p.add_argument("--json", type=Path, help="Also write the results here.")
     a = p.parse_args()
     if a.chunk_sweep and a.vocab == list(VOCABS):
         a.vocab, a.positions = [151936], [2048]
-    threads = torch.get_num_threads()
+    threads = a.threads
+    torch.set_num_threads(threads)
     print(f"loss step at real vocabularies: d {a.hidden}, k {a.k}, chunk {LOSS_CHUNK} (--loss-chunk default), "
           f"{threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
+    meta = {"machine": platform.platform(), "cpu": platform.processor() or platform.machine(), "threads": threads,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "hidden": a.hidden, "k": a.k,
+            "loss_chunk": LOSS_CHUNK, "repeats": a.repeats, "command": "python " + " ".join(sys.argv)}
     model, rows = MemoryModel(), []
     started = time.perf_counter()
+    warm_up(a)
     for cases in (sweep_grid(a) if a.chunk_sweep else grid(a)):
         rows += run_group(cases, a, threads, model)
+        if a.json:  # after every group, so that a long run interrupted keeps what it measured
+            a.json.write_text(json.dumps({"meta": {**meta, "minutes": round((time.perf_counter() - started) / 60)},
+                                          "cases": rows}, indent=2) + "\n")
     if not a.chunk_sweep:
         print_targets(rows)
     print(f"\n{(time.perf_counter() - started) / 60:.0f} minutes")
-    if a.json:
-        meta = {"machine": platform.platform(), "cpu": platform.processor() or platform.machine(), "threads": threads,
-                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "hidden": a.hidden, "k": a.k,
-                "loss_chunk": LOSS_CHUNK, "repeats": a.repeats, "command": " ".join(sys.argv)}
-        a.json.write_text(json.dumps({"meta": meta, "cases": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -148,31 +148,38 @@ def test_full_support_equals_the_dense_full_vocabulary_loss(kind):
 
 @pytest.mark.parametrize("magnitude", [1, 4, 8, 12, 16, 20, 30, 80])
 def test_tail_error_bound_against_the_exact_computation(magnitude):
-    """The student tail of 1e-`magnitude` mass, from float32 logits: log-prob within 2e-5 of the float64
-    truth (float32 rounding of a logsumexp) and of the per-sample masked computation, gradients too.
+    """Student tails of 1e-`magnitude` of the mass, from float32 logits: each tail log-prob within 2e-5
+    of the float64 truth (the float32 rounding of a logsumexp) and of the per-sample masked
+    computation this replaced, gradients within 1e-4.
 
-    A tail taken as 1 - sum of the stored probabilities would lose all its digits once below the float
-    epsilon of that sum (1e-7 in float32, 1e-16 in float64); this one is a sum of positive terms."""
+    Sample 0 stores 8 ids holding all but 1e-`magnitude` of the mass; sample 1 shares 4 of them and
+    stores 4 ids of that tiny rest, so sample 0's tail includes ids the pass leaves out of its rest.
+    A tail taken as 1 - sum of the stored probabilities would lose all its digits below the epsilon
+    of that sum (1e-7 in float32, 1e-16 in float64); this one is a sum of positive terms."""
     g = torch.Generator().manual_seed(magnitude)
     positions, vocab, k = 6, 1000, 8
-    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(positions)]).unsqueeze(1)
-    outside = math.log(10.0 ** -magnitude * k / (vocab - k))  # the rest's logits, relative to the stored ones at 0
+    order = torch.stack([torch.randperm(vocab, generator=g) for _ in range(positions)])
+    big = order[:, :k]
+    ids = torch.stack([big, torch.cat([big[:, :k // 2], order[:, k:k + k // 2]], dim=1)], dim=1)
+    outside = math.log(10.0 ** -magnitude * k / (vocab - k))  # the rest's logits, the stored ones around 0
     logits = (outside + 0.5 * torch.randn(positions, vocab, generator=g, dtype=torch.float64)).scatter(
-        -1, ids[:, 0], 0.3 * torch.randn(positions, k, generator=g, dtype=torch.float64)).float()
-    stored = torch.ones(positions, 1, k, dtype=torch.bool)
+        -1, big, 0.3 * torch.randn(positions, k, generator=g, dtype=torch.float64)).float()
+    stored = torch.ones(positions, 2, k, dtype=torch.bool)
 
     student = logits.clone().requires_grad_()
-    tail = student_bucket_logprobs(student, ids, stored)[:, 0, -1]
+    tail = student_bucket_logprobs(student, ids, stored)[..., -1]
     (grad,) = torch.autograd.grad(tail.sum(), student)
 
     exact = logits.clone().requires_grad_()
-    exact_tail = exact_tail_logsumexp(exact, ids[:, 0], stored[:, 0]) - exact.logsumexp(-1)
+    exact_tail = torch.stack([exact_tail_logsumexp(exact, ids[:, m], stored[:, m]) for m in range(2)], 1)
+    exact_tail = exact_tail - exact.logsumexp(-1, keepdim=True)
     (exact_grad,) = torch.autograd.grad(exact_tail.sum(), exact)
 
     truth_logits = logits.double().requires_grad_()
-    truth = truth_logits.log_softmax(-1).scatter(-1, ids[:, 0], -math.inf).logsumexp(-1)
+    log_q = truth_logits.log_softmax(-1)
+    truth = torch.stack([log_q.scatter(-1, ids[:, m], -math.inf).logsumexp(-1) for m in range(2)], 1)
     (truth_grad,) = torch.autograd.grad(truth.sum(), truth_logits)
-    assert torch.allclose(truth, torch.tensor(-magnitude * math.log(10), dtype=torch.float64), atol=0.5)
+    assert torch.allclose(truth[:, 0], torch.tensor(-magnitude * math.log(10), dtype=torch.float64), atol=0.5)
 
     assert (tail.double() - truth).abs().max() < 2e-5
     assert (exact_tail.double() - truth).abs().max() < 2e-5
@@ -306,3 +313,44 @@ def test_a_family_with_other_logits_is_refused():
 
     with pytest.raises(MoekdError, match="--student: ShiftedLogits computes its logits in a way moekd does not reproduce"):
         Student(ShiftedLogits(tiny_config("llama", vocab_size=V, hidden=16)))
+
+
+def _ddp_rank(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        student = DistributedDataParallel(Student(tiny_model("mixtral", experts=4)))
+        terms = batch_loss(student, model_batch(seed=rank), options("fkl", loss_chunk=4), torch.device("cpu"))
+        terms["loss"].backward()
+        lm = student.module.lm
+        results.put((rank, lm.lm_head.weight.grad.numpy(), lm.model.embed_tokens.weight.grad.numpy()))  # by value
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_data_parallel_wraps_the_student_forward(tmp_path):
+    """Two gloo ranks on different batches: the output layer's gradient, which arrives through the
+    chunked loss rather than the wrapped forward, is averaged across ranks like the others."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_ddp_rank, args=(rank, str(tmp_path / "init"), results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    grads = dict((rank, rest) for rank, *rest in (results.get() for _ in procs))
+    for proc in procs:
+        proc.join()
+        assert proc.exitcode == 0
+
+    single = []
+    for rank in range(2):
+        student = Student(tiny_model("mixtral", experts=4))
+        batch_loss(student, model_batch(seed=rank), options("fkl", loss_chunk=4), torch.device("cpu"))["loss"].backward()
+        single.append((student.lm.lm_head.weight.grad, student.lm.model.embed_tokens.weight.grad))
+    for n in range(2):
+        expected = (single[0][n] + single[1][n]) / 2
+        for rank in range(2):
+            torch.testing.assert_close(torch.from_numpy(grads[rank][n]), expected, rtol=1e-5, atol=1e-7)

@@ -98,43 +98,50 @@ class _ChunkedOutputLoss(torch.autograd.Function):
 def _run_chunks(hidden: Tensor, head: OutputLayer, chunk_loss: ChunkLoss, chunk: int,
                 matmul_dtype: torch.dtype | None, needs: tuple[bool, bool, bool]):
     """(loss, other term values, (grad_hidden, grad_weight, grad_bias) or Nones) over all chunks."""
-    need_grad = any(needs)
     dtype = matmul_dtype or torch.promote_types(hidden.dtype, head.weight.dtype)
-    logits_dtype = torch.promote_types(dtype, torch.float32)
-    weight = head.weight.detach().to(dtype)
-    bias = None if head.bias is None else head.bias.detach().to(dtype)
+    layer = OutputLayer(head.weight.detach().to(dtype), None if head.bias is None else head.bias.detach().to(dtype),
+                        head.scale, head.softcap)
     accumulate = torch.promote_types(head.weight.dtype, torch.float32)
-    grad_hidden = torch.empty_like(hidden) if needs[0] else None
-    grad_weight = None  # allocated by the first chunk's matmul
-    grad_bias = torch.zeros(head.weight.shape[0], dtype=accumulate, device=hidden.device) if needs[2] else None
+    grads = [torch.empty_like(hidden) if needs[0] else None, None,  # grad_weight: allocated by the first chunk
+             torch.zeros(head.weight.shape[0], dtype=accumulate, device=hidden.device) if needs[2] else None]
     total = torch.zeros(len(chunk_loss.terms), dtype=torch.float64, device=hidden.device)
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, min(start + chunk, hidden.shape[0]))
-            h = hidden[rows].detach().to(dtype)
-            logits = F.linear(h, weight, bias).to(logits_dtype)
-            if head.scale != 1.0:
-                logits.mul_(head.scale)
-            if head.softcap is not None:
-                logits.div_(head.softcap).tanh_()
-                softcap_slope = 1 - logits.square() if need_grad else None  # d softcap·tanh(s/softcap) / ds
-                logits.mul_(head.softcap)
-            values, grad = chunk_loss(logits, rows, need_grad)
-            total += values.to(total.dtype)
-            if not need_grad:
-                continue
-            if head.softcap is not None:
-                grad.mul_(softcap_slope)
-            grad_logits = grad.to(dtype)
-            if grad_hidden is not None:
-                grad_hidden[rows] = (grad_logits @ weight).mul_(head.scale).to(grad_hidden.dtype)
-            if needs[1] and grad_weight is None:
-                grad_weight = torch.mm(grad_logits.T, h).to(accumulate)
-                grad_weight = grad_weight.mul_(head.scale) if head.scale != 1.0 else grad_weight
-            elif needs[1] and dtype == accumulate:
-                grad_weight.addmm_(grad_logits.T, h, alpha=head.scale)
-            elif needs[1]:  # low-precision matmuls, float32 accumulation over the chunks
-                grad_weight.add_((grad_logits.T @ h).to(accumulate), alpha=head.scale)
-            if grad_bias is not None:
-                grad_bias.add_(grad.sum(dim=0).to(accumulate), alpha=head.scale)
-    return total[0].to(logits_dtype), total[1:].to(logits_dtype), (grad_hidden, grad_weight, grad_bias)
+            total += _chunk(hidden[rows].detach().to(dtype), rows, layer, chunk_loss, needs, grads, accumulate)
+    logits_dtype = torch.promote_types(dtype, torch.float32)
+    return total[0].to(logits_dtype), total[1:].to(logits_dtype), tuple(grads)
+
+
+def _chunk(h: Tensor, rows: slice, layer: OutputLayer, chunk_loss: ChunkLoss, needs, grads: list, accumulate) -> Tensor:
+    """One chunk, forward and backward: its term values; its gradients added to grads. A function, so
+    that its [C, V] buffers are freed before the next chunk's are allocated."""
+    need_grad = any(needs)
+    logits = F.linear(h, layer.weight, layer.bias).to(torch.promote_types(h.dtype, torch.float32))
+    if layer.scale != 1.0:
+        logits.mul_(layer.scale)
+    if layer.softcap is not None:
+        logits.div_(layer.softcap).tanh_()
+        softcap_slope = 1 - logits.square() if need_grad else None  # d softcap·tanh(s/softcap) / ds
+        logits.mul_(layer.softcap)
+    values, grad = chunk_loss(logits, rows, need_grad)
+    if not need_grad:
+        return values
+    if layer.softcap is not None:
+        grad.mul_(softcap_slope)
+    grad_bias = grad.sum(dim=0) if needs[2] else None
+    grad = grad.to(h.dtype)
+    grad_hidden, grad_weight, _ = grads
+    if needs[0]:
+        grad_hidden[rows] = torch.mm(grad, layer.weight).mul_(layer.scale).to(grad_hidden.dtype)
+    if needs[1] and grad_weight is None:
+        grads[1] = torch.mm(grad.T, h).to(accumulate)
+        if layer.scale != 1.0:
+            grads[1].mul_(layer.scale)
+    elif needs[1] and h.dtype == accumulate:
+        grad_weight.addmm_(grad.T, h, alpha=layer.scale)
+    elif needs[1]:  # low-precision matmuls, float32 accumulation over the chunks
+        grad_weight.add_(torch.mm(grad.T, h).to(accumulate), alpha=layer.scale)
+    if needs[2]:
+        grads[2].add_(grad_bias.to(accumulate), alpha=layer.scale)
+    return values

@@ -40,21 +40,25 @@ as the definition says (the skew, JSD and TV kinds stay finite there).
 How the student side is computed, the same for every kind and any M (logits z over V, tempered):
 the logits at the stored ids of all M samples of a position (their union U) are gathered, and
 one logsumexp is taken over the logits outside U ("the rest"), in a single [P, V] pass that
-masks U in place. The rest of the computation works on [P, M, k] tensors, in log space:
+masks U in place. Everything else works on the ids of U, per position:
 
-    log Z       = logaddexp(lse_rest, logsumexp of z over the distinct ids of U)
+    log Z       = log(rest + sum of exp(z) over the distinct ids of U)
     log q(i)    = z_i - log Z
-    log tail_m  = logaddexp(lse_rest, logsumexp of z over U minus sample m's ids) - log Z
+    log tail_m  = log(rest + sum of exp(z) over the ids of U that sample m does not hold) - log Z
 
-The tail is a sum of positive terms, never 1 - (stored mass): no cancellation, so it keeps the
-float32 relative precision of a logsumexp at every size, down to tails far below float epsilon
-(tested from 1e-1 to 1e-30 against the per-sample masked computation this replaced), and the
-stored ids may cover all but a vanishing part of the student's mass: value and gradient stay
-those of the exact definition. The gradient costs one [P, V] pass too: outside U it is
-exp(z_v - lse_rest), the share of v in the rest, times one number per position, and the ids of
-U get theirs from the [P, M, k] graph. So the [P, V] work of a KD loss is that of a
-cross-entropy (a max, an exp, a sum, and a scaled copy in backward), whatever M; with labels,
-the cross-entropy of an objective mixing KD and CE shares that same pass (at T = 1).
+with the sums in float64, relative to the largest logit of U, and the rest entering as
+exp(lse_rest - that shift). The tail is thus a sum of positive terms, never 1 - (stored mass): no cancellation, so
+it keeps the float32 precision of a logsumexp at every size, far below float epsilon (tested
+from 1e-1 to 1e-80 against the per-sample masked computation this replaced, values and
+gradients), and the stored ids may cover all but a vanishing part of the student's mass. (A
+tail taken as 1 - stored mass, even in float64, loses its digits below ~1e-16 of the mass and
+reaches 0, an infinite forward KL, for a confident student.) The only limit is float64's range:
+ids of U more than ~700 nats below the largest stored logit add nothing to another sample's tail.
+The gradient costs one [P, V] pass too: outside U it is exp(z_v - lse_rest), the share of v in
+the rest, times one number per position, and the ids of U get theirs from the small graph. So
+the [P, V] work of a KD loss is that of a cross-entropy (a max, an exp, a sum, and a scaled copy
+in backward), whatever M; with labels, the cross-entropy of an objective mixing KD and CE shares
+that same pass (at T = 1; at T != 1 it takes a second pass at T = 1).
 
 `sparse_kd_loss` takes [P, V] logits (autograd: a custom backward for the [P, V] part).
 `sparse_losses_` is the same computation on one chunk of logits it may overwrite, returning the
@@ -222,27 +226,29 @@ class _Slots:
 def _student_log_probs(at_ids: Tensor, lse_rest: Tensor, slots: _Slots, stored: Tensor) -> tuple[Tensor, Tensor]:
     """log Z [P] and log q over the buckets [P, M, k+1] of the samples whose stored ids fill the first M·k slots.
 
-    The ids of the slots were left out of lse_rest; each distinct valid one comes back once, as
-    exp(z - shift) in float64 by group (shift: the row's largest such logit, so no term overflows
-    and none that matters underflows).
+    The ids of the slots were left out of lse_rest; each distinct valid one comes back once. The
+    sums are in float64, relative to the row's largest such logit (shift), so that no term of a
+    float32 student overflows and none that matters underflows.
     """
     rows, samples, k = stored.shape
     n = slots.ids.shape[1]
     shift = at_ids.detach().masked_fill(~slots.valid, -math.inf).amax(dim=1)
-    shift = shift.masked_fill(~torch.isfinite(shift), 0.0)
-    terms = (at_ids.double() - shift.double().unsqueeze(1)).exp().masked_fill(~slots.distinct, 0.0)
+    shift = shift.masked_fill(~torch.isfinite(shift), 0.0).double()
+    terms = (at_ids.double() - shift.unsqueeze(1)).exp().masked_fill(~slots.distinct, 0.0)
     by_group = torch.zeros_like(terms).scatter_add(1, slots.group, terms)  # [P, n]: each distinct id once
-    log_z = _logaddexp(lse_rest, (_log(by_group.sum(dim=1)) + shift).to(at_ids.dtype))
-    stored_logq = (at_ids[:, :samples * k] - log_z.unsqueeze(1)).view(rows, samples, k).masked_fill(~stored, -math.inf)
+    rest = (lse_rest.double() - shift).exp()
+    log_z = _log(rest + by_group.sum(dim=1)) + shift
 
     # Tail of sample m: the rest plus the distinct ids (of any slot: other samples', labels) it does not hold.
     held = torch.zeros(rows, samples, n, dtype=torch.bool, device=stored.device)  # [p, m, group]
     held.view(rows, -1).scatter_reduce_(1, torch.arange(samples, device=stored.device).repeat_interleave(k) * n
                                         + slots.group[:, :samples * k], stored.view(rows, -1), reduce="amax")
     others = torch.bmm((~held).double(), by_group.unsqueeze(2)).squeeze(2)  # [P, M]
-    tail_logq = _logaddexp(lse_rest.unsqueeze(1), (_log(others) + shift.double().unsqueeze(1)).to(at_ids.dtype))
-    tail_logq = tail_logq - log_z.unsqueeze(1)  # -inf when the ids cover V
-    return log_z, torch.cat([stored_logq, tail_logq.unsqueeze(-1)], dim=-1)
+    tail_logq = _log(rest.unsqueeze(1) + others) + (shift - log_z).unsqueeze(1)  # -inf when the ids cover V
+
+    log_z = log_z.to(at_ids.dtype)
+    stored_logq = (at_ids[:, :samples * k] - log_z.unsqueeze(1)).view(rows, samples, k).masked_fill(~stored, -math.inf)
+    return log_z, torch.cat([stored_logq, tail_logq.to(at_ids.dtype).unsqueeze(-1)], dim=-1)
 
 
 class _Teacher(NamedTuple):
@@ -262,12 +268,6 @@ def _log(x: Tensor) -> Tensor:
     """log of x >= 0: -inf with a zero (not NaN) gradient at 0."""
     positive = x > 0
     return torch.where(positive, x, 1.0).log().masked_fill(~positive, -math.inf)
-
-
-def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
-    """logaddexp that stays -inf with a zero (not NaN) gradient where both are -inf."""
-    empty = torch.isneginf(a) & torch.isneginf(b)
-    return torch.logaddexp(a.masked_fill(empty, 0.0), b.masked_fill(empty, 0.0)).masked_fill(empty, -math.inf)
 
 
 def _track(pass_: tuple, need_grad: bool) -> tuple[Tensor, Tensor]:

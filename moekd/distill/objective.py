@@ -75,7 +75,7 @@ class SparseObjective:
         labels = self.labels[rows] if w else None
         kd, ce, grad = sparse_losses_(
             logits, *teacher, labels, (1 - w) * self.kd_scale, w * self.ce_scale, need_grad,
-            o.loss if self.teacher is not None else "fkl", o.temperature, o.skew_lambda, o.jsd_beta,
+            o.loss, o.temperature, o.skew_lambda, o.jsd_beta,  # (the kind matters only with a teacher)
         )
         kd_mean = kd.double().sum() * self.kd_scale if kd is not None else 0.0  # this chunk's share of the means
         ce_mean = ce.double().sum() * self.ce_scale if ce is not None else 0.0
