@@ -59,9 +59,9 @@ def train_command(
         student=student, out=str(out), cache=cache, data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda,
         jsd_beta=jsd_beta, temperature=temperature, ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,
         schedule=schedule, warmup=warmup, max_grad_norm=max_grad_norm, batch_tokens=batch_tokens, loss_chunk=loss_chunk,
-        grad_accum=grad_accum,
-        max_steps=max_steps, epochs=epochs, eval_every=eval_every, eval_fraction=eval_fraction, save_every=save_every,
-        resume=resume, seed=seed, device=device, workers=workers, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
+        grad_accum=grad_accum, max_steps=max_steps, epochs=epochs, eval_every=eval_every, eval_fraction=eval_fraction,
+        save_every=save_every, resume=resume, seed=seed, device=device, workers=workers,
+        allow_tokenizer_mismatch=allow_tokenizer_mismatch,
         max_prompt_len=max_prompt_len, max_len=max_len, chat_template=chat_template, skip_invalid=skip_invalid,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
     )

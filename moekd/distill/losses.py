@@ -177,7 +177,7 @@ class _LogitsAtIdsAndRest(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, ids: Tensor, valid: Tensor, temperature: float):
         z = torch.empty(logits.shape, dtype=_compute_dtype(logits.dtype), device=logits.device).copy_(logits)
-        at_ids, lse_rest, rest, rest_sum = _logits_at_ids_and_rest_(z.div_(temperature), ids, valid)
+        at_ids, lse_rest, rest, rest_sum = _logits_at_ids_and_rest_(z.div_(temperature) if temperature != 1 else z, ids, valid)
         ctx.save_for_backward(rest, rest_sum, ids)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
         return at_ids, lse_rest
@@ -186,7 +186,8 @@ class _LogitsAtIdsAndRest(torch.autograd.Function):
     def backward(ctx, grad_at_ids: Tensor, grad_lse_rest: Tensor):
         rest, rest_sum, ids = ctx.saved_tensors
         grad = _rest_grad_(rest.clone(), rest_sum, ids, grad_at_ids, grad_lse_rest)  # a copy: the graph may be retained
-        return grad.div_(ctx.temperature).to(ctx.logits_dtype), None, None, None
+        grad = grad.div_(ctx.temperature) if ctx.temperature != 1 else grad
+        return grad.to(ctx.logits_dtype), None, None, None
 
 
 def _logits_at_ids_and_rest_(z: Tensor, ids: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
