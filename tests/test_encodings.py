@@ -309,7 +309,8 @@ def train_options(student, out, cache, **kw):
 
 def test_sampled_kd_loss_is_the_cross_entropy_of_its_weights():
     """With weights = p at every id, the estimate is the dense cross-entropy = forward KL + H(p), values and gradients."""
-    from moekd.distill.losses import dense_kd_loss, sampled_kd_loss
+    from moekd.distill.losses import dense_kd_loss
+    from moekd.distill.sampled_losses import sampled_kd_loss
 
     g = torch.Generator().manual_seed(0)
     student = torch.randn(5, 30, generator=g, dtype=torch.float64, requires_grad=True)
@@ -329,7 +330,8 @@ def test_sampled_kd_loss_is_the_cross_entropy_of_its_weights():
 def test_sampled_kd_gradient_is_unbiased_for_the_forward_kl_gradient():
     """Averaged over the draws of S (seed, position) pairs, the gradient of the sampled loss converges to the
     full-vocabulary forward-KL gradient: within 5 standard errors (estimated from the draws) everywhere."""
-    from moekd.distill.losses import dense_kd_loss, sampled_kd_loss
+    from moekd.distill.losses import dense_kd_loss
+    from moekd.distill.sampled_losses import sampled_kd_loss
 
     vocab, draws, rows = 40, 8, 4000
     teacher = zipf_logits(vocab, 1)

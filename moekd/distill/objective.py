@@ -1,58 +1,178 @@
-"""The training objective of one batch: student forward, then KD over the stored teacher
-distributions (losses.py) and/or cross-entropy on the ground-truth tokens.
+"""The training objective of one batch: one student forward to the final hidden states, then KD
+over the stored teacher distributions and/or cross-entropy on the ground-truth tokens, computed
+chunk by chunk of positions from those hidden states and the output layer (chunked.py, losses.py).
 
 KD is averaged over the response positions of a batch; with --ce-weight w the objective is
 (1-w)·KD + w·CE, so w moves between pure distillation (0) and pure SFT (1) at a constant scale.
 With M > 1 teacher samples the per-sample losses are averaged (the loader already picked one
 sample per example for --samples random).
+
+KD by the cache's encoding (`cache_objective` picks the chunk loss from the batch's arrays):
+topk, the (k+1)-bucket divergence (`SparseObjective`); sampled, the unbiased estimate of the
+forward-KL cross-entropy (`SampledObjective`: KL + the teacher's entropy, a constant); hidden,
+the exact full-vocabulary divergence of every kind at any temperature, the teacher's log-probs
+recomputed per chunk from its stored hidden states and output layer (`ExactObjective`).
+
+The seam: `batch_loss` = `Student.forward` (the batch's one forward; the module that
+DistributedDataParallel wraps; `output_router_logits=True` returns an MoE student's router
+logits from it) followed by `output_terms` (the loss terms from the hidden states at the target
+positions). Terms computed from other outputs of that forward add to the returned "loss".
 """
 
 from __future__ import annotations
 
-import torch
+import math
+from contextlib import nullcontext
 
-from moekd.distill.losses import masked_cross_entropy, reduce_kd_loss, sampled_kd_loss, sparse_kd_loss
+import torch
+import torch.nn.functional as F
+
+from moekd.distill.chunked import OutputLayer, chunked_output_loss
+from moekd.distill.losses import dense_kd_loss, sparse_losses_
+from moekd.distill.sampled_losses import sampled_losses_
 from moekd.distill.options import TrainOptions
 
 
-def batch_loss(model, batch: dict, o: TrainOptions, device: torch.device) -> dict[str, torch.Tensor]:
-    """loss (and kd_loss, ce_loss when mixed): means over the batch's target positions."""
+def batch_loss(student, batch: dict, o: TrainOptions, device: torch.device,
+               teacher_layer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """loss (and kd_loss, ce_loss when mixed): means over the batch's target positions.
+
+    `student` is a Student, or a wrapper around one whose `.module` is the Student
+    (DistributedDataParallel): it is called once, and its output layer applied by the loss.
+    teacher_layer: the teacher's output layer W [V, d] of a hidden cache (CacheSource.teacher_output_layer).
+    """
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         # Right padding under a causal mask never reaches real tokens: no attention mask needed.
-        logits = model(input_ids=batch["input_ids"].to(device), use_cache=False).logits
-    logits = logits.flatten(0, 1)[batch["rows"].to(device)]
-    labels = batch["labels"].to(device)
-    mask = torch.ones_like(labels, dtype=torch.bool)
-    if o.loss == "ce":
-        return {"loss": masked_cross_entropy(logits, labels, mask)}
-    if "sampled_ids" in batch:  # a sampled cache: forward KL only (sources.check_loss_fits_cache)
-        per_sample = sampled_kd_loss(logits, batch["sampled_ids"].to(device), batch["sampled_weights"].to(device),
-                                     o.temperature)
-    else:
-        per_sample = sparse_kd_loss(
-            logits, batch["topk_ids"].to(device), batch["topk_logprobs"].to(device), batch["tail_logprob"].to(device),
-            o.loss, o.temperature, o.skew_lambda, o.jsd_beta,
-        )
-    kd = reduce_kd_loss(per_sample, mask)
-    if not o.ce_weight:
-        return {"loss": kd}
-    ce = masked_cross_entropy(logits, labels, mask)
-    return {"loss": (1 - o.ce_weight) * kd + o.ce_weight * ce, "kd_loss": kd, "ce_loss": ce}
+        output = student(input_ids=batch["input_ids"].to(device))
+    hidden = output.last_hidden_state.flatten(0, 1)[batch["rows"].to(device)]
+    return output_terms(hidden, getattr(student, "module", student).output_layer, batch, o, device, teacher_layer)
+
+
+def output_terms(hidden: torch.Tensor, head: OutputLayer, batch: dict, o: TrainOptions,
+                 device: torch.device, teacher_layer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The objective's terms from the final hidden states [P, d] of the batch's target positions."""
+    matmul_dtype = torch.bfloat16 if device.type == "cuda" else None  # what autocast would run the lm_head in
+    return chunked_output_loss(hidden, head, cache_objective(batch, o, device, teacher_layer), o.loss_chunk,
+                               matmul_dtype)
 
 
 @torch.no_grad()
-def held_out_loss(model, batches, o: TrainOptions, device, combine=lambda sums, positions: (sums, positions)) -> dict[str, float]:
+def held_out_loss(student, batches, o: TrainOptions, device, combine=lambda sums, positions: (sums, positions),
+                  teacher_layer: torch.Tensor | None = None) -> dict[str, float]:
     """Held-out loss terms, averaged over all held-out target positions (all teacher samples).
     `combine` adds up the sums of all ranks, each of which evaluated its share of the batches."""
-    model.eval()
+    student.eval()
     sums: dict[str, float] = {}
     positions = 0
     for b in batches:
         if not len(b["rows"]):
             continue  # this rank's share of a batch was empty
-        for key, value in batch_loss(model, b, o, device).items():
+        for key, value in batch_loss(student, b, o, device, teacher_layer).items():
             sums[key] = sums.get(key, 0.0) + value.item() * len(b["rows"])
         positions += len(b["rows"])
     sums, positions = combine(sums, positions)
     return {f"eval_{key}": value / positions for key, value in sums.items()}
 
+
+class _Objective:
+    """What every chunk loss (chunked.ChunkLoss) of a batch shares: (1-w)·mean KD + w·mean CE, or mean CE for
+    --loss ce; a subclass computes a chunk's KD and CE (`_losses`) from the teacher arrays it keeps."""
+
+    TEACHER: tuple[str, ...] = ()  # the batch's teacher arrays [P, M, ...] that _losses takes
+
+    def __init__(self, batch: dict, o: TrainOptions, device: torch.device):
+        self.o = o
+        self.labels = batch["labels"].to(device)
+        self.teacher = None if o.loss == "ce" else tuple(batch[key].to(device) for key in self.TEACHER)
+        self.ce_share = 1.0 if self.teacher is None else o.ce_weight  # w
+        self.terms = ("loss", "kd_loss", "ce_loss") if self.teacher is not None and o.ce_weight else ("loss",)
+        positions = max(len(self.labels), 1)
+        self.kd_scale = 0.0 if self.teacher is None else 1.0 / (positions * self.teacher[0].shape[1])  # mean over P, M
+        self.ce_scale = 1.0 / positions
+
+    def __call__(self, logits: torch.Tensor, rows: slice, need_grad: bool):
+        w = self.ce_share
+        labels = self.labels[rows] if w else None
+        kd_weight, ce_weight = (1 - w) * self.kd_scale, w * self.ce_scale
+        if self.teacher is None:
+            kd, ce, grad = sparse_losses_(logits, None, None, None, labels, kd_weight, ce_weight, need_grad)
+        else:
+            kd, ce, grad = self._losses(logits, tuple(t[rows] for t in self.teacher), labels, kd_weight, ce_weight,
+                                        need_grad)
+        kd_mean = kd.double().sum() * self.kd_scale if kd is not None else 0.0  # this chunk's share of the means
+        ce_mean = ce.double().sum() * self.ce_scale if ce is not None else 0.0
+        values = [(1 - w) * kd_mean + w * ce_mean] + ([kd_mean, ce_mean] if len(self.terms) == 3 else [])
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=logits.device) for v in values]), grad
+
+
+class SparseObjective(_Objective):
+    """Top-k caches: the (k+1)-bucket divergence of losses.py (and CE alone for --loss ce, from any batch)."""
+
+    TEACHER = ("topk_ids", "topk_logprobs", "tail_logprob")
+
+    def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
+        o = self.o
+        return sparse_losses_(logits, *teacher, labels, kd_weight, ce_weight, need_grad,
+                              o.loss, o.temperature, o.skew_lambda, o.jsd_beta)
+
+
+class SampledObjective(_Objective):
+    """Sampled caches: the unbiased estimate of the forward-KL cross-entropy (sampled_losses.py); the
+    other losses were refused when the cache was opened (sources.check_loss_fits_cache)."""
+
+    TEACHER = ("sampled_ids", "sampled_weights")
+
+    def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
+        return sampled_losses_(logits, *teacher, labels, kd_weight, ce_weight, need_grad, self.o.temperature)
+
+
+class ExactObjective(_Objective):
+    """Hidden caches: the exact full-vocabulary divergence. A chunk's teacher log-probs are computed from the
+    teacher's stored final hidden states [C, M, d] and output layer W [V_t, d] (its logits h·Wᵀ, in W's
+    dtype as the teacher computes them), one sample at a time, so no [P, V] array exists for either model.
+    A student with more output entries than the teacher's V_t gives the others teacher probability 0."""
+
+    TEACHER = ("hidden_states",)
+
+    def __init__(self, batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor):
+        super().__init__(batch, o, device)
+        self.weight = teacher_layer.to(device)
+
+    def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
+        o, (hidden,) = self.o, teacher
+        kd, grad = [], None
+        with torch.enable_grad() if need_grad else nullcontext():
+            student = logits.requires_grad_(need_grad)
+            for m in range(hidden.shape[1]):
+                teacher_logp = teacher_logprobs(hidden[:, m], self.weight, logits.shape[1])
+                kd_m = dense_kd_loss(student, teacher_logp, o.loss, o.temperature, o.skew_lambda, o.jsd_beta)
+                if need_grad:
+                    g, = torch.autograd.grad(kd_m.sum() * kd_weight, student)
+                    grad = g if grad is None else grad.add_(g)
+                kd.append(kd_m.detach())
+            ce = None if labels is None else F.cross_entropy(student, labels.long(), reduction="none")
+            if need_grad and ce is not None:
+                g, = torch.autograd.grad(ce.sum() * ce_weight, student)
+                grad = g if grad is None else grad.add_(g)
+        return torch.stack(kd, dim=1), None if ce is None else ce.detach(), grad
+
+
+def teacher_logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+    """The teacher's log-probs at temperature 1 [C, vocab] from its final hidden states [C, d] and output layer
+    W [V_t, d]: log_softmax(h·Wᵀ) with the logits in W's dtype (the teacher's own), upcast to float32;
+    -inf beyond V_t up to `vocab`."""
+    logits = F.linear(hidden.to(weight.dtype), weight)
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    return logp if vocab is None or vocab == logp.shape[1] else F.pad(logp, (0, vocab - logp.shape[1]), value=-math.inf)
+
+
+def cache_objective(batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor | None = None):
+    """The chunk loss of a batch, by the teacher arrays it carries; teacher_layer: the output layer of a hidden cache."""
+    if o.loss != "ce" and "sampled_ids" in batch:
+        return SampledObjective(batch, o, device)
+    if o.loss != "ce" and "hidden_states" in batch:
+        if teacher_layer is None:
+            raise ValueError("teacher_layer: a batch of a hidden cache needs the teacher's output layer "
+                             "(CacheSource.teacher_output_layer)")
+        return ExactObjective(batch, o, device, teacher_layer)
+    return SparseObjective(batch, o, device)

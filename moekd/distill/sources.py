@@ -21,7 +21,7 @@ from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.distill.options import TrainOptions
-from moekd.distill.losses import SAMPLED_BIASED
+from moekd.distill.sampled_losses import SAMPLED_BIASED
 from moekd.encoding import estimable_temperature, sampled_estimate
 from moekd.errors import MoekdError
 from moekd.models import output_vocab_size
@@ -82,6 +82,11 @@ class CacheSource:
             "teacher": self._teacher(decode_teacher(self.encoding, arrays)),  # [P, M, ...] arrays
         }
 
+    def teacher_output_layer(self, device: torch.device) -> torch.Tensor | None:
+        """A hidden cache's teacher output layer W [V, d] on `device` (its sha256 checked against the
+        store's record), from which the loss computes the teacher's logits; None for other encodings."""
+        return self.reader.output_layer().to(device) if self.encoding.kind == "hidden" else None
+
     def _teacher(self, decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """What the loss takes: the decoded arrays, or for sampled caches the ids and the unbiased
         estimate of the teacher (at the training temperature) there."""
@@ -106,6 +111,9 @@ class TokenizedSource:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def teacher_output_layer(self, device: torch.device) -> None:
+        return None
 
     def read(self, examples: list[int]) -> dict[str, np.ndarray]:
         chosen = [self.examples[e] for e in examples]

@@ -33,6 +33,7 @@ from moekd.distill.objective import batch_loss, held_out_loss
 from moekd.distill.options import NOT_RECORDED, RUN_ONLY, TrainOptions, check_options
 from moekd.distill.parallel import RankShare, backend, combined, empty_share_backward, wrap
 from moekd.distill.sources import check_vocabulary, open_source, verify_cache
+from moekd.distill.student import Student
 from moekd.distributed import Ranks
 from moekd.errors import MoekdError
 from moekd.models import load_causal_lm, load_tokenizer, resolve_device
@@ -89,7 +90,9 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
 
     model = load_causal_lm(resume_from or o.student, torch.float32, device, "--student")
     ranks.share(lambda: check_vocabulary(model, source, o.student))
-    forward = wrap(model, ranks, device)  # the module whose forward the loss calls (DDP on several ranks)
+    student = Student(model)  # the forward to hidden states; the loss applies the output layer
+    teacher_layer = source.teacher_output_layer(device)  # hidden caches: the teacher's, for its exact log-probs
+    forward = wrap(student, ranks, device)  # the module whose forward the loss calls (DDP on several ranks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup, total_steps, o.schedule))
     torch.manual_seed(o.seed)
@@ -115,7 +118,7 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
 
     def evaluate() -> dict[str, float]:
         batches = make_loader(BatchDataset(source, pad_id, "mean", o.seed), RankShare(eval_order, ranks), o.workers)
-        return held_out_loss(model, batches, o, device, combine=partial(combined, ranks))
+        return held_out_loss(student, batches, o, device, partial(combined, ranks), teacher_layer)
 
     eval_start = None
     if step == 0 and eval_order:
@@ -129,7 +132,8 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
             if not micro:
                 break
             lr = scheduler.get_last_lr()[0]
-            terms, grad_norm, batch_tokens = _optimizer_step(forward, optimizer, micro, o, device, step + 1, out, ranks, pad_id)
+            terms, grad_norm, batch_tokens = _optimizer_step(forward, optimizer, micro, o, device, step + 1, out, ranks, pad_id,
+                                                                teacher_layer)
             scheduler.step()
             step += 1
             tokens += batch_tokens
@@ -187,7 +191,7 @@ def lr_factor(step: int, warmup: int, total_steps: int, schedule: str) -> float:
 
 
 def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device, step: int, out: Path,
-                    ranks: Ranks, pad_id: int):
+                    ranks: Ranks, pad_id: int, teacher_layer: torch.Tensor | None):
     """One update over the micro-batches, weighted by their target positions (= one big batch, over all ranks).
     Returns the loss terms, the gradient norm and the step's tokens (all ranks)."""
     model.train()
@@ -200,7 +204,7 @@ def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device
             if not len(b["rows"]):
                 empty_share_backward(model, pad_id, device)
                 continue
-            terms = batch_loss(model, b, o, device)
+            terms = batch_loss(model, b, o, device, teacher_layer)
             if not torch.isfinite(terms["loss"]):
                 raise _diverged(f"the loss is {terms['loss'].item()}", step, b, out)
             weight = len(b["rows"]) / positions

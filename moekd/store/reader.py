@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,11 +138,18 @@ class CacheReader:
         return largest
 
     def output_layer(self) -> torch.Tensor:
-        """The teacher's output layer W [V, d] in its own dtype (hidden stores): logits = h @ W.T."""
+        """The teacher's output layer W [V, d] in its own dtype (hidden stores): logits = h @ W.T. Refused
+        unless its bytes have the sha256 the store recorded when it was built."""
         if not isinstance(self.encoding, HiddenEncoding):
             raise MoekdError(f"cache {self.location}: only --encoding hidden stores the output layer "
                              f"(this one is {self.encoding.kind})")
-        return tensor_from_bits(self.group["output_layer"][:], self.encoding.output_layer_dtype)
+        stored = self.group["output_layer"][:]
+        digest = hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
+        if digest != self.encoding.output_layer_sha256:
+            raise MoekdError(f"cache {self.location}: output_layer has sha256 {digest[:12]}..., not the "
+                             f"{self.encoding.output_layer_sha256[:12]}... recorded at build: the stored teacher output "
+                             "layer was changed or damaged; rebuild the cache")
+        return tensor_from_bits(stored, self.encoding.output_layer_dtype)
 
     def sparse_distribution(self, start: int, stop: int, temperature: float = 1.0) -> SparseDistribution:
         """Teacher probabilities of the stored ids at positions [start, stop), at `temperature`.
