@@ -142,7 +142,9 @@ def test_each_encoding_builds_resumes_verifies_and_trains(name, make_teacher, da
             resumed.sparse_distribution(0, 10)
     from moekd.distill.train import train
 
-    run = train(train_options(student, tmp_path / "run", interrupted, eval_every=2))
+    # hidden caches give the exact distribution: any kind at any temperature
+    extra = dict(loss="jsd", temperature=2.0) if kw["encoding"] == "hidden" else {}
+    run = train(train_options(student, tmp_path / "run", interrupted, eval_every=2, **extra))
     assert run.steps == 4 and np.isfinite(run.eval_loss) and run.eval_loss < run.eval_loss_start
 
 
@@ -171,6 +173,42 @@ def test_hidden_states_are_the_teachers_and_give_its_logits(make_teacher, data_f
         stored = torch.from_numpy(ex.hidden_states[:, 0]).to(torch.bfloat16)
         assert torch.equal(stored, hidden)
         assert torch.equal(torch.nn.functional.linear(stored, weight), logits)
+
+
+
+def test_training_loss_of_a_hidden_cache_is_the_dense_loss_of_the_teachers_own_logits(make_teacher, data_file, tmp_path,
+                                                                                     student):
+    """The trainer's objective on a batch of a hidden bf16 cache of a bfloat16 teacher: the full-vocabulary
+    divergence of the student's logits from the teacher's own forward (any kind, T != 1), values and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from moekd.distill.loader import BatchDataset
+    from moekd.distill.losses import dense_kd_loss
+    from moekd.distill.objective import batch_loss
+    from moekd.distill.sources import CacheSource
+    from moekd.distill.student import Student
+
+    teacher = make_teacher("mixtral")
+    out = tmp_path / "h.zarr"
+    build_cache(options(teacher, data_file, out, encoding="hidden", dtype="bfloat16", batch_tokens=1))
+    source = CacheSource(CacheReader(out))
+    batch = BatchDataset(source, pad_id=0)[(0, 0, [0, 5, 9])]
+    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        own = model(batch["input_ids"]).logits.flatten(0, 1)[batch["rows"]]  # right padding: causal, no effect
+    for kind, temperature in (("fkl", 1.0), ("jsd", 2.0)):
+        learner = Student(AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32))
+        o = train_options(student, tmp_path / "run", out, loss=kind, temperature=temperature, loss_chunk=7)
+        batch_loss(learner, batch, o, torch.device("cpu"), source.teacher_output_layer(torch.device("cpu")))["loss"].backward()
+        cached = [p.grad.clone() for p in learner.parameters()]
+        learner.zero_grad()
+        logits = learner.lm(batch["input_ids"]).logits.flatten(0, 1)[batch["rows"]]
+        expected = dense_kd_loss(logits, torch.log_softmax(own.float(), -1), kind, temperature).mean()
+        expected.backward()
+        terms = batch_loss(learner, batch, o, torch.device("cpu"), source.teacher_output_layer(torch.device("cpu")))
+        torch.testing.assert_close(terms["loss"], expected.detach(), rtol=1e-5, atol=1e-6)
+        for got, want in zip(cached, (p.grad for p in learner.parameters())):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_hidden_refuses_teachers_whose_logits_are_not_linear(tokenizer, data_file, tmp_path):
@@ -259,6 +297,8 @@ def test_verify_deep_checks_the_output_layer(make_teacher, data_file, tmp_path):
     root.write_text(json.dumps(meta))  # the root metadata is outside the manifest
     problems = verify_store(str(out), deep=True).problems
     assert any("output_layer: sha256" in p for p in problems)
+    with pytest.raises(MoekdError, match=r"output_layer has sha256 .* not the 000000000000\.\.\. recorded at build"):
+        CacheReader(out).output_layer()  # what `moekd train` reads the teacher's output layer with
 
 
 def test_a_store_written_by_schema_1_0_still_reads(make_teacher, tmp_path):

@@ -21,14 +21,10 @@ positions). Terms computed from other outputs of that forward add to the returne
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
-
 import torch
-import torch.nn.functional as F
 
 from moekd.distill.chunked import OutputLayer, chunked_output_loss
-from moekd.distill.losses import dense_kd_loss, sparse_losses_
+from moekd.distill.losses import exact_losses_, sparse_losses_
 from moekd.distill.sampled_losses import sampled_losses_
 from moekd.distill.options import TrainOptions
 
@@ -127,10 +123,8 @@ class SampledObjective(_Objective):
 
 
 class ExactObjective(_Objective):
-    """Hidden caches: the exact full-vocabulary divergence. A chunk's teacher log-probs are computed from the
-    teacher's stored final hidden states [C, M, d] and output layer W [V_t, d] (its logits h·Wᵀ, in W's
-    dtype as the teacher computes them), one sample at a time, so no [P, V] array exists for either model.
-    A student with more output entries than the teacher's V_t gives the others teacher probability 0."""
+    """Hidden caches: the exact full-vocabulary divergence (losses.exact_losses_), the teacher's log-probs of a
+    chunk computed from its stored final hidden states and output layer."""
 
     TEACHER = ("hidden_states",)
 
@@ -139,31 +133,9 @@ class ExactObjective(_Objective):
         self.weight = teacher_layer.to(device)
 
     def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
-        o, (hidden,) = self.o, teacher
-        kd, grad = [], None
-        with torch.enable_grad() if need_grad else nullcontext():
-            student = logits.requires_grad_(need_grad)
-            for m in range(hidden.shape[1]):
-                teacher_logp = teacher_logprobs(hidden[:, m], self.weight, logits.shape[1])
-                kd_m = dense_kd_loss(student, teacher_logp, o.loss, o.temperature, o.skew_lambda, o.jsd_beta)
-                if need_grad:
-                    g, = torch.autograd.grad(kd_m.sum() * kd_weight, student)
-                    grad = g if grad is None else grad.add_(g)
-                kd.append(kd_m.detach())
-            ce = None if labels is None else F.cross_entropy(student, labels.long(), reduction="none")
-            if need_grad and ce is not None:
-                g, = torch.autograd.grad(ce.sum() * ce_weight, student)
-                grad = g if grad is None else grad.add_(g)
-        return torch.stack(kd, dim=1), None if ce is None else ce.detach(), grad
-
-
-def teacher_logprobs(hidden: torch.Tensor, weight: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
-    """The teacher's log-probs at temperature 1 [C, vocab] from its final hidden states [C, d] and output layer
-    W [V_t, d]: log_softmax(h·Wᵀ) with the logits in W's dtype (the teacher's own), upcast to float32;
-    -inf beyond V_t up to `vocab`."""
-    logits = F.linear(hidden.to(weight.dtype), weight)
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    return logp if vocab is None or vocab == logp.shape[1] else F.pad(logp, (0, vocab - logp.shape[1]), value=-math.inf)
+        o = self.o
+        return exact_losses_(logits, *teacher, self.weight, labels, kd_weight, ce_weight, need_grad,
+                             o.loss, o.temperature, o.skew_lambda, o.jsd_beta)
 
 
 def cache_objective(batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor | None = None):
