@@ -47,8 +47,10 @@ from moekd.data.records import load_records  # noqa: E402
 from moekd.demo import DEFAULT_PLAN, QUICK_PLAN, prepare_teacher  # noqa: E402
 from moekd.tiny_models import make_tiny_model  # noqa: E402
 from moekd.distill.loader import BatchDataset, pack  # noqa: E402
-from moekd.distill.losses import dense_kd_loss, sampled_kd_loss, sparse_kd_loss  # noqa: E402
+from moekd.distill.losses import dense_kd_loss, exact_losses_, sparse_kd_loss, teacher_logprobs as exact_logprobs  # noqa: E402
 from moekd.distill.objective import batch_loss  # noqa: E402
+from moekd.distill.sampled_losses import sampled_kd_loss  # noqa: E402
+from moekd.distill.student import Student  # noqa: E402
 from moekd.distill.sources import CacheSource, TokenizedSource  # noqa: E402
 from moekd.distill.train import TrainOptions, train  # noqa: E402
 from moekd.store.verify import store_info  # noqa: E402
@@ -102,9 +104,8 @@ def cached_loss_of_logits(batch: dict, reader: CacheReader, logits: torch.Tensor
         return sparse_kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"]).mean(1)
     if kind == "sampled":
         return sampled_kd_loss(logits, batch["sampled_ids"], batch["sampled_weights"]).mean(1)
-    weight = reader.output_layer()
-    teacher = F.linear(batch["hidden_states"].to(weight.dtype), weight).float()
-    return torch.stack([dense_kd_loss(logits, torch.log_softmax(teacher[:, m], -1)) for m in range(teacher.shape[1])], 1).mean(1)
+    weight, hidden = reader.output_layer(), batch["hidden_states"]
+    return torch.stack([dense_kd_loss(logits, exact_logprobs(hidden[:, m], weight)) for m in range(hidden.shape[1])], 1).mean(1)
 
 
 def gradient_fidelity(student_dir: Path, teacher, cache: Path, positions: int) -> dict:
@@ -113,11 +114,13 @@ def gradient_fidelity(student_dir: Path, teacher, cache: Path, positions: int) -
 
     reader = CacheReader(cache)
     examples = gradient_batch(reader, positions)
-    batch = BatchDataset(CacheSource(reader), pad_id=0)[(0, 0, examples)]
+    source = CacheSource(reader)
+    batch = BatchDataset(source, pad_id=0)[(0, 0, examples)]
     exact_logp = teacher_logprobs(teacher, batch)
     model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32)
     o = TrainOptions(student=str(student_dir), out="-", cache=str(cache), loss="fkl")
-    batch_loss(model, batch, o, torch.device("cpu"))["loss"].backward()
+    cpu = torch.device("cpu")
+    batch_loss(Student(model), batch, o, cpu, source.teacher_output_layer(cpu))["loss"].backward()  # the trainer's objective
     cached = flat_grad(model)
     model.zero_grad()
     logits = model(input_ids=batch["input_ids"], use_cache=False).logits.flatten(0, 1)[batch["rows"]]
@@ -155,7 +158,7 @@ def held_out_kl(model_dir: Path, teacher, examples, batch_tokens: int) -> float:
 
 def bf16_check(work: Path, teacher_dir: Path, data: Path, plan, examples: int = 64) -> dict:
     """A bfloat16 teacher stored as hidden bf16: are the stored states the teacher's own, bit for bit, and is the
-    forward KL computed from the cache the one computed from the teacher's own logits?"""
+    forward KL the trainer computes from the cache the one computed from the teacher's own logits?"""
     from transformers import AutoModelForCausalLM
 
     subset = work / "bf16_check.jsonl"
@@ -179,7 +182,8 @@ def bf16_check(work: Path, teacher_dir: Path, data: Path, plan, examples: int = 
         stored = torch.from_numpy(ex.hidden_states[:, 0]).to(torch.bfloat16)
         student = torch.randn(own_logits.shape, generator=g)
         own = dense_kd_loss(student, torch.log_softmax(own_logits.float(), -1))
-        cached = dense_kd_loss(student, torch.log_softmax(F.linear(stored, weight).float(), -1))
+        # the trainer's exact loss of a hidden cache (losses.exact_losses_), from the stored states
+        cached = exact_losses_(student.clone(), torch.from_numpy(ex.hidden_states), weight, None, 1.0, 0.0, False)[0][:, 0]
         same_states += int(torch.equal(stored, own_hidden))
         same_loss += int(torch.equal(own, cached))
         max_diff = max(max_diff, (own - cached).abs().max().item())
