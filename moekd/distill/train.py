@@ -28,6 +28,7 @@ from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_
 from moekd.distill.metrics import MetricsLog, progress_bar
 from moekd.distill.objective import batch_loss, held_out_loss
 from moekd.distill.options import RUN_ONLY, TrainOptions, check_options
+from moekd.distill.router_losses import router_objective
 from moekd.distill.sources import check_vocabulary, open_source
 from moekd.errors import MoekdError
 from moekd.models import load_causal_lm, load_tokenizer, resolve_device
@@ -68,20 +69,25 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
 
     model = load_causal_lm(resume_from or o.student, torch.float32, device, "--student")
     check_vocabulary(model, source, o.student)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    routing, gate_targets = router_objective(o, model, source.gate_info)
+    groups = [{"params": list(model.parameters())}]
+    if routing is not None:
+        routing.to(device)
+        groups.append({"params": list(routing.parameters()), "weight_decay": 0.0})  # τ: no decay towards 0
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup, total_steps, o.schedule))
     torch.manual_seed(o.seed)
     step, tokens, position = 0, 0, LoaderPosition(0, 0)
     if resume_from is not None:
-        step, tokens, position = _restore(load_state(resume_from), optimizer, scheduler, device)
+        step, tokens, position = _restore(load_state(resume_from), optimizer, scheduler, device, routing)
         console.print(f"resuming from {resume_from} (step {step})")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / RUN_CONFIG, json.dumps(config, indent=2, default=str).encode())
-    log = MetricsLog(out, keep_until_step=step if resume_from else -1)
+    log = MetricsLog(out, keep_until_step=step if resume_from else -1, extra_columns=routing.columns if routing else ())
 
     pad_id = tokenizer.pad_token_id
     train_batches = iter(make_loader(
-        BatchDataset(source, pad_id, o.samples, o.seed),
+        BatchDataset(source, pad_id, o.samples, o.seed, gate_targets),
         BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed, start=position, epochs=epochs),
         o.workers,
     ))
@@ -89,7 +95,8 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
                                                          source.lengths, o.batch_tokens))]
 
     def evaluate() -> dict[str, float]:
-        return held_out_loss(model, make_loader(BatchDataset(source, pad_id, "mean", o.seed), eval_order, o.workers), o, device)
+        batches = make_loader(BatchDataset(source, pad_id, "mean", o.seed, gate_targets), eval_order, o.workers)
+        return held_out_loss(model, batches, o, device, routing)
 
     eval_start = None
     if step == 0 and eval_order:
@@ -103,7 +110,7 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
             if not micro:
                 break
             lr = scheduler.get_last_lr()[0]
-            terms, grad_norm = _optimizer_step(model, optimizer, micro, o, device, step + 1, out)
+            terms, grad_norm = _optimizer_step(model, optimizer, micro, o, device, step + 1, out, routing)
             scheduler.step()
             step += 1
             batch_tokens = sum(b["tokens"] for b in micro)
@@ -117,7 +124,7 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
                 record.update(evaluate())
             log.write(record)
             if o.save_every and step % o.save_every == 0:
-                state = _training_state(optimizer, scheduler, device, step, tokens, position)
+                state = _training_state(optimizer, scheduler, device, step, tokens, position, routing)
                 save_checkpoint(step_dir(out, step), model, tokenizer, state, step, config, RUN_ONLY)
             progress.update(task, completed=step, loss=f"{terms['loss']:.4f}", rate=f"{rate:,.0f}")
     save_checkpoint(out / FINAL, model, tokenizer, None, step, config, RUN_ONLY)
@@ -131,16 +138,19 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
     )
 
 
-def _training_state(optimizer, scheduler, device, step: int, tokens: int, position: LoaderPosition) -> dict:
+def _training_state(optimizer, scheduler, device, step: int, tokens: int, position: LoaderPosition, routing) -> dict:
     return {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "step": step, "tokens": tokens, "position": asdict(position),
+        "router": routing.state_dict() if routing is not None else None,  # the learned τ
     }
 
 
-def _restore(state: dict, optimizer, scheduler, device) -> tuple[int, int, LoaderPosition]:
+def _restore(state: dict, optimizer, scheduler, device, routing) -> tuple[int, int, LoaderPosition]:
     """Load a checkpoint's training state; returns (step, tokens, loader position)."""
+    if routing is not None:
+        routing.load_state_dict(state["router"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -160,24 +170,27 @@ def lr_factor(step: int, warmup: int, total_steps: int, schedule: str) -> float:
 
 
 
-def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device, step: int, out: Path):
+def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device, step: int, out: Path, routing):
     """One update over the micro-batches, weighted by their target positions (= one big batch)."""
     model.train()
     positions = sum(len(b["rows"]) for b in micro)
     totals: dict[str, float] = {}
     for b in micro:
-        terms = batch_loss(model, b, o, device)
+        terms = batch_loss(model, b, o, device, routing)
         if not torch.isfinite(terms["loss"]):
             raise _diverged(f"the loss is {terms['loss'].item()}", step, b, out)
         weight = len(b["rows"]) / positions
         (terms["loss"] * weight).backward()
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + value.item() * weight
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, o.max_grad_norm)
     if not torch.isfinite(grad_norm):
         raise _diverged(f"the gradient norm is {grad_norm.item()}", step, micro[-1], out)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if routing is not None:
+        routing.clamp_()
     return totals, grad_norm.item()
 
 
