@@ -1,12 +1,14 @@
-"""The miniature of the published comparison: teacher, SFT student, KD (topk), ALL, KA with M in {1, 2, 4}.
+"""The miniature of the published comparisons: teacher, SFT student, KD (topk), ALL, KA with M in {1, 2, 4},
+and MoE to MoE: a small MoE student by logit KD only and by Balanced Distillation.
 
     python bench/paper_table.py                       # ~10-15 minutes on a 2-core CPU
     python bench/paper_table.py --workdir /tmp/pt     # finished stages are reused on a rerun
 
 Runs the `moekd demo` pipeline with this plan (same teacher, same student initialisation and
-steps for every KD row, forward KL over the cached top-k + tail), evaluates every model with
-5 sampling seeds, prints the table and writes bench/results/paper_table.json with the machine,
-the date and the library versions.
+steps for every KD row, forward KL over the cached top-k + tail; the two MoE students share
+their own initialisation and a cache that also stores the teacher's gates), evaluates every model
+with 5 sampling seeds, prints the table and writes bench/results/paper_table.json with the
+machine, the date and the library versions.
 """
 
 from __future__ import annotations

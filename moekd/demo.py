@@ -5,8 +5,13 @@ Stages (each is skipped when its output is already complete, so a rerun picks up
 2. a small MoE teacher trained by SFT, and a dense student baseline trained by SFT;
 3. teacher caches under the routing policies of the plan (topk, all, ka ...);
 4. one student distilled from each cache, from the same initialisation and for the same steps;
-5. `moekd eval` (ROUGE-L, sampled, several seeds) of the teacher and every student;
-6. the table: ROUGE-L mean ± std, cache size, build time, training tokens/s (JSON + PNG too).
+4b. MoE to MoE: a cache that also stores the teacher's gate distributions, and one small MoE
+   student initialisation (fewer layers and experts than the teacher) distilled from it twice,
+   by logit KD only and by Balanced Distillation (`--router-loss bdistill`);
+5. `moekd eval` (ROUGE-L, sampled, several seeds) of the teacher and every student, and the
+   routing statistics (expert-load CV, gate entropy) of the teacher and the MoE students;
+6. the table: ROUGE-L mean ± std, cache size, build time, training tokens/s, and for the MoE
+   students the held-out KD loss, load CV and gate entropy (JSON + PNG too).
 `bench/paper_table.py` runs the same pipeline with a larger plan.
 """
 
@@ -20,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moekd.cache_builder.build import BuildOptions, build_cache
+from moekd.cache_builder.routing_stats import routing_stats_for_files
 from moekd.data.prompts import format_prompt
 from moekd.data.records import load_records
 from moekd.data.synth import write_suite
@@ -59,6 +65,8 @@ class DemoPlan:
     seeds: tuple[int, ...]
     max_new_tokens: int
     caches: tuple[CacheSpec, ...]
+    moe_student: dict | None = None  # tiny_config arguments of the MoE student (None: no MoE-to-MoE stage)
+    bdistill: dict = field(default_factory=dict)  # TrainOptions of the Balanced Distillation student
 
 
 KA = {"ka_lambda": 0.05}
@@ -69,6 +77,8 @@ DEFAULT_PLAN = DemoPlan(
     student=dict(family="llama", hidden=64, layers=2),
     teacher_epochs=6, student_epochs=6, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
     seeds=(10, 20, 30, 40, 50), max_new_tokens=64, caches=DEFAULT_CACHES,
+    moe_student=dict(family="mixtral", hidden=64, layers=2, experts=4, top_k=2, router_std=None),
+    bdistill=dict(router_loss="bdistill", expert_weight=0.1),
 )
 QUICK_PLAN = DemoPlan(
     n_train=320, n_valid=16, n_test=32, vocab=512,
@@ -76,6 +86,8 @@ QUICK_PLAN = DemoPlan(
     student=dict(family="llama", hidden=32, layers=1),
     teacher_epochs=4, student_epochs=2, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=2048, warmup=4, k=16,
     seeds=(10, 20), max_new_tokens=32, caches=DEFAULT_CACHES,
+    moe_student=dict(family="mixtral", hidden=32, layers=1, experts=2, top_k=1, router_std=None),
+    bdistill=dict(router_loss="bdistill", expert_weight=0.1),
 )
 
 
@@ -89,13 +101,14 @@ def _train(console: Console, out: Path, **options) -> dict:
     return {"model": str(out / "final"), "train_tokens_per_s": rates[-1] if rates else None}
 
 
-def _cache(console: Console, out: Path, teacher: Path, data: Path, spec: CacheSpec, plan: DemoPlan) -> dict:
+def _cache(console: Console, out: Path, teacher: Path, data: Path, spec: CacheSpec, plan: DemoPlan,
+           router_probs: str = "none") -> dict:
     state = store_state(out)
     if state != "complete":
         console.print(f"[bold]cache[/] {spec.name}: policy {spec.policy} {spec.params}")
         build_cache(BuildOptions(teacher=str(teacher), data=str(data), out=str(out), policy=spec.policy,
                                  policy_params=spec.params, k=plan.k, device="cpu", resume=state == "unfinished",
-                                 batch_tokens=plan.batch_tokens), console)
+                                 batch_tokens=plan.batch_tokens, router_probs=router_probs), console)
     info = store_info(str(out))
     return {"cache_bytes": info["bytes_total"], "build_seconds": info["meta"].build.wall_seconds}
 
@@ -108,6 +121,32 @@ def _eval(console: Console, model: str, test: Path, out: Path, plan: DemoPlan) -
         write_report(report, out)
     scores = json.loads(out.read_text())["datasets"][0]
     return {"rougeL_mean": scores["mean"], "rougeL_std": scores["std"], "rougeL_per_seed": scores["per_seed"]}
+
+
+def _moe_students(console: Console, work: Path, teacher: Path, train_data: Path, plan: DemoPlan) -> dict:
+    """MoE to MoE: one MoE student initialisation distilled from a gate cache by logit KD only and by Balanced Distillation."""
+    cache = work / "caches" / "topk-gates.zarr"
+    cache_row = _cache(console, cache, teacher, train_data, CacheSpec("topk-gates", "topk"), plan, router_probs="full")
+    student = dict(student=str(work / "init" / "moe_student"), epochs=plan.student_epochs, lr=plan.student_lr,
+                   batch_tokens=plan.batch_tokens, warmup=plan.warmup, cache=str(cache), loss="fkl")
+    rows = {}
+    for name, slug, router in (("student MoE KD", "kd", {}), ("student MoE B-Distill", "bdistill", plan.bdistill)):
+        out = work / "moe_students" / slug
+        trained = _train(console, out, **student, **router)
+        last = read_metrics(out)[-1]  # the logit objective on the held-out examples, without the router terms
+        rows[name] = {**trained, **cache_row, "heldout_loss": last.get("eval_logit_loss", last.get("eval_loss"))}
+    return rows
+
+
+def _routing(console: Console, model: str, test: Path, out: Path) -> dict:
+    """Mean over MoE layers of the expert-load CV and gate entropy on the test prompts and references."""
+    if not out.exists():
+        console.print(f"[bold]routing[/] {model}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(routing_stats_for_files(model, test, max_examples=10**9, device="cpu").to_dict()))
+    layers = json.loads(out.read_text())["layers"]
+    return {"load_cv": sum(s["load_cv"] for s in layers) / len(layers),
+            "gate_entropy": sum(s["gate_entropy"] for s in layers) / len(layers)}
 
 
 def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = None) -> dict:
@@ -130,7 +169,8 @@ def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
-    for role, config in (("teacher", plan.teacher), ("student", plan.student)):
+    roles = (("teacher", plan.teacher), ("student", plan.student), ("moe_student", plan.moe_student))
+    for role, config in (r for r in roles if r[1] is not None):
         if not (work / "init" / role / "config.json").exists():
             make_tiny_model(config["family"], tokenizer, work / "init" / role, seed=0,
                             **{k: v for k, v in config.items() if k != "family"})
@@ -148,9 +188,13 @@ def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = 
         cache_row = _cache(console, cache, teacher, train_data, spec, plan)
         trained = _train(console, work / "students" / spec.name, cache=str(cache), loss="fkl", **student)
         rows[f"student KD {spec.name}"] = {**trained, **cache_row}
+    moe_rows = list(_moe_students(console, work, teacher, train_data, plan).items()) if plan.moe_student else []
+    rows.update(moe_rows)
     for name, row in rows.items():
         slug = name.split(" (")[0].replace(" ", "_")
         row.update(_eval(console, row["model"], test_data, work / "eval" / f"{slug}.json", plan))
+        if name == "teacher (MoE, SFT)" or name in dict(moe_rows):
+            row.update(_routing(console, row["model"], test_data, work / "routing" / f"{slug}.json"))
     results = {"plan": asdict(plan), "rows": rows}
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_results(rows, work / "results.png")
@@ -159,13 +203,16 @@ def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = 
 
 def results_table(rows: dict) -> Table:
     table = Table(title="moekd demo: ROUGE-L on the built-in test split (sampled, mean ± std over seeds)")
-    for column in ("model", "ROUGE-L", "cache size", "build time", "train tok/s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    for column in ("model", "ROUGE-L", "cache size", "build time", "train tok/s", "held-out KD", "load CV", "gate H"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column in ("model", "ROUGE-L"))
     for name, row in rows.items():
         size = f"{row['cache_bytes'] / 1e6:.2f} MB" if "cache_bytes" in row else "-"
         build = f"{row['build_seconds']:.1f} s" if row.get("build_seconds") else "-"
         rate = f"{row['train_tokens_per_s']:,.0f}" if row.get("train_tokens_per_s") else "-"
-        table.add_row(name, f"{row['rougeL_mean']:.2f} ± {row['rougeL_std']:.2f}", size, build, rate)
+        routing = [f"{row[key]:.2f}" if row.get(key) is not None else "-" for key in ("heldout_loss", "load_cv", "gate_entropy")]
+        table.add_row(name, f"{row['rougeL_mean']:.2f} ± {row['rougeL_std']:.2f}", size, build, rate, *routing)
+    table.caption = ("held-out KD: forward KL on the gate cache's held-out examples (MoE students); load CV, gate H: "
+                     "expert-load coefficient of variation and gate entropy (nats) on the test split, mean over MoE layers")
     return table
 
 

@@ -339,6 +339,22 @@ def test_every_supported_student_family_trains_with_bdistill(family, top_cache, 
     assert "tau/1" in records[-1] and "tau/0" not in records[-1] and np.isfinite(records[-1]["router_loss"])
 
 
+def test_family_aux_loss_alone_is_added_over_the_non_padding_tokens(gate_cache, moe_student, tmp_path):
+    o, model, routing, batch = first_batch(gate_cache, moe_student, router_loss="none", router_aux_coef=0.05)
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    terms = batch_loss(model, batch, o, torch.device("cpu"), routing)
+    assert set(terms) == {"loss", "logit_loss", "aux_loss"}
+    logits = model(input_ids=batch["input_ids"], output_router_logits=True).router_logits
+    mask = torch.arange(batch["input_ids"].shape[1])[None] < batch["lengths"][:, None]
+    torch.testing.assert_close(terms["aux_loss"], load_balancing_loss_func(logits, 4, 2, mask))
+    assert not torch.isclose(terms["aux_loss"], load_balancing_loss_func(logits, 4, 2, None))  # padding left out
+    torch.testing.assert_close(terms["loss"], terms["logit_loss"] + 0.05 * terms["aux_loss"])
+    summary = train(options(moe_student, tmp_path / "run", cache=str(gate_cache), router_loss="none", router_aux_coef=0.05,
+                            max_steps=2))
+    assert summary.steps == 2 and "aux_loss" in read_metrics(tmp_path / "run")[-1]
+
+
 def test_cli_takes_every_router_flag(gate_cache, moe_student, tmp_path):
     from typer.testing import CliRunner
 

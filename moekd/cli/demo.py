@@ -16,7 +16,7 @@ def demo(
     workdir: Optional[Path] = typer.Option(None, help="Where the stages write (default: moekd-demo, or moekd-demo-quick with --quick)."),
     quick: bool = typer.Option(False, "--quick", help="A few-minute miniature of the pipeline (a smoke test; its numbers mean little)."),
 ) -> None:
-    """Run the whole pipeline on the built-in suite: teacher, SFT student, caches (topk, all, ka), KD students, eval.
+    """Run the whole pipeline on the built-in suite: teacher, SFT student, caches (topk, all, ka), KD students, MoE students (KD, Balanced Distillation), eval.
 
     Finished stages are reused when it is run again. Example: moekd demo --quick
     """

@@ -117,6 +117,8 @@ class RouterObjective(nn.Module):
 
     def forward(self, router_logits: tuple[torch.Tensor, ...], batch: dict, training: bool) -> dict[str, torch.Tensor]:
         """{"loss": what to add to the logit objective, the terms, per-layer statistics}."""
+        if len(router_logits) != len(self.routers):  # entry s must be the s-th router's logits
+            raise RuntimeError(f"the student returned router logits of {len(router_logits)} layers for {len(self.routers)} routers")
         terms: dict[str, torch.Tensor] = {}
         total = router_logits[0].new_zeros((), dtype=torch.float32)
         if self.student_layers:

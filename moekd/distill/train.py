@@ -2,7 +2,8 @@
 
 Flow: check the store, the student's tokenizer and vocabulary against it (sources.py) -> hold
 out a fixed eval subset -> AdamW over token-budget batches (warmup + constant/cosine schedule,
-grad accumulation, clipping, bf16 autocast on CUDA) on the objective of objective.py -> metrics
+grad accumulation, clipping, bf16 autocast on CUDA) on the objective of objective.py (with an
+MoE student's router terms and their learned temperatures τ, router_losses.py) -> metrics
 every step, eval and checkpoints every N steps -> final/. The teacher is never loaded:
 everything needed is in the store.
 """
@@ -73,7 +74,8 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
     groups = [{"params": list(model.parameters())}]
     if routing is not None:
         routing.to(device)
-        groups.append({"params": list(routing.parameters()), "weight_decay": 0.0})  # τ: no decay towards 0
+        if routing.tau.numel():
+            groups.append({"params": [routing.tau], "weight_decay": 0.0})  # τ: no decay towards 0
     optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup, total_steps, o.schedule))
     torch.manual_seed(o.seed)
