@@ -1,7 +1,6 @@
 """Balanced Distillation for MoE students: each term against an explicit computation, the layer and
 expert maps, gradients to the routers and τ, the clamp, bad input, resume, every supported family."""
 
-import shutil
 from pathlib import Path
 
 import numpy as np
