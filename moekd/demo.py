@@ -36,7 +36,7 @@ from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.eval.evaluate import evaluate, write_report
 from moekd.store.verify import store_info
-from moekd.store.writer import store_state
+from moekd.store.writer import atomic_write, store_state
 from moekd.tiny_models import make_tiny_model
 
 
@@ -138,12 +138,13 @@ def _moe_students(console: Console, work: Path, teacher: Path, train_data: Path,
     return rows
 
 
-def _routing(console: Console, model: str, test: Path, out: Path) -> dict:
+def _routing(console: Console, model: str, test: Path, out: Path, plan: DemoPlan) -> dict:
     """Mean over MoE layers of the expert-load CV and gate entropy on the test prompts and references."""
     if not out.exists():
         console.print(f"[bold]routing[/] {model}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(routing_stats_for_files(model, test, max_examples=10**9, device="cpu").to_dict()))
+        stats = routing_stats_for_files(model, test, max_examples=plan.n_test, device="cpu")
+        atomic_write(out, json.dumps(stats.to_dict()).encode())
     layers = json.loads(out.read_text())["layers"]
     return {"load_cv": sum(s["load_cv"] for s in layers) / len(layers),
             "gate_entropy": sum(s["gate_entropy"] for s in layers) / len(layers)}
@@ -194,7 +195,7 @@ def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = 
         slug = name.split(" (")[0].replace(" ", "_")
         row.update(_eval(console, row["model"], test_data, work / "eval" / f"{slug}.json", plan))
         if name == "teacher (MoE, SFT)" or name in dict(moe_rows):
-            row.update(_routing(console, row["model"], test_data, work / "routing" / f"{slug}.json"))
+            row.update(_routing(console, row["model"], test_data, work / "routing" / f"{slug}.json", plan))
     results = {"plan": asdict(plan), "rows": rows}
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_results(rows, work / "results.png")
