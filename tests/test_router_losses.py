@@ -14,9 +14,10 @@ from moekd.distill.loader import BatchDataset, BatchOrder, held_out_split, make_
 from moekd.distill.metrics import MetricsLog, read_metrics
 from moekd.distill.objective import batch_loss
 from moekd.distill.router_losses import (
-    TAU_RANGE, coverage_kl, draw_uniforms, entropy_aware_kl, load_cv, mc_draws, mc_exploration_loss, router_objective,
+    TAU_RANGE, coverage_kl, entropy_aware_kl, load_cv, mc_draws, mc_exploration_loss, router_objective, tempered,
 )
 from moekd.distill.sources import CacheSource
+from moekd.distill.student import Student
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.models import load_causal_lm
@@ -95,7 +96,7 @@ def test_mc_loss_equals_a_hand_written_loop_over_draws():
     P, M, L, N, K, alpha = 7, 2, 3, 5, 4, 0.5
     p = random_gates(g, (P, M, L, N))
     log_q = torch.log_softmax(torch.randn(P, 1, L, N, generator=g) * 2, -1)
-    uniforms = draw_uniforms(seed=3, epoch=1, batch=2, training=True, shape=(K, P, M, L))
+    uniforms = 1.0 - torch.rand(K, P, M, L, generator=g)
     experts, weights = mc_draws(p, uniforms, alpha)
     loss = mc_exploration_loss(log_q, experts, weights)
     assert loss.shape == (P, M, L)
@@ -119,14 +120,17 @@ def test_mc_loss_equals_a_hand_written_loop_over_draws():
     assert (again[0] == experts[0]).all() and not (again == experts).all()
 
 
-def test_draws_depend_only_on_seed_epoch_batch_and_split():
-    shape = (3, 4, 2)
-    a = draw_uniforms(0, 1, 5, True, shape)
-    assert a.equal(draw_uniforms(0, 1, 5, True, shape))
-    assert 0 < a.min() and a.max() <= 1
-    for other in (draw_uniforms(1, 1, 5, True, shape), draw_uniforms(0, 2, 5, True, shape),
-                  draw_uniforms(0, 1, 6, True, shape), draw_uniforms(0, 1, 5, False, shape)):
-        assert not a.equal(other)
+def test_draws_depend_only_on_seed_epoch_and_example():
+    """An example's uniforms are the same in any batch (resume, held-out, any number of ranks)."""
+    targets = GateTargets([(0, 0), (1, 1)], 4, expert_map("group", 4, 2), draws=3, seed=0)
+    together = targets.uniforms([7, 9], np.array([2, 5]), epoch=1, samples=2)
+    assert together.shape == (3, 7, 2, 2) and 0 < together.min() and together.max() <= 1
+    assert together[:, 2:].equal(targets.uniforms([9], np.array([5]), epoch=1, samples=2))
+    assert together[:, :2].equal(targets.uniforms([7], np.array([2]), epoch=1, samples=2))
+    other_seed = GateTargets([(0, 0), (1, 1)], 4, expert_map("group", 4, 2), draws=3, seed=1)
+    for other in (other_seed.uniforms([7], np.array([2]), 1, 2), targets.uniforms([7], np.array([2]), 2, 2),
+                  targets.uniforms([8], np.array([2]), 1, 2)):
+        assert not together[:, :2].equal(other)
 
 
 def test_coverage_kl_is_the_kl_between_the_batch_mean_gates():
@@ -145,7 +149,12 @@ def test_entropy_aware_kl_with_temperature():
     P, M, L, N, beta = 5, 2, 2, 4, 0.3
     p = random_gates(g, (P, M, L, N))
     logits, tau = torch.randn(P, L, N, generator=g) * 3, torch.tensor([0.7, 1.3])
-    got = entropy_aware_kl(p, torch.softmax(logits / tau[None, :, None], -1), beta)
+    q_tau = tempered(torch.log_softmax(logits, -1), tau[:, None])
+    torch.testing.assert_close(q_tau, torch.softmax(logits / tau[None, :, None], -1))  # softmax routers: softmax(g/τ)
+    got = entropy_aware_kl(p, q_tau, beta)
+    sigmoid = logits.sigmoid() / logits.sigmoid().sum(-1, keepdim=True)  # a sigmoid router's g: tempered itself
+    expected = sigmoid ** (1 / tau[None, :, None])
+    torch.testing.assert_close(tempered(sigmoid.log(), tau[:, None]), expected / expected.sum(-1, keepdim=True))
     for l in range(L):
         total = 0.0
         for i in range(P):
@@ -210,13 +219,16 @@ def test_top_r_gates_spread_the_rest_evenly_and_targets_follow_the_maps():
     assert torch.allclose(dense.sum(-1), torch.ones(1, 1, 2))  # float16 storage renormalised
     arrays = {"gate_ids": ids, "gate_probs": probs, "gate_rest": rest}
     # student layer 0 <- teacher layer 1, student layer 1 <- teacher layer 0; 6 experts onto 3 groups {0,1}, {2,3}, {4,5}
-    grouped = GateTargets([(0, 1), (1, 0)], 6, expert_map("group", 6, 3))(arrays)
+    def targets(pairs, kind, n_student, arrays):
+        return GateTargets(pairs, 6, expert_map(kind, 6, n_student), 2, 0)(arrays, [0], np.array([1]), 0)["teacher_gates"]
+
+    grouped = targets([(0, 1), (1, 0)], "group", 3, arrays)
     np.testing.assert_allclose(grouped[0, 0], [[0.6, 0.0, 0.4], [0.35, 0.1, 0.55]], atol=1e-3)
     # stride keeps teacher experts 0, 2, 4: layer 1 of the teacher has mass only on 0 -> [1, 0, 0]
-    strided = GateTargets([(0, 1), (1, 0)], 6, expert_map("stride", 6, 3))(arrays)
+    strided = targets([(0, 1), (1, 0)], "stride", 3, arrays)
     np.testing.assert_allclose(strided[0, 0], [[1.0, 0, 0], np.array([0.05, 0.05, 0.5]) / 0.6], atol=1e-3)
     # a stride target whose kept experts carry no mass is uniform
-    empty = GateTargets([(0, 0)], 6, expert_map("stride", 6, 2))(  # keeps teacher experts 0 and 3
+    empty = targets([(0, 0)], "stride", 2,  # keeps teacher experts 0 and 3
         {"gate_ids": np.array([[[[1, 5]]]], dtype=np.uint16), "gate_probs": np.array([[[[0.5, 0.5]]]], dtype=np.float16),
          "gate_rest": np.array([[[0.0]]], dtype=np.float32)})
     np.testing.assert_allclose(empty[0, 0, 0], [0.5, 0.5])
@@ -244,7 +256,7 @@ def test_batch_objective_adds_the_weighted_router_terms_and_gradients_reach_rout
     o, model, routing, batch = first_batch(gate_cache, moe_student, ce_weight=0.2, router_aux_coef=0.01,
                                            expert_weight=0.3, coverage_weight=0.4)
     model.train()
-    terms = batch_loss(model, batch, o, torch.device("cpu"), routing)
+    terms = batch_loss(Student(model, router_terms=routing), batch, o, torch.device("cpu"))
     expected = terms["logit_loss"] + 0.3 * (terms["mc_loss"] + 0.4 * terms["coverage_loss"] + terms["router_loss"]) \
         + 0.01 * terms["aux_loss"]
     torch.testing.assert_close(terms["loss"], expected)
@@ -275,8 +287,10 @@ def test_teacher_gates_follow_the_random_sample_pick(gate_cache, moe_student):
     assert set(pick.tolist()) == {0, 1}  # both samples occur in this batch
     at = np.arange(len(rows))
     np.testing.assert_array_equal(batch["topk_ids"][:, 0].numpy(), ids[at, pick])
-    other = GateTargets([(0, 0), (1, 2)], 8, expert_map("group", 8, 4))({"gate_probs": gates[at, 1 - pick][:, None]})
-    expected = GateTargets([(0, 0), (1, 2)], 8, expert_map("group", 8, 4))({"gate_probs": gates[at, pick][:, None]})
+    targets = GateTargets([(0, 0), (1, 2)], 8, expert_map("group", 8, 4), 3, 0)
+    positions = np.diff(reader.position_offsets)[examples]
+    other = targets({"gate_probs": gates[at, 1 - pick][:, None]}, examples, positions, 0)["teacher_gates"]
+    expected = targets({"gate_probs": gates[at, pick][:, None]}, examples, positions, 0)["teacher_gates"]
     assert batch["teacher_gates"].shape == (len(rows), 1, 2, 4) and not torch.equal(other, expected)
     torch.testing.assert_close(batch["teacher_gates"], expected)
 
@@ -342,7 +356,7 @@ def test_family_aux_loss_alone_is_added_over_the_non_padding_tokens(gate_cache, 
     o, model, routing, batch = first_batch(gate_cache, moe_student, router_loss="none", router_aux_coef=0.05)
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    terms = batch_loss(model, batch, o, torch.device("cpu"), routing)
+    terms = batch_loss(Student(model, router_terms=routing), batch, o, torch.device("cpu"))
     assert set(terms) == {"loss", "logit_loss", "aux_loss"}
     logits = model(input_ids=batch["input_ids"], output_router_logits=True).router_logits
     mask = torch.arange(batch["input_ids"].shape[1])[None] < batch["lengths"][:, None]

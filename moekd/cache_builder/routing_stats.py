@@ -135,9 +135,14 @@ def routing_stats_for_files(
     scope: str = "response",
     device: str = "auto",
     dtype: str = "auto",
+    tokenizer: str | None = None,
+    fields: dict[str, str | None] | None = None,
+    skip_invalid: bool = False,
+    chat_template: bool = False,
 ) -> RoutingStats:
-    """Load a teacher checkpoint and a data file, and compute routing statistics on the first examples."""
-    from moekd.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    """Load a teacher checkpoint (and `tokenizer`, when it is not in the teacher's directory) and a data file,
+    and compute routing statistics on the first examples, prompted as `cache build` prompts them."""
+    from moekd.models import check_tokenizer_fits, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from moekd.data.prompts import tokenize_records
     from moekd.data.records import load_records
 
@@ -146,14 +151,19 @@ def routing_stats_for_files(
         raise MoekdError(f"--max-examples must be at least 1, got {max_examples}")
     if batch_size < 1:
         raise MoekdError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 0 <= seed < 2**63:
+        raise MoekdError(f"--seed must be in [0, 2**63), got {seed}")
     resolved = resolve_device(device)
-    tokenizer = load_tokenizer(teacher)
-    loaded = load_records(data)
+    tokenizer_flag = "--tokenizer" if tokenizer else "--teacher"
+    loaded_tokenizer = load_tokenizer(tokenizer or teacher, tokenizer_flag)
+    loaded = load_records(data, fields, skip_invalid)
     report = tokenize_records(
-        loaded.records[:max_examples], loaded.source_index[:max_examples], tokenizer, max_prompt_len, max_len
+        loaded.records[:max_examples], loaded.source_index[:max_examples], loaded_tokenizer, max_prompt_len, max_len,
+        chat_template, skip_invalid,
     )
     model = load_causal_lm(teacher, resolve_dtype(dtype, resolved), resolved)
-    return compute_routing_stats(model, report.examples, policy, tokenizer.pad_token_id, batch_size, seed, scope)
+    check_tokenizer_fits(loaded_tokenizer, model, tokenizer_flag)
+    return compute_routing_stats(model, report.examples, policy, loaded_tokenizer.pad_token_id, batch_size, seed, scope)
 
 
 def render_table(stats: RoutingStats):
@@ -197,5 +207,6 @@ def plot_stats(stats: RoutingStats, path: str | Path) -> None:
     for ax in (mass_ax, cv_ax):
         ax.set_xticks(x)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path))
     plt.close(fig)

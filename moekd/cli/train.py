@@ -15,7 +15,8 @@ from moekd.cli.app import app, console
 def train_command(
     student: str = typer.Option(..., help="Student checkpoint: a local Hugging Face causal LM directory (dense or MoE)."),
     out: Path = typer.Option(..., help="Run directory: config.json, metrics.jsonl/.csv, step-XXXXXX/ checkpoints, final/."),
-    cache: Optional[str] = typer.Option(None, help="Teacher cache (path or fsspec URL) to distil from."),
+    cache: Optional[str] = typer.Option(None, help="Teacher cache to distil from: a directory, a packed .zip, or an fsspec URL (s3://, gs://, http(s)://)."),
+    storage_options: Optional[str] = typer.Option(None, help="""fsspec options for a --cache URL as JSON, e.g. '{"anon": true}' (not written to --out)."""),
     data: Optional[Path] = typer.Option(None, help="Instruction data for plain SFT with --loss ce, instead of --cache."),
     loss: str = typer.Option("fkl", help="fkl, rkl, skl, srkl, jsd, tvd (over the k stored ids + tail bucket), or ce."),
     skew_lambda: float = typer.Option(0.1, help="Mixing weight λ of skl and srkl."),
@@ -29,6 +30,7 @@ def train_command(
     warmup: int = typer.Option(0, help="Optimizer steps of linear warmup."),
     max_grad_norm: float = typer.Option(1.0, help="Gradient clipping norm."),
     batch_tokens: int = typer.Option(8192, help="Padded tokens per micro-batch (rows x longest row)."),
+    loss_chunk: int = typer.Option(1024, help="Positions per chunk of the loss: logits are computed chunk by chunk from the hidden states, never all at once."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     max_steps: Optional[int] = typer.Option(None, help="Optimizer steps to train (instead of --epochs)."),
     epochs: Optional[int] = typer.Option(None, help="Passes over the training examples (default 1 when --max-steps is not given)."),
@@ -64,13 +66,19 @@ def train_command(
     Example: moekd train --cache run.zarr --student ./student --out runs/kd --loss fkl --max-steps 1000 --lr 5e-5 --warmup 50
 
     MoE student, Balanced Distillation: moekd train --cache gates.zarr --student ./moe --out runs/bd --router-loss bdistill --expert-weight 0.1
+
+    On several GPUs (DDP, each rank trains its share of every batch): torchrun --nproc-per-node 8 -m moekd train ...
     """
     from moekd.distill.train import TrainOptions, train
+    from moekd.distributed import Ranks
+    from moekd.store.location import parse_storage_options
 
     options = TrainOptions(
-        student=student, out=str(out), cache=cache, data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda,
-        jsd_beta=jsd_beta, temperature=temperature, ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,
-        schedule=schedule, warmup=warmup, max_grad_norm=max_grad_norm, batch_tokens=batch_tokens, grad_accum=grad_accum,
+        student=student, out=str(out), cache=cache, storage_options=parse_storage_options(storage_options),
+        data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda, jsd_beta=jsd_beta, temperature=temperature,
+        ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,
+        schedule=schedule, warmup=warmup, max_grad_norm=max_grad_norm, batch_tokens=batch_tokens, loss_chunk=loss_chunk,
+        grad_accum=grad_accum,
         max_steps=max_steps, epochs=epochs, eval_every=eval_every, eval_fraction=eval_fraction, save_every=save_every,
         resume=resume, seed=seed, device=device, workers=workers, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
         max_prompt_len=max_prompt_len, max_len=max_len, chat_template=chat_template, skip_invalid=skip_invalid,
@@ -80,6 +88,8 @@ def train_command(
         router_layers=router_layers, layer_map=layer_map, expert_map=expert_map, router_aux_coef=router_aux_coef,
     )
     s = train(options, console=Console(stderr=True))
+    if not Ranks.from_env().main:
+        return  # rank 0 prints the run's summary
     evals = f"held-out loss {s.eval_loss_start:.4f} -> {s.eval_loss:.4f}; " if s.eval_loss_start is not None else (
         f"held-out loss {s.eval_loss:.4f}; " if s.eval_loss is not None else "")
     console.print(

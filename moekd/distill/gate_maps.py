@@ -16,6 +16,8 @@ student's experts:
    does not divide N_T); `stride` keeps the first teacher expert of each such group (every
    (N_T/N_S)-th) and renormalises, as the published code does. A stride target whose kept
    experts carry no mass at all is uniform.
+4. Monte-Carlo uniforms: K per position, sample and mapped layer, drawn per example from
+   (seed, epoch, example) (held-out batches use epoch 0; their examples are never trained on).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from moekd.errors import MoekdError
 
 EXPERT_MAPS = ("group", "stride")
+MC_STREAM = 1  # the fourth word of the Monte-Carlo draws' seed
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -88,17 +91,29 @@ def dense_gates(arrays: dict[str, torch.Tensor], num_experts: int) -> torch.Tens
 
 
 class GateTargets:
-    """Stored gate arrays [P, M, L_T, ...] -> float32 targets [P, M, len(pairs), N_S] (see the module docstring)."""
+    """What the loader adds to a batch for Balanced Distillation (see the module docstring):
+    teacher_gates, float32 [P, M, len(pairs), N_S] from stored gate arrays [P, M, L_T, ...], and
+    mc_uniforms, float32 [K, P, M, len(pairs)] in (0, 1] for the Monte-Carlo draws."""
 
-    def __init__(self, pairs: list[tuple[int, int]], teacher_experts: int, matrix: torch.Tensor):
+    def __init__(self, pairs: list[tuple[int, int]], teacher_experts: int, matrix: torch.Tensor, draws: int, seed: int):
         self.pairs, self.teacher_experts, self.matrix = pairs, teacher_experts, matrix
         self.teacher_layers = np.array([t for _, t in pairs])
+        self.draws, self.seed = draws, seed
 
-    def __call__(self, arrays: dict[str, np.ndarray]) -> torch.Tensor:
+    def __call__(self, arrays: dict[str, np.ndarray], examples: list[int], positions: np.ndarray, epoch: int) -> dict:
         wide = {"gate_ids": np.int64}  # torch has few uint16 ops
         chosen = {name: torch.from_numpy(a.take(self.teacher_layers, axis=2).astype(wide.get(name, np.float32)))
                   for name, a in arrays.items()}
         mapped = dense_gates(chosen, self.teacher_experts) @ self.matrix
         total = mapped.sum(-1, keepdim=True)
         uniform = torch.full_like(mapped, 1.0 / mapped.shape[-1])
-        return torch.where(total > 0, mapped / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+        gates = torch.where(total > 0, mapped / total.clamp_min(torch.finfo(torch.float32).tiny), uniform)
+        return {"teacher_gates": gates, "mc_uniforms": self.uniforms(examples, positions, epoch, gates.shape[1])}
+
+    def uniforms(self, examples: list[int], positions: np.ndarray, epoch: int, samples: int) -> torch.Tensor:
+        """[K, P, M, L] uniforms drawn per example from (seed, epoch, example): the same whatever the batch
+        (resume, held-out evaluation, any number of ranks). The stream differs from --samples random's."""
+        shape = (self.draws, samples, len(self.pairs))
+        parts = [np.random.default_rng([self.seed, epoch, e, MC_STREAM]).random((n, *shape), dtype=np.float32)
+                 for e, n in zip(examples, positions)]
+        return torch.from_numpy(1.0 - np.concatenate(parts)).permute(1, 0, 2, 3).contiguous()

@@ -108,7 +108,8 @@ class BatchDataset(Dataset):
     epoch, batch, tokens (unpadded); from a cache also topk_ids [P, M', k], topk_logprobs [P, M', k],
     tail_logprob [P, M'] where M' = M for samples="mean" and 1 for "random" (one sample per example,
     drawn from (seed, epoch, example)); with `gate_targets` (gate_maps.GateTargets) also
-    teacher_gates [P, M', L, N_S] from the stored gate arrays of the same samples.
+    teacher_gates [P, M', L, N_S] from the stored gate arrays of the same samples and mc_uniforms
+    [K, P, M', L] for the Monte-Carlo expert draws.
     """
 
     def __init__(self, source, pad_id: int, samples: str = "mean", seed: int = 0, gate_targets=None):
@@ -119,6 +120,9 @@ class BatchDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int, list[int]]) -> dict:
         epoch, index, examples = item[0], item[1], list(item[2])
+        if not examples:  # a rank's share of a batch with fewer examples than ranks (see parallel.py)
+            return {"examples": torch.zeros(0, dtype=torch.long), "rows": torch.zeros(0, dtype=torch.long),
+                    "epoch": epoch, "batch": index, "tokens": 0}
         data = self.source.read(examples)
         counts, positions = data["token_counts"], data["position_counts"]
         width = int(counts.max())
@@ -147,7 +151,8 @@ class BatchDataset(Dataset):
             batch.update({name: torch.from_numpy(np.ascontiguousarray(per_sample[name]))
                           for name in ("topk_ids", "topk_logprobs", "tail_logprob")})
             if self.gate_targets is not None:
-                batch["teacher_gates"] = self.gate_targets({name: per_sample[name] for name in self.source.gate_arrays})
+                batch.update(self.gate_targets({name: per_sample[name] for name in self.source.gate_arrays},
+                                               examples, positions, epoch))
         return batch
 
 

@@ -2,15 +2,19 @@
 
 Per target position, teacher sample m and mapped student layer l, with p the cached teacher
 gate distribution mapped onto the student's experts (gate_maps.py), g the student's router
-logits and q = gate(g) the student's gate distribution (`moekd.routers.GATES`):
+logits and q = gate(g) the student's gate distribution (the adapter `moekd.routers.recognise_routers`
+finds for its router: softmax(g) for softmax routers, sigmoid(g) / sum for sigmoid ones):
 - Monte-Carlo expert exploration: K draws e_j from the current p, each weighted by
   w_j = p[e_j] and then suppressed, p[e_j] <- α·p[e_j], renormalised;
   L_mc = Σ_j w_j·(-log q(e_j)) / Σ_j w_j.
-- coverage: KL(p̄ || q̄), p̄ and q̄ the mean gate distributions over the batch's positions
-  (and samples). The published code accumulates both means over the Monte-Carlo draws instead
-  and detaches the student's side; the exact means give the student a gradient.
-- entropy-aware router distillation: L_router = KL(p || q_τ) - β·H(q_τ), q_τ = gate(g / τ)
-  (softmax(g/τ) on softmax routers), τ a learned scalar per mapped layer, clamped to
+- coverage: KL(p̄ || q̄), p̄ and q̄ the mean gate distributions over the positions (and
+  samples) of one forward: a micro-batch, or a rank's share of it under DDP (a batch statistic,
+  so with several ranks this one term is a mean over shares, not the whole batch's). The
+  published code accumulates both means over the Monte-Carlo draws instead and detaches the
+  student's side; the exact means give the student a gradient.
+- entropy-aware router distillation: L_router = KL(p || q_τ) - β·H(q_τ), q_τ = q^(1/τ)
+  renormalised (= softmax(g/τ) on softmax routers, the published form; on sigmoid routers it
+  tempers the gate distribution itself), τ a learned scalar per mapped layer, clamped to
   [0.5, 1.5] after every optimiser step. Per layer because gate sharpness changes with depth
   (the teacher's gate entropy and the SAR router shift both vary by layer): one shared τ
   would have to fit all layers at once, and per-layer τs cost one scalar each.
@@ -18,21 +22,20 @@ Each term is averaged over positions and samples, then over the mapped layers; t
 objective adds expert_weight·(L_mc + coverage_weight·L_cov + L_router), plus
 router_aux_coef·(the student family's own load-balancing loss over every MoE layer and
 non-padding token) when that coefficient is positive.
-The draws come from uniforms seeded by (seed, epoch, batch index, train or held-out), so a
-resumed run and every evaluation draw the same.
+The draws use uniforms the loader draws per example from (seed, epoch, example) (gate_maps.py),
+so a resumed run, every evaluation and any number of ranks draw the same.
 """
 
 from __future__ import annotations
 
 import sys
 
-import numpy as np
 import torch
 from torch import nn
 
 from moekd.distill.gate_maps import GateTargets, expert_map, parse_layer_map
 from moekd.errors import MoekdError
-from moekd.routers import GATES, find_routers
+from moekd.routers import recognise_routers
 
 TAU_RANGE = (0.5, 1.5)
 TINY = torch.finfo(torch.float32).tiny
@@ -74,10 +77,9 @@ def entropy_aware_kl(p: torch.Tensor, q_tau: torch.Tensor, beta: float) -> torch
     return kl - beta * entropy
 
 
-def draw_uniforms(seed: int, epoch: int, batch: int, training: bool, shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 uniforms in (0, 1] that depend only on (seed, epoch, batch index, train/held-out)."""
-    rng = np.random.default_rng([seed, epoch, batch, 0 if training else 1])
-    return torch.from_numpy(1.0 - rng.random(shape, dtype=np.float32))
+def tempered(log_q: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """q^(1/τ) renormalised, from log q [..., N]: softmax(g/τ) when q = softmax(g)."""
+    return torch.softmax(log_q / tau, dim=-1)
 
 
 def load_cv(q: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -91,11 +93,16 @@ def load_cv(q: torch.Tensor, top_k: int) -> torch.Tensor:
 
 
 class RouterObjective(nn.Module):
-    """The router terms of one batch, from the student's router logits of its one forward; holds τ."""
+    """The router terms of one batch, from the student's router logits of its one forward; holds τ.
 
-    def __init__(self, o, routers: list[nn.Module], pairs: list[tuple[int, int]] | None, aux_loss=None):
+    `routers` are the student's (router module, GateAdapter) pairs in forward order, the order of
+    the model's `router_logits`; `pairs` the (student layer, teacher layer) map of Balanced
+    Distillation (None: only the family's auxiliary loss)."""
+
+    def __init__(self, o, routers: list, pairs: list[tuple[int, int]] | None, aux_loss=None):
         super().__init__()
-        self.o, self.routers, self.aux_loss = o, routers, aux_loss
+        self.o, self.aux_loss = o, aux_loss
+        self.routers = list(routers)  # a plain list: the modules belong to the model, not to this one
         self.student_layers = [s for s, _ in pairs] if pairs else []
         self.tau = nn.Parameter(torch.full((len(self.student_layers),), float(o.router_tau_init)))
 
@@ -135,20 +142,18 @@ class RouterObjective(nn.Module):
         rows = batch["rows"].to(device)
         p = batch["teacher_gates"].to(device)  # [P, M, L, N]
         # router logits are [B*W, N] over the padded batch; rows = b*W + t picks the target positions
-        logits = [router_logits[s][rows].float() for s in self.student_layers]
-        q = self._gates(logits)
+        q = torch.stack([adapter.gate_probs(router, router_logits[s][rows].float())
+                         for s, (router, adapter) in ((s, self.routers[s]) for s in self.student_layers)], dim=1)
         log_q = q.clamp_min(TINY).log()
-        uniforms = draw_uniforms(self.o.seed, batch["epoch"], batch["batch"], training, (self.o.mc_draws, *p.shape[:-1]))
-        experts, weights = mc_draws(p, uniforms.to(device), self.o.mc_alpha)
+        experts, weights = mc_draws(p, batch["mc_uniforms"].to(device), self.o.mc_alpha)
         mc = mc_exploration_loss(log_q.unsqueeze(1), experts, weights).mean((0, 1))
         coverage = coverage_kl(p, q)
-        tau = self.tau.to(device)
-        router = entropy_aware_kl(p, self._gates([g / tau[i] for i, g in enumerate(logits)]), self.o.router_beta)
+        router = entropy_aware_kl(p, tempered(log_q, self.tau.to(device)[:, None]), self.o.router_beta)
         terms = {"mc_loss": mc.mean(), "coverage_loss": coverage.mean(), "router_loss": router.mean()}
         with torch.no_grad():
             stats = torch.stack([
                 -(q * log_q).sum(-1).mean(0),
-                load_cv(q, self.routers[self.student_layers[0]].top_k),
+                load_cv(q, self.routers[self.student_layers[0]][1].top_k),
                 (torch.special.xlogy(p, p) - p * log_q.unsqueeze(1)).sum(-1).mean((0, 1)),
             ])
         for i, s in enumerate(self.student_layers):
@@ -157,21 +162,16 @@ class RouterObjective(nn.Module):
                 terms[f"tau/{s}"] = self.tau[i].detach()
         return terms
 
-    def _gates(self, logits: list[torch.Tensor]) -> torch.Tensor:
-        """The student's gate distributions [P, L, N] of the mapped layers."""
-        return torch.stack([GATES[type(self.routers[s]).__name__].gate_probs(self.routers[s], g)
-                            for s, g in zip(self.student_layers, logits)], dim=1)
-
 
 class FamilyAuxLoss:
     """The student family's own load-balancing loss (transformers' `load_balancing_loss_func`), without padding."""
 
-    def __init__(self, model, routers: list[nn.Module]):
+    def __init__(self, model, num_experts: int, top_k: int):
         self.fn = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
         if self.fn is None:
             raise MoekdError(f"--router-aux-coef: {type(model).__name__} has no auxiliary load-balancing loss in transformers "
                              "(DeepSeek-V3-style models balance with a correction bias instead); use --router-aux-coef 0")
-        self.num_experts, self.top_k = routers[0].num_experts, routers[0].top_k
+        self.num_experts, self.top_k = num_experts, top_k
 
     def __call__(self, router_logits, batch: dict) -> torch.Tensor:
         width = batch["input_ids"].shape[1]
@@ -185,24 +185,25 @@ def router_objective(o, model, gates) -> tuple[RouterObjective | None, GateTarge
     if o.router_loss == "none" and not o.router_aux_coef:
         return None, None
     flag = "--router-loss bdistill" if o.router_loss != "none" else "--router-aux-coef"
-    named = find_routers(model)
-    if not named:
+    infos = recognise_routers(model)  # forward order, the order of router_logits
+    if not infos:
         raise MoekdError(f"{flag} needs an MoE student: {type(model).__name__} ({o.student}) has no router modules; "
                          "use an MoE student, or train this one without router terms")
-    names, routers = [n for n, _ in named], [r for _, r in named]
+    for info in infos:
+        if info.adapter is None:
+            raise MoekdError(f"{flag}: the student's router {info.name} ({type(info.module).__name__}) is not supported: "
+                             f"{info.reason}")
+    widths = sorted({info.adapter.num_experts for info in infos})
+    if len(widths) > 1:
+        raise MoekdError(f"{flag}: the student's MoE layers have different expert counts ({widths}); "
+                         "one expert map cannot fit them all")
     pairs = targets = None
     if o.router_loss == "bdistill":
-        unsupported = sorted({type(r).__name__ for r in routers} - set(GATES))
-        if unsupported:
-            raise MoekdError(f"{flag}: student router class {', '.join(unsupported)} is not supported (supported: "
-                             f"{', '.join(GATES)}); add its gate distribution to moekd/routers.py")
-        pairs = parse_layer_map(o.layer_map, names, gates.layers)
+        pairs = parse_layer_map(o.layer_map, [info.name for info in infos], gates.layers)
         if o.router_layers == "last":
             pairs = pairs[-1:]
-        widths = sorted({r.num_experts for r in routers})
-        if len(widths) > 1:
-            raise MoekdError(f"{flag}: the student's MoE layers have different expert counts ({widths}); "
-                             "one expert map cannot fit them all")
-        targets = GateTargets(pairs, gates.num_experts, expert_map(o.expert_map, gates.num_experts, widths[0]))
-    aux = FamilyAuxLoss(model, routers) if o.router_aux_coef else None
+        targets = GateTargets(pairs, gates.num_experts, expert_map(o.expert_map, gates.num_experts, widths[0]),
+                              o.mc_draws, o.seed)
+    aux = FamilyAuxLoss(model, widths[0], infos[0].adapter.top_k) if o.router_aux_coef else None
+    routers = [(info.module, info.adapter) for info in infos]
     return RouterObjective(o, routers, pairs, aux), targets
