@@ -17,13 +17,16 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A few-minute miniature of the pipeline (a smoke test; its numbers mean little)."),
     jobs: int = typer.Option(2, help="Processes that build caches, train and evaluate side by side (the numbers do not depend on it)."),
 ) -> None:
-    """Run the whole pipeline on the built-in suite: teacher, caches (topk, all, ka), SFT and KD students per training seed, eval.
+    """Run the whole pipeline on the built-in suite: teacher, caches (topk, all, ka), SFT and KD students per training seed, MoE students (logit KD, Balanced Distillation), eval.
 
     Finished stages are reused when it is run again. Example: moekd demo --quick
     """
-    from moekd.demo import DEFAULT_PLAN, QUICK_PLAN, results_table, run_pipeline
+    from moekd.demo import DEFAULT_PLAN, QUICK_PLAN, results_table, routing_table, run_pipeline
 
     workdir = workdir or Path("moekd-demo-quick" if quick else "moekd-demo")
     results = run_pipeline(workdir, QUICK_PLAN if quick else DEFAULT_PLAN, console, jobs)
-    Console(width=max(Console().width, 160)).print(results_table(results))
+    wide = Console(width=max(Console().width, 160))
+    wide.print(results_table(results))
+    if (routing := routing_table(results)) is not None:
+        wide.print(routing)
     console.print(f"results: {workdir / 'results.json'}, chart: {workdir / 'results.png'}", highlight=False)

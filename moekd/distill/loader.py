@@ -103,17 +103,21 @@ class BatchOrder:
 class BatchDataset(Dataset):
     """Item (epoch, batch index, example indices) -> one padded batch of tensors.
 
-    Keys: input_ids [B, W] (right-padded), rows [P] (flat index b*W + t of each target position),
-    labels [P] (the token each position predicts), examples [B], epoch, batch, tokens (unpadded);
-    from a cache also the decoded teacher arrays of its encoding (CacheExample's names, e.g.
-    topk_ids [P, M', k], topk_logprobs [P, M', k], tail_logprob [P, M']) where M' = M for
-    samples="mean" and 1 for "random" (one sample per example, drawn from (seed, epoch, example)).
+    Keys: input_ids [B, W] (right-padded), lengths [B] (tokens per row), rows [P] (flat index
+    b*W + t of each target position), labels [P] (the token each position predicts), examples [B],
+    epoch, batch, tokens (unpadded); from a cache also the teacher arrays of its encoding
+    (CacheSource.read's, e.g. topk_ids [P, M', k], topk_logprobs [P, M', k], tail_logprob [P, M'])
+    where M' = M for samples="mean" and 1 for "random" (one sample per example, drawn from (seed,
+    epoch, example)); with `gate_targets` (gate_maps.GateTargets) also teacher_gates
+    [P, M', L, N_S] from the stored gate arrays of the same samples and mc_uniforms [K, P, M', L]
+    for the Monte-Carlo expert draws.
     """
 
-    def __init__(self, source, pad_id: int, samples: str = "mean", seed: int = 0):
+    def __init__(self, source, pad_id: int, samples: str = "mean", seed: int = 0, gate_targets=None):
         if samples not in ("mean", "random"):
             raise MoekdError(f"--samples must be mean or random, got {samples!r}")
         self.source, self.pad_id, self.samples, self.seed = source, pad_id, samples, seed
+        self.gate_targets = gate_targets
 
     def __getitem__(self, item: tuple[int, int, list[int]]) -> dict:
         epoch, index, examples = item[0], item[1], list(item[2])
@@ -130,6 +134,7 @@ class BatchDataset(Dataset):
         t = data["target_positions"].astype(np.int64)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
+            "lengths": torch.from_numpy(counts.astype(np.int64)),
             "rows": torch.from_numpy(row_of_position * width + t),
             "labels": torch.from_numpy(input_ids[row_of_position, t + 1]),
             "examples": torch.tensor(examples),
@@ -139,11 +144,15 @@ class BatchDataset(Dataset):
         }
         if self.source.has_teacher:
             teacher = data["teacher"]
+            per_sample = {**teacher, **{name: data[name] for name in self.source.gate_arrays}}  # [P, M, ...] each
             if self.samples == "random" and self.source.samples > 1:
                 drawn = np.array([np.random.default_rng([self.seed, epoch, e]).integers(self.source.samples) for e in examples])
-                pick, at = drawn[row_of_position], np.arange(len(row_of_position))
-                teacher = {name: value[at, pick, None] for name, value in teacher.items()}
-            batch.update({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in teacher.items()})
+                at, pick = np.arange(len(row_of_position)), drawn[row_of_position]
+                per_sample = {name: a[at, pick][:, None] for name, a in per_sample.items()}
+            batch.update({name: torch.from_numpy(np.ascontiguousarray(per_sample[name])) for name in teacher})
+            if self.gate_targets is not None:
+                batch.update(self.gate_targets({name: per_sample[name] for name in self.source.gate_arrays},
+                                               examples, positions, epoch))
         return batch
 
 

@@ -15,16 +15,19 @@ COLUMNS = ("step", "epoch", "loss", "kd_loss", "ce_loss", "eval_loss", "eval_kd_
 
 
 class MetricsLog:
-    """Appends step records; on resume, drops the records past the checkpoint's step first."""
+    """Appends step records; on resume, drops the records past the checkpoint's step first.
 
-    def __init__(self, out: Path, keep_until_step: int):
+    metrics.jsonl holds every key of a record; metrics.csv the COLUMNS plus `extra_columns`."""
+
+    def __init__(self, out: Path, keep_until_step: int, extra_columns=()):
         self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
+        self.columns = (*COLUMNS, *extra_columns)
         kept = []
         if self.jsonl.exists():
             kept = [r for r in read_metrics(out) if r["step"] <= keep_until_step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(fh, self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
         self.tensorboard = _tensorboard(out)
@@ -33,7 +36,7 @@ class MetricsLog:
         with open(self.jsonl, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         with open(self.csv, "a", newline="") as fh:
-            csv.DictWriter(fh, COLUMNS, extrasaction="ignore").writerow(record)
+            csv.DictWriter(fh, self.columns, extrasaction="ignore").writerow(record)
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):

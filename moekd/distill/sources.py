@@ -30,11 +30,14 @@ from moekd.store.verify import verify_store
 
 
 class CacheSource:
-    """Examples and their stored teacher distributions; opens one CacheReader per process."""
+    """Examples and their stored teacher distributions (and, with `gates`, the teacher's gate
+    distributions); opens one CacheReader per process."""
 
     has_teacher = True
 
-    def __init__(self, reader: CacheReader, temperature: float = 1.0):
+    def __init__(self, reader: CacheReader, temperature: float = 1.0, gates: bool = False):
+        self.gate_info = reader.meta.gates
+        self.gate_arrays = tuple(self.gate_info.arrays) if gates else ()
         self.location, self.storage_options = reader.location, reader.storage_options
         self.temperature = temperature
         self.lengths = reader.example_lengths()
@@ -43,7 +46,7 @@ class CacheSource:
         self.shards = reader.position_offsets[:-1] // reader.meta.layout.positions_per_shard
         self.samples = reader.meta.layout.num_samples
         self.encoding = reader.meta.encoding
-        self.arrays = ("input_ids", *teacher_arrays(self.encoding))
+        self.arrays = ("input_ids", *teacher_arrays(self.encoding), *self.gate_arrays)
         self._open(reader)
 
     def _open(self, reader: CacheReader) -> None:
@@ -74,6 +77,7 @@ class CacheSource:
         rows = np.concatenate([np.arange(self.position_offsets[e], self.position_offsets[e + 1]) for e in examples])
         arrays = {name: handles[name].oindex[tokens if name == "input_ids" else rows] for name in self.arrays}
         return {
+            **{name: arrays[name] for name in self.gate_arrays},
             "input_ids": arrays["input_ids"],
             "token_counts": self.lengths[examples],
             "position_counts": np.diff(self.position_offsets)[examples],
@@ -103,6 +107,7 @@ class TokenizedSource:
 
     has_teacher = False
     samples = 0
+    gate_info = None
 
     def __init__(self, examples):
         self.examples = examples
@@ -145,9 +150,12 @@ def open_source(o: TrainOptions, tokenizer, console: Console):
     reader = CacheReader(o.cache, o.storage_options)
     if len(reader) == 0:
         raise MoekdError(f"--cache {o.cache} holds no examples")
+    if o.router_loss != "none" and reader.meta.gates is None:
+        raise MoekdError(f"--router-loss {o.router_loss}: --cache {o.cache} stores no teacher gate distributions; rebuild it "
+                         "with `moekd cache build ... --router-probs full` (or top-R for many experts)")
     _check_tokenizer(tokenizer, reader.meta.tokenizer, o, console)
     check_loss_fits_cache(o, reader.meta.encoding)
-    return CacheSource(reader, o.temperature), reader.meta.build.manifest_sha256
+    return CacheSource(reader, o.temperature, gates=o.router_loss != "none"), reader.meta.build.manifest_sha256
 
 
 def check_loss_fits_cache(o: TrainOptions, encoding) -> None:
