@@ -15,16 +15,17 @@ COLUMNS = ("step", "epoch", "loss", "kd_loss", "ce_loss", "eval_loss", "eval_kd_
 
 
 class MetricsLog:
-    """Appends step records; on resume, drops the records past the checkpoint's step first."""
+    """Appends step records; on resume, drops the records past the checkpoint's step first.
+    `columns` are the CSV's (the JSONL keeps every key)."""
 
-    def __init__(self, out: Path, keep_until_step: int):
-        self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
+    def __init__(self, out: Path, keep_until_step: int, columns: tuple[str, ...] = COLUMNS):
+        self.jsonl, self.csv, self.columns = out / "metrics.jsonl", out / "metrics.csv", columns
         kept = []
         if self.jsonl.exists():
             kept = [r for r in read_metrics(out) if r["step"] <= keep_until_step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(fh, columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
         self.tensorboard = _tensorboard(out)
@@ -33,7 +34,7 @@ class MetricsLog:
         with open(self.jsonl, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         with open(self.csv, "a", newline="") as fh:
-            csv.DictWriter(fh, COLUMNS, extrasaction="ignore").writerow(record)
+            csv.DictWriter(fh, self.columns, extrasaction="ignore").writerow(record)
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -63,9 +64,9 @@ def read_metrics(out: str | Path) -> list[dict]:
     return records
 
 
-def progress_bar(console: Console) -> Progress:
+def progress_bar(console: Console, label: str = "train") -> Progress:
     return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=console,
     )

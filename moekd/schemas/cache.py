@@ -9,19 +9,18 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-SCHEMA_VERSION = "1.0"
+from moekd.schemas.base import Strict
+from moekd.schemas.router import RouterFileRef
+
+SCHEMA_VERSION = "1.1"  # 1.1: policy.router (the router file of --policy sar)
 FORMAT = "moekd-teacher-cache"
 ALIGNMENT_DESCRIPTION = (
     "target_positions[p] = t means the stored distribution at p was produced by the teacher at token "
     "position t of its example and predicts input_ids[t + 1]; only positions whose next token is a "
     "response token are stored."
 )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TeacherInfo(Strict):
@@ -55,6 +54,7 @@ class PolicyInfo(Strict):
     params: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
     seed: int
     seed_derivation: str = Field(description="How the seed of each (example, sample) is derived from `seed`")
+    router: Optional[RouterFileRef] = Field(None, description="--policy sar: the trained router file the teacher ran with")
 
 
 class EncodingInfo(Strict):
