@@ -4,6 +4,8 @@ Stages (each is skipped when its output is already complete, so a rerun picks up
 1. the synthetic instruction suite and a BPE tokenizer trained on its training split;
 2. a small MoE teacher trained by SFT, and a dense student baseline trained by SFT;
 3. teacher caches under the routing policies of the plan (topk, all, ka ...);
+   with a SAR stage in the plan, also the Student-Aware Router: the teacher's routers trained on
+   the training split with the SFT student's feedback, then a `sar` cache built with them;
 4. one student distilled from each cache, from the same initialisation and for the same steps;
 5. `moekd eval` (ROUGE-L, sampled, several seeds) of the teacher and every student;
 6. the table: ROUGE-L mean ± std, cache size, build time, training tokens/s (JSON + PNG too).
@@ -20,6 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from moekd.cache_builder.build import BuildOptions, build_cache
+from moekd.cache_builder.policies import make_policy
+from moekd.cache_builder.routing_stats import routing_stats_for_files
 from moekd.data.prompts import format_prompt
 from moekd.data.records import load_records
 from moekd.data.synth import write_suite
@@ -29,6 +33,9 @@ from moekd.distill.metrics import read_metrics
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.eval.evaluate import evaluate, write_report
+from moekd.sar.options import run_dir as sar_run_dir
+from moekd.sar.router_file import read_router_file
+from moekd.sar.train import SarOptions, train_router
 from moekd.store.verify import store_info
 from moekd.store.writer import store_state
 from moekd.tiny_models import make_tiny_model
@@ -39,6 +46,18 @@ class CacheSpec:
     name: str
     policy: str
     params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SarSpec:
+    """The `moekd sar train` settings of the demo's SAR stage (the feedback comes from the SFT student)."""
+
+    steps: int
+    lr: float
+    beta: float = 0.01
+    teacher_kld: str = "reverse"
+    responses: str = "student"
+    compare_examples: int = 64  # test prompts on which the router's per-layer KL(original || trained) is measured
 
 
 @dataclass(frozen=True)
@@ -59,23 +78,25 @@ class DemoPlan:
     seeds: tuple[int, ...]
     max_new_tokens: int
     caches: tuple[CacheSpec, ...]
+    sar: SarSpec | None = None
 
 
 KA = {"ka_lambda": 0.05}
+SAR_STEPS, SAR_LR = 200, 5e-6  # the published settings (lr 1e-6 .. 5e-6)
 DEFAULT_CACHES = (CacheSpec("topk", "topk"), CacheSpec("all", "all"), CacheSpec("ka", "ka", {"m": 2, **KA}))
 DEFAULT_PLAN = DemoPlan(
     n_train=2000, n_valid=100, n_test=200, vocab=1024,
     teacher=dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, router_std=None),
     student=dict(family="llama", hidden=64, layers=2),
     teacher_epochs=6, student_epochs=6, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
-    seeds=(10, 20, 30, 40, 50), max_new_tokens=64, caches=DEFAULT_CACHES,
+    seeds=(10, 20, 30, 40, 50), max_new_tokens=64, caches=DEFAULT_CACHES, sar=SarSpec(steps=SAR_STEPS, lr=SAR_LR),
 )
 QUICK_PLAN = DemoPlan(
     n_train=320, n_valid=16, n_test=32, vocab=512,
     teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, router_std=None),
     student=dict(family="llama", hidden=32, layers=1),
     teacher_epochs=4, student_epochs=2, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=2048, warmup=4, k=16,
-    seeds=(10, 20), max_new_tokens=32, caches=DEFAULT_CACHES,
+    seeds=(10, 20), max_new_tokens=32, caches=DEFAULT_CACHES, sar=SarSpec(steps=4, lr=1e-3, compare_examples=8),
 )
 
 
@@ -89,15 +110,39 @@ def _train(console: Console, out: Path, **options) -> dict:
     return {"model": str(out / "final"), "train_tokens_per_s": rates[-1] if rates else None}
 
 
-def _cache(console: Console, out: Path, teacher: Path, data: Path, spec: CacheSpec, plan: DemoPlan) -> dict:
+def _cache(console: Console, out: Path, teacher: Path, data: Path, spec: CacheSpec, plan: DemoPlan,
+           router: Path | None = None) -> dict:
     state = store_state(out)
     if state != "complete":
         console.print(f"[bold]cache[/] {spec.name}: policy {spec.policy} {spec.params}")
         build_cache(BuildOptions(teacher=str(teacher), data=str(data), out=str(out), policy=spec.policy,
                                  policy_params=spec.params, k=plan.k, device="cpu", resume=state == "unfinished",
-                                 batch_tokens=plan.batch_tokens), console)
+                                 batch_tokens=plan.batch_tokens, router=str(router) if router else None), console)
     info = store_info(str(out))
     return {"cache_bytes": info["bytes_total"], "build_seconds": info["meta"].build.wall_seconds}
+
+
+def _sar(console: Console, work: Path, teacher: Path, feedback: str, train_data: Path, test_data: Path,
+         plan: DemoPlan, student: dict) -> dict:
+    """The SAR stage: routers trained on the training split, a `sar` cache, a student distilled from it."""
+    spec = plan.sar
+    router = work / "sar" / "router.safetensors"
+    if not router.exists():
+        console.print(f"[bold]sar[/] routers: {spec.steps} steps, lr {spec.lr}, responses {spec.responses}")
+        train_router(SarOptions(
+            teacher=str(teacher), student=feedback, data=str(train_data), out=str(router), steps=spec.steps, lr=spec.lr,
+            beta=spec.beta, teacher_kld=spec.teacher_kld, responses=spec.responses, batch_tokens=plan.batch_tokens,
+            max_new_tokens=plan.max_new_tokens, device="cpu", save_every=50,
+            resume="auto" if (sar_run_dir(router) / "config.json").exists() else None,
+        ), console)
+    meta = read_router_file(router)[1]
+    moved = routing_stats_for_files(teacher, test_data, make_policy("all"), max_examples=spec.compare_examples,
+                                    device="cpu", compare=router)
+    cache = work / "caches" / "sar.zarr"
+    cache_row = _cache(console, cache, teacher, train_data, CacheSpec("sar", "sar"), plan, router=router)
+    trained = _train(console, work / "students" / "sar", cache=str(cache), loss="fkl", **student)
+    return {**trained, **cache_row, "sar_train_seconds": meta.train_seconds, "sar_loss_start": meta.loss_start,
+            "sar_loss_end": meta.loss_end, "router_kl": {s.layer: s.kl_to_trained for s in moved.layers}}
 
 
 def _eval(console: Console, model: str, test: Path, out: Path, plan: DemoPlan) -> dict:
@@ -148,6 +193,9 @@ def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = 
         cache_row = _cache(console, cache, teacher, train_data, spec, plan)
         trained = _train(console, work / "students" / spec.name, cache=str(cache), loss="fkl", **student)
         rows[f"student KD {spec.name}"] = {**trained, **cache_row}
+    if plan.sar is not None:
+        rows["student KD sar"] = _sar(console, work, teacher, rows["student SFT"]["model"], train_data, test_data, plan,
+                                      student)
     for name, row in rows.items():
         slug = name.split(" (")[0].replace(" ", "_")
         row.update(_eval(console, row["model"], test_data, work / "eval" / f"{slug}.json", plan))
@@ -164,6 +212,8 @@ def results_table(rows: dict) -> Table:
     for name, row in rows.items():
         size = f"{row['cache_bytes'] / 1e6:.2f} MB" if "cache_bytes" in row else "-"
         build = f"{row['build_seconds']:.1f} s" if row.get("build_seconds") else "-"
+        if row.get("sar_train_seconds"):
+            build += f" + {row['sar_train_seconds']:.0f} s SAR"
         rate = f"{row['train_tokens_per_s']:,.0f}" if row.get("train_tokens_per_s") else "-"
         table.add_row(name, f"{row['rougeL_mean']:.2f} ± {row['rougeL_std']:.2f}", size, build, rate)
     return table

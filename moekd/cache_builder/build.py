@@ -24,7 +24,8 @@ from moekd.cache_builder.runner import UnitRunner
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.errors import MoekdError
-from moekd.models import load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype
+from moekd.models import checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype
+from moekd.sar.router_file import load_router_file, read_router_file
 from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, examples_overlapping
 from moekd.store.writer import CacheWriter, ExampleTables, store_state
 
@@ -51,6 +52,7 @@ class BuildOptions:
     skip_invalid: bool = False
     positions_per_shard: int = POSITIONS_PER_SHARD
     router_probs: str = "none"
+    router: str | None = None  # --policy sar: the router file of `moekd sar train`
 
 
 @dataclass
@@ -83,6 +85,10 @@ def _check_options(o: BuildOptions) -> None:
         raise MoekdError("--resume and --overwrite exclude each other")
     if not 0 <= o.seed < 2**63:
         raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
+    if o.policy == "sar" and o.router is None:
+        raise MoekdError("--policy sar needs --router FILE: the router file `moekd sar train --out` wrote")
+    if o.router is not None and o.policy != "sar":
+        raise MoekdError(f"--router applies only to --policy sar, not --policy {o.policy}; drop it or use --policy sar")
     if not re.fullmatch(r"none|full|top-[0-9]+", o.router_probs):
         raise MoekdError(f"--router-probs: {o.router_probs!r} is not none, full or top-R (e.g. top-4)")
 
@@ -126,6 +132,8 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
     console = console or Console(stderr=True, quiet=True)
     started = time.perf_counter()
     _check_options(o)
+    if o.router is not None:
+        read_router_file(o.router)  # a missing or damaged file is refused before the teacher loads
     out = Path(o.out)
     if o.resume and store_state(out) == "complete":
         raise MoekdError(f"--resume: {out} is already complete; nothing to do (pass --overwrite to rebuild it)")
@@ -137,6 +145,8 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
     report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
                               o.chat_template, o.skip_invalid)
     model = load_causal_lm(o.teacher, dtype, device)
+    teacher_sha256 = checkpoint_sha256(o.teacher)
+    router = load_router_file(model, o.router, o.teacher, teacher_sha256) if o.router else None
     vocab = output_vocab_size(model)
     if len(tokenizer) > vocab:
         raise MoekdError(f"--teacher: the tokenizer has {len(tokenizer)} tokens but the teacher's output layer only {vocab}; "
@@ -147,7 +157,8 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
     gate_r = gate_experts_kept(o.router_probs, controller.num_experts)
     tables = example_tables(report.examples)
     samples = policy.samples
-    meta = describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype)
+    meta = describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype,
+                          teacher_sha256, router)
     settings = resume_settings(o, meta, tables)
     skipped = meta.dataset.skipped
     writer = CacheWriter.open(out, meta, settings, tables, resume=o.resume, overwrite=o.overwrite)

@@ -11,7 +11,8 @@ from moekd import __version__
 from moekd.cache_builder.policies import SEED_DERIVATION
 from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, SCALE
-from moekd.models import checkpoint_sha256, output_vocab_size
+from moekd.models import output_vocab_size
+from moekd.schemas.router import RouterFileRef
 from moekd.schemas.cache import (
     BuildInfo, CacheMetadata, DatasetInfo, EncodingInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
 )
@@ -24,8 +25,10 @@ GATE_DEFINITION = (
 )
 
 
-def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype) -> CacheMetadata:
-    """Metadata of the store a build with options `o` is about to write (status: building)."""
+def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype,
+                   teacher_sha256: str | None, router: RouterFileRef | None = None) -> CacheMetadata:
+    """Metadata of the store a build with options `o` is about to write (status: building);
+    `router` is the loaded router file of --policy sar."""
     samples, num_positions = policy.samples, len(tables.target_positions)
     arrays = array_specs(len(report.examples), len(tables.input_ids), num_positions, samples, o.k)
     gates = None
@@ -39,7 +42,7 @@ def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, repo
     return CacheMetadata(
         teacher=TeacherInfo(
             name_or_path=str(o.teacher), architecture=type(model).__name__, model_type=model.config.model_type,
-            revision=getattr(model.config, "_commit_hash", None), weights_sha256=checkpoint_sha256(o.teacher),
+            revision=getattr(model.config, "_commit_hash", None), weights_sha256=teacher_sha256,
             vocab_size=output_vocab_size(model), dtype=str(dtype).removeprefix("torch."),
             moe_layers=controller.moe_layers, router_class=controller.router_class,
             num_experts=controller.num_experts, experts_per_token=controller.top_k,
@@ -50,7 +53,7 @@ def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, repo
         ),
         policy=PolicyInfo(
             name=policy.name, samples=samples, stochastic=policy.stochastic, params=policy.describe(), seed=o.seed,
-            seed_derivation=SEED_DERIVATION,
+            seed_derivation=SEED_DERIVATION, router=router,
         ),
         encoding=EncodingInfo(
             k=o.k, scale=SCALE, max_abs_error_nats=MAX_ABS_ERROR, max_gap_nats=MAX_GAP,
@@ -93,6 +96,8 @@ def resume_settings(o, meta: CacheMetadata, tables: ExampleTables) -> dict:
         "policy_params": meta.policy.params, "samples": meta.policy.samples, "seed": o.seed, "k": o.k,
         "dtype": meta.teacher.dtype, "batch_tokens": o.batch_tokens, "positions_per_shard": o.positions_per_shard,
         "router_probs": o.router_probs,
+        # --policy sar: another router file is another teacher
+        **({"router_sha256": meta.policy.router.sha256} if meta.policy.router else {}),
     }
 
 

@@ -327,10 +327,10 @@ class RouterTrainer:
                 if o.save_every and step % o.save_every == 0 and step < o.steps:
                     self._save_checkpoint()
                 progress.update(task, completed=step, loss=f"{record['loss']:.4f}", rate=f"{rate:,.0f}")
-        loss_end = self._probe_loss()
-        student_out = self._save_outputs(loss_end)
-        log.close()
         elapsed = time.perf_counter() - clock
+        loss_end = self._probe_loss()
+        student_out = self._save_outputs(loss_end, elapsed)
+        log.close()
         return SarSummary(
             out=o.out, steps=self.step, tokens=self.tokens, loss_start=self.loss_start, loss_end=loss_end,
             resumed_from=str(self.resume_from) if self.resume_from else None, student_out=student_out,
@@ -346,7 +346,7 @@ class RouterTrainer:
         content = _Checkpoint(self.routers, *((self.student, self.student_tokenizer) if self.o.co_train_student else ()))
         save_checkpoint(step_dir(self.run, self.step), content, None, state, self.step, self.config, RUN_ONLY)
 
-    def _save_outputs(self, loss_end: float) -> str | None:
+    def _save_outputs(self, loss_end: float, train_seconds: float) -> str | None:
         """The co-trained student (first), then the router file: its appearance marks a finished run."""
         import transformers
 
@@ -361,7 +361,7 @@ class RouterTrainer:
             parameters={name: list(p.shape) for name, p in self.routers.items()},
             student=RouterStudent(name_or_path=str(o.student), weights_sha256=self.student_sha256,
                                   co_trained=o.co_train_student),
-            steps=self.step, settings=settings, loss_start=self.loss_start, loss_end=loss_end,
+            steps=self.step, settings=settings, loss_start=self.loss_start, loss_end=loss_end, train_seconds=train_seconds,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             versions={"moekd": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         )

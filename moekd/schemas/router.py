@@ -44,6 +44,7 @@ class RouterFileMeta(Strict):
     settings: dict[str, Setting] = Field(description="The `moekd sar train` settings of the run")
     loss_start: float = Field(description="Teacher loss on the probe batch before the first update")
     loss_end: float = Field(description="Teacher loss on the probe batch after the last update")
+    train_seconds: Optional[float] = Field(None, description="Wall time of the training steps (the last session, if resumed)")
     created_at: str
     versions: dict[str, str]
 
