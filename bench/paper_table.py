@@ -1,10 +1,11 @@
-"""The miniature of the published comparison: teacher, SFT student, KD (topk), ALL, KA with M in {1, 2, 4}.
+"""The miniature of the published comparison: teacher, SFT student, KD (topk), ALL, KA with M in {1, 2, 4}, SAR.
 
     python bench/paper_table.py                       # ~10-15 minutes on a 2-core CPU
     python bench/paper_table.py --workdir /tmp/pt     # finished stages are reused on a rerun
 
 Runs the `moekd demo` pipeline with this plan (same teacher, same student initialisation and
-steps for every KD row, forward KL over the cached top-k + tail), evaluates every model with
+steps for every KD row, forward KL over the cached top-k + tail; the SAR row's routers are
+trained on the training split with the demo plan's SAR stage, then cached with `--policy sar`), evaluates every model with
 5 sampling seeds, prints the table and writes bench/results/paper_table.json with the machine,
 the date and the library versions.
 """

@@ -12,10 +12,10 @@ from moekd.cache_builder.policies import SEED_DERIVATION
 from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, SCALE
 from moekd.models import output_vocab_size
-from moekd.schemas.router import RouterFileRef
 from moekd.schemas.cache import (
     BuildInfo, CacheMetadata, DatasetInfo, EncodingInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
 )
+from moekd.schemas.router import RouterFileRef
 from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
 from moekd.store.writer import ExampleTables, hash_arrays
 

@@ -87,6 +87,7 @@ class RouterRecorder:
         finally:
             for handle in handles:
                 handle.remove()
+            self.gates, self.native_index = [], []  # nothing of the step's graph outlives it
 
     def _hook(self, layer: int):
         gate = GATES[type(self.routers[layer]).__name__]
