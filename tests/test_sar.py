@@ -126,6 +126,26 @@ def test_gradient_checkpointing_trains_the_same_routers(make_teacher, student, d
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
+def test_bfloat16_teacher_trains_float32_router_weights(make_teacher, student, data, tmp_path):
+    trainer = RouterTrainer(sar_options(make_teacher("mixtral"), student, data, tmp_path / "r.safetensors", steps=1,
+                                        dtype="bfloat16"))
+    routers = router_gate_parameters(trainer.teacher)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in routers.values())
+    others = [p for n, p in trainer.teacher.named_parameters() if n not in routers]
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in others)
+    before = {n: p.detach().clone() for n, p in routers.items()}
+    summary = trainer.train()
+    assert np.isfinite(summary.loss_end) and all(not torch.equal(before[n], p) for n, p in routers.items())
+
+
+def test_unsupported_router_class_is_refused(make_teacher, student, data, tmp_path, monkeypatch):
+    import moekd.sar.train as sar_train
+
+    monkeypatch.setattr(sar_train, "GATES", {})
+    with pytest.raises(MoekdError, match="router class MixtralTopKRouter is not supported by sar train"):
+        RouterTrainer(sar_options(make_teacher("mixtral"), student, data, tmp_path / "r.safetensors"))
+
+
 # ---------------------------------------------------------------- loss terms
 
 
