@@ -2,20 +2,29 @@
 
 Stages (each is skipped when its output is already complete, so a rerun picks up where it stopped):
 1. the synthetic instruction suite and a BPE tokenizer trained on its training split;
-2. a small MoE teacher trained by SFT, and a dense student baseline trained by SFT;
-3. teacher caches under the routing policies of the plan (topk, all, ka ...);
-   with a SAR stage in the plan, also the Student-Aware Router: the teacher's routers trained on
-   the training split with the SFT student's feedback, then a `sar` cache built with them;
-4. one student distilled from each cache, from the same initialisation and for the same steps;
-5. `moekd eval` (ROUGE-L, sampled, several seeds) of the teacher and every student;
-6. the table: ROUGE-L mean ± std, cache size, build time, training tokens/s (JSON + PNG too).
+2. a small MoE teacher trained by SFT;
+3. with a SAR stage in the plan (`SarSpec`), the Student-Aware Router: the teacher's routers
+   trained on the training split with the feedback of the first replicate of an SFT row, and
+   their per-layer KL(original || trained) on the test split; then teacher caches under the
+   routing policies of the plan (`CacheSpec`: topk, all, ka ..., and sar with those routers);
+4. the student rows (`StudentSpec`: SFT, or KD from one cache), each trained once per training
+   seed s from an initialisation drawn with seed s and with batches ordered by seed s;
+5. `moekd eval` of the teacher, of the teacher under other routing policies (`TeacherProbe`:
+   its own ROUGE-L, NLL and KL from its native self) and of every student replicate: ROUGE-L over
+   the sampling seeds, teacher-forced response NLL and KL(native teacher || student) on the test split;
+6. the table (experiments.py): per row, mean ± std over training seeds and the paired difference
+   to the reference row with a 95% t-interval; results.json and results.png.
+A new method is one more entry: a `CacheSpec` for a teacher-side policy, a `StudentSpec` for a
+student-side one (another architecture in `DemoPlan.students`, other training options).
 `bench/paper_table.py` runs the same pipeline with a larger plan.
 """
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -32,7 +41,9 @@ from moekd.distill.checkpoint import is_complete
 from moekd.distill.metrics import read_metrics
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
+from moekd.paths import check_output_dir
 from moekd.eval.evaluate import evaluate, write_report
+from moekd.experiments import Stopwatch, summarise_rows
 from moekd.sar.options import run_dir as sar_run_dir
 from moekd.sar.router_file import read_router_file
 from moekd.sar.train import SarOptions, train_router
@@ -45,19 +56,37 @@ from moekd.tiny_models import make_tiny_model
 class CacheSpec:
     name: str
     policy: str
+    params: dict = field(default_factory=dict)  # make_policy parameters (m, ka_lambda, experts ...)
+    router_probs: str = "none"  # also store the gate distributions (full, top-R) for MoE students
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    name: str
+    cache: str | None = None  # a CacheSpec name; None trains by SFT on the data
+    init: str = "dense"  # a key of DemoPlan.students
+    options: dict = field(default_factory=dict)  # TrainOptions fields beyond the plan's (loss, ce_weight ...)
+
+
+@dataclass(frozen=True)
+class TeacherProbe:
+    name: str
+    policy: str
     params: dict = field(default_factory=dict)
+    rouge: bool = True  # also sample and score ROUGE-L (else only NLL and KL)
 
 
 @dataclass(frozen=True)
 class SarSpec:
-    """The `moekd sar train` settings of the demo's SAR stage (the feedback comes from the SFT student)."""
+    """The `moekd sar train` run behind the plan's `sar` cache."""
 
     steps: int
     lr: float
     beta: float = 0.01
     teacher_kld: str = "reverse"
     responses: str = "student"
-    compare_examples: int = 64  # test prompts on which the router's per-layer KL(original || trained) is measured
+    feedback: str = "SFT"  # the SFT row whose first training-seed replicate gives the feedback
+    compare_examples: int = 64  # test prompts on which the per-layer KL(original || trained) is measured
 
 
 @dataclass(frozen=True)
@@ -67,7 +96,7 @@ class DemoPlan:
     n_test: int
     vocab: int
     teacher: dict  # tiny_config arguments of the MoE teacher
-    student: dict  # tiny_config arguments of the dense student
+    students: dict  # name -> tiny_config arguments of a student architecture
     teacher_epochs: int
     student_epochs: int
     teacher_lr: float
@@ -75,10 +104,16 @@ class DemoPlan:
     batch_tokens: int
     warmup: int
     k: int
-    seeds: tuple[int, ...]
+    seeds: tuple[int, ...]  # sampling seeds of ROUGE-L
+    train_seeds: tuple[int, ...]  # student replicates: initialisation and batch order
     max_new_tokens: int
+    eval_batch_size: int
     caches: tuple[CacheSpec, ...]
-    sar: SarSpec | None = None
+    rows: tuple[StudentSpec, ...]
+    reference: str  # the row the paired differences are taken against
+    probes: tuple[TeacherProbe, ...] = ()
+    threads: int = 1  # torch intra-op threads for every stage (numerics depend on it; see README)
+    sar: SarSpec | None = None  # the routers of the caches with policy sar
 
 
 KA = {"ka_lambda": 0.05}
@@ -86,29 +121,36 @@ KA = {"ka_lambda": 0.05}
 # moves every weight by about lr per step, and a gate logit sums hidden-size such moves, so the
 # same change of the gate logits takes a rate 4096 / 96 ~ 40 times larger at this teacher's size.
 SAR_STEPS, SAR_LR = 100, 2e-4
-DEFAULT_CACHES = (CacheSpec("topk", "topk"), CacheSpec("all", "all"), CacheSpec("ka", "ka", {"m": 2, **KA}))
+DEFAULT_CACHES = (CacheSpec("topk", "topk"), CacheSpec("all", "all"), CacheSpec("ka", "ka", {"m": 2, **KA}),
+                  CacheSpec("sar", "sar"))
+DEFAULT_ROWS = (StudentSpec("SFT"), StudentSpec("KD topk", "topk"), StudentSpec("KD all", "all"), StudentSpec("KD ka", "ka"),
+                StudentSpec("KD sar", "sar"))
+# The teacher: its MoE layers hold most of its weights (8 experts of width 4 x hidden, top-2); see README.
+TEACHER = dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, intermediate_size=384, router_std=None)
 DEFAULT_PLAN = DemoPlan(
-    n_train=2000, n_valid=100, n_test=200, vocab=1024,
-    teacher=dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, router_std=None),
-    student=dict(family="llama", hidden=64, layers=2),
-    teacher_epochs=6, student_epochs=6, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
-    seeds=(10, 20, 30, 40, 50), max_new_tokens=64, caches=DEFAULT_CACHES, sar=SarSpec(steps=SAR_STEPS, lr=SAR_LR),
+    n_train=1500, n_valid=100, n_test=200, vocab=1024, teacher=TEACHER,
+    students={"dense": dict(family="llama", hidden=64, layers=2)},
+    teacher_epochs=8, student_epochs=3, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
+    seeds=(10, 20, 30, 40, 50), train_seeds=(0, 1, 2), max_new_tokens=64, eval_batch_size=100,
+    caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk", sar=SarSpec(steps=SAR_STEPS, lr=SAR_LR),
 )
 QUICK_PLAN = DemoPlan(
     n_train=320, n_valid=16, n_test=32, vocab=512,
-    teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, router_std=None),
-    student=dict(family="llama", hidden=32, layers=1),
+    teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, intermediate_size=96, router_std=None),
+    students={"dense": dict(family="llama", hidden=32, layers=1)},
     teacher_epochs=4, student_epochs=2, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=2048, warmup=4, k=16,
-    seeds=(10, 20), max_new_tokens=32, caches=DEFAULT_CACHES, sar=SarSpec(steps=4, lr=1e-3, compare_examples=8),
+    seeds=(10, 20), train_seeds=(0, 1), max_new_tokens=32, eval_batch_size=32,
+    caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk",
+    probes=(TeacherProbe("all", "all"),), sar=SarSpec(steps=4, lr=1e-3, compare_examples=8),
 )
 
 
 def _train(console: Console, out: Path, **options) -> dict:
     """Train unless `out/final` is complete; the run's tokens/s either way."""
     if not is_complete(out / "final"):
-        console.print(f"[bold]train[/] {out.name} ({options.get('loss', 'fkl')})")
+        console.print(f"[bold]train[/] {out.parent.name}/{out.name} ({options.get('loss', 'fkl')})")
         resume = "auto" if (out / "config.json").exists() else None
-        train(TrainOptions(out=str(out), resume=resume, save_every=0, eval_every=0, workers=0, seed=0, **options), console)
+        train(TrainOptions(out=str(out), resume=resume, save_every=0, eval_every=0, workers=0, **options), _quiet(console))
     rates = [m["tokens_per_s"] for m in read_metrics(out) if m.get("tokens_per_s")]
     return {"model": str(out / "final"), "train_tokens_per_s": rates[-1] if rates else None}
 
@@ -120,121 +162,263 @@ def _cache(console: Console, out: Path, teacher: Path, data: Path, spec: CacheSp
         console.print(f"[bold]cache[/] {spec.name}: policy {spec.policy} {spec.params}")
         build_cache(BuildOptions(teacher=str(teacher), data=str(data), out=str(out), policy=spec.policy,
                                  policy_params=spec.params, k=plan.k, device="cpu", resume=state == "unfinished",
-                                 batch_tokens=plan.batch_tokens, router=str(router) if router else None), console)
+                                 batch_tokens=plan.batch_tokens, router_probs=spec.router_probs,
+                                 router=str(router) if spec.policy == "sar" else None), _quiet(console))
     info = store_info(str(out))
     return {"cache_bytes": info["bytes_total"], "build_seconds": info["meta"].build.wall_seconds}
 
 
-def _sar(console: Console, work: Path, teacher: Path, feedback: str, train_data: Path, test_data: Path,
-         plan: DemoPlan, student: dict) -> dict:
-    """The SAR stage: routers trained on the training split, a `sar` cache, a student distilled from it."""
-    spec = plan.sar
+def _eval(console: Console, model: str, test: Path, out: Path, plan: DemoPlan, rouge: bool = True,
+          teacher: Path | None = None, probe: TeacherProbe | None = None) -> dict:
+    """ROUGE-L (per-seed and mean over sampling seeds), NLL and KL from `teacher` of one model, cached in `out`."""
+    if not out.exists():
+        console.print(f"[bold]eval[/] {out.stem}")
+        policy = make_policy(probe.policy, **probe.params) if probe else None
+        report = evaluate(model, [str(test)], seeds=plan.seeds, max_new_tokens=plan.max_new_tokens, device="cpu",
+                          batch_size=plan.eval_batch_size, rouge=rouge, nll=True, teacher=teacher, policy=policy)
+        write_report(report, out)
+    scores = json.loads(out.read_text())["datasets"][0]
+    return {"rougeL": scores["mean"], "rougeL_sampling_std": scores["std"], "rougeL_per_seed": scores["per_seed"],
+            "nll": scores["nll"], "kl": scores["kl_from_teacher"]}
+
+
+def _sar(console: Console, work: Path, plan: DemoPlan, teacher: Path, train_data: Path, test_data: Path) -> dict:
+    """The SAR stage: the feedback student (a replicate the student stage then reuses), the routers
+    trained on the training split, and how far each layer's gate distribution moved on the test split."""
+    spec, rows = plan.sar, {row.name: row for row in plan.rows}
+    if rows.get(spec.feedback) is None or rows[spec.feedback].cache is not None:
+        raise MoekdError(f"plan: the SAR feedback row {spec.feedback!r} is not an SFT row of the plan")
+    feedback = _student_run(console, work, plan, rows[spec.feedback], plan.train_seeds[0],
+                            {"data": str(train_data), "loss": "ce"})
     router = work / "sar" / "router.safetensors"
     if not router.exists():
         console.print(f"[bold]sar[/] routers: {spec.steps} steps, lr {spec.lr}, responses {spec.responses}")
         train_router(SarOptions(
-            teacher=str(teacher), student=feedback, data=str(train_data), out=str(router), steps=spec.steps, lr=spec.lr,
-            beta=spec.beta, teacher_kld=spec.teacher_kld, responses=spec.responses, batch_tokens=plan.batch_tokens,
-            max_new_tokens=plan.max_new_tokens, device="cpu", save_every=50,
-            resume="auto" if (sar_run_dir(router) / "config.json").exists() else None,
-        ), console)
+            teacher=str(teacher), student=feedback["model"], data=str(train_data), out=str(router), steps=spec.steps,
+            lr=spec.lr, beta=spec.beta, teacher_kld=spec.teacher_kld, responses=spec.responses,
+            batch_tokens=plan.batch_tokens, max_new_tokens=plan.max_new_tokens, device="cpu", save_every=50,
+            seed=plan.train_seeds[0], resume="auto" if (sar_run_dir(router) / "config.json").exists() else None,
+        ), _quiet(console))
     meta = read_router_file(router)[1]
     moved = routing_stats_for_files(teacher, test_data, make_policy("all"), max_examples=spec.compare_examples,
                                     device="cpu", compare=router)
-    cache = work / "caches" / "sar.zarr"
-    cache_row = _cache(console, cache, teacher, train_data, CacheSpec("sar", "sar"), plan, router=router)
-    trained = _train(console, work / "students" / "sar", cache=str(cache), loss="fkl", **student)
-    return {**trained, **cache_row, "sar_train_seconds": meta.train_seconds, "sar_loss_start": meta.loss_start,
-            "sar_loss_end": meta.loss_end, "router_kl": {s.layer: s.kl_to_trained for s in moved.layers}}
+    return {"router": str(router), "train_seconds": meta.train_seconds, "loss_start": meta.loss_start,
+            "loss_end": meta.loss_end, "kl_original_trained": {s.layer: s.kl_to_trained for s in moved.layers}}
 
 
-def _eval(console: Console, model: str, test: Path, out: Path, plan: DemoPlan) -> dict:
-    if not out.exists():
-        console.print(f"[bold]eval[/] {model}")
-        report = evaluate(model, [str(test)], seeds=plan.seeds, max_new_tokens=plan.max_new_tokens, device="cpu",
-                          batch_size=32)
-        write_report(report, out)
-    scores = json.loads(out.read_text())["datasets"][0]
-    return {"rougeL_mean": scores["mean"], "rougeL_std": scores["std"], "rougeL_per_seed": scores["per_seed"]}
+def _student_run(console: Console, work: Path, plan: DemoPlan, spec: StudentSpec, seed: int, source: dict) -> dict:
+    """Train one replicate of a student row: initialised with `seed`, batches ordered by `seed`."""
+    init = work / "init" / f"{spec.init}-seed{seed}"
+    return _train(console, work / "students" / _slug(spec.name) / f"seed-{seed}", student=str(init),
+                  epochs=plan.student_epochs, lr=plan.student_lr, batch_tokens=plan.batch_tokens, warmup=plan.warmup,
+                  seed=seed, **{**source, **spec.options})
 
 
-def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = None) -> dict:
-    """Run (or finish) every stage in `workdir`; return the table rows and write results.json/.png."""
-    console = console or Console(stderr=True)
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
+def _student(console: Console, work: Path, plan: DemoPlan, spec: StudentSpec, seed: int, source: dict,
+             teacher: Path, test: Path) -> dict:
+    """One replicate of a student row: initialise with `seed`, train with `seed`, evaluate."""
+    run = _student_run(console, work, plan, spec, seed, source)
+    scores = _eval(console, run["model"], test, work / "eval" / f"{_slug(spec.name)}-seed{seed}.json", plan, teacher=teacher)
+    return {**scores, "train_tokens_per_s": run["train_tokens_per_s"]}
+
+
+def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = None, jobs: int = 2) -> dict:
+    """Run (or finish) every stage in `workdir`; return the results and write results.json/.png.
+
+    `jobs` processes build the caches, train and evaluate the students and evaluate the teacher
+    side by side (each with `plan.threads` threads); the numbers do not depend on it.
+    """
+    import torch
+
+    if jobs < 1:
+        raise MoekdError(f"--jobs must be at least 1, got {jobs}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan.threads)
+    try:
+        return _run_pipeline(check_output_dir(workdir, "--workdir"), plan, console or Console(stderr=True), jobs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> dict:
     plan_file = work / "plan.json"
     plan_json = json.dumps(asdict(plan), indent=2)
     if plan_file.exists() and plan_file.read_text() != plan_json:
         raise MoekdError(f"--workdir: {work} holds a run of another plan (see {plan_file}); choose another --workdir")
+    if not plan_file.exists() and work.exists() and any(work.iterdir()):
+        raise MoekdError(f"--workdir: {work} is not empty and holds no moekd demo; choose a new or empty directory")
+    work.mkdir(parents=True, exist_ok=True)
+    for spec in plan.rows:
+        if spec.cache is not None and spec.cache not in {c.name for c in plan.caches}:
+            raise MoekdError(f"plan: row {spec.name!r} names cache {spec.cache!r}, which the plan does not build")
+    if any(c.policy == "sar" for c in plan.caches) and plan.sar is None:
+        raise MoekdError("plan: a cache with policy sar needs the plan's SarSpec (DemoPlan.sar)")
     plan_file.write_text(plan_json)
     data = work / "data"
     if not (data / "synth_info.json").exists():
         write_suite(data, seed=0, n_train=plan.n_train, n_valid=plan.n_valid, n_test=plan.n_test)
     train_data, test_data = data / "train.jsonl", data / "test.jsonl"
-    if not (work / "tokenizer" / "tokenizer.json").exists():
-        texts = [format_prompt(r) + r.response for r in load_records(train_data).records]
-        train_tokenizer(texts, plan.vocab, work / "tokenizer")
-    from transformers import AutoTokenizer
+    _tokenizer(work, train_data, plan.vocab)
+    clock = Stopwatch()  # this run's time per part (finished stages that are reused cost ~0)
+    run = partial(_run_jobs, console, jobs, plan.threads)
 
-    tokenizer = AutoTokenizer.from_pretrained(str(work / "tokenizer"))
-    for role, config in (("teacher", plan.teacher), ("student", plan.student)):
-        if not (work / "init" / role / "config.json").exists():
-            make_tiny_model(config["family"], tokenizer, work / "init" / role, seed=0,
-                            **{k: v for k, v in config.items() if k != "family"})
-
-    rows = {}
-    rows["teacher (MoE, SFT)"] = _train(console, work / "teacher", student=str(work / "init" / "teacher"),
-                                        data=str(train_data), loss="ce", epochs=plan.teacher_epochs,
-                                        lr=plan.teacher_lr, batch_tokens=plan.batch_tokens, warmup=plan.warmup)
-    teacher = Path(rows["teacher (MoE, SFT)"]["model"])
-    student = dict(student=str(work / "init" / "student"), epochs=plan.student_epochs, lr=plan.student_lr,
-                   batch_tokens=plan.batch_tokens, warmup=plan.warmup)
-    rows["student SFT"] = _train(console, work / "students" / "sft", data=str(train_data), loss="ce", **student)
-    for spec in plan.caches:
-        cache = work / "caches" / f"{spec.name}.zarr"
-        cache_row = _cache(console, cache, teacher, train_data, spec, plan)
-        trained = _train(console, work / "students" / spec.name, cache=str(cache), loss="fkl", **student)
-        rows[f"student KD {spec.name}"] = {**trained, **cache_row}
+    teacher_init = _init(work / "init" / "teacher", plan.teacher, seed=0)
+    with clock.part("teacher training"):
+        trained = _train(console, work / "teacher", student=str(teacher_init), data=str(train_data), loss="ce",
+                         epochs=plan.teacher_epochs, lr=plan.teacher_lr, batch_tokens=plan.batch_tokens,
+                         warmup=plan.warmup, seed=0)
+    teacher = Path(trained["model"])
+    replicates = [(spec, seed) for spec in plan.rows for seed in plan.train_seeds]
+    for spec, seed in replicates:  # before the jobs start, so that no two write one
+        _init(work / "init" / f"{spec.init}-seed{seed}", plan.students[spec.init], seed)
+    sar = None
     if plan.sar is not None:
-        rows["student KD sar"] = _sar(console, work, teacher, rows["student SFT"]["model"], train_data, test_data, plan,
-                                      student)
-    for name, row in rows.items():
-        slug = name.split(" (")[0].replace(" ", "_")
-        row.update(_eval(console, row["model"], test_data, work / "eval" / f"{slug}.json", plan))
-    results = {"plan": asdict(plan), "rows": rows}
+        with clock.part("SAR router training"):
+            sar = _sar(console, work, plan, teacher, train_data, test_data)
+    caches = {spec.name: work / "caches" / f"{spec.name}.zarr" for spec in plan.caches}
+    with clock.part("cache builds"):
+        built = run([(_cache, dict(out=caches[spec.name], teacher=teacher, data=train_data, spec=spec, plan=plan,
+                                   router=Path(sar["router"]) if sar else None))
+                     for spec in plan.caches])
+    cache_info = dict(zip(caches, built))
+
+    with clock.part("student training and evaluation"):
+        scores = run([(_student, dict(work=work, plan=plan, spec=spec, seed=seed, teacher=teacher, test=test_data,
+                                      source={"cache": str(caches[spec.cache]), "loss": "fkl"} if spec.cache
+                                      else {"data": str(train_data), "loss": "ce"}))
+                      for spec, seed in replicates])
+    by_row = {spec.name: {} for spec in plan.rows}
+    for (spec, seed), score in zip(replicates, scores):
+        by_row[spec.name][seed] = score
+    summary = summarise_rows(by_row, plan.reference)
+    rows = {spec.name: {"cache": spec.cache, **(cache_info.get(spec.cache) or {}), **summary[spec.name],
+                        "replicates": by_row[spec.name]} for spec in plan.rows}
+
+    evals = [(_eval, dict(model=str(teacher), test=test_data, out=work / "eval" / "teacher.json", plan=plan))]
+    evals += [(_eval, dict(model=str(teacher), test=test_data, out=work / "eval" / f"teacher-{_slug(probe.name)}.json",
+                           plan=plan, rouge=probe.rouge, teacher=teacher, probe=probe)) for probe in plan.probes]
+    with clock.part("teacher evaluation"):
+        teacher_scores = run(evals)
+    teachers = {"native": {**teacher_scores[0], "train_tokens_per_s": trained["train_tokens_per_s"]}}
+    for probe, score in zip(plan.probes, teacher_scores[1:]):
+        teachers[probe.name] = {"policy": probe.policy, "params": probe.params, **score}
+    results = {"plan": asdict(plan), "teacher": teachers, "rows": rows, "timings": clock.parts,
+               **({"sar": sar} if sar else {})}
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_results(rows, work / "results.png")
+    plot_results(results, work / "results.png")
     return results
 
 
-def results_table(rows: dict) -> Table:
-    table = Table(title="moekd demo: ROUGE-L on the built-in test split (sampled, mean ± std over seeds)")
-    for column in ("model", "ROUGE-L", "cache size", "build time", "train tok/s"):
+def _run_jobs(console: Console, jobs: int, threads: int, calls: list[tuple]) -> list:
+    """Results of fn(console, **kwargs) for each (fn, kwargs), in order: here, or in `jobs` processes."""
+    if jobs == 1 or len(calls) < 2:
+        return [fn(console, **kwargs) for fn, kwargs in calls]
+    import multiprocessing
+
+    with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_job_process, initargs=(threads,)) as pool:
+        futures = [pool.submit(_in_job, fn, kwargs) for fn, kwargs in calls]
+        return [future.result() for future in futures]
+
+
+def _in_job(fn, kwargs: dict):
+    return fn(Console(stderr=True, force_terminal=False), **kwargs)
+
+
+def _job_process(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _quiet(console: Console) -> Console:
+    """Progress bars only where one process writes to the terminal."""
+    return console if console.is_terminal else Console(stderr=True, quiet=True)
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "-").replace("=", "").replace(".", "")
+
+
+def _tokenizer(work: Path, train_data: Path, vocab: int) -> None:
+    if not (work / "tokenizer" / "tokenizer.json").exists():
+        texts = [format_prompt(r) + r.response for r in load_records(train_data).records]
+        train_tokenizer(texts, vocab, work / "tokenizer")
+
+
+def _init(out: Path, config: dict, seed: int) -> Path:
+    """A randomly initialised model of `config` drawn with `seed`, saved once to `out` (tokenizer beside it)."""
+    if not (out / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(out.parent.parent / "tokenizer"))
+        make_tiny_model(config["family"], tokenizer, out, seed=seed, **{k: v for k, v in config.items() if k != "family"})
+    return out
+
+
+def _fmt(stat: dict | None, digits: int) -> str:
+    if not stat:
+        return "-"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat.get("std") is not None else "")
+
+
+def _fmt_diff(stat: dict | None, digits: int) -> str:
+    diff = (stat or {}).get("vs_reference")
+    if not diff:
+        return "-"
+    interval = f" [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]" if diff["low"] is not None else ""
+    return f"{diff['mean']:+.{digits}f}{interval}"
+
+
+def results_table(results: dict, title: str = "moekd demo") -> Table:
+    """Teacher rows (std over sampling seeds) and student rows (mean ± std over training seeds, paired differences)."""
+    plan = results["plan"]
+    table = Table(
+        title=f"{title}: the built-in test split ({plan['n_test']} prompts)",
+        caption=f"ROUGE-L: students mean ± std (ddof=1) over {len(plan['train_seeds'])} training seeds of the mean over "
+        f"{len(plan['seeds'])} sampling seeds; teachers mean ± std over sampling seeds. NLL, KL: nats per response token, "
+        f"teacher-forced (KL from the native teacher). Δ: paired difference to {plan['reference']}, 95% t-interval over "
+        "training seeds.",
+    )
+    for column in ("model", "ROUGE-L", "Δ ROUGE-L", "NLL", "Δ NLL", "KL", "Δ KL", "cache"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    for name, row in rows.items():
-        size = f"{row['cache_bytes'] / 1e6:.2f} MB" if "cache_bytes" in row else "-"
-        build = f"{row['build_seconds']:.1f} s" if row.get("build_seconds") else "-"
-        if row.get("sar_train_seconds"):
-            build += f" + {row['sar_train_seconds']:.0f} s SAR"
-        rate = f"{row['train_tokens_per_s']:,.0f}" if row.get("train_tokens_per_s") else "-"
-        table.add_row(name, f"{row['rougeL_mean']:.2f} ± {row['rougeL_std']:.2f}", size, build, rate)
+    for name, row in results["teacher"].items():
+        label = "teacher" if name == "native" else f"teacher {name}"
+        rouge = {"mean": row["rougeL"], "std": row["rougeL_sampling_std"]} if row["rougeL"] is not None else None
+        kl = "-" if name == "native" else f"{row['kl']:.4f}"
+        table.add_row(label, _fmt(rouge, 2), "", f"{row['nll']:.4f}", "", kl, "", "")
+    sar_caches = {c["name"] for c in plan["caches"] if c["policy"] == "sar"}
+    for name, row in results["rows"].items():
+        cache = f"{row['cache_bytes'] / 1e6:.2f} MB, {row['build_seconds']:.0f} s" if "cache_bytes" in row else "-"
+        if row.get("cache") in sar_caches and results.get("sar", {}).get("train_seconds"):
+            cache += f" + {results['sar']['train_seconds']:.0f} s SAR"
+        table.add_row(f"student {name}", _fmt(row.get("rougeL"), 2), _fmt_diff(row.get("rougeL"), 2),
+                      _fmt(row.get("nll"), 4), _fmt_diff(row.get("nll"), 4), _fmt(row.get("kl"), 4),
+                      _fmt_diff(row.get("kl"), 4), cache)
     return table
 
 
-def plot_results(rows: dict, path: Path) -> None:
+def plot_results(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = results["rows"]
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
-    ax.bar(range(len(names)), [rows[n]["rougeL_mean"] for n in names], yerr=[rows[n]["rougeL_std"] for n in names],
-           capsize=4, color=["#888888"] + ["#4c72b0"] * (len(names) - 1))
-    ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
-    ax.set_ylabel("ROUGE-L (x100)")
-    ax.set_title("moekd demo: teacher and students on the built-in test split")
+    fig, axes = plt.subplots(1, 2, figsize=(2.4 * len(names) + 2, 4))
+    for ax, metric, label in ((axes[0], "rougeL", "ROUGE-L (x100)"), (axes[1], "nll", "response NLL (nats/token)")):
+        means = [rows[n][metric]["mean"] for n in names]
+        stds = [rows[n][metric]["std"] or 0.0 for n in names]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
+        ax.set_ylabel(label)
+        if metric == "rougeL":
+            ax.axhline(results["teacher"]["native"]["rougeL"], color="#888888", linestyle="--", label="teacher")
+            ax.legend(loc="lower right")
+        else:
+            ax.set_ylim(bottom=min(means) - 3 * max(stds + [0.01]))
+    fig.suptitle("moekd: students, mean ± std over training seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

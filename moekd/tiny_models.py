@@ -1,5 +1,8 @@
 """Tiny causal LMs built from configs, for the demo, tests and benchmarks.
 
+`make_tiny_model` builds the six hand-configured families of the demo and tests;
+`make_tiny_family_model` builds any model type of the installed transformers from its own
+config class, shrunk field by field (the conformance suite and `moekd routing families`).
 They are saved with `save_pretrained` and loaded back through the same path as a user's
 checkpoint. Random routers are nearly uniform, so router weights are re-initialised with a
 large standard deviation: that gives peaked gates on which routing policies really differ.
@@ -89,4 +92,168 @@ def make_tiny_model(family: str, tokenizer, out_dir: str | Path | None = None, s
     if out_dir is not None:
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
+    return model
+
+
+# ---------------------------------------------------------------- any family of the installed transformers
+
+# Config fields shrunk for a CPU-sized model, by field name; a field a config class lacks is skipped.
+SMALL_FIELDS = dict(
+    hidden_size_per_layer_input=16,
+    hidden_size=64, d_model=64, intermediate_size=64, num_hidden_layers=2, num_layers=2, n_layers=2, n_heads=4,
+    num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=512,
+    swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_head_dim=16, sliding_window_size=64, rel_extent=64,
+    moe_intermediate_size=32, shared_expert_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+    shared_intermediate_size=32, shared_experts_intermediate_size=32, expert_ffn_hidden_size=32, moe_hidden_size=32,
+    dense_intermediate_size=64, ffn_hidden_size=64, intermediate_size_mlp=64,
+    first_k_dense_replace=0, num_dense_layers=0,
+    is_moe=True, enable_moe_block=True,
+    kv_lora_rank=16, q_lora_rank=16, o_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    index_head_dim=16, index_n_heads=2, index_topk=8,
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_head_dim=16, linear_num_heads=4, router_hidden_size=16, sliding_window=64, attention_chunk_size=64,
+    max_seq_len=512, moe_jitter_eps=0.01, keep_window_size=64, ssm_state_size=8, mamba_num_heads=8, mamba_head_dim=16, mamba_n_heads=8, mamba_d_state=8,
+    mamba_d_head=16, mamba_chunk_size=16, chunk_size=16, n_groups=1, mamba_n_groups=1,
+    attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+VOCAB_FIELDS = ("vocab_size", "unpadded_vocab_size", "vocab_size_per_layer_input")
+EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_top_k", "moe_k")
+# (cap, value when unset) - capped, never raised: a family without groups or shared experts stays so;
+# an unset value that the modeling code multiplies by anyway gets the neutral one.
+CAPPED_FIELDS = {"n_shared_experts": (1, 1), "n_group": (2, 1), "topk_group": (1, 1), "zero_expert_num": (2, None)}
+# What the field rules cannot infer, per model type (or config class name for sub-configs without one).
+FAMILY_FIELDS: dict[str, dict] = {
+    "dots3_note_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16,
+                            swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=16),  # sliding-window layer sizes
+    "dots3_note_vision_encoder": dict(adapter_in_dim=64, adapter_out_dim=64),
+    "dots3_note_audio_encoder": dict(adapter_input_size=64, adapter_out_dim=64),
+    "DbrxAttentionConfig": dict(rope_theta=10000.0, clip_qkv=8.0),  # DbrxAttention needs both; the class defaults lack them
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),  # the default is Mamba only
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    "mimo_v2_flash": dict(num_key_value_heads=2),  # sliding-window layers double the kv heads
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=64,
+                           indexer_compress_ratio=4, ngram_vocab_size_base=256, hc_lowrank=8, heads_per_ngram=2,
+                           split_ngram_parts=4),
+}
+
+
+def _fields(config_class) -> dict:
+    import dataclasses
+
+    return {f.name: f for f in dataclasses.fields(config_class)} if dataclasses.is_dataclass(config_class) else {}
+
+
+def _layer_pattern(default, layers: int) -> dict:
+    """Per-layer lists of a full-size config cut to a few layers that keep every distinct layer kind twice.
+
+    Lists of `layers` values are per-layer settings; strictly increasing lists of layer indices
+    (e.g. `moe_layers`) are renumbered.
+    """
+    per_layer, index_lists = {}, {}
+    for key, value in vars(default).items():
+        if not isinstance(value, (list, tuple)) or not value:
+            continue
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if ints and all(0 <= a < b < layers for a, b in zip(value, value[1:])) and value[-1] < layers:
+            index_lists[key] = set(value)
+        elif len(value) == layers:
+            per_layer[key] = list(value)
+    if not per_layer and not index_lists:
+        return {}
+    kinds = [tuple(str(v[i]) for v in per_layer.values()) + tuple(i in s for s in index_lists.values()) for i in range(layers)]
+    if len(set(kinds)) == 1:
+        return {}
+    keep, seen = [], {}
+    for i, kind in enumerate(kinds):
+        if seen.get(kind, 0) < 2:
+            keep.append(i)
+            seen[kind] = seen.get(kind, 0) + 1
+    pattern = {key: [value[i] for i in keep] for key, value in per_layer.items()}
+    pattern.update({key: [new for new, old in enumerate(keep) if old in s] for key, s in index_lists.items()})
+    return {"num_hidden_layers": len(keep), **pattern}
+
+
+def _default_value(default, name: str):
+    """A full-size config's value of `name` (through its attribute map); per-layer values read raw."""
+    try:
+        return getattr(default, name, None)
+    except RuntimeError:  # a heterogeneous config refuses global reads of per-layer attributes
+        return vars(default).get(name)
+
+
+def _small_kwargs(config_class, vocab_size: int, experts: int, top_k: int) -> dict:
+    fields = _fields(config_class)
+    default = config_class()
+    kwargs = {k: v for k, v in SMALL_FIELDS.items() if k in fields}
+    kwargs.update({k: vocab_size for k in VOCAB_FIELDS if k in fields})
+    for names, cap, least in ((EXPERT_FIELDS, experts, 4), (TOP_K_FIELDS, top_k, 1)):
+        for name in names:
+            value = _default_value(default, name) if name in fields else False
+            if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+                kwargs[name] = min(cap, value) if isinstance(value, int) and value >= least else cap
+    for name, (cap, unset) in CAPPED_FIELDS.items():
+        value = _default_value(default, name) if name in fields else False
+        if value is None and unset is not None:
+            kwargs[name] = unset
+        elif isinstance(value, int) and not isinstance(value, bool):
+            kwargs[name] = min(cap, value)
+    if "qk_rope_head_dim" in fields and "head_dim" in fields:  # multi-head latent attention: rope part is the head
+        kwargs["head_dim"] = kwargs["qk_rope_head_dim"]
+    layers = getattr(default, "num_hidden_layers", None)
+    if isinstance(layers, int):
+        kwargs.update(_layer_pattern(default, layers))
+    for name, sub in (getattr(config_class, "sub_configs", None) or {}).items():
+        if isinstance(sub, type) and name in fields:
+            kwargs[name] = sub(**_small_kwargs(sub, vocab_size, experts, top_k)).to_dict()
+    kwargs.update(FAMILY_FIELDS.get(getattr(config_class, "model_type", None) or config_class.__name__, {}))
+    return kwargs
+
+
+def tiny_family_config(model_type: str, vocab_size: int = 256, experts: int = 8, top_k: int = 2, **overrides):
+    """A CPU-sized config of any model type of the installed transformers, from its config class.
+
+    Every size field is shrunk by name (`SMALL_FIELDS`), experts and top-k are capped at
+    `experts` and `top_k` (a family whose default top-k is 1 stays top-1), groups and shared
+    experts at `CAPPED_FIELDS`, per-layer patterns keep each kind of layer twice, and
+    `FAMILY_FIELDS` adds what a family needs beyond that.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    kwargs = _small_kwargs(config_class, vocab_size, experts, top_k)
+    kwargs.update(overrides)
+    return config_class(**kwargs)
+
+
+def reinit_routers(model, std: float = 1.0, seed: int = 0) -> None:
+    """Peaked, varied routers: trainable matrices ~ N(0, std), trainable vectors ~ U(0.5, 1.5).
+
+    Frozen parameters and buffers (selection biases) keep their initial values (zero).
+    """
+    from moekd.routers import find_routers
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, router in find_routers(model):
+            for _, param in router.named_parameters():
+                if param.requires_grad:
+                    noise = torch.randn(param.shape, generator=gen) * std if param.dim() > 1 else torch.rand(param.shape, generator=gen) + 0.5
+                    param.copy_(noise.to(param.dtype))
+
+
+def make_tiny_family_model(model_type: str, vocab_size: int = 256, seed: int = 0, router_std: float | None = 0.3,
+                           out_dir: str | Path | None = None, tokenizer=None, **overrides):
+    """A randomly initialised CPU-sized causal LM of `model_type` (eval mode), saved to `out_dir` if given."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_family_config(model_type, vocab_size, **overrides)).eval()
+    if router_std is not None:
+        reinit_routers(model, router_std, seed)
+    if out_dir is not None:
+        model.save_pretrained(str(out_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out_dir))
     return model

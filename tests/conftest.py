@@ -54,3 +54,15 @@ def make_teacher(tmp_path_factory, tokenizer):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory, make_teacher, data_file):
+    """A complete topk cache of the demo data with two chunks per shard (so that reading one example
+    takes a ranged read of a shard file, as at scale); shared by the remote-store and DDP tests."""
+    from moekd.cache_builder.build import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("small_cache") / "run.zarr"
+    build_cache(BuildOptions(teacher=str(make_teacher("mixtral")), data=str(data_file), out=str(out), k=16,
+                             max_prompt_len=96, max_len=128, batch_tokens=512, positions_per_shard=512, device="cpu"))
+    return out

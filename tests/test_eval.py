@@ -136,7 +136,7 @@ def test_copying_the_reference_scores_100(make_teacher, synth_dir, monkeypatch, 
     examples = load_eval_examples(synth_dir / "test.jsonl")
     reference_of = {tuple(prompt_ids(tokenizer, format_prompt(ex.record), False)): ex.record.response for ex in examples}
 
-    def copy_reference(model, tokenizer, prompts, seed, *args):
+    def copy_reference(model, tokenizer, prompts, seed, *args, **kwargs):
         return [reference_of[tuple(p)] for p in prompts]
 
     monkeypatch.setattr(evaluate_module, "generate_responses", copy_reference)

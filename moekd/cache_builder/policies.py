@@ -2,12 +2,15 @@
 
 A policy sees the layer's gate distribution g [T, N] (float32, rows sum to 1; how a router
 family defines g is in `moekd/routers.py`) and returns the selected experts. The router family then
-weights the selection: the expanding policies (`all`, `ka`, `topp`) renormalise the selected
-gate mass to 1 on softmax routers (METHODS §2-3: mask the other logits to -inf, softmax);
-`mc` keeps the family's native weighting (incl. `norm_topk_prob`); DeepSeek-V3-style routers
-always keep their native weighting (sigmoid scores, `norm_topk_prob`, routed scaling).
+weights the selection with its own scores (softmax, sigmoid, ...): the expanding policies (`all`,
+`ka`, `topp`) renormalise the selected scores to 1 (METHODS §2-3: on softmax routers, mask the
+other logits to -inf and softmax) and then apply the family's scale (routed scaling); `mc` keeps
+the family's native weighting exactly (incl. whether it renormalises).
 
-- `topk`: the router's own top-k; no rewrite, bit-identical to the unhooked model.
+- `topk`: the router's own top-k; no rewrite, bit-identical to the unhooked model. With
+          `experts` K (METHODS §3, published Figure 2): the K experts with the largest g, in
+          expert order, renormalised like `all`. K = the router's k installs no rewrite (the
+          native policy, bit for bit); K = N selects exactly what `all` selects.
 - `all`:  every expert (k = N).
 - `ka`:   Knowledge Augmentation. Per token row and layer, with probability λ (`ka_lambda`)
           sample N - `ka_drop` experts without replacement from g, else take the N - `ka_drop`
@@ -94,11 +97,21 @@ def gumbel_top_k(gates: torch.Tensor, uniforms: torch.Tensor, k: int) -> torch.T
 @dataclass(frozen=True)
 class NativeTopK:
     samples: int = 1
+    experts: int | None = None  # K; None = the router's own k
     name = "topk"
     stochastic = False
+    renormalise = True
 
     def describe(self) -> dict:
-        return {}
+        return {} if self.experts is None else {"experts": self.experts}
+
+    def is_native(self, top_k: int | None) -> bool:
+        """True when the policy is the router's own top-k (no rewrite needed)."""
+        return self.experts is None or self.experts == top_k
+
+    def select(self, gates: torch.Tensor, uniforms: torch.Tensor | None, top_k: int):
+        # expert order, so that K = N gives `all`'s index (and weights) bit for bit
+        return gates.topk(self.experts, dim=-1).indices.sort(dim=-1).values, None
 
 
 @dataclass(frozen=True)
@@ -189,11 +202,13 @@ def make_policy(
     ka_lambda: float | None = None,
     ka_drop: int | None = None,
     top_p: float | None = None,
+    experts: int | None = None,
 ) -> RoutingPolicy:
     """The policy `name` with its parameters checked; parameters left as None take the defaults."""
     if name not in POLICY_NAMES:
         raise MoekdError(f"--policy: unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
-    owners = {"--ka-lambda": (ka_lambda, "ka"), "--ka-drop": (ka_drop, "ka"), "--top-p": (top_p, "topp")}
+    owners = {"--ka-lambda": (ka_lambda, "ka"), "--ka-drop": (ka_drop, "ka"), "--top-p": (top_p, "topp"),
+              "--experts": (experts, "topk")}
     for flag, (value, owner) in owners.items():
         if value is not None and name != owner:
             raise MoekdError(f"{flag} applies only to --policy {owner}, not --policy {name}; drop it")
@@ -205,7 +220,9 @@ def make_policy(
             "use --m 1, or a stochastic policy (ka, mc)"
         )
     if name == "topk":
-        return NativeTopK()
+        if experts is not None and experts < 1:
+            raise MoekdError(f"--experts must be at least 1 (experts activated per token), got {experts}")
+        return NativeTopK(experts=None if experts is None else int(experts))
     if name == "all":
         return AllExperts()
     if name == "sar":

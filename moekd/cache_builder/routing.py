@@ -20,7 +20,7 @@ from torch import nn
 
 from moekd.cache_builder.policies import NativeTopK, RoutingPolicy, token_uniforms
 from moekd.errors import MoekdError
-from moekd.routers import GATES, find_routers
+from moekd.routers import find_routers, recognise_routers
 
 
 class RouterController:
@@ -30,28 +30,38 @@ class RouterController:
         self.model = model
         self.policy = policy or NativeTopK()
         self.capture_gates = capture_gates
-        self.rewrites = not isinstance(self.policy, NativeTopK)
-        routers = find_routers(model)
-        self.moe_layers = [name for name, _ in routers]
-        self._routers = [r for _, r in routers]
-        self.router_class = ", ".join(sorted({type(r).__name__ for r in self._routers})) or None
-        self.num_experts = self._routers[0].num_experts if routers else None
-        self.top_k = self._routers[0].top_k if routers else None
-        if self.rewrites and not routers:
+        native = isinstance(self.policy, NativeTopK)
+        what = f"--experts {self.policy.experts}" if native else f"--policy {self.policy.name}"
+        if not (native and self.policy.experts is None) and not find_routers(model):
             raise MoekdError(
-                f"--policy {self.policy.name} needs an MoE teacher: {type(model).__name__} has no router modules; "
-                "use --policy topk for a dense teacher"
+                f"{what} needs an MoE teacher: {type(model).__name__} has no router modules; "
+                "use --policy topk (without --experts) for a dense teacher"
             )
-        if self.rewrites or capture_gates:
-            unsupported = sorted({type(r).__name__ for r in self._routers} - set(GATES))
-            if unsupported:
-                what = f"--policy {self.policy.name}" if self.rewrites else "capturing gate distributions"
-                raise MoekdError(
-                    f"{what}: router class {', '.join(unsupported)} is not supported (supported: {', '.join(GATES)}); "
-                    "use --policy topk without gate capture, or add an adapter for it in moekd/routers.py"
-                )
+        # Each router in forward order with what it computes, from one short forward (moekd/routers.py)
+        infos = recognise_routers(model)
+        self.moe_layers = [info.name for info in infos]
+        self._routers = [info.module for info in infos]
+        self._adapters = [info.adapter for info in infos]
+        self._targets = [info.target for info in infos]
+        self._logits: list[torch.Tensor | None] = [None] * len(infos)
+        self.router_class = ", ".join(sorted({type(r).__name__ for r in self._routers})) or None
+        sizes = {(a.num_experts, a.top_k) for a in self._adapters if a is not None}
+        if capture_gates and len({n for n, _ in sizes}) > 1:
+            raise MoekdError(f"capturing gate distributions: the MoE layers have different expert counts "
+                             f"{sorted({n for n, _ in sizes})}; use --router-probs none")
+        self.num_experts, self.top_k = min(sizes) if sizes else (None, None)
+        self.rewrites = not (native and self.policy.is_native(self.top_k))
+        unsupported = {type(i.module).__name__: i.reason for i in infos if i.adapter is None}
+        if unsupported and (self.rewrites or capture_gates):
+            what = what if self.rewrites else "capturing gate distributions"
+            name, reason = next(iter(unsupported.items()))
+            raise MoekdError(f"{what}: router class {name} is not supported: {reason}; use --policy topk without gate capture")
+        if native and self.rewrites and self.policy.experts > self.num_experts:
+            raise MoekdError(f"{what}: the teacher has only {self.num_experts} experts per layer; use --experts 1..{self.num_experts}")
+        kinds = sorted({a.describe()["g"] for a in self._adapters if a is not None})
+        self.gate_definition = " / ".join(kinds) or None
         drop = getattr(self.policy, "ka_drop", 0)
-        if routers and drop >= self.num_experts:
+        if self.num_experts is not None and drop >= self.num_experts:
             raise MoekdError(f"--ka-drop {drop} leaves no expert: the teacher has {self.num_experts} experts per layer")
         self._positions: torch.Tensor | None = None
         self._row_seeds: torch.Tensor | None = None
@@ -71,8 +81,12 @@ class RouterController:
             if self.policy.stochastic:
                 handles.append(self.model.register_forward_pre_hook(self._record_positions, with_kwargs=True))
             if self.rewrites or self.capture_gates:
-                for layer, router in enumerate(self._routers):
-                    handles.append(router.register_forward_hook(self._router_hook(layer)))
+                for layer, (router, target) in enumerate(zip(self._routers, self._targets)):
+                    if target is None:
+                        handles.append(router.register_forward_hook(self._router_hook(layer)))
+                    else:  # the router returns logits only; its block hands the selection to `target`
+                        handles.append(router.register_forward_hook(self._logits_hook(layer)))
+                        handles.append(target.register_forward_pre_hook(self._target_hook(layer), with_kwargs=True))
             yield self
         finally:
             for handle in handles:
@@ -94,35 +108,54 @@ class RouterController:
             raise ValueError("no forward ran with the controller active")
         return list(tensors)
 
+    def _route(self, layer: int, logits, weights, index):
+        """The layer's (weights, index) under the policy (unchanged for topk), recording gates if asked."""
+        router, adapter = self._routers[layer], self._adapters[layer]
+        valid = None
+        if self.rewrites:
+            probs = adapter.gate_probs(router, logits)
+            uniforms = self._uniforms(layer, logits, adapter.num_experts) if self.policy.stochastic else None
+            index, valid = self.policy.select(probs, uniforms, adapter.top_k)
+            weights = adapter.weights(router, logits, index, valid, self.policy.renormalise)
+        if self.capture_gates:
+            with torch.no_grad():
+                self._gates[layer] = adapter.gate_probs(router, logits).detach()
+                hit = torch.ones_like(index, dtype=torch.bool) if valid is None else valid
+                self._activated[layer] = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, index, hit)
+        return weights, index
+
     def _router_hook(self, layer: int):
-        gate = GATES.get(type(self._routers[layer]).__name__)
+        adapter = self._adapters[layer]
 
         def hook(router: nn.Module, args, output):
-            logits, weights, index = output
-            valid = None
-            if self.rewrites:
-                probs = gate.gate_probs(router, logits)
-                uniforms = self._uniforms(layer, logits) if self.policy.stochastic else None
-                index, valid = self.policy.select(probs, uniforms, router.top_k)
-                weights = gate.weights(router, logits, index, valid, self.policy.renormalise).to(weights.dtype)
-            if self.capture_gates:
-                with torch.no_grad():
-                    self._gates[layer] = gate.gate_probs(router, logits).detach()
-                    hit = torch.ones_like(index, dtype=torch.bool) if valid is None else valid
-                    active = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, index, hit)
-                    self._activated[layer] = active
-            return (logits, weights, index) if self.rewrites else None
+            weights, index = self._route(layer, *adapter.read(output))
+            return adapter.write(output, weights, index) if self.rewrites else None
 
         return hook
 
-    def _uniforms(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+    def _logits_hook(self, layer: int):
+        def hook(router: nn.Module, args, output):
+            self._logits[layer] = output
+
+        return hook
+
+    def _target_hook(self, layer: int):
+        adapter = self._adapters[layer]
+
+        def hook(target: nn.Module, args, kwargs):
+            weights, index = self._route(layer, self._logits[layer], *adapter.read_call(args, kwargs))
+            return adapter.write_call(args, kwargs, weights, index) if self.rewrites else None
+
+        return hook
+
+    def _uniforms(self, layer: int, logits: torch.Tensor, experts: int) -> torch.Tensor:
         if self._positions is None:
             raise RuntimeError("a router ran before the model's forward: call the model the controller was built with")
         rows, cols = self._positions.shape
         if rows * cols != logits.shape[0]:
             raise RuntimeError(f"router saw {logits.shape[0]} tokens but the model forward had {rows}x{cols}")
         seeds = self._row_seeds.to(logits.device)
-        return token_uniforms(seeds, layer, self._positions.to(logits.device), self.num_experts + 1)
+        return token_uniforms(seeds, layer, self._positions.to(logits.device), experts + 1)
 
     def _record_positions(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -29,7 +29,7 @@ from moekd.cache_builder.policies import RoutingPolicy, derive_seed
 from moekd.cache_builder.routing import RouterController
 from moekd.data.prompts import TokenizedExample
 from moekd.errors import MoekdError
-from moekd.sar.router_file import check_router_file, read_router_file, swapped_routers
+from moekd.sar.router_file import check_router_file, read_router_file, recognised_routers, router_gate_parameters, swapped_routers
 
 
 @dataclass
@@ -83,6 +83,7 @@ def compute_routing_stats(
     active = np.zeros(layers)
     counts = np.zeros((layers, ctrl.num_experts))
     kl = np.zeros(layers)
+    routers = router_gate_parameters(recognised_routers(model)) if compare is not None else None
     tokens = 0
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
@@ -101,7 +102,7 @@ def compute_routing_stats(
             active[layer] += float(a.sum())
             counts[layer] += a.sum(dim=0).double().numpy()
         if compare is not None:
-            with torch.no_grad(), swapped_routers(model, compare), ctrl.active(row_seeds=seeds):
+            with torch.no_grad(), swapped_routers(routers, compare), ctrl.active(row_seeds=seeds):
                 model(input_ids=ids.to(device), attention_mask=mask.to(device))
             for layer, (g, trained) in enumerate(zip(originals, ctrl.gate_probs())):
                 t = trained[rows.to(trained.device)].double().cpu()
@@ -162,11 +163,16 @@ def routing_stats_for_files(
     scope: str = "response",
     device: str = "auto",
     dtype: str = "auto",
+    tokenizer: str | None = None,
+    fields: dict[str, str | None] | None = None,
+    skip_invalid: bool = False,
+    chat_template: bool = False,
     compare: str | Path | None = None,
 ) -> RoutingStats:
-    """Load a teacher checkpoint and a data file, and compute routing statistics on the first examples;
+    """Load a teacher checkpoint (and `tokenizer`, when it is not in the teacher's directory) and a data file,
+    and compute routing statistics on the first examples, prompted as `cache build` prompts them;
     `compare`: a router file of `moekd sar train` for this teacher, compared layer by layer."""
-    from moekd.models import checkpoint_sha256, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    from moekd.models import check_tokenizer_fits, checkpoint_sha256, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from moekd.data.prompts import tokenize_records
     from moekd.data.records import load_records
 
@@ -175,18 +181,23 @@ def routing_stats_for_files(
         raise MoekdError(f"--max-examples must be at least 1, got {max_examples}")
     if batch_size < 1:
         raise MoekdError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 0 <= seed < 2**63:
+        raise MoekdError(f"--seed must be in [0, 2**63), got {seed}")
     _check_policy(policy)
     trained = read_router_file(compare, "--compare") if compare is not None else None
     resolved = resolve_device(device)
-    tokenizer = load_tokenizer(teacher)
-    loaded = load_records(data)
+    tokenizer_flag = "--tokenizer" if tokenizer else "--teacher"
+    loaded_tokenizer = load_tokenizer(tokenizer or teacher, tokenizer_flag)
+    loaded = load_records(data, fields, skip_invalid)
     report = tokenize_records(
-        loaded.records[:max_examples], loaded.source_index[:max_examples], tokenizer, max_prompt_len, max_len
+        loaded.records[:max_examples], loaded.source_index[:max_examples], loaded_tokenizer, max_prompt_len, max_len,
+        chat_template, skip_invalid,
     )
     model = load_causal_lm(teacher, resolve_dtype(dtype, resolved), resolved)
+    check_tokenizer_fits(loaded_tokenizer, model, tokenizer_flag)
     if trained is not None:
         check_router_file(trained[1], model, str(teacher), checkpoint_sha256(teacher), compare, "--compare")
-    return compute_routing_stats(model, report.examples, policy, tokenizer.pad_token_id, batch_size, seed, scope,
+    return compute_routing_stats(model, report.examples, policy, loaded_tokenizer.pad_token_id, batch_size, seed, scope,
                                  trained[0] if trained else None, str(compare) if compare else None)
 
 
@@ -234,5 +245,6 @@ def plot_stats(stats: RoutingStats, path: str | Path) -> None:
     for ax in (mass_ax, cv_ax):
         ax.set_xticks(x)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path))
     plt.close(fig)

@@ -12,7 +12,7 @@ import sys
 
 from moekd.cli import cache, data, demo, eval, routing, sar, train  # noqa: F401  (registers the commands)
 from moekd.cli.app import app, console
-from moekd.errors import MoekdError
+from moekd.errors import MoekdError, ReportedByRankZero
 
 __all__ = ["app", "main"]
 
@@ -22,6 +22,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
+    except ReportedByRankZero:
+        sys.exit(2)
     except MoekdError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)

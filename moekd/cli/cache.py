@@ -22,6 +22,7 @@ def cache_build(
     ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts instead of taking the top ones (default 0.05)."),
     ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
     top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach."),
+    experts: Optional[int] = typer.Option(None, help="topk: activate the K experts with the largest gates, renormalised (default: the router's own k; K = N is the same as --policy all)."),
     k: int = typer.Option(64, help="Teacher token ids stored per position and sample (top-k, plus a tail bucket)."),
     max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens; longer rows are an error (or skipped with --skip-invalid)."),
     max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated and counted."),
@@ -39,46 +40,91 @@ def cache_build(
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Leave out bad or over-long rows (counted in the summary) instead of stopping."),
     positions_per_shard: int = typer.Option(65536, help="Stored positions per shard file, the unit of resumable work."),
     router_probs: str = typer.Option("none", help="Also store each MoE layer's gate distribution: none, full, or top-R (R largest + rest mass)."),
+    shard: Optional[str] = typer.Option(None, help="I/N: this job writes the I-th of N shares of the units (job arrays; same flags in every job); then run `moekd cache finalize`."),
 ) -> None:
     """Run the teacher once per example and sample and write its sparse distributions to a Zarr store.
 
     Example: moekd cache build --teacher ./teacher --data train.jsonl --out run.zarr --k 64
 
     With a SAR router: moekd cache build --teacher ./teacher --data train.jsonl --out sar.zarr --policy sar --router router.safetensors
+
+    On several GPUs: torchrun --nproc-per-node 8 -m moekd cache build ... (one teacher per rank).
+    As a job array: moekd cache build ... --shard $I/$N in each job, then moekd cache finalize run.zarr
     """
     from moekd.cache_builder.build import BuildOptions, build_cache
+    from moekd.distributed import Ranks
 
-    params = {"m": m, "ka_lambda": ka_lambda, "ka_drop": ka_drop, "top_p": top_p}
+    params = {"m": m, "ka_lambda": ka_lambda, "ka_drop": ka_drop, "top_p": top_p, "experts": experts}
     options = BuildOptions(
         teacher=teacher, data=str(data), out=str(out), policy=policy,
         policy_params={key: value for key, value in params.items() if value is not None},
         k=k, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
         seed=seed, resume=resume, overwrite=overwrite, tokenizer=tokenizer, chat_template=chat_template,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
-        skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs,
+        skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs, shard=shard,
         router=str(router) if router else None,
     )
     s = build_cache(options, console=Console(stderr=True))
+    if not Ranks.from_env().main:
+        return  # rank 0 prints the job's summary
+    if s.already_complete:
+        console.print(f"[green]already complete[/] {s.out}: built with the same settings; nothing to do", highlight=False)
+        return
+    ranks = f" by {s.ranks} ranks" if s.ranks > 1 else ""
+    what = f"shard {s.shard} of {s.out}" if s.shard else f"wrote {s.out}"
     console.print(
-        f"[green]wrote[/] {s.out}: {s.examples} examples, {s.positions} positions x {s.samples} sample(s); "
-        f"units {s.units_done}/{s.units_total} computed this run; {s.teacher_tokens:,} teacher tokens at "
+        f"[green]{what}[/]: {s.examples} examples, {s.positions} positions x {s.samples} sample(s); "
+        f"units {s.units_done}/{s.units_total} computed this run{ranks}; {s.teacher_tokens:,} teacher tokens at "
         f"{s.tokens_per_second:,.0f} tok/s; {s.wall_seconds:.1f} s total. "
         f"Truncated responses: {s.truncated_responses}. Skipped rows: {s.skipped or 'none'}.",
         highlight=False,
     )
+    if s.shard:
+        left = (f"{s.units_missing} unit(s) of other shards are still unwritten: run `moekd cache finalize {s.out}` "
+                "once every shard is done" if s.units_missing else f"every unit is written: run `moekd cache finalize {s.out}`")
+        console.print(left, highlight=False)
+
+
+@cache_app.command("finalize")
+def cache_finalize(store: Path = typer.Argument(..., help="Store whose units were written by `cache build --shard I/N` jobs.")) -> None:
+    """Commit a store built by --shard jobs: check every unit, write the manifest, mark it complete.
+
+    Names the shards whose units are missing, so that only those are rerun.
+
+    Example: moekd cache finalize run.zarr
+    """
+    from moekd.store.writer import finalize_store, store_state
+
+    if store_state(store) == "complete":
+        console.print(f"[green]already complete[/] {store}", highlight=False)
+        return
+    meta, stats = finalize_store(store)
+    console.print(
+        f"[green]finalized[/] {store}: {meta.layout.num_examples} examples, {meta.layout.num_positions} positions x "
+        f"{meta.layout.num_samples} sample(s) in {stats['units']} units; {stats['tokens']:,} teacher tokens over "
+        f"{stats['seconds']:,.1f} teacher-seconds (all jobs)", highlight=False,
+    )
+
+
+STORE_HELP = "Store: a directory, a packed .zip, or an fsspec URL (s3://, gs://, http(s)://, file://)."
+OPTIONS_HELP = """fsspec options for a URL as JSON, e.g. '{"anon": true}' or '{"client_kwargs": {"endpoint_url": "http://minio:9000"}}'."""
 
 
 @cache_app.command("info")
-def cache_info(store: str = typer.Argument(..., help="Store path or fsspec URL.")) -> None:
-    """Summarise a store: metadata, examples, stored positions, sizes on disk.
+def cache_info(
+    store: str = typer.Argument(..., help=STORE_HELP),
+    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+) -> None:
+    """Summarise a store: metadata, examples, stored positions, sizes (from its manifest).
 
     Example: moekd cache info run.zarr
     """
     from rich.table import Table
 
+    from moekd.store.location import parse_storage_options
     from moekd.store.verify import store_info
 
-    info = store_info(store)
+    info = store_info(store, parse_storage_options(storage_options))
     meta = info["meta"]
     table = Table(title=f"moekd cache {store}", show_header=False)
     rows = [
@@ -94,12 +140,17 @@ def cache_info(store: str = typer.Argument(..., help="Store path or fsspec URL."
         ("tokens", f"{meta.layout.num_tokens:,}"),
         ("stored positions", f"{meta.layout.num_positions:,} x {meta.layout.num_samples} sample(s)"),
         ("truncated / skipped", f"{meta.dataset.truncated_responses} / {meta.dataset.skipped or 0}"),
-        ("size on disk", f"{info['bytes_total']:,} B"),
-        ("bytes per position", f"{info['bytes_per_position']:.1f}"),
-        ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} (top-k ids, log-probs, tail)"
-         + (f" + {info['gate_bytes_per_position_sample']:.1f} (gates)" if meta.gates else "")),
-        ("built", f"{meta.build.created_at} -> {meta.build.completed_at} on {meta.build.device}"),
     ]
+    if info["bytes_total"] is None:
+        rows.append(("size", "unknown: an unfinished store has no manifest and this location gives no listing"))
+    else:
+        rows += [
+            ("size", f"{info['bytes_total']:,} B"),
+            ("bytes per position", f"{info['bytes_per_position']:.1f}"),
+            ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} (top-k ids, log-probs, tail)"
+             + (f" + {info['gate_bytes_per_position_sample']:.1f} (gates)" if meta.gates else "")),
+        ]
+    rows.append(("built", f"{meta.build.created_at} -> {meta.build.completed_at} on {meta.build.device}"))
     for name, size in info["bytes_per_array"].items():
         rows.append((f"  {name}", f"{size:,} B"))
     for key, value in rows:
@@ -109,16 +160,18 @@ def cache_info(store: str = typer.Argument(..., help="Store path or fsspec URL."
 
 @cache_app.command("verify")
 def cache_verify(
-    store: str = typer.Argument(..., help="Store path or fsspec URL."),
+    store: str = typer.Argument(..., help=STORE_HELP),
     deep: bool = typer.Option(False, "--deep", help="Also decode every value and check its range."),
+    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
 ) -> None:
     """Check schema, structure and per-file checksums (and, with --deep, every value). Exit 1 on any problem.
 
     Example: moekd cache verify run.zarr --deep
     """
+    from moekd.store.location import parse_storage_options
     from moekd.store.verify import verify_store
 
-    report = verify_store(store, deep=deep)
+    report = verify_store(store, deep=deep, storage_options=parse_storage_options(storage_options))
     if report.ok:
         checked = f", {report.positions_checked:,} positions decoded" if deep else ""
         Console().print(f"[green]OK[/] {store}: {report.files_checked} files match the manifest{checked}")
@@ -127,3 +180,63 @@ def cache_verify(
         console.print(f"[red]FAIL[/] {problem}", highlight=False)
     console.print(f"[bold red]{store}: {len(report.problems)} problem(s)[/]")
     raise typer.Exit(1)
+
+
+@cache_app.command("push")
+def cache_push(
+    store: str = typer.Argument(..., help="Complete store to copy (a directory, .zip or URL)."),
+    url: str = typer.Argument(..., help="Destination URL, e.g. s3://bucket/run.zarr (or a directory)."),
+    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP + " Applies to every URL given."),
+    jobs: int = typer.Option(8, help="Files transferred in parallel."),
+) -> None:
+    """Copy a complete store to object storage, each file checked against the manifest on arrival.
+
+    An interrupted push resumes (intact files are kept); the destination reads as a store only once
+    every file is there (the root metadata goes last).
+
+    Example: moekd cache push run.zarr s3://team-bucket/caches/run.zarr
+    """
+    _copy(store, url, storage_options, jobs, "push")
+
+
+@cache_app.command("pull")
+def cache_pull(
+    url: str = typer.Argument(..., help="Complete store to copy, e.g. s3://bucket/run.zarr or https://host/run.zarr."),
+    directory: str = typer.Argument(..., help="Local directory to copy it into (new, empty, or an interrupted pull)."),
+    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+    jobs: int = typer.Option(8, help="Files transferred in parallel."),
+) -> None:
+    """Copy a complete store from a URL into a local directory, checksum-verified; an interrupted pull resumes.
+
+    Example: moekd cache pull s3://team-bucket/caches/run.zarr ./run.zarr
+    """
+    _copy(url, directory, storage_options, jobs, "pull")
+
+
+def _copy(source: str, destination: str, storage_options: Optional[str], jobs: int, verb: str) -> None:
+    from moekd.store.location import is_url, parse_storage_options
+    from moekd.store.transfer import copy_store
+
+    options = parse_storage_options(storage_options)
+    r = copy_store(source, destination, options if is_url(source) else None, options if is_url(destination) else None,
+                   jobs=jobs, verb=verb, console=Console(stderr=True))
+    console.print(f"[green]{verb}ed[/] {source} -> {destination}: {r.files} files verified against the manifest; "
+                  f"{r.copied} copied ({r.bytes_copied:,} B), {r.kept} already there", highlight=False)
+
+
+@cache_app.command("pack")
+def cache_pack(
+    store: str = typer.Argument(..., help="Complete store to pack (a directory or URL)."),
+    out: Path = typer.Argument(..., help="The .zip to write (a Zarr zip store)."),
+    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+) -> None:
+    """Pack a complete store into one .zip that CacheReader, `cache verify` and `train --cache` open directly.
+
+    Example: moekd cache pack run.zarr run.zip
+    """
+    from moekd.store.location import parse_storage_options
+    from moekd.store.transfer import pack_store
+
+    r = pack_store(store, out, parse_storage_options(storage_options), console=Console(stderr=True))
+    console.print(f"[green]packed[/] {store} -> {out}: {r.files} files ({r.bytes_copied:,} B) verified against the manifest",
+                  highlight=False)

@@ -15,7 +15,8 @@ from moekd.cli.app import app, console
 def train_command(
     student: str = typer.Option(..., help="Student checkpoint: a local Hugging Face causal LM directory (dense or MoE)."),
     out: Path = typer.Option(..., help="Run directory: config.json, metrics.jsonl/.csv, step-XXXXXX/ checkpoints, final/."),
-    cache: Optional[str] = typer.Option(None, help="Teacher cache (path or fsspec URL) to distil from."),
+    cache: Optional[str] = typer.Option(None, help="Teacher cache to distil from: a directory, a packed .zip, or an fsspec URL (s3://, gs://, http(s)://)."),
+    storage_options: Optional[str] = typer.Option(None, help="""fsspec options for a --cache URL as JSON, e.g. '{"anon": true}' (not written to --out)."""),
     data: Optional[Path] = typer.Option(None, help="Instruction data for plain SFT with --loss ce, instead of --cache."),
     loss: str = typer.Option("fkl", help="fkl, rkl, skl, srkl, jsd, tvd (over the k stored ids + tail bucket), or ce."),
     skew_lambda: float = typer.Option(0.1, help="Mixing weight λ of skl and srkl."),
@@ -51,12 +52,17 @@ def train_command(
     """Train a student on a teacher cache (KD), or on instruction data (--loss ce).
 
     Example: moekd train --cache run.zarr --student ./student --out runs/kd --loss fkl --max-steps 1000 --lr 5e-5 --warmup 50
+
+    On several GPUs (DDP, each rank trains its share of every batch): torchrun --nproc-per-node 8 -m moekd train ...
     """
     from moekd.distill.train import TrainOptions, train
+    from moekd.distributed import Ranks
+    from moekd.store.location import parse_storage_options
 
     options = TrainOptions(
-        student=student, out=str(out), cache=cache, data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda,
-        jsd_beta=jsd_beta, temperature=temperature, ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,
+        student=student, out=str(out), cache=cache, storage_options=parse_storage_options(storage_options),
+        data=str(data) if data else None, loss=loss, skew_lambda=skew_lambda, jsd_beta=jsd_beta, temperature=temperature,
+        ce_weight=ce_weight, samples=samples, lr=lr, weight_decay=weight_decay,
         schedule=schedule, warmup=warmup, max_grad_norm=max_grad_norm, batch_tokens=batch_tokens, grad_accum=grad_accum,
         max_steps=max_steps, epochs=epochs, eval_every=eval_every, eval_fraction=eval_fraction, save_every=save_every,
         resume=resume, seed=seed, device=device, workers=workers, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
@@ -64,6 +70,8 @@ def train_command(
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
     )
     s = train(options, console=Console(stderr=True))
+    if not Ranks.from_env().main:
+        return  # rank 0 prints the run's summary
     evals = f"held-out loss {s.eval_loss_start:.4f} -> {s.eval_loss:.4f}; " if s.eval_loss_start is not None else (
         f"held-out loss {s.eval_loss:.4f}; " if s.eval_loss is not None else "")
     console.print(

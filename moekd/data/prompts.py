@@ -74,8 +74,10 @@ def tokenize_records(
     """Tokenize records; responses longer than fits in `max_len` are truncated and counted."""
     if tokenizer.eos_token_id is None:
         raise MoekdError("tokenizer: it defines no eos_token; set one in the checkpoint's tokenizer_config.json")
-    if max_prompt_len < 1 or max_len <= max_prompt_len:
-        raise MoekdError(f"--max-len ({max_len}) must exceed --max-prompt-len ({max_prompt_len}), both positive")
+    if max_prompt_len < 1:
+        raise MoekdError(f"--max-prompt-len must be at least 1, got {max_prompt_len}")
+    if max_len <= max_prompt_len:
+        raise MoekdError(f"--max-len ({max_len}) must exceed --max-prompt-len ({max_prompt_len})")
     report = TokenizeReport([])
     for record, index in zip(records, source_index):
         p_ids = prompt_ids(tokenizer, format_prompt(record, tokenizer, chat_template), chat_template)

@@ -150,8 +150,10 @@ def row_problem(row: object, fmap: FieldMap, reference_lists: bool = False) -> t
     if not isinstance(row, dict):
         return "not_an_object", f"expected a JSON object, got {type(row).__name__}"
     for name in (fmap.instruction, fmap.response):
-        if name not in row or row[name] is None:
+        if name not in row:
             return f"missing_{name}", f"field {name!r} is missing (row has {sorted(row)})"
+        if row[name] is None:
+            return f"missing_{name}", f"field {name!r} is null"
     response = row[fmap.response]
     if reference_lists and isinstance(response, list):
         if not response or not all(isinstance(r, str) and r.strip() for r in response):

@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 from moekd.errors import MoekdError
+from moekd.paths import check_output_dir
 
 GENERATOR_VERSION = 1
 SPLITS = ("test", "valid", "train")  # generation order; the file names are <split>.jsonl
@@ -293,9 +294,15 @@ def _draw_new(family: str, make, rng: random.Random, seen: set, split: str) -> d
 
 
 def write_suite(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_valid: int = 200, n_test: int = 400) -> dict:
-    """Write <split>.jsonl for train/valid/test and synth_info.json into `out_dir`; return the info."""
+    """Write <split>.jsonl for train/valid/test and synth_info.json into `out_dir`; return the info.
+
+    Split files of an earlier suite are replaced; other files of those names are never overwritten."""
+    out = check_output_dir(out_dir, "--out")
+    theirs = [name for name in (f"{split}.jsonl" for split in SPLITS) if (out / name).exists() and not _ours(out / name)]
+    if theirs:
+        raise MoekdError(f"--out: {out} already holds {', '.join(theirs)} not written by moekd data synth; "
+                         "choose another directory (it is never overwritten)")
     suite = generate_suite(seed, n_train, n_valid, n_test)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for split, records in suite.items():
         lines = (json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -312,3 +319,16 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_valid
     }
     (out / "synth_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+def _ours(split_file: Path) -> bool:
+    """Whether a split file was written by `write_suite` (its records carry their `family`), even partly."""
+    with open(split_file, "rb") as fh:
+        first = fh.readline()
+    if not first.strip():
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "family" in record

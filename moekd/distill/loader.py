@@ -116,6 +116,9 @@ class BatchDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int, list[int]]) -> dict:
         epoch, index, examples = item[0], item[1], list(item[2])
+        if not examples:  # a rank's share of a batch with fewer examples than ranks (see parallel.py)
+            return {"examples": torch.zeros(0, dtype=torch.long), "rows": torch.zeros(0, dtype=torch.long),
+                    "epoch": epoch, "batch": index, "tokens": 0}
         data = self.source.read(examples)
         counts, positions = data["token_counts"], data["position_counts"]
         width = int(counts.max())

@@ -37,14 +37,18 @@ def batch_loss(model, batch: dict, o: TrainOptions, device: torch.device) -> dic
 
 
 @torch.no_grad()
-def held_out_loss(model, batches, o: TrainOptions, device) -> dict[str, float]:
-    """Held-out loss terms, averaged over all held-out target positions (all teacher samples)."""
+def held_out_loss(model, batches, o: TrainOptions, device, combine=lambda sums, positions: (sums, positions)) -> dict[str, float]:
+    """Held-out loss terms, averaged over all held-out target positions (all teacher samples).
+    `combine` adds up the sums of all ranks, each of which evaluated its share of the batches."""
     model.eval()
     sums: dict[str, float] = {}
     positions = 0
     for b in batches:
+        if not len(b["rows"]):
+            continue  # this rank's share of a batch was empty
         for key, value in batch_loss(model, b, o, device).items():
             sums[key] = sums.get(key, 0.0) + value.item() * len(b["rows"])
         positions += len(b["rows"])
+    sums, positions = combine(sums, positions)
     return {f"eval_{key}": value / positions for key, value in sums.items()}
 

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 from moekd.distill.losses import KD_LOSSES
 from moekd.errors import MoekdError
+from moekd.paths import check_output_dir
 
 LOSSES = (*KD_LOSSES, "ce")
 # Settings that do not change what the run computes: they may differ when resuming.
-RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version")
+RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version", "world_size")
+NOT_RECORDED = ("storage_options",)  # may hold credentials
 
 
 @dataclass
@@ -18,6 +20,7 @@ class TrainOptions:
     student: str
     out: str
     cache: str | None = None
+    storage_options: dict | None = None  # fsspec options for a --cache URL; never written to the run directory
     data: str | None = None
     loss: str = "fkl"
     skew_lambda: float = 0.1
@@ -57,6 +60,13 @@ def check_options(o: TrainOptions) -> None:
         raise MoekdError(f"--loss must be one of {', '.join(LOSSES)}, got {o.loss!r}")
     if o.data is not None and o.loss != "ce":
         raise MoekdError(f"--loss {o.loss} needs teacher distributions: pass --cache, or use --loss ce with --data")
+    data_only = {"--chat-template": o.chat_template, "--skip-invalid": o.skip_invalid,
+                 **{f"--{name}-field": value is not None for name, value in o.fields.items()}}
+    for flag, given in data_only.items():
+        if o.cache is not None and given:
+            raise MoekdError(f"{flag} applies to --data only: a cache's prompts were made when it was built; drop it")
+    if o.data is not None and o.allow_tokenizer_mismatch:
+        raise MoekdError("--allow-tokenizer-mismatch applies to --cache only (there is no cache tokenizer to match); drop it")
     if not 0 <= o.ce_weight <= 1:
         raise MoekdError(f"--ce-weight must be in [0, 1] (objective (1-w)·KD + w·CE), got {o.ce_weight}")
     if o.loss == "ce" and o.ce_weight:
@@ -69,6 +79,7 @@ def check_options(o: TrainOptions) -> None:
         raise MoekdError(f"--samples must be mean or random, got {o.samples!r}")
     if o.schedule not in ("constant", "cosine"):
         raise MoekdError(f"--schedule must be constant or cosine, got {o.schedule!r}")
+    check_output_dir(o.out, "--out")
     if o.max_steps is not None and o.epochs is not None:
         raise MoekdError("pass one of --max-steps and --epochs, not both")
     if not 0 <= o.seed < 2**63:
@@ -78,7 +89,9 @@ def check_options(o: TrainOptions) -> None:
     for flag, value in positive.items():
         if value is not None and not value > 0:
             raise MoekdError(f"{flag} must be positive, got {value}")
-    for flag, value in {"--warmup": o.warmup, "--eval-every": o.eval_every, "--save-every": o.save_every, "--workers": o.workers}.items():
-        if value < 0:
+    non_negative = {"--weight-decay": o.weight_decay, "--warmup": o.warmup, "--eval-every": o.eval_every,
+                    "--save-every": o.save_every, "--workers": o.workers}
+    for flag, value in non_negative.items():
+        if not value >= 0:  # NaN too
             raise MoekdError(f"{flag} must be >= 0, got {value}")
 

@@ -4,7 +4,8 @@ against the student before anything trains.
 - `CacheSource`: examples and their stored teacher distributions; each loader worker process
   opens its own CacheReader.
 - `TokenizedSource`: tokenized instruction data held in memory (ground truth only).
-- `open_source` verifies the store and checks that the student's tokenizer is the cache's;
+- `verify_cache` checks the store end to end (once per run: on rank 0 under torchrun);
+- `open_source` opens it and checks that the student's tokenizer is the cache's;
   `check_vocabulary` that the student's output layer covers every id it will see.
 """
 
@@ -33,7 +34,7 @@ class CacheSource:
     ARRAYS = ("input_ids", "topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
 
     def __init__(self, reader: CacheReader):
-        self.location = reader.location
+        self.location, self.storage_options = reader.location, reader.storage_options
         self.lengths = reader.example_lengths()
         self.token_offsets, self.position_offsets = reader.token_offsets, reader.position_offsets
         self.prompt_len = reader.prompt_len.astype(np.int64)
@@ -54,7 +55,7 @@ class CacheSource:
     def _handles(self) -> dict:
         """The zarr arrays, opened again in each worker process: handles do not survive a fork."""
         if self._pid != os.getpid():
-            self._open(CacheReader(self.location))
+            self._open(CacheReader(self.location, self.storage_options))
         return self._arrays
 
     @property
@@ -106,18 +107,22 @@ class TokenizedSource:
 
 
 
+def verify_cache(o: TrainOptions) -> None:
+    """Refuse a --cache that fails `moekd cache verify` (structure and per-file checksums)."""
+    report = verify_store(o.cache, storage_options=o.storage_options)
+    if not report.ok:
+        shown = "; ".join(report.problems[:3]) + (f" (+{len(report.problems) - 3} more)" if len(report.problems) > 3 else "")
+        raise MoekdError(f"--cache {o.cache} fails verification: {shown}. Run `moekd cache verify {o.cache}` for details")
+
+
 def open_source(o: TrainOptions, tokenizer, console: Console):
-    """The example source and a hash identifying its content."""
+    """The example source and a hash identifying its content (a --cache is verified first with `verify_cache`)."""
     if o.data is not None:
         loaded = load_records(o.data, o.fields, o.skip_invalid)
         report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
                                   o.chat_template, o.skip_invalid)
         return TokenizedSource(report.examples), loaded.fingerprint()
-    report = verify_store(o.cache)
-    if not report.ok:
-        shown = "; ".join(report.problems[:3]) + (f" (+{len(report.problems) - 3} more)" if len(report.problems) > 3 else "")
-        raise MoekdError(f"--cache {o.cache} fails verification: {shown}. Run `moekd cache verify {o.cache}` for details")
-    reader = CacheReader(o.cache)
+    reader = CacheReader(o.cache, o.storage_options)
     if len(reader) == 0:
         raise MoekdError(f"--cache {o.cache} holds no examples")
     _check_tokenizer(tokenizer, reader.meta.tokenizer, o, console)

@@ -4,15 +4,18 @@ Flow: check the store, the student's tokenizer and vocabulary against it (source
 out a fixed eval subset -> AdamW over token-budget batches (warmup + constant/cosine schedule,
 grad accumulation, clipping, bf16 autocast on CUDA) on the objective of objective.py -> metrics
 every step, eval and checkpoints every N steps -> final/. The teacher is never loaded:
-everything needed is in the store.
+everything needed is in the store. Under torchrun, every rank trains its share of each batch
+through DistributedDataParallel and rank 0 writes (parallel.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -27,8 +30,10 @@ from moekd.distill.checkpoint import (
 from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader, pack
 from moekd.distill.metrics import MetricsLog, progress_bar
 from moekd.distill.objective import batch_loss, held_out_loss
-from moekd.distill.options import RUN_ONLY, TrainOptions, check_options
-from moekd.distill.sources import check_vocabulary, open_source
+from moekd.distill.options import NOT_RECORDED, RUN_ONLY, TrainOptions, check_options
+from moekd.distill.parallel import RankShare, backend, combined, empty_share_backward, wrap
+from moekd.distill.sources import check_vocabulary, open_source, verify_cache
+from moekd.distributed import Ranks
 from moekd.errors import MoekdError
 from moekd.models import load_causal_lm, load_tokenizer, resolve_device
 from moekd.store.writer import atomic_write
@@ -51,23 +56,40 @@ class TrainSummary:
 
 
 def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
-    console = console or Console(stderr=True, quiet=True)
+    """Train as `o` says; under torchrun, one call per rank with DDP (parallel.py)."""
     started = time.perf_counter()
     check_options(o)
-    device = resolve_device(o.device)
+    ranks = Ranks.from_env()
+    device = ranks.device(resolve_device(o.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    console = console if console is not None and ranks.main else Console(stderr=True, quiet=True)
+    ranks.start(backend(device))
+    try:
+        return _train(o, ranks, device, console, started)
+    finally:
+        ranks.stop()
+
+
+def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console, started: float) -> TrainSummary:
     tokenizer = load_tokenizer(o.student, "--student")
+    if o.cache is not None:
+        ranks.share(lambda: verify_cache(o))  # every file hashed once, not once per rank
     source, source_sha = open_source(o, tokenizer, console)
     train_idx, eval_idx = held_out_split(len(source), o.eval_fraction)
     order = BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed)
     epochs = None if o.max_steps else (o.epochs or 1)
     total_steps = o.max_steps or -(-sum(len(order.epoch(e)) for e in range(epochs)) // o.grad_accum)
-    config = {**asdict(o), "epochs": epochs, "source_sha256": source_sha, "total_steps": total_steps,
-              "train_examples": len(train_idx), "eval_examples": len(eval_idx), "moekd_version": __version__}
+    config = {**{k: v for k, v in asdict(o).items() if k not in NOT_RECORDED}, "epochs": epochs, "source_sha256": source_sha, "total_steps": total_steps,
+              "train_examples": len(train_idx), "eval_examples": len(eval_idx), "moekd_version": __version__,
+              "world_size": ranks.world}
     out = Path(o.out)
-    resume_from = resume_point(out, config, o.resume, RUN_ONLY)
+    # decided by rank 0 before anything is written, then the same for every rank
+    resume_from = ranks.share(lambda: resume_point(out, config, o.resume, RUN_ONLY))
 
     model = load_causal_lm(resume_from or o.student, torch.float32, device, "--student")
-    check_vocabulary(model, source, o.student)
+    ranks.share(lambda: check_vocabulary(model, source, o.student))
+    forward = wrap(model, ranks, device)  # the module whose forward the loss calls (DDP on several ranks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup, total_steps, o.schedule))
     torch.manual_seed(o.seed)
@@ -75,26 +97,30 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
     if resume_from is not None:
         step, tokens, position = _restore(load_state(resume_from), optimizer, scheduler, device)
         console.print(f"resuming from {resume_from} (step {step})")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / RUN_CONFIG, json.dumps(config, indent=2, default=str).encode())
-    log = MetricsLog(out, keep_until_step=step if resume_from else -1)
+    log = None  # metrics and checkpoints are written by rank 0 only
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / RUN_CONFIG, json.dumps(config, indent=2, default=str).encode())
+        log = MetricsLog(out, keep_until_step=step if resume_from else -1)
+    write = log.write if log else lambda record: None
 
     pad_id = tokenizer.pad_token_id
     train_batches = iter(make_loader(
         BatchDataset(source, pad_id, o.samples, o.seed),
-        BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed, start=position, epochs=epochs),
+        RankShare(BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed, start=position, epochs=epochs), ranks),
         o.workers,
     ))
     eval_order = [(0, b, ex) for b, ex in enumerate(pack(eval_idx[np.argsort(-source.lengths[eval_idx], kind="stable")],
                                                          source.lengths, o.batch_tokens))]
 
     def evaluate() -> dict[str, float]:
-        return held_out_loss(model, make_loader(BatchDataset(source, pad_id, "mean", o.seed), eval_order, o.workers), o, device)
+        batches = make_loader(BatchDataset(source, pad_id, "mean", o.seed), RankShare(eval_order, ranks), o.workers)
+        return held_out_loss(model, batches, o, device, combine=partial(combined, ranks))
 
     eval_start = None
     if step == 0 and eval_order:
         eval_start = evaluate()
-        log.write({"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], "tokens": 0, **eval_start})
+        write({"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], "tokens": 0, **eval_start})
     record, session_tokens, clock = {}, 0, time.perf_counter()
     with progress_bar(console) as progress:
         task = progress.add_task("train", total=total_steps, completed=step, loss="-", rate="-")
@@ -103,10 +129,9 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
             if not micro:
                 break
             lr = scheduler.get_last_lr()[0]
-            terms, grad_norm = _optimizer_step(model, optimizer, micro, o, device, step + 1, out)
+            terms, grad_norm, batch_tokens = _optimizer_step(forward, optimizer, micro, o, device, step + 1, out, ranks, pad_id)
             scheduler.step()
             step += 1
-            batch_tokens = sum(b["tokens"] for b in micro)
             tokens += batch_tokens
             session_tokens += batch_tokens
             position = LoaderPosition(micro[-1]["epoch"], micro[-1]["batch"] + 1)
@@ -115,13 +140,14 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
                       "tokens": tokens, "tokens_per_s": rate}
             if eval_order and ((o.eval_every and step % o.eval_every == 0) or step == total_steps):
                 record.update(evaluate())
-            log.write(record)
-            if o.save_every and step % o.save_every == 0:
+            write(record)
+            if o.save_every and step % o.save_every == 0 and ranks.main:
                 state = _training_state(optimizer, scheduler, device, step, tokens, position)
                 save_checkpoint(step_dir(out, step), model, tokenizer, state, step, config, RUN_ONLY)
             progress.update(task, completed=step, loss=f"{terms['loss']:.4f}", rate=f"{rate:,.0f}")
-    save_checkpoint(out / FINAL, model, tokenizer, None, step, config, RUN_ONLY)
-    log.close()
+    if ranks.main:
+        save_checkpoint(out / FINAL, model, tokenizer, None, step, config, RUN_ONLY)
+        log.close()
     elapsed = time.perf_counter() - clock
     return TrainSummary(
         out=str(out), steps=step, tokens=tokens, loss=record.get("loss"),
@@ -160,25 +186,34 @@ def lr_factor(step: int, warmup: int, total_steps: int, schedule: str) -> float:
 
 
 
-def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device, step: int, out: Path):
-    """One update over the micro-batches, weighted by their target positions (= one big batch)."""
+def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device, step: int, out: Path,
+                    ranks: Ranks, pad_id: int):
+    """One update over the micro-batches, weighted by their target positions (= one big batch, over all ranks).
+    Returns the loss terms, the gradient norm and the step's tokens (all ranks)."""
     model.train()
-    positions = sum(len(b["rows"]) for b in micro)
+    counts = ranks.gather(([len(b["rows"]) for b in micro], sum(b["tokens"] for b in micro)))
+    positions = sum(sum(rows) for rows, _ in counts)
     totals: dict[str, float] = {}
-    for b in micro:
-        terms = batch_loss(model, b, o, device)
-        if not torch.isfinite(terms["loss"]):
-            raise _diverged(f"the loss is {terms['loss'].item()}", step, b, out)
-        weight = len(b["rows"]) / positions
-        (terms["loss"] * weight).backward()
+    for i, b in enumerate(micro):
+        last = i == len(micro) - 1  # DDP all-reduces the gradients in the last micro-batch's backward only
+        with contextlib.nullcontext() if last or ranks.world == 1 else model.no_sync():
+            if not len(b["rows"]):
+                empty_share_backward(model, pad_id, device)
+                continue
+            terms = batch_loss(model, b, o, device)
+            if not torch.isfinite(terms["loss"]):
+                raise _diverged(f"the loss is {terms['loss'].item()}", step, b, out)
+            weight = len(b["rows"]) / positions
+            (terms["loss"] * (weight * ranks.world)).backward()  # DDP averages over ranks: x W makes it the sum
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + value.item() * weight
+    totals, _ = combined(ranks, totals, 0)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
     if not torch.isfinite(grad_norm):
         raise _diverged(f"the gradient norm is {grad_norm.item()}", step, micro[-1], out)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return totals, grad_norm.item()
+    return totals, grad_norm.item(), sum(t for _, t in counts)
 
 
 def _diverged(what: str, step: int, batch: dict, out: Path) -> MoekdError:

@@ -4,6 +4,12 @@ Protocol of the published work (METHODS §8): prompts built exactly as in traini
 response per prompt per seed (temperature 1, top_k 0, top_p 1), ROUGE-L F-measure x100 with
 stemming, max over a record's references, averaged over the dataset; then mean and std over
 seeds. std is the population std (ddof=0, numpy's default), recorded in the report.
+
+Beside it, on request, the deterministic teacher-forced scores of likelihood.py on the first
+reference of each record: response NLL and the exact KL from a reference teacher. `policy`
+routes the evaluated model's MoE layers by a routing policy (cache_builder/policies.py) for all
+of it, e.g. a teacher with `--policy topk --experts 4`; stochastic policies draw per record from
+derive_seed(routing_seed, data row, 0).
 """
 
 from __future__ import annotations
@@ -15,11 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from moekd.data.prompts import format_prompt, prompt_ids
+from moekd.cache_builder.policies import derive_seed
+from moekd.data.prompts import format_prompt, prompt_ids, tokenize_records
 from moekd.data.records import Record, detect_fields, read_rows, row_problem
+from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.errors import MoekdError
 from moekd.eval.generate import SAMPLING, generate_responses, load_model
+from moekd.eval.likelihood import response_scores
 from moekd.eval.rouge import rouge_l
+from moekd.models import output_vocab_size
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 
@@ -35,9 +45,12 @@ class EvalExample:
 class DatasetScores:
     data: str
     n: int
-    per_seed: dict[int, float]  # seed -> mean ROUGE-L over the dataset
-    mean: float
-    std: float
+    per_seed: dict[int, float]  # seed -> mean ROUGE-L over the dataset (empty without ROUGE-L)
+    mean: float | None
+    std: float | None
+    nll: float | None = None  # teacher-forced response NLL, nats per response token
+    kl_from_teacher: float | None = None  # KL(teacher || model), nats per response token
+    response_positions: int | None = None  # positions the two above average over
 
 
 @dataclass
@@ -96,22 +109,33 @@ def evaluate(
     device: str = "auto",
     chat_template: bool = False,
     log: Callable[[str], None] | None = None,
+    rouge: bool = True,
+    nll: bool = False,
+    teacher: str | Path | None = None,
+    policy=None,
+    routing_seed: int = 0,
+    max_len: int = 512,
 ) -> EvalReport:
-    """ROUGE-L of `model_dir`'s sampled responses on each dataset, per seed and as mean/std over seeds."""
+    """ROUGE-L of `model_dir`'s sampled responses on each dataset, per seed and as mean/std over seeds;
+    with `nll` its teacher-forced response NLL, with `teacher` also the exact KL from that teacher."""
     for flag, value in (("--max-new-tokens", max_new_tokens), ("--max-prompt-len", max_prompt_len), ("--batch-size", batch_size)):
         if value < 1:
             raise MoekdError(f"{flag} must be at least 1, got {value}")
     if limit is not None and limit < 1:
         raise MoekdError(f"--limit must be at least 1, got {limit}")
-    if not seeds:
+    if rouge and not seeds:
         raise MoekdError("--seeds: give at least one seed")
+    if not (rouge or nll or teacher):
+        raise MoekdError("--no-rouge leaves nothing to compute: add --nll or --teacher PATH")
     if not data_paths:
         raise MoekdError("--data: give at least one data file")
     datasets = {str(path): load_eval_examples(path, limit) for path in data_paths}  # read all before the slow part
     model, tokenizer = load_model(model_dir, device)
-
-    scores, generations = [], []
-    for name, examples in datasets.items():
+    rows = output_vocab_size(model)
+    routing = _routing(model, policy)
+    reference = _reference_teacher(teacher, device, model, tokenizer) if teacher else None
+    prompted = {}
+    for name, examples in datasets.items():  # every prompt is checked before the first generation
         prompts = [format_prompt(ex.record, tokenizer, chat_template) for ex in examples]
         ids = [prompt_ids(tokenizer, prompt, chat_template) for prompt in prompts]
         for ex, prompt in zip(examples, ids):
@@ -120,28 +144,75 @@ def evaluate(
                     f"--data {name} row {ex.row}: the prompt is {len(prompt)} tokens, over --max-prompt-len "
                     f"{max_prompt_len}; raise --max-prompt-len"
                 )
+            if max(prompt) >= rows:
+                raise MoekdError(
+                    f"--model {model_dir}: its output layer has {rows} entries but the prompt of --data {name} row "
+                    f"{ex.row} holds token id {max(prompt)}: the tokenizer saved with it is not the model's"
+                )
+        prompted[name] = prompts, ids
+
+    scores, generations = [], []
+    for name, examples in datasets.items():
+        prompts, ids = prompted[name]
+        row_seeds = [derive_seed(routing_seed, ex.row, 0) for ex in examples] if routing and policy.stochastic else None
         per_seed = {}
-        for seed in seeds:
-            responses = generate_responses(model, tokenizer, ids, seed, max_new_tokens, batch_size)
-            rouge = [rouge_l(response, ex.references) for response, ex in zip(responses, examples)]
-            per_seed[seed] = float(np.mean(rouge))
-            for ex, prompt, response, score in zip(examples, prompts, responses, rouge):
-                reference = ex.references[0] if len(ex.references) == 1 else ex.references
+        for seed in seeds if rouge else ():
+            responses = generate_responses(model, tokenizer, ids, seed, max_new_tokens, batch_size,
+                                           routing=routing, row_seeds=row_seeds)
+            rouge_scores = [rouge_l(response, ex.references) for response, ex in zip(responses, examples)]
+            per_seed[seed] = float(np.mean(rouge_scores))
+            for ex, prompt, response, score in zip(examples, prompts, responses, rouge_scores):
+                reference_text = ex.references[0] if len(ex.references) == 1 else ex.references
                 generations.append(
                     {"dataset": name, "index": ex.row, "seed": seed, "prompt": prompt,
-                     "reference": reference, "generation": response, "rougeL": score}
+                     "reference": reference_text, "generation": response, "rougeL": score}
                 )
             if log:
                 log(f"{name} seed {seed}: ROUGE-L {per_seed[seed]:.2f} over {len(examples)} prompts")
         values = list(per_seed.values())
-        scores.append(DatasetScores(name, len(examples), per_seed, float(np.mean(values)), float(np.std(values))))
+        dataset = DatasetScores(name, len(examples), per_seed, float(np.mean(values)) if values else None,
+                                float(np.std(values)) if values else None)
+        if nll or teacher:
+            tokenized = tokenize_records([ex.record for ex in examples], [ex.row for ex in examples], tokenizer,
+                                         max_prompt_len, max_len, chat_template).examples
+            forced = response_scores(model, tokenized, tokenizer.pad_token_id, batch_size, reference, routing, row_seeds)
+            dataset.nll, dataset.kl_from_teacher = forced["nll"], forced["kl_from_teacher"]
+            dataset.response_positions = forced["positions"]
+            if log:
+                kl = f", KL from the teacher {dataset.kl_from_teacher:.4f}" if teacher else ""
+                log(f"{name}: response NLL {dataset.nll:.4f} nats/token{kl} over {forced['positions']} positions")
+        scores.append(dataset)
 
     settings = {
         **SAMPLING, "max_new_tokens": max_new_tokens, "max_prompt_len": max_prompt_len, "batch_size": batch_size,
-        "seeds": list(seeds), "limit": limit, "device": device, "chat_template": chat_template,
-        "metric": "rougeL_fmeasure_x100_stemmed_max_over_references", "std_ddof": 0,
+        "seeds": list(seeds) if rouge else [], "limit": limit, "device": device, "chat_template": chat_template,
+        "metric": "rougeL_fmeasure_x100_stemmed_max_over_references" if rouge else None, "std_ddof": 0,
+        "teacher_forced": "response NLL and KL(teacher || model) in nats per response token, first reference"
+        if nll or teacher else None, "max_len": max_len, "teacher": str(teacher) if teacher else None,
+        "policy": None if policy is None else {"name": policy.name, "params": policy.describe(), "seed": routing_seed},
     }
     return EvalReport(str(model_dir), settings, scores, generations)
+
+
+def _routing(model, policy):
+    """A RouterController routing `model` by `policy`, or None for native routing."""
+    if policy is None:
+        return None
+    from moekd.cache_builder.routing import RouterController
+
+    controller = RouterController(model, policy)
+    return controller if controller.rewrites else None
+
+
+def _reference_teacher(teacher: str | Path, device: str, model, tokenizer):
+    """The --teacher model, checked to share the evaluated model's tokens and output vocabulary."""
+    reference, reference_tokenizer = load_model(teacher, device)
+    if tokenizer_fingerprint(reference_tokenizer)["vocab_sha256"] != tokenizer_fingerprint(tokenizer)["vocab_sha256"]:
+        raise MoekdError(f"--teacher: {teacher} has another tokenizer than --model; the KL needs the same token ids")
+    if output_vocab_size(reference) != output_vocab_size(model):
+        raise MoekdError(f"--teacher: {teacher} has {output_vocab_size(reference)} output tokens, --model "
+                         f"{output_vocab_size(model)}; the KL needs the same vocabulary")
+    return reference
 
 
 def generations_path(json_path: str | Path) -> Path:

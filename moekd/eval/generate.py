@@ -8,35 +8,28 @@ checkpoint's decoding defaults are swapped out for an empty config while we gene
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from moekd.errors import MoekdError
-from moekd.models import load_causal_lm, resolve_device
+from moekd.models import load_causal_lm, load_tokenizer, resolve_device
 
 SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_model(model_dir: str | Path, device: str = "auto"):
     """(model, tokenizer) of a saved checkpoint directory, the model in eval mode on `device`."""
-    from transformers import AutoTokenizer
-
     model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise MoekdError(f"--model: {model_dir} does not exist")
     if not model_dir.is_dir():
         raise MoekdError(f"--model: {model_dir} is not a directory; pass a checkpoint saved with save_pretrained")
     if not (model_dir / "config.json").exists():
         raise MoekdError(f"--model: {model_dir} has no config.json; pass a checkpoint saved with save_pretrained")
-    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
-        raise MoekdError(
-            f"--model: {model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-            "save the tokenizer into the checkpoint with tokenizer.save_pretrained"
-        )
     device = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    if tokenizer.eos_token_id is None:
-        raise MoekdError(f"--model: the tokenizer in {model_dir} defines no eos_token; set one in tokenizer_config.json")
+    tokenizer = load_tokenizer(model_dir, "--model")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     return load_causal_lm(model_dir, dtype, device, "--model"), tokenizer
 
@@ -57,14 +50,19 @@ def generate_responses(
     max_new_tokens: int = 256,
     batch_size: int = 16,
     greedy: bool = False,
+    routing=None,
+    row_seeds: list[int] | None = None,
 ) -> list[str]:
     """One response per prompt (token ids), batched in the given order with left padding, cut at EOS.
 
     torch is seeded once with `seed` before the first batch, so the same prompts, seed and
     batch size give the same responses. `greedy` decodes by argmax instead (for checks).
+    `routing` (a RouterController of `model`) routes its MoE layers by a policy while it
+    generates, with one seed per prompt in `row_seeds` for a stochastic policy.
     """
     eos = eos_token_ids(model, tokenizer)
-    continuations = sample_continuations(model, tokenizer, prompts, seed, max_new_tokens, batch_size, greedy)
+    continuations = sample_continuations(model, tokenizer, prompts, seed, max_new_tokens, batch_size, greedy, routing,
+                                         row_seeds)
     return [tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=True).strip()
             for ids in continuations]
 
@@ -77,11 +75,14 @@ def sample_continuations(
     max_new_tokens: int = 256,
     batch_size: int = 16,
     greedy: bool = False,
+    routing=None,
+    row_seeds: list[int] | None = None,
 ) -> list[list[int]]:
     """Token ids of one sampled continuation per prompt, up to and including the first EOS (if any).
 
     Sampling as in `generate_responses` (which decodes these): temperature 1, top_k 0, top_p 1,
-    left-padded batches in the given order, torch seeded once with `seed`.
+    left-padded batches in the given order, torch seeded once with `seed`; `routing` and
+    `row_seeds` as there.
     """
     from transformers import GenerationConfig
 
@@ -100,7 +101,8 @@ def sample_continuations(
             width = max(len(ids) for ids in batch)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
             attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
-            with torch.inference_mode():
+            seeds = row_seeds[start : start + batch_size] if row_seeds is not None else None
+            with torch.inference_mode(), routing.active(row_seeds=seeds) if routing is not None else nullcontext():
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
             for row in out[:, width:].tolist():
                 cut = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))

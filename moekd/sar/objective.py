@@ -11,9 +11,9 @@ averaged over the response positions, plus β · Σ_layers (CV(importance)² + C
 over the MoE layers, where for one layer over the batch's T non-padding tokens (prompt and
 response; a router sees them all):
 
-    importance_e = Σ_t g_t,e     the gate distribution g (`moekd/routers.py`) summed over tokens
-    load_e       = #{t : e in the router's native top-k of token t}   (DeepSeek-V3: with its
-                   correction bias and group limit, i.e. the experts it would activate)
+    importance_e = Σ_t g_t,e     the gate distribution g (`GateAdapter.gate_probs`) summed over tokens
+    load_e       = #{t : e in the router's native top-k of token t}   (the experts the router itself
+                   would activate: DeepSeek-V3's with its correction bias and group limit)
     CV(x)²       = Var(x) / mean(x)²   over the N experts, population variance.
 
 The load is a count: its CV² is part of the reported loss but carries no gradient (the
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from moekd.distill.losses import dense_kd_loss
-from moekd.routers import GATES, find_routers
+from moekd.routers import RouterInfo
 
 TEACHER_KLDS = ("reverse", "forward")
 
@@ -68,20 +68,26 @@ def balance_terms(gates: Tensor, native_index: Tensor, counted: Tensor) -> tuple
 class RouterRecorder:
     """Records each router's gate distribution (differentiable) and native top-k index in `recording()`.
 
-    Its hooks go before any other on the routers (a routing policy's rewrite included), so
-    they see the router's own output.
+    `infos` are the teacher's routers as `recognise_routers` found them. Its hooks go before any
+    other on the routers (and on the module a router hands its selection to, for routers that
+    return only logits), so they see the router's own selection, not a policy's rewrite.
     """
 
-    def __init__(self, model: nn.Module):
-        self.routers = [router for _, router in find_routers(model)]
+    def __init__(self, infos: list[RouterInfo]):
+        self.infos = infos
         self.gates: list[Tensor] = []
         self.native_index: list[Tensor] = []
 
     @contextmanager
     def recording(self):
-        self.gates = [None] * len(self.routers)
-        self.native_index = [None] * len(self.routers)
-        handles = [r.register_forward_hook(self._hook(i), prepend=True) for i, r in enumerate(self.routers)]
+        self.gates = [None] * len(self.infos)
+        self.native_index = [None] * len(self.infos)
+        handles = []
+        for layer, info in enumerate(self.infos):
+            handles.append(info.module.register_forward_hook(self._router_hook(layer), prepend=True))
+            if info.target is not None:
+                handles.append(info.target.register_forward_pre_hook(self._target_hook(layer), prepend=True,
+                                                                     with_kwargs=True))
         try:
             yield self
         finally:
@@ -89,14 +95,29 @@ class RouterRecorder:
                 handle.remove()
             self.gates, self.native_index = [], []  # nothing of the step's graph outlives it
 
-    def _hook(self, layer: int):
-        gate = GATES[type(self.routers[layer]).__name__]
+    # A checkpointing replay in backward runs these hooks again: it leaves the forward's record.
+    def _router_hook(self, layer: int):
+        info = self.infos[layer]
 
         def hook(router, args, output):
-            logits, _, index = output
-            gates = gate.gate_probs(router, logits)  # computed in a checkpointing replay too: it saves the same tensors
-            if self.gates[layer] is None:  # a replay in backward leaves the forward's record
-                self.gates[layer], self.native_index[layer] = gates, index.detach()
+            if info.target is None:
+                logits, _, index = info.adapter.read(output)
+            else:  # the router returns its logits; the index is in the call of `info.target`
+                logits, index = output, None
+            gates = info.adapter.gate_probs(router, logits)  # in a replay too: it must save what the forward saved
+            if self.gates[layer] is None:
+                self.gates[layer] = gates
+            if index is not None and self.native_index[layer] is None:
+                self.native_index[layer] = index.detach()
+
+        return hook
+
+    def _target_hook(self, layer: int):
+        adapter = self.infos[layer].adapter
+
+        def hook(target, args, kwargs):
+            if self.native_index[layer] is None:
+                self.native_index[layer] = adapter.read_call(args, kwargs)[1].detach()
 
         return hook
 

@@ -6,9 +6,11 @@ load it too; its header metadata (`RouterFileMeta`, key `moekd`) names the teach
 sha256, router class, layer names), the student, the steps, settings and losses. It is written
 atomically (a temporary file renamed into place), so a file that exists is complete.
 
-Trainable router parameters are the gate weights of every MoE router (`router_gate_parameters`);
-DeepSeek-V3-style correction biases (`e_score_correction_bias`, a buffer that only steers the
-native top-k choice) are never trained nor stored.
+Trainable router parameters are the ones each router's gate distribution depends on
+(`moekd.routers.gate_parameters`, found by autograd when the routers are recognised): the gate
+weights of every MoE layer, on every family whose routers moekd recognises. The router's other
+tensors (`frozen_router_tensors`: DeepSeek-V3-style correction biases that only steer the
+native top-k choice, per-expert output scales) are never trained nor stored.
 """
 
 from __future__ import annotations
@@ -24,30 +26,40 @@ from pydantic import ValidationError
 from torch import nn
 
 from moekd.errors import MoekdError
-from moekd.routers import find_routers
+from moekd.routers import RouterInfo, find_routers, gate_parameters, recognise_routers
 from moekd.schemas.router import ROUTER_FORMAT, RouterFileMeta, RouterFileRef, RouterTeacher
 
 METADATA_KEY = "moekd"
-FROZEN_ROUTER_PARAMETERS = ("correction_bias",)  # name fragments of router parameters SAR leaves alone
 
 
-def router_gate_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable gate weights of every MoE router, by full parameter name, in depth order."""
-    found = {}
-    for name, router in find_routers(model):
-        for local, param in router.named_parameters():
-            if not any(part in local for part in FROZEN_ROUTER_PARAMETERS):
-                found[f"{name}.{local}"] = param
-    return found
+def recognised_routers(model: nn.Module, flag: str = "--teacher") -> list[RouterInfo]:
+    """Every router of `model` in forward order, recognised by one short forward (moekd/routers.py);
+    a one-line error for a dense model, a router no known computation fits, or one with nothing to train."""
+    infos = recognise_routers(model)
+    if not infos:
+        raise MoekdError(f"{flag}: {type(model).__name__} is dense (no MoE routers); SAR trains the routers of an MoE teacher")
+    for info in infos:
+        if info.adapter is None:
+            raise MoekdError(f"{flag}: router class {type(info.module).__name__} is not supported by SAR: {info.reason}")
+        if not info.gate_parameter_names:
+            raise MoekdError(f"{flag}: router {info.name} ({type(info.module).__name__}): its gate distribution depends "
+                             "on no parameter, so SAR has nothing to train")
+    return infos
 
 
-def describe_teacher(model: nn.Module, teacher: str, weights_sha256: str | None) -> RouterTeacher:
+def router_gate_parameters(infos: list[RouterInfo]) -> dict[str, nn.Parameter]:
+    """The trainable parameters of these routers (`gate_parameters`), by full parameter name, in forward order."""
+    return {f"{info.name}.{local}": param for info in infos for local, param in gate_parameters(info.module)}
+
+
+def describe_teacher(model: nn.Module, infos: list[RouterInfo], teacher: str, weights_sha256: str | None) -> RouterTeacher:
     """The teacher as a router file names it; `weights_sha256` is `checkpoint_sha256(teacher)`."""
-    routers = find_routers(model)
+    sizes = {(info.adapter.num_experts, info.adapter.top_k) for info in infos}
+    num_experts, top_k = min(sizes)  # as RouterController reports them
     return RouterTeacher(
         name_or_path=str(teacher), weights_sha256=weights_sha256, architecture=type(model).__name__,
-        router_class=", ".join(sorted({type(r).__name__ for _, r in routers})), moe_layers=[n for n, _ in routers],
-        num_experts=routers[0][1].num_experts, experts_per_token=routers[0][1].top_k,
+        router_class=", ".join(sorted({type(info.module).__name__ for info in infos})),
+        moe_layers=[info.name for info in infos], num_experts=num_experts, experts_per_token=top_k,
     )
 
 
@@ -103,13 +115,14 @@ def read_router_file(path: str | Path, flag: str = "--router") -> tuple[dict[str
 
 
 def check_router_file(meta: RouterFileMeta, model: nn.Module, teacher: str, weights_sha256: str | None,
-                      path: str | Path, flag: str = "--router") -> None:
-    """Refuse a router file trained for another teacher, naming what differs."""
+                      path: str | Path, flag: str = "--router") -> dict[str, nn.Parameter]:
+    """Refuse a router file trained for another teacher, naming what differs; the teacher's router
+    parameters the file's tensors go to, by name."""
     where = f"{flag} {path}"
-    ours = describe_teacher(model, teacher, weights_sha256) if find_routers(model) else None
-    if ours is None:
+    if not find_routers(model):
         raise MoekdError(f"{where}: the teacher {teacher} is dense (no MoE routers) and cannot take a router file")
-    theirs = meta.teacher
+    infos = recognised_routers(model, "--teacher")
+    ours, theirs = describe_teacher(model, infos, teacher, weights_sha256), meta.teacher
     if ours.weights_sha256 != theirs.weights_sha256 or (ours.weights_sha256 is None and ours.name_or_path != theirs.name_or_path):
         raise MoekdError(
             f"{where} was trained for another teacher: {theirs.name_or_path} (weights sha256 {str(theirs.weights_sha256)[:12]}), "
@@ -117,14 +130,16 @@ def check_router_file(meta: RouterFileMeta, model: nn.Module, teacher: str, weig
         )
     if ours.moe_layers != theirs.moe_layers:
         raise MoekdError(f"{where}: its router layers {theirs.moe_layers} are not the teacher's {ours.moe_layers}")
-    params = {name: list(p.shape) for name, p in router_gate_parameters(model).items()}
-    for name in sorted(set(params) | set(meta.parameters)):
+    params = router_gate_parameters(infos)
+    shapes = {name: list(p.shape) for name, p in params.items()}
+    for name in sorted(set(shapes) | set(meta.parameters)):
         if name not in meta.parameters:
             raise MoekdError(f"{where}: the teacher's router parameter {name} is missing from the file")
-        if name not in params:
+        if name not in shapes:
             raise MoekdError(f"{where}: the file holds {name}, which is not a router parameter of the teacher")
-        if params[name] != meta.parameters[name]:
-            raise MoekdError(f"{where}: {name} has shape {meta.parameters[name]} in the file but {params[name]} in the teacher")
+        if shapes[name] != meta.parameters[name]:
+            raise MoekdError(f"{where}: {name} has shape {meta.parameters[name]} in the file but {shapes[name]} in the teacher")
+    return params
 
 
 def load_router_file(model: nn.Module, path: str | Path, teacher: str, weights_sha256: str | None,
@@ -133,23 +148,22 @@ def load_router_file(model: nn.Module, path: str | Path, teacher: str, weights_s
     and copy its weights into the teacher's routers, in the parameters' dtype (a bfloat16 teacher
     rounds them to bfloat16)."""
     tensors, meta = read_router_file(path, flag)
-    check_router_file(meta, model, teacher, weights_sha256, path, flag)
+    params = check_router_file(meta, model, teacher, weights_sha256, path, flag)
     with torch.no_grad():
-        for name, param in router_gate_parameters(model).items():
+        for name, param in params.items():
             param.copy_(tensors[name].to(param.dtype))
     return RouterFileRef(path=str(path), sha256=file_sha256(path), meta=meta)
 
 
 @contextmanager
-def swapped_routers(model: nn.Module, tensors: dict[str, torch.Tensor]):
-    """The model with these router weights inside the block, its own ones restored after it."""
-    params = router_gate_parameters(model)
+def swapped_routers(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]):
+    """Router parameters `params` (by name) hold `tensors` inside the block, their own values again after it."""
     saved = {name: p.detach().clone() for name, p in params.items()}
     try:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(tensors[name].to(p.dtype))
-        yield model
+        yield
     finally:
         with torch.no_grad():
             for name, p in params.items():

@@ -48,10 +48,9 @@ from moekd.distill.sources import TokenizedSource
 from moekd.errors import MoekdError
 from moekd.eval.generate import sample_continuations
 from moekd.models import checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype
-from moekd.routers import GATES, find_routers
 from moekd.sar.objective import RouterRecorder, student_divergence, teacher_loss
 from moekd.sar.options import DEFAULT_STUDENT_LR, RUN_ONLY, SarOptions, check_options, run_dir, student_dir
-from moekd.sar.router_file import describe_teacher, router_gate_parameters, write_router_file
+from moekd.sar.router_file import describe_teacher, recognised_routers, router_gate_parameters, write_router_file
 from moekd.schemas.router import RouterFileMeta, RouterStudent
 from moekd.store.writer import atomic_write
 
@@ -145,9 +144,11 @@ class RouterTrainer:
         self.resume_from = resume_point(self.run, self.config, o.resume, RUN_ONLY)
 
         self.teacher = load_causal_lm(o.teacher, self.dtype, self.device)
-        self.routers = self._prepare_teacher()
+        infos = recognised_routers(self.teacher)  # before the routers turn float32: recognition runs a forward
+        self.teacher_info = describe_teacher(self.teacher, infos, o.teacher, self.teacher_sha256)
         self.controller = RouterController(self.teacher, AllExperts())
-        self.recorder = RouterRecorder(self.teacher)
+        self.recorder = RouterRecorder(infos)
+        self.routers = self._prepare_teacher(router_gate_parameters(infos))
         student_from = self.resume_from / "student" if self.resume_from and o.co_train_student else o.student
         self.student = load_causal_lm(student_from, torch.float32, self.device, "--student")
         self.student.requires_grad_(o.co_train_student)
@@ -183,18 +184,10 @@ class RouterTrainer:
         self.console.print(f"[yellow]warning:[/] {what}; the ids mean the same tokens, the data is tokenized with the "
                            "teacher's tokenizer", highlight=False)
 
-    def _prepare_teacher(self) -> dict[str, torch.nn.Parameter]:
-        """Freeze the teacher but its router gate weights (float32 master copies); optional checkpointing."""
-        routers = find_routers(self.teacher)
-        if not routers:
-            raise MoekdError(f"--teacher {self.o.teacher}: {type(self.teacher).__name__} is dense (no MoE routers); "
-                             "SAR trains the routers of an MoE teacher")
-        unsupported = sorted({type(r).__name__ for _, r in routers} - set(GATES))
-        if unsupported:
-            raise MoekdError(f"--teacher: router class {', '.join(unsupported)} is not supported by sar train "
-                             f"(supported: {', '.join(GATES)}); add an adapter for it in moekd/routers.py")
+    def _prepare_teacher(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+        """Freeze the teacher but the routers' gate parameters `params` (made float32 master copies);
+        the routers' other tensors (correction biases, expert scales) stay frozen. Optional checkpointing."""
         self.teacher.requires_grad_(False)
-        params = router_gate_parameters(self.teacher)
         for p in params.values():
             p.data = p.data.float()  # bf16 would round away updates of lr ~1e-6; autocast casts for the matmul
             p.requires_grad_(True)
@@ -357,7 +350,7 @@ class RouterTrainer:
             self.student_tokenizer.save_pretrained(student_out)
         settings = {k: v for k, v in self.config.items() if isinstance(v, (int, float, str, bool, type(None)))}
         meta = RouterFileMeta(
-            teacher=describe_teacher(self.teacher, o.teacher, self.teacher_sha256),
+            teacher=self.teacher_info,
             parameters={name: list(p.shape) for name, p in self.routers.items()},
             student=RouterStudent(name_or_path=str(o.student), weights_sha256=self.student_sha256,
                                   co_trained=o.co_train_student),

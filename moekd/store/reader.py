@@ -1,4 +1,4 @@
-"""Reading a complete store, from a local path or an fsspec URL (s3://, gs://, memory://, ...).
+"""Reading a complete store, from a local path, a packed .zip or an fsspec URL (s3://, gs://, http(s)://, ...).
 
     from moekd import CacheReader
     r = CacheReader("run.zarr")
@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from moekd.encoding import decode_logprobs
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import CacheMetadata
+from moekd.store.location import open_group
 
 DISTRIBUTION_ARRAYS = ("topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
 
@@ -34,22 +34,12 @@ class CacheExample:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # further position arrays (e.g. gates)
 
 
-def open_group(path_or_url: str | Path, storage_options: dict | None = None):
-    """The store's root group, read-only; a clear error when nothing is there."""
-    location = str(path_or_url)
-    if "://" not in location and not Path(location).exists():
-        raise MoekdError(f"cache {location} does not exist")
-    try:
-        return zarr.open_group(location, mode="r", storage_options=storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as e:
-        raise MoekdError(f"cache {location} is not a readable Zarr v3 group ({e})") from None
-
-
 class CacheReader:
     """Random access to the examples of a complete store."""
 
     def __init__(self, path_or_url: str | Path, storage_options: dict | None = None):
         self.location = str(path_or_url)
+        self.storage_options = storage_options
         self.group = open_group(path_or_url, storage_options)
         self.meta: CacheMetadata = parse_metadata(self.group.attrs.get("moekd"), self.location)
         if self.meta.build.status != "complete":

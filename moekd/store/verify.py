@@ -1,6 +1,7 @@
 """Checking a store end to end (`moekd cache verify`) and summarising it (`moekd cache info`).
 
-Works on local paths and fsspec URLs alike: files are read through fsspec, arrays through zarr.
+Works on local paths, packed .zip stores and fsspec URLs alike: files are read through fsspec
+(only those the manifest names: no directory listing is needed), arrays through zarr.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 
 from moekd.encoding import MAX_ABS_ERROR, decode_logprobs
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META
-from moekd.store.reader import DISTRIBUTION_ARRAYS, open_group
+from moekd.store.location import can_list, file_path, open_files, open_group
+from moekd.store.reader import DISTRIBUTION_ARRAYS
 
 # Decoded masses may exceed 1 by the quantisation error of k log-probs: e^(1/512) - 1 < 2e-3.
 MASS_TOLERANCE = 2 * MAX_ABS_ERROR
@@ -35,57 +36,69 @@ class VerifyReport:
         return not self.problems
 
 
-def _files(location: str) -> tuple[fsspec.AbstractFileSystem, str, dict[str, int]]:
-    fs, root = fsspec.core.url_to_fs(location)
-    root = root.rstrip("/")
-    found = {}
-    for path, info in fs.find(root, detail=True).items():
-        rel = path[len(root):].lstrip("/")
-        found[rel] = info.get("size", 0)
-    return fs, root, found
-
-
-def verify_store(location: str, deep: bool = False) -> VerifyReport:
-    """Every problem found in the store at `location` (none means it is intact and complete)."""
-    report = VerifyReport(location, deep)
-    fs, root, found = _files(location)
-    if ROOT_META not in found:
-        report.problems.append(f"{ROOT_META} is missing: not a Zarr v3 store")
-        return report
+def _read_root(fs, root: str, location: str) -> dict:
+    """The root metadata's `moekd` attribute; MoekdError when it is missing or torn."""
     try:
-        raw = json.loads(fs.cat_file(f"{root}/{ROOT_META}")).get("attributes", {}).get("moekd")
-        meta = parse_metadata(raw, location)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        report.problems.append(f"{ROOT_META} is not valid JSON (truncated or corrupted)")
-        return report
+        raw = fs.cat_file(file_path(root, ROOT_META))
+    except (FileNotFoundError, NotADirectoryError):
+        raise MoekdError(f"cache {location}: {ROOT_META} is missing: not a Zarr v3 store") from None
+    try:
+        return json.loads(raw).get("attributes", {}).get("moekd")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise MoekdError(f"cache {location}: {ROOT_META} is not valid JSON (truncated or corrupted)") from None
+
+
+def read_manifest(fs, root: str, meta) -> dict | None:
+    """The manifest of a complete store, checked against the checksum in its metadata (None when it does not match)."""
+    data = fs.cat_file(file_path(root, MANIFEST))
+    if hashlib.sha256(data).hexdigest() != meta.build.manifest_sha256:
+        return None
+    return json.loads(data)
+
+
+def verify_store(location: str, deep: bool = False, storage_options: dict | None = None) -> VerifyReport:
+    """Every problem found in the store at `location` (none means it is intact and complete).
+
+    Sizes and checksums are taken from the files the manifest names, read one by one; a listing
+    (where the filesystem gives one: not over HTTP) only adds files the manifest does not name.
+    """
+    report = VerifyReport(location, deep)
+    fs, root = open_files(location, storage_options)
+    try:
+        meta = parse_metadata(_read_root(fs, root, location), location)
     except MoekdError as e:
-        report.problems.append(str(e))
+        report.problems.append(str(e).removeprefix(f"cache {location}: "))
         return report
     if meta.build.status != "complete":
         report.problems.append(f"incomplete build (status {meta.build.status!r}): resume it with `moekd cache build ... --resume`")
         return report
-    if MANIFEST not in found:
+    try:
+        manifest = read_manifest(fs, root, meta)
+    except FileNotFoundError:
         report.problems.append(f"{MANIFEST} is missing")
         return report
-    manifest_bytes = fs.cat_file(f"{root}/{MANIFEST}")
-    if hashlib.sha256(manifest_bytes).hexdigest() != meta.build.manifest_sha256:
+    if manifest is None:
         report.problems.append(f"{MANIFEST} does not match the checksum recorded in the metadata")
         return report
-    listed = json.loads(manifest_bytes)["files"]
+    listed = manifest["files"]
     for rel, entry in listed.items():
-        if rel not in found:
-            report.problems.append(f"{rel}: missing")
-        elif found[rel] != entry["size"]:
-            report.problems.append(f"{rel}: {found[rel]} bytes, expected {entry['size']} (truncated or replaced)")
-        elif hashlib.sha256(fs.cat_file(f"{root}/{rel}")).hexdigest() != entry["sha256"]:
-            report.problems.append(f"{rel}: checksum mismatch (corrupted)")
         report.files_checked += 1
-    for rel in sorted(set(found) - set(listed) - {ROOT_META, MANIFEST}):
-        if not rel.startswith(BUILD_DIR + "/"):
-            report.problems.append(f"{rel}: not in the manifest (unexpected file)")
+        try:
+            data = fs.cat_file(file_path(root, rel))
+        except FileNotFoundError:
+            report.problems.append(f"{rel}: missing")
+            continue
+        if len(data) != entry["size"]:
+            report.problems.append(f"{rel}: {len(data)} bytes, expected {entry['size']} (truncated or replaced)")
+        elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            report.problems.append(f"{rel}: checksum mismatch (corrupted)")
+    if can_list(fs):
+        for rel in sorted(set(_listing(fs, root)) - set(listed) - {ROOT_META, MANIFEST}):
+            if not rel.startswith(BUILD_DIR + "/"):
+                report.problems.append(f"{rel}: not in the manifest (unexpected file)")
     if report.problems:
         return report
-    group = open_group(location)
+    group = open_group(location, storage_options)
     for name, spec in meta.layout.arrays.items():
         if name not in group:
             report.problems.append(f"array {name} is missing")
@@ -94,6 +107,15 @@ def verify_store(location: str, deep: bool = False) -> VerifyReport:
     if not report.problems and deep:
         _check_values(group, meta, report)
     return report
+
+
+def _listing(fs, root: str) -> dict[str, int]:
+    """Relative path -> size of every file under `root` (for filesystems that can list)."""
+    found = {}
+    for path, info in fs.find(root, detail=True).items():
+        if info.get("type", "file") == "file":
+            found[path[len(root):].lstrip("/")] = info.get("size", 0)
+    return found
 
 
 def _check_values(group, meta, report: VerifyReport) -> None:
@@ -153,30 +175,40 @@ def _check_gates(group, gates, start: int, stop: int, where: str, report: Verify
         report.problems.append(f"{where}: gate distributions are not probability distributions")
 
 
-def store_info(location: str) -> dict:
-    """Metadata summary and sizes of a store (complete or not)."""
-    fs, root, found = _files(location)
-    if ROOT_META not in found:
-        raise MoekdError(f"cache {location}: no {ROOT_META}; not a Zarr v3 store")
-    try:
-        raw = json.loads(fs.cat_file(f"{root}/{ROOT_META}")).get("attributes", {}).get("moekd")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MoekdError(f"cache {location}: {ROOT_META} is not valid JSON (torn or corrupted); run `moekd cache verify`") from None
-    meta = parse_metadata(raw, location)
-    arrays = {}
-    for rel, size in found.items():
+def store_info(location: str, storage_options: dict | None = None) -> dict:
+    """Metadata summary and sizes of a store (complete or not).
+
+    Sizes come from the manifest of a complete store; an unfinished one has none, so they are
+    taken from a listing where the filesystem gives one (None otherwise, e.g. over HTTP).
+    """
+    fs, root = open_files(location, storage_options)
+    meta = parse_metadata(_read_root(fs, root, location), location)
+    sizes = None
+    if meta.build.status == "complete":
+        manifest = read_manifest(fs, root, meta)
+        if manifest is None:
+            raise MoekdError(f"cache {location}: {MANIFEST} does not match the metadata's checksum; run `moekd cache verify`")
+        sizes = {rel: entry["size"] for rel, entry in manifest["files"].items()}
+    elif can_list(fs):
+        sizes = {rel: size for rel, size in _listing(fs, root).items() if not rel.startswith(BUILD_DIR + "/")}
+    info = {"meta": meta, "bytes_total": None, "bytes_per_array": {}, "bytes_per_position": None,
+            "distribution_bytes_per_position_sample": None, "gate_bytes_per_position_sample": None}
+    if sizes is None:
+        return info
+    arrays: dict[str, int] = {}
+    for rel, size in sizes.items():
         top = rel.split("/")[0]
         if top in meta.layout.arrays:
             arrays[top] = arrays.get(top, 0) + size
-    total = sum(found.values())
+    total = sum(sizes.values())
     positions = meta.layout.num_positions
     position_samples = max(positions * meta.layout.num_samples, 1)
     gates = meta.gates.arrays if meta.gates else []
-    return {
-        "meta": meta,
+    info.update({
         "bytes_total": total,
         "bytes_per_array": dict(sorted(arrays.items())),
         "bytes_per_position": total / max(positions, 1),
         "distribution_bytes_per_position_sample": sum(arrays.get(name, 0) for name in DISTRIBUTION_ARRAYS) / position_samples,
         "gate_bytes_per_position_sample": sum(arrays.get(name, 0) for name in gates) / position_samples,
-    }
+    })
+    return info

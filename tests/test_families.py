@@ -1,0 +1,316 @@
+"""Conformance suite generated from the installed transformers: every MoE causal-LM family.
+
+The families come from `moekd.families.moe_families()` (the library's causal-LM mapping and
+its router recorders), each built small from its own config class by
+`tiny_models.make_tiny_family_model`, saved and loaded back like a user's checkpoint. A family
+that does not build small on CPU is skipped with the reason; a check that the family's config
+cannot express (no native top-k = N, no renormalisation to compare with) is skipped with why.
+A family no known router computation fits must refuse every policy but `topk`, naming its class.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import PretrainedConfig
+
+from moekd import CacheReader
+from moekd.cache_builder.build import build_cache
+from moekd.cache_builder.policies import make_policy
+from moekd.cache_builder.routing import RouterController
+from moekd.errors import MoekdError
+from moekd.families import moe_families
+from moekd.routers import find_routers, recognise_routers
+from moekd.store.verify import verify_store
+from moekd.tiny_models import TOP_K_FIELDS, make_tiny_family_model
+from tests.test_cache_build import options
+
+FAMILIES = moe_families()
+SELECTION_QUIRKS = ("selection bias", "group-limited")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    from moekd.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("byte_tokenizer")
+    return train_tokenizer(["tiny"], vocab_size=258, out_dir=out)  # the 256 bytes and two specials
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    rows = [
+        {"instruction": "Name a colour.", "context": "", "response": "Blue."},
+        {"instruction": "Add 2 and 3.", "context": "", "response": "5"},
+        {"instruction": "Reverse it.", "context": "a b c", "response": "c b a"},
+    ]
+    path = tmp_path_factory.mktemp("tiny_data") / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory, byte_tokenizer):
+    """`family_dir(family)` -> directory of its saved tiny model (built once), or a skip with the reason."""
+    built: dict = {}
+
+    def build(family):
+        if family.model_type not in built:
+            out = tmp_path_factory.mktemp(f"family_{family.model_type}")
+            try:
+                make_tiny_family_model(family.model_type, vocab_size=len(byte_tokenizer), seed=1, out_dir=out,
+                                       tokenizer=byte_tokenizer)
+                built[family.model_type] = (out, None)
+            except Exception as e:  # noqa: BLE001
+                built[family.model_type] = (None, f"{family.model_type} does not build small on CPU: {type(e).__name__}: {e}")
+        out, reason = built[family.model_type]
+        if reason:
+            pytest.skip(reason)
+        return out
+
+    return build
+
+
+def load(path, config=None):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), **({"config": config} if config is not None else {})).eval()
+
+
+def batch(rows=2, length=10, vocab=258, seed=0):
+    ids = torch.randint(3, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return ids, torch.ones_like(ids)
+
+
+def forward(model, policy=None, ids=None, mask=None, seeds=None, capture=False):
+    ids, mask = (ids, mask) if ids is not None else batch()
+    ctrl = RouterController(model, policy, capture_gates=capture) if policy is not None else None
+    with torch.no_grad():
+        if ctrl is None:
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, None
+        with ctrl.active(row_seeds=seeds):
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ctrl
+
+
+def adapters_or_refusal(model, policy_name):
+    """The adapters of a supported family; for an unsupported one, check the refusal and skip the rest."""
+    infos = recognise_routers(model)
+    unsupported = [i for i in infos if i.adapter is None]
+    if unsupported:
+        name = type(unsupported[0].module).__name__
+        with pytest.raises(MoekdError, match=f"router class {name} is not supported"):
+            RouterController(model, make_policy(policy_name, m=1), capture_gates=policy_name == "topk")
+        what = "gate capture" if policy_name == "topk" else f"--policy {policy_name}"
+        pytest.skip(f"{model.config.model_type}: {name} fits no known router computation ({unsupported[0].reason}); {what} is refused naming "
+                    "the class, as checked")
+    return infos
+
+
+def record_selections(info, store):
+    """Hooks storing (logits, weights, index) of each call of a router into `store[info.name]`.
+
+    Registered after a controller's hooks, they see the policy's selection.
+    """
+    adapter = info.adapter
+    if info.target is None:
+        return [info.module.register_forward_hook(lambda m, a, out: store.update({info.name: adapter.read(out)}))]
+    logits = {}
+    return [
+        info.module.register_forward_hook(lambda m, a, out: logits.update(last=out)),
+        info.target.register_forward_pre_hook(
+            lambda m, a, k: store.update({info.name: (logits["last"], *adapter.read_call(a, k))}), with_kwargs=True),
+    ]
+
+
+def routed(model, policy=None, seeds=None):
+    """Final logits and every router's selection as dense [T, N] weights, under `policy` (native if None)."""
+    infos = recognise_routers(model)
+    ids, mask = batch()
+    selections = {}
+    ctrl = RouterController(model, policy or make_policy("topk"))
+    with torch.no_grad(), ctrl.active(row_seeds=seeds):
+        handles = [h for info in infos for h in record_selections(info, selections)]
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+    dense = []
+    for info in infos:
+        _, weights, index = selections[info.name]
+        dense.append(torch.zeros(index.shape[0], info.adapter.num_experts).scatter(1, index, weights.float()))
+    return logits, dense
+
+
+def native_reference(path, model, top_k: int, normalise: bool):
+    """The saved model with every router's native top-k set to `top_k`, no group limit, renormalising if asked."""
+    from transformers import AutoConfig
+
+    family = model.config.model_type
+    config = AutoConfig.from_pretrained(str(path))
+    text = config.get_text_config()
+    parts = [text, *(v for v in vars(text).values() if isinstance(v, PretrainedConfig))]  # e.g. DBRX's ffn_config
+    fields = [(part, f) for part in parts for f in TOP_K_FIELDS if isinstance(getattr(part, f, None), int)]
+    if not fields:
+        pytest.skip(f"{family}: the config has no top-k field to set")
+    for part, f in fields:
+        setattr(part, f, top_k)
+    if getattr(text, "n_group", None) and getattr(text, "topk_group", None):
+        text.topk_group = text.n_group
+    if normalise and hasattr(text, "norm_topk_prob"):
+        text.norm_topk_prob = True
+    try:
+        native = load(path, config)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"{family}: the family does not build with top-k = {top_k}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    if normalise and not all(i.adapter.normalise for i in recognise_routers(native)):
+        pytest.skip(f"{family}: its native weighting does not renormalise, and no config flag makes it, so the "
+                    "renormalised weights have no native counterpart")
+    return native
+
+
+def assert_same_routing(got, expected):
+    (logits, dense), (native_logits, native_dense) = got, expected
+    for layer, (ours, theirs) in enumerate(zip(dense, native_dense)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4, msg=lambda m, layer=layer: f"MoE layer {layer}: {m}")
+    torch.testing.assert_close(logits, native_logits, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_routers_are_found_in_forward_order(family, family_dir):
+    model = load(family_dir(family))
+    routers = find_routers(model)
+    assert routers, "no router module found"
+    assert {type(r).__name__ for _, r in routers} <= set(family.router_classes)
+    called = []
+    handles = [r.register_forward_hook(lambda m, a, o, name=name: called.append(name)) for name, r in routers]
+    try:
+        forward(model)
+    finally:
+        for h in handles:
+            h.remove()
+    order = list(dict.fromkeys(called))
+    assert [info.name for info in recognise_routers(model)] == order
+    assert RouterController(model).moe_layers == order and sorted(order) == sorted(n for n, _ in routers)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_topk_is_bit_identical(family, family_dir):
+    model = load(family_dir(family))
+    reference_logits, _ = forward(model)
+    logits, ctrl = forward(model, make_policy("topk"))
+    assert torch.equal(logits, reference_logits)
+    if all(i.adapter is not None for i in recognise_routers(model)):
+        logits, ctrl = forward(model, make_policy("topk"), capture=True)
+        assert torch.equal(logits, reference_logits)
+        assert all(a.sum(dim=-1).eq(ctrl.top_k).all() for a in ctrl.activated_experts())
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_captured_gates_are_the_family_gates(family, family_dir):
+    """The adapter reproduces the router's own weights on a fresh batch in every layer; g is its distribution."""
+    model = load(family_dir(family))
+    infos = adapters_or_refusal(model, "topk")
+    ctrl = RouterController(model, make_policy("topk"), capture_gates=True)
+    outputs = {}
+    handles = [h for info in infos for h in record_selections(info, outputs)]
+    ids, mask = batch(seed=3)
+    try:
+        with torch.no_grad(), ctrl.active():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for info, gates, active in zip(infos, ctrl.gate_probs(), ctrl.activated_experts()):
+        adapter = info.adapter
+        logits, weights, index = outputs[info.name]
+        assert gates.dtype == torch.float32 and gates.shape == (20, adapter.num_experts)
+        torch.testing.assert_close(gates.sum(dim=-1), torch.ones(20), atol=1e-5, rtol=0)
+        torch.testing.assert_close(gates, adapter.gate_probs(info.module, logits))
+        own = adapter.weights(info.module, logits, index).to(weights.dtype)
+        torch.testing.assert_close(own, weights, atol=1e-5, rtol=1e-4)
+        assert torch.equal(active, torch.zeros_like(active).scatter_(1, index, True))
+        if not any(q.startswith(SELECTION_QUIRKS) for q in info.quirks):
+            top = torch.zeros_like(active).scatter_(1, gates.topk(adapter.top_k, dim=-1).indices, True)
+            assert torch.equal(active, top), "native experts are not the top-k of g"
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_all_equals_native_top_k_of_n(family, family_dir):
+    """`all` weights every expert by its renormalised score: the family itself with top-k = N (renormalising)."""
+    path = family_dir(family)
+    model = load(path)
+    adapter = adapters_or_refusal(model, "all")[0].adapter
+    got = routed(model, make_policy("all"))
+    assert all((d != 0).all() for d in got[1])
+    native = native_reference(path, model, adapter.num_experts, normalise=adapter.score != "softmax")
+    assert_same_routing(got, routed(native))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_ka_lambda0_equals_native_top_n_minus_1_renormalised(family, family_dir):
+    path = family_dir(family)
+    model = load(path)
+    adapter = adapters_or_refusal(model, "ka")[0].adapter
+    logits, ctrl = forward(model, make_policy("ka", m=1, ka_lambda=0.0), seeds=[1, 2], capture=True)
+    for gates, active in zip(ctrl.gate_probs(), ctrl.activated_experts()):
+        assert torch.equal(active, torch.ones_like(active).scatter_(1, gates.argmin(dim=-1, keepdim=True), False))
+    got = routed(model, make_policy("ka", m=1, ka_lambda=0.0), seeds=[1, 2])
+    torch.testing.assert_close(got[0], logits, atol=0, rtol=0)
+    native = native_reference(path, model, adapter.num_experts - 1, normalise=True)
+    assert_same_routing(got, routed(native))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_generate_with_kv_cache_under_ka(family, family_dir, byte_tokenizer):
+    model = load(family_dir(family))
+    adapters_or_refusal(model, "ka")
+    ids, mask = batch(rows=2, length=6, seed=5)
+    ctrl = RouterController(model, make_policy("ka", m=1, ka_lambda=0.5), capture_gates=True)
+    with torch.no_grad(), ctrl.active(row_seeds=[5, 6]):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                             use_cache=True, pad_token_id=byte_tokenizer.pad_token_id)
+    assert out.shape == (2, 9)
+    last_step = ctrl.activated_experts()
+    assert all(a.shape[0] == 2 and a.sum(dim=-1).eq(ctrl.num_experts - 1).all() for a in last_step)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_cache_build_and_deep_verify(family, family_dir, tiny_data, tmp_path):
+    path = family_dir(family)
+    supported = all(i.adapter is not None for i in recognise_routers(load(path)))
+    policy = dict(policy="ka", policy_params={"m": 1, "ka_lambda": 0.5}, router_probs="full") if supported else {}
+    out = tmp_path / "cache.zarr"
+    build_cache(options(path, tiny_data, out, k=8, max_prompt_len=256, max_len=320, **policy))
+    assert verify_store(str(out), deep=True).ok
+    meta = CacheReader(out).meta
+    assert meta.teacher.moe_layers == [info.name for info in recognise_routers(load(path))]
+    if supported:
+        assert meta.policy.name == "ka" and meta.gates.mode == "full"
+
+
+def test_routing_families_command_reports_kind_policies_and_why_not():
+    from typer.testing import CliRunner
+
+    from moekd.cli import app
+
+    result = CliRunner().invoke(app, ["routing", "families", "--family", "mixtral", "--family", "phimoe", "--json"])
+    assert result.exit_code == 0, result.output
+    reports = {r["model_type"]: r for r in json.loads(result.stdout)}
+    assert reports["mixtral"]["supported"] and reports["mixtral"]["policies"] == ["topk", "all", "ka", "topp", "mc"]
+    assert reports["mixtral"]["kind"] == "softmax" and reports["mixtral"]["weighting"] == "selected scores, renormalised"
+    assert not reports["phimoe"]["supported"] and reports["phimoe"]["policies"] == ["topk"]
+    assert "no known function of the selected experts' scores" in reports["phimoe"]["reason"]
+    markdown = CliRunner().invoke(app, ["routing", "families", "--family", "mixtral", "--markdown"])
+    assert "| mixtral | MixtralTopKRouter | softmax |" in markdown.stdout and "1 / 1 MoE causal-LM families" in markdown.stdout
+    bad = CliRunner().invoke(app, ["routing", "families", "--family", "bert"])
+    assert bad.exit_code != 0 and "--family: bert is not an MoE causal-LM model type" in str(bad.exception)
