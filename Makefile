@@ -17,6 +17,6 @@ demo: $(VENV)/.installed
 	$(BIN)/moekd demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q $(TEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 $(TEST_ARGS)
 
 .PHONY: install demo test

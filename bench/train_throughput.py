@@ -1,15 +1,21 @@
 """Training throughput: distilling from the cache vs plain CE fine-tuning vs online KD with the teacher in memory.
 
-    .venv/bin/python bench/train_throughput.py            # ~1-2 min on 2 CPU cores
+    .venv/bin/python bench/train_throughput.py                 # ~1-2 min on 2 CPU cores
+    .venv/bin/python bench/train_throughput.py --vocab 151936   # a Qwen-sized output layer
     .venv/bin/python bench/train_throughput.py --device cuda --hidden 512 --vocab 4000 --steps 50
 
 Builds a tiny tokenizer, teacher (Mixtral) and student (Llama) and a top-k cache of the bundled
 demo data, then runs the same batches three ways: (a) the trainer's step on the cached sparse
-distributions (`batch_loss` -> `sparse_kd_loss`), (b) the trainer's step with --loss ce,
+distributions (`batch_loss`: chunked KD from the hidden states), (b) the trainer's step with --loss ce,
 (c) teacher forward + `dense_kd_loss` + student step. Step times come from one process running
 the three interleaved batch by batch (machine speed drifts 2-10x over minutes, and this way the
 drift hits all three alike); peak memory from a fresh process per method. The loader is timed
 alone (worker processes reading and collating cache batches).
+--vocab is the models' vocabulary: their embedding and output layer have that many rows, and
+the teacher's distributions and the student's loss run over all of them. The tokenizer is
+trained on the demo data and has at most a few thousand tokens; the ids above it are never
+inputs or labels, as in checkpoints whose vocabulary is padded beyond their tokenizer. At small
+vocabularies the tokenizer has --vocab tokens itself.
 Targets: cache-KD step time / CE step time <= 1.15; loader batches/s >= 5x the steps/s of (a).
 Prints numbers; asserts nothing.
 """
@@ -21,7 +27,6 @@ import multiprocessing as mp
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -31,6 +36,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also in the spawne
 
 import numpy as np
 import torch
+from transformers import AutoModelForCausalLM
 
 from moekd.data.prompts import format_prompt
 from moekd.data.records import load_records
@@ -39,12 +45,16 @@ from moekd.distill.losses import dense_kd_loss
 from moekd.distill.objective import batch_loss
 from moekd.distill.options import TrainOptions
 from moekd.distill.sources import CacheSource
+from moekd.distill.student import Student
+from moekd.models import output_vocab_size
 from moekd.store.reader import CacheReader
+from peak_memory import PeakMemory  # bench/peak_memory.py
 
 DATA = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"
 WARMUP = 3
 METHODS = ("cache", "ce", "online")
 LOADER_BATCHES = 300  # enough to amortise the start of the worker processes
+TOKENIZER_VOCAB = 4000  # the most a BPE tokenizer trained on the demo data is asked for
 
 
 def build_artifacts(root: Path, a) -> dict[str, Path]:
@@ -53,13 +63,13 @@ def build_artifacts(root: Path, a) -> dict[str, Path]:
     from moekd.tiny_models import make_tiny_model
 
     records = load_records(DATA).records
-    tokenizer = train_tokenizer([format_prompt(r) + r.response for r in records] * 4, vocab_size=a.vocab)
+    tokenizer = train_tokenizer([format_prompt(r) + r.response for r in records] * 4, vocab_size=min(a.vocab, TOKENIZER_VOCAB))
     paths = {name: root / name for name in ("teacher", "student", "cache")}
-    make_tiny_model("mixtral", tokenizer, paths["teacher"], seed=1, hidden=2 * a.hidden)
-    make_tiny_model("llama", tokenizer, paths["student"], seed=2, hidden=a.hidden)
+    make_tiny_model("mixtral", tokenizer, paths["teacher"], seed=1, hidden=2 * a.hidden, vocab_size=a.vocab)
+    make_tiny_model("llama", tokenizer, paths["student"], seed=2, hidden=a.hidden, vocab_size=a.vocab)
     build_cache(BuildOptions(teacher=str(paths["teacher"]), data=str(DATA), out=str(paths["cache"]), k=a.k,
                              max_prompt_len=128, max_len=256, device=a.device, positions_per_shard=1024))
-    return paths
+    return paths, len(tokenizer)
 
 
 def batch_plan(cache: Path, a, count: int) -> list:
@@ -69,41 +79,6 @@ def batch_plan(cache: Path, a, count: int) -> list:
     return [item for item, _ in zip(order, range(count))]
 
 
-class PeakMemory:
-    """Peak memory (MB) from start() to stop(): resident set size sampled every ms on CPU (torch's
-    allocations are invisible to tracemalloc), max_memory_allocated on CUDA."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self.running = device, 0.0, False
-
-    @staticmethod
-    def rss_mb() -> float:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, self.rss_mb())
-            time.sleep(0.001)
-
-    def start(self) -> float:
-        """Memory in use now (the baseline)."""
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return torch.cuda.memory_allocated(self.device) / 2**20
-        self.running, self.peak = True, self.rss_mb()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self.peak
-
-    def stop(self) -> float:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        self.running = False
-        self.thread.join()
-        return max(self.peak, self.rss_mb())
-
-
 def load_batches(paths: dict, plan: list) -> list[dict]:
     dataset = BatchDataset(CacheSource(CacheReader(paths["cache"])), pad_id=0)
     return [dataset[item] for item in plan]  # read up front: the steps are timed, not the loader
@@ -111,9 +86,9 @@ def load_batches(paths: dict, plan: list) -> list[dict]:
 
 def make_step(method: str, paths: dict, device: torch.device):
     """A function doing one optimizer step of `method` on a batch, with its own fresh student."""
-    from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(str(paths["student"])).to(device).train()
+    trainer_student = Student(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     options = TrainOptions(student="", out="", cache="", loss="ce" if method == "ce" else "fkl")
     teacher = AutoModelForCausalLM.from_pretrained(str(paths["teacher"])).to(device).eval() if method == "online" else None
@@ -127,7 +102,7 @@ def make_step(method: str, paths: dict, device: torch.device):
         return dense_kd_loss(logits, torch.log_softmax(teacher_logits.float(), -1)).mean()
 
     def step(b: dict) -> None:
-        loss = online_loss(b) if teacher is not None else batch_loss(student, b, options, device)["loss"]
+        loss = online_loss(b) if teacher is not None else batch_loss(trainer_student, b, options, device)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -176,7 +151,7 @@ def loader_rate(paths: dict, plan: list, workers: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=128, help="Student hidden size (the teacher has twice this).")
-    p.add_argument("--vocab", type=int, default=1000, help="Tokenizer vocabulary size (BPE on the demo data).")
+    p.add_argument("--vocab", type=int, default=1000, help="Vocabulary of the models (output-layer rows); the tokenizer has up to 4,000 of it.")
     p.add_argument("--k", type=int, default=32, help="Teacher ids stored per position.")
     p.add_argument("--batch-tokens", type=int, default=2048, help="Padded tokens per batch.")
     p.add_argument("--steps", type=int, default=60, help="Timed steps per method (after 3 warm-up steps).")
@@ -186,9 +161,11 @@ def main() -> None:
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        paths = build_artifacts(Path(tmp), a)
+        paths, tokenizer_size = build_artifacts(Path(tmp), a)
         plan = batch_plan(paths["cache"], a, a.steps + WARMUP)
-        print(f"setup {time.perf_counter() - t0:.1f} s: vocab {a.vocab}, student hidden {a.hidden}, teacher hidden "
+        vocab = output_vocab_size(AutoModelForCausalLM.from_pretrained(str(paths["student"])))
+        print(f"setup {time.perf_counter() - t0:.1f} s: vocab {vocab:,} (the output layer's rows, student and teacher; "
+              f"tokenizer {tokenizer_size:,} tokens), student hidden {a.hidden}, teacher hidden "
               f"{2 * a.hidden} (Mixtral, 8 experts), k {a.k}, {len(plan)} batches of <= {a.batch_tokens} tokens, "
               f"device {a.device}, {threads} threads", flush=True)
         ctx = mp.get_context("spawn")

@@ -72,17 +72,21 @@ def tiny_config(
 
 
 def make_tiny_model(family: str, tokenizer, out_dir: str | Path | None = None, seed: int = 0,
-                    router_std: float | None = 1.0, **config):
+                    router_std: float | None = 1.0, vocab_size: int | None = None, **config):
     """A randomly initialised tiny model of `family` matching `tokenizer`, saved to `out_dir` with it.
 
     `router_std` re-initialises the router weights (peaked gates for tests); None keeps the
-    config's initialisation (near-uniform gates, as before training).
+    config's initialisation (near-uniform gates, as before training). `vocab_size` sets the
+    embedding and output-layer rows (default: the tokenizer's size; more is allowed, as in real
+    checkpoints padded for speed: the extra ids are never inputs or labels).
     """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    cfg = tiny_config(family, vocab_size=len(tokenizer), special_ids=ids, **config)
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size: {vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
+    cfg = tiny_config(family, vocab_size=vocab_size or len(tokenizer), special_ids=ids, **config)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# one thread per test process: `make test` runs two workers on CI's two cores, and small ops only lose
+# time to intra-op threads waiting for each other (subprocesses the tests start inherit it)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 

@@ -127,7 +127,8 @@ def test_kd_training_lowers_held_out_loss_and_writes_checkpoints(kd_run):
 
 
 def test_interrupted_run_resumes_to_identical_metrics(cache, student, tmp_path, monkeypatch):
-    kw = dict(cache=str(cache), samples="random", grad_accum=2, max_steps=5, save_every=2, eval_every=2, schedule="cosine", warmup=2)
+    kw = dict(cache=str(cache), samples="random", grad_accum=2, max_steps=5, save_every=2, eval_every=2, schedule="cosine", warmup=2,
+              loss_chunk=96)  # several chunks per batch
     train(options(student, tmp_path / "whole", **kw))
 
     real_write = MetricsLog.write
@@ -194,19 +195,17 @@ def test_training_code_never_imports_the_teacher_side():
 
 
 def test_nan_loss_stops_naming_step_and_examples_and_keeps_last_checkpoint(cache, student, tmp_path, monkeypatch):
-    real, calls = objective_module.sparse_kd_loss, []
+    real, calls = objective_module.sparse_losses_, []
 
-    def nan_from_third_step(*args, **kwargs):
-        import torch
-
-        loss = real(*args, **kwargs)
-        if torch.is_grad_enabled():
+    def nan_from_third_step(logits, topk_ids, topk_logprobs, tail_logprob, labels, kd_weight, ce_weight, need_grad, *rest):
+        kd, ce, grad = real(logits, topk_ids, topk_logprobs, tail_logprob, labels, kd_weight, ce_weight, need_grad, *rest)
+        if need_grad:  # a training step, not an evaluation
             calls.append(1)
             if len(calls) >= 3:
-                return loss * float("nan")
-        return loss
+                kd = kd * float("nan")
+        return kd, ce, grad
 
-    monkeypatch.setattr(objective_module, "sparse_kd_loss", nan_from_third_step)
+    monkeypatch.setattr(objective_module, "sparse_losses_", nan_from_third_step)
     with pytest.raises(MoekdError, match=r"step 3: the loss is nan on batch \d+ of epoch 0 \(examples \[\d+.*step-000002"):
         train(options(student, tmp_path / "run", cache=str(cache), save_every=2, eval_every=0))
     assert is_complete(tmp_path / "run" / "step-000002") and not (tmp_path / "run" / "step-000003").exists()
@@ -290,6 +289,7 @@ def test_student_vocabulary_smaller_than_the_cache_is_refused(cache, tokenizer, 
     (dict(max_steps=3, epochs=1), "one of --max-steps and --epochs"),
     (dict(batch_tokens=64), "--batch-tokens 64 is below the longest training example"),
     (dict(samples="all"), "--samples must be mean or random"),
+    (dict(loss_chunk=0), "--loss-chunk must be positive"),
 ])
 def test_bad_options_are_refused(cache, student, tmp_path, change, message):
     with pytest.raises(MoekdError, match=message):

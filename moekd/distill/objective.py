@@ -1,54 +1,87 @@
-"""The training objective of one batch: student forward, then KD over the stored teacher
-distributions (losses.py) and/or cross-entropy on the ground-truth tokens.
+"""The training objective of one batch: one student forward to the final hidden states, then KD
+over the stored teacher distributions and/or cross-entropy on the ground-truth tokens, computed
+chunk by chunk of positions from those hidden states and the output layer (chunked.py, losses.py).
 
 KD is averaged over the response positions of a batch; with --ce-weight w the objective is
 (1-w)·KD + w·CE, so w moves between pure distillation (0) and pure SFT (1) at a constant scale.
 With M > 1 teacher samples the per-sample losses are averaged (the loader already picked one
 sample per example for --samples random).
+
+The seam: `batch_loss` = `Student.forward` (the batch's one forward; the module that
+DistributedDataParallel wraps; `output_router_logits=True` returns an MoE student's router
+logits from it) followed by `output_terms` (the loss terms from the hidden states at the target
+positions). Terms computed from other outputs of that forward add to the returned "loss".
 """
 
 from __future__ import annotations
 
 import torch
 
-from moekd.distill.losses import masked_cross_entropy, reduce_kd_loss, sparse_kd_loss
+from moekd.distill.chunked import OutputLayer, chunked_output_loss
+from moekd.distill.losses import sparse_losses_
 from moekd.distill.options import TrainOptions
 
 
-def batch_loss(model, batch: dict, o: TrainOptions, device: torch.device) -> dict[str, torch.Tensor]:
-    """loss (and kd_loss, ce_loss when mixed): means over the batch's target positions."""
+def batch_loss(student, batch: dict, o: TrainOptions, device: torch.device) -> dict[str, torch.Tensor]:
+    """loss (and kd_loss, ce_loss when mixed): means over the batch's target positions.
+
+    `student` is a Student, or a wrapper around one whose `.module` is the Student
+    (DistributedDataParallel): it is called once, and its output layer applied by the loss.
+    """
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         # Right padding under a causal mask never reaches real tokens: no attention mask needed.
-        logits = model(input_ids=batch["input_ids"].to(device), use_cache=False).logits
-    logits = logits.flatten(0, 1)[batch["rows"].to(device)]
-    labels = batch["labels"].to(device)
-    mask = torch.ones_like(labels, dtype=torch.bool)
-    if o.loss == "ce":
-        return {"loss": masked_cross_entropy(logits, labels, mask)}
-    per_sample = sparse_kd_loss(
-        logits, batch["topk_ids"].to(device), batch["topk_logprobs"].to(device), batch["tail_logprob"].to(device),
-        o.loss, o.temperature, o.skew_lambda, o.jsd_beta,
-    )
-    kd = reduce_kd_loss(per_sample, mask)
-    if not o.ce_weight:
-        return {"loss": kd}
-    ce = masked_cross_entropy(logits, labels, mask)
-    return {"loss": (1 - o.ce_weight) * kd + o.ce_weight * ce, "kd_loss": kd, "ce_loss": ce}
+        output = student(input_ids=batch["input_ids"].to(device))
+    hidden = output.last_hidden_state.flatten(0, 1)[batch["rows"].to(device)]
+    return output_terms(hidden, getattr(student, "module", student).output_layer, batch, o, device)
+
+
+def output_terms(hidden: torch.Tensor, head: OutputLayer, batch: dict, o: TrainOptions,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """The objective's terms from the final hidden states [P, d] of the batch's target positions."""
+    matmul_dtype = torch.bfloat16 if device.type == "cuda" else None  # what autocast would run the lm_head in
+    return chunked_output_loss(hidden, head, SparseObjective(batch, o, device), o.loss_chunk, matmul_dtype)
 
 
 @torch.no_grad()
-def held_out_loss(model, batches, o: TrainOptions, device, combine=lambda sums, positions: (sums, positions)) -> dict[str, float]:
+def held_out_loss(student, batches, o: TrainOptions, device, combine=lambda sums, positions: (sums, positions)) -> dict[str, float]:
     """Held-out loss terms, averaged over all held-out target positions (all teacher samples).
     `combine` adds up the sums of all ranks, each of which evaluated its share of the batches."""
-    model.eval()
+    student.eval()
     sums: dict[str, float] = {}
     positions = 0
     for b in batches:
         if not len(b["rows"]):
             continue  # this rank's share of a batch was empty
-        for key, value in batch_loss(model, b, o, device).items():
+        for key, value in batch_loss(student, b, o, device).items():
             sums[key] = sums.get(key, 0.0) + value.item() * len(b["rows"])
         positions += len(b["rows"])
     sums, positions = combine(sums, positions)
     return {f"eval_{key}": value / positions for key, value in sums.items()}
 
+
+class SparseObjective:
+    """The chunk loss (chunked.ChunkLoss) of one batch: (1-w)·mean KD + w·mean CE, or mean CE for --loss ce."""
+
+    def __init__(self, batch: dict, o: TrainOptions, device: torch.device):
+        self.o = o
+        self.labels = batch["labels"].to(device)
+        self.teacher = None if o.loss == "ce" else tuple(
+            batch[key].to(device) for key in ("topk_ids", "topk_logprobs", "tail_logprob"))
+        self.ce_share = 1.0 if self.teacher is None else o.ce_weight  # w
+        self.terms = ("loss", "kd_loss", "ce_loss") if self.teacher is not None and o.ce_weight else ("loss",)
+        positions = max(len(self.labels), 1)
+        self.kd_scale = 0.0 if self.teacher is None else 1.0 / (positions * self.teacher[0].shape[1])  # mean over P, M
+        self.ce_scale = 1.0 / positions
+
+    def __call__(self, logits: torch.Tensor, rows: slice, need_grad: bool):
+        o, w = self.o, self.ce_share
+        teacher = (None,) * 3 if self.teacher is None else tuple(t[rows] for t in self.teacher)
+        labels = self.labels[rows] if w else None
+        kd, ce, grad = sparse_losses_(
+            logits, *teacher, labels, (1 - w) * self.kd_scale, w * self.ce_scale, need_grad,
+            o.loss, o.temperature, o.skew_lambda, o.jsd_beta,  # (the kind matters only with a teacher)
+        )
+        kd_mean = kd.double().sum() * self.kd_scale if kd is not None else 0.0  # this chunk's share of the means
+        ce_mean = ce.double().sum() * self.ce_scale if ce is not None else 0.0
+        values = [(1 - w) * kd_mean + w * ce_mean] + ([kd_mean, ce_mean] if len(self.terms) == 3 else [])
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=logits.device) for v in values]), grad

@@ -10,6 +10,9 @@ from moekd.errors import MoekdError
 from moekd.paths import check_output_dir
 
 LOSSES = (*KD_LOSSES, "ce")
+# Positions per chunk of the loss (chunked.py): bounds the loss's memory to [chunk, V] buffers.
+# Chosen by bench/loss_scale.py's chunk sweep on this project's machine (README, Benchmarks).
+LOSS_CHUNK = 1024
 # Settings that do not change what the run computes: they may differ when resuming.
 RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version", "world_size")
 NOT_RECORDED = ("storage_options",)  # may hold credentials
@@ -34,6 +37,7 @@ class TrainOptions:
     warmup: int = 0
     max_grad_norm: float = 1.0
     batch_tokens: int = 8192
+    loss_chunk: int = LOSS_CHUNK
     grad_accum: int = 1
     max_steps: int | None = None
     epochs: int | None = None
@@ -84,7 +88,7 @@ def check_options(o: TrainOptions) -> None:
         raise MoekdError("pass one of --max-steps and --epochs, not both")
     if not 0 <= o.seed < 2**63:
         raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
-    positive = {"--lr": o.lr, "--batch-tokens": o.batch_tokens, "--grad-accum": o.grad_accum,
+    positive = {"--lr": o.lr, "--batch-tokens": o.batch_tokens, "--loss-chunk": o.loss_chunk, "--grad-accum": o.grad_accum,
                 "--max-grad-norm": o.max_grad_norm, "--max-steps": o.max_steps, "--epochs": o.epochs}
     for flag, value in positive.items():
         if value is not None and not value > 0:

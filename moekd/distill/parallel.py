@@ -45,9 +45,10 @@ def backend(device: torch.device) -> str:
 
 
 def empty_share_backward(model, pad_id: int, device: torch.device) -> None:
-    """A zero-loss forward and backward, for a rank with nothing in this micro-batch (DDP needs every rank)."""
-    logits = model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=False).logits
-    (logits.sum() * 0.0).backward()
+    """A zero-loss forward and backward, for a rank with nothing in this micro-batch (DDP needs every rank).
+    `model` is the (wrapped) Student: its output layer is applied too, so that every parameter gets a gradient."""
+    hidden = model(input_ids=torch.full((1, 1), pad_id, device=device)).last_hidden_state
+    (unwrap(model).output_layer.logits(hidden).sum() * 0.0).backward()
 
 
 def combined(ranks: Ranks, sums: dict[str, float], positions: int) -> tuple[dict[str, float], int]:

@@ -33,6 +33,7 @@ from moekd.distill.objective import batch_loss, held_out_loss
 from moekd.distill.options import NOT_RECORDED, RUN_ONLY, TrainOptions, check_options
 from moekd.distill.parallel import RankShare, backend, combined, empty_share_backward, wrap
 from moekd.distill.sources import check_vocabulary, open_source, verify_cache
+from moekd.distill.student import Student
 from moekd.distributed import Ranks
 from moekd.errors import MoekdError
 from moekd.models import load_causal_lm, load_tokenizer, resolve_device
@@ -89,7 +90,8 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
 
     model = load_causal_lm(resume_from or o.student, torch.float32, device, "--student")
     ranks.share(lambda: check_vocabulary(model, source, o.student))
-    forward = wrap(model, ranks, device)  # the module whose forward the loss calls (DDP on several ranks)
+    student = Student(model)  # the forward to hidden states; the loss applies the output layer
+    forward = wrap(student, ranks, device)  # the module whose forward the loss calls (DDP on several ranks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup, total_steps, o.schedule))
     torch.manual_seed(o.seed)
@@ -115,7 +117,7 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
 
     def evaluate() -> dict[str, float]:
         batches = make_loader(BatchDataset(source, pad_id, "mean", o.seed), RankShare(eval_order, ranks), o.workers)
-        return held_out_loss(model, batches, o, device, combine=partial(combined, ranks))
+        return held_out_loss(student, batches, o, device, combine=partial(combined, ranks))
 
     eval_start = None
     if step == 0 and eval_order:
