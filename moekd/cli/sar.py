@@ -13,7 +13,7 @@ from moekd.cli.app import console, sar_app
 
 @sar_app.command("train")
 def sar_train(
-    teacher: str = typer.Option(..., help="MoE teacher checkpoint directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 routers)."),
+    teacher: str = typer.Option(..., help="MoE teacher checkpoint directory: any family whose routers moekd recognises (see `moekd routing families`)."),
     student: str = typer.Option(..., help="Student checkpoint directory; its tokenizer must map tokens to ids as the teacher's does."),
     data: Path = typer.Option(..., help="Training data (.jsonl, .json, .parquet or a datasets directory): the prompts, and the responses with --responses data."),
     out: Path = typer.Option(..., help="Router file to write, e.g. router.safetensors; the run (metrics, checkpoints) goes to router.run/ beside it."),
