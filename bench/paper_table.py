@@ -1,4 +1,5 @@
-"""The miniature of the published comparison (Every Expert Matters: KD, ALL, KA, SAR; Figures 1, 2, 4 and 5).
+"""The miniature of the published comparisons (Every Expert Matters: KD, ALL, KA, SAR; Figures 1, 2, 4
+and 5; and B-Distill's MoE to MoE: a small MoE student by logit KD only and by Balanced Distillation).
 
     python bench/paper_table.py                       # the whole table; see the README for its wall time here
     python bench/paper_table.py --quick               # a few-minute subset of every part, for development
@@ -9,7 +10,8 @@ experts-K ablation (topk with K = 2 (native), 4, 6 and 8 (= all)), of KA's M abl
 {1, 2, 4, 8}, λ = 0.05) and λ ablation (λ in {0.01, 0.05, 0.2}, M = 2), and the SAR cache (the
 teacher's routers trained on the training split with the SFT seed-0 student's feedback, the demo
 plan's `SarSpec`, then cached with `--policy sar`, all experts); a dense student per cache
-and an SFT student, each trained with 3 training seeds and scored on 300 test prompts by ROUGE-L
+and an SFT student; a small MoE student from the topk cache with the teacher's gates, by logit KD
+and by Balanced Distillation (held-out KD loss, expert-load CV, gate entropy too); each trained with 3 training seeds and scored on 300 test prompts by ROUGE-L
 over 5 sampling seeds, teacher-forced response NLL and KL from the native teacher; the teacher
 under each K (its own ROUGE-L) and under each KA setting (KL from its native self). Then, on the
 trained teacher: the gate mass of activated vs other experts per layer (published Figure 1,
@@ -36,7 +38,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from moekd.demo import DEFAULT_PLAN, KA, QUICK_PLAN, CacheSpec, StudentSpec, TeacherProbe, results_table, run_pipeline  # noqa: E402
+from moekd.demo import (  # noqa: E402
+    DEFAULT_PLAN, GATES_CACHE, KA, MOE_ROWS, QUICK_PLAN, CacheSpec, StudentSpec, TeacherProbe, results_table, routing_table,
+    run_pipeline,
+)
 
 CACHES = (
     CacheSpec("topk", "topk"),
@@ -50,6 +55,7 @@ CACHES = (
     CacheSpec("ka-M2-l0.01", "ka", {"m": 2, "ka_lambda": 0.01}),
     CacheSpec("ka-M2-l0.2", "ka", {"m": 2, "ka_lambda": 0.2}),
     CacheSpec("sar", "sar"),  # routers of the plan's SarSpec
+    GATES_CACHE,
 )
 ROWS = (
     StudentSpec("SFT"),
@@ -64,6 +70,7 @@ ROWS = (
     StudentSpec("KD ka M=2 λ=0.01", "ka-M2-l0.01"),
     StudentSpec("KD ka M=2 λ=0.2", "ka-M2-l0.2"),
     StudentSpec("KD sar", "sar"),
+    *MOE_ROWS,
 )
 PROBES = (
     TeacherProbe("topk K=4", "topk", {"experts": 4}),
@@ -77,8 +84,9 @@ PAPER_PLAN = replace(DEFAULT_PLAN, n_test=300, eval_batch_size=100, caches=CACHE
                      reference="KD topk K=2")
 # --quick: the same parts on the demo's miniature (4-expert teacher: K = 2, 4 = all)
 QUICK = replace(
-    QUICK_PLAN, caches=(CACHES[0], CACHES[3], CACHES[4], CACHES[5], CACHES[10]),
-    rows=(ROWS[0], ROWS[1], ROWS[4], ROWS[5], ROWS[6], ROWS[11]), probes=(PROBES[2], PROBES[4]), reference="KD topk K=2",
+    QUICK_PLAN, caches=(CACHES[0], CACHES[3], CACHES[4], CACHES[5], CACHES[10], GATES_CACHE),
+    rows=(ROWS[0], ROWS[1], ROWS[4], ROWS[5], ROWS[6], ROWS[11], *MOE_ROWS), probes=(PROBES[2], PROBES[4]),
+    reference="KD topk K=2",
 )
 RESULTS = Path(__file__).resolve().parent / "results" / "paper_table.json"
 
@@ -196,6 +204,8 @@ def main() -> None:
     })
     printer = Console(width=200)
     printer.print(results_table(results, "paper-table miniature"))
+    if (routing := routing_table(results)) is not None:
+        printer.print(routing)
     for table in routing_tables(results["teacher_routing"]):
         printer.print(table)
     printer.print(sar_table(results["sar"]))

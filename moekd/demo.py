@@ -8,10 +8,14 @@ Stages (each is skipped when its output is already complete, so a rerun picks up
    their per-layer KL(original || trained) on the test split; then teacher caches under the
    routing policies of the plan (`CacheSpec`: topk, all, ka ..., and sar with those routers);
 4. the student rows (`StudentSpec`: SFT, or KD from one cache), each trained once per training
-   seed s from an initialisation drawn with seed s and with batches ordered by seed s;
+   seed s from an initialisation drawn with seed s and with batches ordered by seed s; among them
+   MoE to MoE: a small MoE student (fewer layers and experts than the teacher) distilled from a
+   cache that also stores the teacher's gates, by logit KD only and by Balanced Distillation;
 5. `moekd eval` of the teacher, of the teacher under other routing policies (`TeacherProbe`:
    its own ROUGE-L, NLL and KL from its native self) and of every student replicate: ROUGE-L over
    the sampling seeds, teacher-forced response NLL and KL(native teacher || student) on the test split;
+   the held-out KD loss of every row trained from a cache (forward KL on that cache's held-out
+   examples), and the expert-load CV and gate entropy of every MoE student on the test split;
 6. the table (experiments.py): per row, mean ± std over training seeds and the paired difference
    to the reference row with a 95% t-interval; results.json and results.png.
 A new method is one more entry: a `CacheSpec` for a teacher-side policy, a `StudentSpec` for a
@@ -48,7 +52,7 @@ from moekd.sar.options import run_dir as sar_run_dir
 from moekd.sar.router_file import read_router_file
 from moekd.sar.train import SarOptions, train_router
 from moekd.store.verify import store_info
-from moekd.store.writer import store_state
+from moekd.store.writer import atomic_write, store_state
 from moekd.tiny_models import make_tiny_model
 
 
@@ -66,6 +70,7 @@ class StudentSpec:
     cache: str | None = None  # a CacheSpec name; None trains by SFT on the data
     init: str = "dense"  # a key of DemoPlan.students
     options: dict = field(default_factory=dict)  # TrainOptions fields beyond the plan's (loss, ce_weight ...)
+    reference: str | None = None  # the row its paired differences are taken against (None: the plan's reference)
 
 
 @dataclass(frozen=True)
@@ -121,15 +126,21 @@ KA = {"ka_lambda": 0.05}
 # moves every weight by about lr per step, and a gate logit sums hidden-size such moves, so the
 # same change of the gate logits takes a rate 4096 / 96 ~ 40 times larger at this teacher's size.
 SAR_STEPS, SAR_LR = 100, 2e-4
+# MoE to MoE: the topk cache with the teacher's gate distributions, one MoE student by logit KD and by B-Distill
+GATES_CACHE = CacheSpec("topk-gates", "topk", router_probs="full")
+BDISTILL = {"router_loss": "bdistill", "expert_weight": 0.1}
+MOE_ROWS = (StudentSpec("MoE KD", "topk-gates", init="moe"),
+            StudentSpec("MoE B-Distill", "topk-gates", init="moe", options=BDISTILL, reference="MoE KD"))
 DEFAULT_CACHES = (CacheSpec("topk", "topk"), CacheSpec("all", "all"), CacheSpec("ka", "ka", {"m": 2, **KA}),
-                  CacheSpec("sar", "sar"))
+                  CacheSpec("sar", "sar"), GATES_CACHE)
 DEFAULT_ROWS = (StudentSpec("SFT"), StudentSpec("KD topk", "topk"), StudentSpec("KD all", "all"), StudentSpec("KD ka", "ka"),
-                StudentSpec("KD sar", "sar"))
+                StudentSpec("KD sar", "sar"), *MOE_ROWS)
 # The teacher: its MoE layers hold most of its weights (8 experts of width 4 x hidden, top-2); see README.
 TEACHER = dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, intermediate_size=384, router_std=None)
 DEFAULT_PLAN = DemoPlan(
     n_train=1500, n_valid=100, n_test=200, vocab=1024, teacher=TEACHER,
-    students={"dense": dict(family="llama", hidden=64, layers=2)},
+    students={"dense": dict(family="llama", hidden=64, layers=2),
+              "moe": dict(family="mixtral", hidden=64, layers=2, experts=4, top_k=2, router_std=None)},
     teacher_epochs=8, student_epochs=3, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
     seeds=(10, 20, 30, 40, 50), train_seeds=(0, 1, 2), max_new_tokens=64, eval_batch_size=100,
     caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk", sar=SarSpec(steps=SAR_STEPS, lr=SAR_LR),
@@ -137,7 +148,8 @@ DEFAULT_PLAN = DemoPlan(
 QUICK_PLAN = DemoPlan(
     n_train=320, n_valid=16, n_test=32, vocab=512,
     teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, intermediate_size=96, router_std=None),
-    students={"dense": dict(family="llama", hidden=32, layers=1)},
+    students={"dense": dict(family="llama", hidden=32, layers=1),
+              "moe": dict(family="mixtral", hidden=32, layers=1, experts=2, top_k=1, router_std=None)},
     teacher_epochs=4, student_epochs=2, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=2048, warmup=4, k=16,
     seeds=(10, 20), train_seeds=(0, 1), max_new_tokens=32, eval_batch_size=32,
     caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk",
@@ -206,10 +218,14 @@ def _sar(console: Console, work: Path, plan: DemoPlan, teacher: Path, train_data
             "loss_end": meta.loss_end, "kl_original_trained": {s.layer: s.kl_to_trained for s in moved.layers}}
 
 
+def _student_dir(work: Path, spec: StudentSpec, seed: int) -> Path:
+    return work / "students" / _slug(spec.name) / f"seed-{seed}"
+
+
 def _student_run(console: Console, work: Path, plan: DemoPlan, spec: StudentSpec, seed: int, source: dict) -> dict:
     """Train one replicate of a student row: initialised with `seed`, batches ordered by `seed`."""
     init = work / "init" / f"{spec.init}-seed{seed}"
-    return _train(console, work / "students" / _slug(spec.name) / f"seed-{seed}", student=str(init),
+    return _train(console, _student_dir(work, spec, seed), student=str(init),
                   epochs=plan.student_epochs, lr=plan.student_lr, batch_tokens=plan.batch_tokens, warmup=plan.warmup,
                   seed=seed, **{**source, **spec.options})
 
@@ -217,9 +233,27 @@ def _student_run(console: Console, work: Path, plan: DemoPlan, spec: StudentSpec
 def _student(console: Console, work: Path, plan: DemoPlan, spec: StudentSpec, seed: int, source: dict,
              teacher: Path, test: Path) -> dict:
     """One replicate of a student row: initialise with `seed`, train with `seed`, evaluate."""
+    out = _student_dir(work, spec, seed)
     run = _student_run(console, work, plan, spec, seed, source)
     scores = _eval(console, run["model"], test, work / "eval" / f"{_slug(spec.name)}-seed{seed}.json", plan, teacher=teacher)
+    if spec.cache:  # the KD term alone, without CE or router terms, on the cache's held-out examples at the end
+        last = read_metrics(out)[-1]
+        scores["heldout_kd"] = last.get("eval_kd_loss", last.get("eval_logit_loss", last.get("eval_loss")))
+    if "experts" in plan.students[spec.init]:
+        scores.update(_routing(console, run["model"], test, work / "routing" / f"{_slug(spec.name)}-seed{seed}.json", plan))
     return {**scores, "train_tokens_per_s": run["train_tokens_per_s"]}
+
+
+def _routing(console: Console, model: str, test: Path, out: Path, plan: DemoPlan) -> dict:
+    """Mean over MoE layers of the expert-load CV and gate entropy on the test prompts and references."""
+    if not out.exists():
+        console.print(f"[bold]routing[/] {out.stem}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stats = routing_stats_for_files(model, test, max_examples=plan.n_test, device="cpu")
+        atomic_write(out, json.dumps(stats.to_dict()).encode())
+    layers = json.loads(out.read_text())["layers"]
+    return {"load_cv": sum(s["load_cv"] for s in layers) / len(layers),
+            "gate_entropy": sum(s["gate_entropy"] for s in layers) / len(layers)}
 
 
 def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = None, jobs: int = 2) -> dict:
@@ -251,6 +285,8 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
     for spec in plan.rows:
         if spec.cache is not None and spec.cache not in {c.name for c in plan.caches}:
             raise MoekdError(f"plan: row {spec.name!r} names cache {spec.cache!r}, which the plan does not build")
+        if spec.reference is not None and spec.reference not in {r.name for r in plan.rows}:
+            raise MoekdError(f"plan: row {spec.name!r} takes its differences against {spec.reference!r}, which is not a row")
     if any(c.policy == "sar" for c in plan.caches) and plan.sar is None:
         raise MoekdError("plan: a cache with policy sar needs the plan's SarSpec (DemoPlan.sar)")
     plan_file.write_text(plan_json)
@@ -290,7 +326,7 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
     by_row = {spec.name: {} for spec in plan.rows}
     for (spec, seed), score in zip(replicates, scores):
         by_row[spec.name][seed] = score
-    summary = summarise_rows(by_row, plan.reference)
+    summary = {spec.name: _summary(by_row, spec.name, spec.reference or plan.reference) for spec in plan.rows}
     rows = {spec.name: {"cache": spec.cache, **(cache_info.get(spec.cache) or {}), **summary[spec.name],
                         "replicates": by_row[spec.name]} for spec in plan.rows}
 
@@ -307,6 +343,12 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_results(results, work / "results.png")
     return results
+
+
+def _summary(by_row: dict, name: str, reference: str) -> dict:
+    """One row's statistics, its paired differences taken against `reference`."""
+    return summarise_rows({name: by_row[name], **({reference: by_row[reference]} if reference in by_row else {})},
+                          reference)[name]
 
 
 def _run_jobs(console: Console, jobs: int, threads: int, calls: list[tuple]) -> list:
@@ -377,8 +419,8 @@ def results_table(results: dict, title: str = "moekd demo") -> Table:
         title=f"{title}: the built-in test split ({plan['n_test']} prompts)",
         caption=f"ROUGE-L: students mean ± std (ddof=1) over {len(plan['train_seeds'])} training seeds of the mean over "
         f"{len(plan['seeds'])} sampling seeds; teachers mean ± std over sampling seeds. NLL, KL: nats per response token, "
-        f"teacher-forced (KL from the native teacher). Δ: paired difference to {plan['reference']}, 95% t-interval over "
-        "training seeds.",
+        f"teacher-forced (KL from the native teacher). Δ: paired difference to {plan['reference']}{_own_references(plan)}, "
+        "95% t-interval over training seeds.",
     )
     for column in ("model", "ROUGE-L", "Δ ROUGE-L", "NLL", "Δ NLL", "KL", "Δ KL", "cache"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -422,3 +464,29 @@ def plot_results(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _own_references(plan: dict) -> str:
+    own = [f"{r['name']}: to {r['reference']}" for r in plan["rows"] if r.get("reference")]
+    return f" ({'; '.join(own)})" if own else ""
+
+
+def routing_table(results: dict) -> Table | None:
+    """The MoE students' held-out KD loss, expert-load CV and gate entropy (None when the plan has no MoE student)."""
+    rows = {name: row for name, row in results["rows"].items() if "load_cv" in row}
+    if not rows:
+        return None
+    plan = results["plan"]
+    table = Table(
+        title="MoE students: held-out KD loss and routing",
+        caption="held-out KD: forward KL on the cache's held-out examples at the end of training; load CV: coefficient "
+        "of variation of the expert load, gate H: gate entropy (nats), on the test split, mean over MoE layers; mean ± "
+        f"std over {len(plan['train_seeds'])} training seeds; Δ as above.",
+    )
+    for column in ("model", "held-out KD", "Δ held-out KD", "load CV", "Δ load CV", "gate H", "Δ gate H"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, row in rows.items():
+        cells = [cell for key in ("heldout_kd", "load_cv", "gate_entropy")
+                 for cell in (_fmt(row.get(key), 4), _fmt_diff(row.get(key), 4))]
+        table.add_row(f"student {name}", *cells)
+    return table

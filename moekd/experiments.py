@@ -4,7 +4,10 @@ A row of the comparison is trained once per training seed s (the student's initi
 the order of its batches both come from s). Each replicate is scored by:
 - ROUGE-L: the mean over the sampling seeds of the dataset mean (what `moekd eval` reports),
 - nll: teacher-forced response NLL on the test split (nats per response token, deterministic),
-- kl: KL(native teacher || student) on the test responses (nats per response token, exact).
+- kl: KL(native teacher || student) on the test responses (nats per response token, exact);
+and where measured (rows trained from a cache; MoE students):
+- heldout_kd: the KD loss on the cache's held-out examples at the end of training,
+- load_cv, gate_entropy: the MoE student's expert-load CV and gate entropy on the test split.
 A row reports, per metric, the mean and the sample std (ddof=1) over training seeds of these
 per-replicate values, and the paired difference to a reference row (e.g. KD from the `topk`
 cache): d_s = row_s - reference_s over the seeds both share, mean(d) with the two-sided 95%
@@ -21,7 +24,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-METRICS = ("rougeL", "nll", "kl")
+METRICS = ("rougeL", "nll", "kl", "heldout_kd", "load_cv", "gate_entropy")
 
 
 def mean_std(values) -> dict:

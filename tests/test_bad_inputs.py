@@ -209,6 +209,8 @@ BUILD = ("cache build --teacher {teacher} --data {data} --out {out} --k 16 --max
          "--batch-tokens 512 --positions-per-shard 256 --device cpu")
 STATS = "routing stats --teacher {teacher} --data {data} --max-examples 8 --max-prompt-len 96 --max-len 128 --device cpu"
 TRAIN = "train --cache {cache} --student {student} --out {out} --max-steps 2 --batch-tokens 1024 --workers 0 --device cpu"
+BDISTILL = ("train --cache {gate_cache} --student {moe_student} --out {out} --max-steps 2 --batch-tokens 1024 --workers 0 "
+            "--device cpu --router-loss bdistill")
 SFT = ("train --data {data} --loss ce --student {student} --out {out} --max-steps 2 --batch-tokens 1024 --workers 0 "
        "--max-prompt-len 96 --max-len 128 --device cpu")
 EVAL = "eval --model {student} --data {data} --seeds 1 --max-new-tokens 4 --limit 2 --device cpu --json {out}"
@@ -427,6 +429,30 @@ CASES = [
     case("train-eval-fraction-negative", TRAIN + " --eval-fraction=-0.1", "--eval-fraction"),
     case("train-seed-negative", TRAIN + " --seed=-1", "--seed"),
     case("train-device-unknown", TRAIN + " --device tpu", "--device"),
+    # ---- train: Balanced Distillation (MoE students, teacher gates in the cache)
+    case("train-bdistill-store-without-gates", TRAIN + " --student {moe_student} --router-loss bdistill",
+         "--router-loss", "--router-probs"),
+    case("train-bdistill-without-cache", SFT + " --router-loss bdistill", "--router-loss", "--cache"),
+    case("train-bdistill-dense-student", BDISTILL + " --student {student}", "--router-loss", "MoE student"),
+    case("train-router-aux-coef-dense-student", TRAIN + " --router-aux-coef 0.1", "--router-aux-coef", "MoE student"),
+    case("train-router-loss-unknown", BDISTILL + " --router-loss sar", "--router-loss"),
+    case("train-mc-alpha-zero", BDISTILL + " --mc-alpha 0", "--mc-alpha"),
+    case("train-mc-alpha-above-1", BDISTILL + " --mc-alpha 1.5", "--mc-alpha"),
+    case("train-mc-alpha-nan", BDISTILL + " --mc-alpha nan", "--mc-alpha"),
+    case("train-mc-draws-zero", BDISTILL + " --mc-draws 0", "--mc-draws"),
+    case("train-router-tau-init-out-of-range", BDISTILL + " --router-tau-init 2", "--router-tau-init"),
+    case("train-router-layers-unknown", BDISTILL + " --router-layers first", "--router-layers"),
+    case("train-expert-map-unknown", BDISTILL + " --expert-map random", "--expert-map"),
+    case("train-expert-weight-negative", BDISTILL + " --expert-weight=-1", "--expert-weight"),
+    case("train-coverage-weight-nan", BDISTILL + " --coverage-weight nan", "--coverage-weight"),
+    case("train-router-beta-negative", BDISTILL + " --router-beta=-0.1", "--router-beta"),
+    case("train-router-aux-coef-inf", BDISTILL + " --router-aux-coef inf", "--router-aux-coef"),
+    case("train-layer-map-malformed", BDISTILL + " --layer-map 0-1", "--layer-map", "0-1"),
+    case("train-layer-map-student-layer-missing", BDISTILL + " --layer-map 0:0,5:1", "--layer-map", "student MoE layer 5"),
+    case("train-layer-map-teacher-layer-missing", BDISTILL + " --layer-map 0:9", "--layer-map", "teacher MoE layer 9"),
+    case("train-layer-map-layer-twice", BDISTILL + " --layer-map 0:0,0:1", "--layer-map", "mapped twice"),
+    case("train-expert-map-student-wider-than-teacher", BDISTILL + " --student {wide_moe_student}", "--expert-map",
+         "16 experts", "student expert 8"),
     # ---- train: the student
     case("train-student-missing", TRAIN + " --student {tmp}/absent", "--student", "absent"),
     case("train-student-is-file", TRAIN + " --student {data}", "--student"),
@@ -583,6 +609,9 @@ def fx(tmp_path_factory, tokenizer, tokenizer_dir, make_teacher, data_file) -> d
         "student": root / "student",
         "other_tokenizer_student": root / "other_tokenizer_student",
         "cache": root / "cache.zarr",
+        "gate_cache": root / "gate_cache.zarr",
+        "moe_student": root / "moe_student",
+        "wide_moe_student": root / "wide_moe_student",
         "unfinished": root / "unfinished.zarr",
         "run": root / "run",
     }
@@ -596,6 +625,10 @@ def fx(tmp_path_factory, tokenizer, tokenizer_dir, make_teacher, data_file) -> d
     formatted = {name: str(path) for name, path in paths.items()}
     code, output = run_cli(shlex.split(BUILD.format(**{**formatted, "out": paths["cache"]})))
     assert code == 0, output
+    code, output = run_cli(shlex.split(BUILD.format(**{**formatted, "out": paths["gate_cache"]}) + " --router-probs full"))
+    assert code == 0, output
+    make_tiny_model("mixtral", tokenizer, paths["moe_student"], seed=3, hidden=32, layers=2, experts=4)
+    make_tiny_model("mixtral", tokenizer, paths["wide_moe_student"], seed=3, hidden=32, layers=2, experts=16)
     interrupted_build(shlex.split(BUILD.format(**{**formatted, "out": paths["unfinished"]})))
     code, output = run_cli(shlex.split(TRAIN.format(**{**formatted, "out": paths["run"]}) + " --save-every 1 --eval-every 0"))
     assert code == 0, output

@@ -87,3 +87,38 @@ def test_ddp_matches_one_process_writes_once_and_resumes_on_one_rank(cache, stud
     assert resumed.resumed_from.endswith("step-000003") and resumed.steps == 6
     assert_same_trajectory(trajectory(two, steps={4, 5, 6}), trajectory(tmp_path / "one", steps={4, 5, 6}))
     assert reference.steps == 6
+
+
+@pytest.fixture(scope="module")
+def gate_cache(tmp_path_factory, make_teacher, data_file):
+    from moekd.cache_builder.build import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("ddp_gates") / "gates.zarr"
+    build_cache(BuildOptions(teacher=str(make_teacher("mixtral")), data=str(data_file), out=str(out), k=16,
+                             max_prompt_len=96, max_len=128, batch_tokens=512, device="cpu", router_probs="full"))
+    return out
+
+
+def test_ddp_bdistill_matches_one_process(gate_cache, tokenizer, tmp_path):
+    """Balanced Distillation on two ranks: the router terms come from the wrapped forward and τ's gradient is
+    all-reduced, so the trajectory (τ included) is the one-process one. The coverage term is a statistic of
+    each rank's share (README), so it is off here; the Monte-Carlo draws are per example, hence the same."""
+    student = tmp_path / "moe"
+    make_tiny_model("mixtral", tokenizer, student, seed=3, hidden=32, layers=2, experts=2)
+    bd = dict(router_loss="bdistill", coverage_weight=0.0, expert_weight=0.5, router_beta=0.5)
+    one_process(student, gate_cache, tmp_path / "one", **bd)
+    args = ["train", "--cache", str(gate_cache), "--student", str(student), "--out", str(tmp_path / "two"),
+            "--router-loss", "bdistill", "--coverage-weight", "0", "--expert-weight", "0.5", "--router-beta", "0.5"]
+    for key, value in FLAGS.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "moekd", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == list(range(7))
+    for key in ("loss", "mc_loss", "router_loss", "tau/0", "tau/1", "eval_mc_loss", "grad_norm"):
+        a = np.array([r.get(key, np.nan) for r in one], dtype=float)
+        b = np.array([r.get(key, np.nan) for r in two], dtype=float)
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6, equal_nan=True, err_msg=key)
+    assert one[-1]["tau/0"] != 1.0  # τ was trained

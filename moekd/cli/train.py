@@ -49,10 +49,23 @@ def train_command(
     context_field: Optional[str] = typer.Option(None, help="--data: field holding the context ('' for none)."),
     response_field: Optional[str] = typer.Option(None, help="--data: field holding the response."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="--data: leave out bad or over-long rows instead of stopping."),
+    router_loss: str = typer.Option("none", help="MoE students: none, or bdistill (Balanced Distillation from the cache's teacher gate distributions; needs --router-probs)."),
+    expert_weight: float = typer.Option(0.1, help="bdistill: weight of the router terms, added as w·(L_mc + coverage + L_router)."),
+    mc_draws: int = typer.Option(3, help="bdistill: Monte-Carlo expert draws K per position, sample and layer."),
+    mc_alpha: float = typer.Option(0.5, help="bdistill: a drawn expert's probability is multiplied by α (in (0, 1]) before the next draw."),
+    coverage_weight: float = typer.Option(0.5, help="bdistill: weight of the coverage term KL(mean teacher gates || mean student gates)."),
+    router_beta: float = typer.Option(0.1, help="bdistill: β in L_router = KL(p_T || gate(g/τ)) - β·H(gate(g/τ))."),
+    router_tau_init: float = typer.Option(1.0, help="bdistill: initial τ of every mapped layer (learned, clamped to [0.5, 1.5])."),
+    router_layers: str = typer.Option("all", help="bdistill: all mapped MoE layers, or last (the student's last mapped layer, as the published code)."),
+    layer_map: str = typer.Option("auto", help="bdistill: auto (student MoE layer s takes teacher layer round(s·(L_T-1)/(L_S-1))) or student:teacher pairs \"0:0,1:2\"."),
+    expert_map: str = typer.Option("group", help="bdistill, student with fewer experts: group (sum contiguous teacher expert groups) or stride (every N_T/N_S-th, renormalised)."),
+    router_aux_coef: float = typer.Option(0.0, help="MoE students: weight of the student family's own load-balancing loss (0: off)."),
 ) -> None:
     """Train a student on a teacher cache (KD), or on instruction data (--loss ce).
 
     Example: moekd train --cache run.zarr --student ./student --out runs/kd --loss fkl --max-steps 1000 --lr 5e-5 --warmup 50
+
+    MoE student, Balanced Distillation: moekd train --cache gates.zarr --student ./moe --out runs/bd --router-loss bdistill --expert-weight 0.1
 
     On several GPUs (DDP, each rank trains its share of every batch): torchrun --nproc-per-node 8 -m moekd train ...
     """
@@ -70,6 +83,9 @@ def train_command(
         resume=resume, seed=seed, device=device, workers=workers, allow_tokenizer_mismatch=allow_tokenizer_mismatch,
         max_prompt_len=max_prompt_len, max_len=max_len, chat_template=chat_template, skip_invalid=skip_invalid,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
+        router_loss=router_loss, expert_weight=expert_weight, mc_draws=mc_draws, mc_alpha=mc_alpha,
+        coverage_weight=coverage_weight, router_beta=router_beta, router_tau_init=router_tau_init,
+        router_layers=router_layers, layer_map=layer_map, expert_map=expert_map, router_aux_coef=router_aux_coef,
     )
     s = train(options, console=Console(stderr=True))
     if not Ranks.from_env().main:

@@ -103,16 +103,20 @@ class BatchOrder:
 class BatchDataset(Dataset):
     """Item (epoch, batch index, example indices) -> one padded batch of tensors.
 
-    Keys: input_ids [B, W] (right-padded), rows [P] (flat index b*W + t of each target position),
-    labels [P] (the token each position predicts), examples [B], epoch, batch, tokens (unpadded);
-    from a cache also topk_ids [P, M', k], topk_logprobs [P, M', k], tail_logprob [P, M'] where
-    M' = M for samples="mean" and 1 for "random" (one sample per example, drawn from (seed, epoch, example)).
+    Keys: input_ids [B, W] (right-padded), lengths [B] (tokens per row), rows [P] (flat index
+    b*W + t of each target position), labels [P] (the token each position predicts), examples [B],
+    epoch, batch, tokens (unpadded); from a cache also topk_ids [P, M', k], topk_logprobs [P, M', k],
+    tail_logprob [P, M'] where M' = M for samples="mean" and 1 for "random" (one sample per example,
+    drawn from (seed, epoch, example)); with `gate_targets` (gate_maps.GateTargets) also
+    teacher_gates [P, M', L, N_S] from the stored gate arrays of the same samples and mc_uniforms
+    [K, P, M', L] for the Monte-Carlo expert draws.
     """
 
-    def __init__(self, source, pad_id: int, samples: str = "mean", seed: int = 0):
+    def __init__(self, source, pad_id: int, samples: str = "mean", seed: int = 0, gate_targets=None):
         if samples not in ("mean", "random"):
             raise MoekdError(f"--samples must be mean or random, got {samples!r}")
         self.source, self.pad_id, self.samples, self.seed = source, pad_id, samples, seed
+        self.gate_targets = gate_targets
 
     def __getitem__(self, item: tuple[int, int, list[int]]) -> dict:
         epoch, index, examples = item[0], item[1], list(item[2])
@@ -129,6 +133,7 @@ class BatchDataset(Dataset):
         t = data["target_positions"].astype(np.int64)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
+            "lengths": torch.from_numpy(counts.astype(np.int64)),
             "rows": torch.from_numpy(row_of_position * width + t),
             "labels": torch.from_numpy(input_ids[row_of_position, t + 1]),
             "examples": torch.tensor(examples),
@@ -137,15 +142,17 @@ class BatchDataset(Dataset):
             "tokens": int(counts.sum()),
         }
         if self.source.has_teacher:
-            ids, logprobs, tail = data["topk_ids"], data["topk_logprobs"], data["tail_logprob"]
-            if self.samples == "random" and ids.shape[1] > 1:
-                drawn = np.array([np.random.default_rng([self.seed, epoch, e]).integers(ids.shape[1]) for e in examples])
-                pick = drawn[row_of_position]
-                at = np.arange(len(pick))
-                ids, logprobs, tail = ids[at, pick, None], logprobs[at, pick, None], tail[at, pick, None]
-            batch.update(topk_ids=torch.from_numpy(np.ascontiguousarray(ids)),
-                         topk_logprobs=torch.from_numpy(np.ascontiguousarray(logprobs)),
-                         tail_logprob=torch.from_numpy(np.ascontiguousarray(tail)))
+            names = ("topk_ids", "topk_logprobs", "tail_logprob", *self.source.gate_arrays)
+            per_sample = {name: data[name] for name in names}  # [P, M, ...] each
+            if self.samples == "random" and self.source.samples > 1:
+                drawn = np.array([np.random.default_rng([self.seed, epoch, e]).integers(self.source.samples) for e in examples])
+                at, pick = np.arange(len(row_of_position)), drawn[row_of_position]
+                per_sample = {name: a[at, pick][:, None] for name, a in per_sample.items()}
+            batch.update({name: torch.from_numpy(np.ascontiguousarray(per_sample[name]))
+                          for name in ("topk_ids", "topk_logprobs", "tail_logprob")})
+            if self.gate_targets is not None:
+                batch.update(self.gate_targets({name: per_sample[name] for name in self.source.gate_arrays},
+                                               examples, positions, epoch))
         return batch
 
 

@@ -16,16 +16,19 @@ COLUMNS = ("step", "epoch", "loss", "kd_loss", "ce_loss", "eval_loss", "eval_kd_
 
 class MetricsLog:
     """Appends step records; on resume, drops the records past the checkpoint's step first.
-    `columns` are the CSV's (the JSONL keeps every key)."""
 
-    def __init__(self, out: Path, keep_until_step: int, columns: tuple[str, ...] = COLUMNS):
-        self.jsonl, self.csv, self.columns = out / "metrics.jsonl", out / "metrics.csv", columns
+    metrics.jsonl holds every key of a record; metrics.csv the `columns` (default: moekd train's
+    COLUMNS) plus `extra_columns`."""
+
+    def __init__(self, out: Path, keep_until_step: int, extra_columns=(), columns: tuple[str, ...] = COLUMNS):
+        self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
+        self.columns = (*columns, *extra_columns)
         kept = []
         if self.jsonl.exists():
             kept = [r for r in read_metrics(out) if r["step"] <= keep_until_step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
         with open(self.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, columns, extrasaction="ignore")
+            writer = csv.DictWriter(fh, self.columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(kept)
         self.tensorboard = _tensorboard(out)

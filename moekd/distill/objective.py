@@ -10,7 +10,10 @@ sample per example for --samples random).
 The seam: `batch_loss` = `Student.forward` (the batch's one forward; the module that
 DistributedDataParallel wraps; `output_router_logits=True` returns an MoE student's router
 logits from it) followed by `output_terms` (the loss terms from the hidden states at the target
-positions). Terms computed from other outputs of that forward add to the returned "loss".
+positions). Terms computed from other outputs of that forward add to the returned "loss": an
+MoE student's router terms (router_losses.py: Balanced Distillation, the family's load-balancing
+loss), computed by the Student's `router_terms` from the router logits of the same forward; the
+logit objective alone is then logged as logit_loss.
 """
 
 from __future__ import annotations
@@ -23,16 +26,23 @@ from moekd.distill.options import TrainOptions
 
 
 def batch_loss(student, batch: dict, o: TrainOptions, device: torch.device) -> dict[str, torch.Tensor]:
-    """loss (and kd_loss, ce_loss when mixed): means over the batch's target positions.
+    """loss (and kd_loss, ce_loss when mixed; logit_loss and the router terms with router terms): means over
+    the batch's target positions.
 
     `student` is a Student, or a wrapper around one whose `.module` is the Student
     (DistributedDataParallel): it is called once, and its output layer applied by the loss.
     """
+    inner = getattr(student, "module", student)
+    routing = inner.router_terms
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         # Right padding under a causal mask never reaches real tokens: no attention mask needed.
-        output = student(input_ids=batch["input_ids"].to(device))
+        output = student(input_ids=batch["input_ids"].to(device), output_router_logits=routing is not None)
     hidden = output.last_hidden_state.flatten(0, 1)[batch["rows"].to(device)]
-    return output_terms(hidden, getattr(student, "module", student).output_layer, batch, o, device)
+    terms = output_terms(hidden, inner.output_layer, batch, o, device)
+    if routing is None:
+        return terms
+    router = routing(output.router_logits, batch, training=inner.training)
+    return {**terms, **router, "logit_loss": terms["loss"], "loss": terms["loss"] + router["loss"]}
 
 
 def output_terms(hidden: torch.Tensor, head: OutputLayer, batch: dict, o: TrainOptions,

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from moekd.distill.gate_maps import EXPERT_MAPS
 from moekd.distill.losses import KD_LOSSES
+from moekd.distill.router_losses import TAU_RANGE
 from moekd.errors import MoekdError
 from moekd.paths import check_output_dir
 
 LOSSES = (*KD_LOSSES, "ce")
+ROUTER_LOSSES = ("none", "bdistill")
 # Positions per chunk of the loss (chunked.py): bounds the loss's memory to [chunk, V] buffers.
 # Chosen by bench/loss_scale.py's chunk sweep on this project's machine (README, Benchmarks).
 LOSS_CHUNK = 1024
@@ -54,7 +57,18 @@ class TrainOptions:
     chat_template: bool = False
     fields: dict = field(default_factory=dict)
     skip_invalid: bool = False
-
+    # router terms for MoE students (router_losses.py, gate_maps.py)
+    router_loss: str = "none"
+    expert_weight: float = 0.1
+    mc_draws: int = 3
+    mc_alpha: float = 0.5
+    coverage_weight: float = 0.5
+    router_beta: float = 0.1
+    router_tau_init: float = 1.0
+    router_layers: str = "all"
+    layer_map: str = "auto"
+    expert_map: str = "group"
+    router_aux_coef: float = 0.0
 
 
 def check_options(o: TrainOptions) -> None:
@@ -98,4 +112,27 @@ def check_options(o: TrainOptions) -> None:
     for flag, value in non_negative.items():
         if not value >= 0:  # NaN too
             raise MoekdError(f"{flag} must be >= 0, got {value}")
+    _check_router_options(o)
 
+
+def _check_router_options(o: TrainOptions) -> None:
+    if o.router_loss not in ROUTER_LOSSES:
+        raise MoekdError(f"--router-loss must be one of {', '.join(ROUTER_LOSSES)}, got {o.router_loss!r}")
+    if o.router_loss != "none" and o.cache is None:
+        raise MoekdError(f"--router-loss {o.router_loss} needs the teacher's gate distributions: pass --cache of a store built "
+                         "with --router-probs full or top-R")
+    if o.mc_draws < 1:
+        raise MoekdError(f"--mc-draws must be at least 1, got {o.mc_draws}")
+    if not 0 < o.mc_alpha <= 1:
+        raise MoekdError(f"--mc-alpha must be in (0, 1] (the factor a drawn expert's probability is suppressed by), got {o.mc_alpha}")
+    if not TAU_RANGE[0] <= o.router_tau_init <= TAU_RANGE[1]:
+        raise MoekdError(f"--router-tau-init must be in [{TAU_RANGE[0]}, {TAU_RANGE[1]}], the range τ is clamped to, "
+                         f"got {o.router_tau_init}")
+    if o.router_layers not in ("all", "last"):
+        raise MoekdError(f"--router-layers must be all or last, got {o.router_layers!r}")
+    if o.expert_map not in EXPERT_MAPS:
+        raise MoekdError(f"--expert-map must be one of {', '.join(EXPERT_MAPS)}, got {o.expert_map!r}")
+    for flag, value in {"--expert-weight": o.expert_weight, "--coverage-weight": o.coverage_weight,
+                        "--router-beta": o.router_beta, "--router-aux-coef": o.router_aux_coef}.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise MoekdError(f"{flag} must be a finite number >= 0, got {value}")

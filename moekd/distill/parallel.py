@@ -46,9 +46,13 @@ def backend(device: torch.device) -> str:
 
 def empty_share_backward(model, pad_id: int, device: torch.device) -> None:
     """A zero-loss forward and backward, for a rank with nothing in this micro-batch (DDP needs every rank).
-    `model` is the (wrapped) Student: its output layer is applied too, so that every parameter gets a gradient."""
+    `model` is the (wrapped) Student: its output layer and router terms are applied too, so that every parameter
+    gets a gradient."""
     hidden = model(input_ids=torch.full((1, 1), pad_id, device=device)).last_hidden_state
-    (unwrap(model).output_layer.logits(hidden).sum() * 0.0).backward()
+    zero = unwrap(model).output_layer.logits(hidden).sum() * 0.0
+    if unwrap(model).router_terms is not None:  # the router terms' τ, used outside the forward
+        zero = zero + sum(p.sum() for p in unwrap(model).router_terms.parameters()) * 0.0
+    zero.backward()
 
 
 def combined(ranks: Ranks, sums: dict[str, float], positions: int) -> tuple[dict[str, float], int]:

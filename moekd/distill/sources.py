@@ -28,12 +28,16 @@ from moekd.store.verify import verify_store
 
 
 class CacheSource:
-    """Examples and their stored teacher distributions; opens one CacheReader per process."""
+    """Examples and their stored teacher distributions (and, with `gates`, the teacher's gate
+    distributions); opens one CacheReader per process."""
 
     has_teacher = True
     ARRAYS = ("input_ids", "topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
 
-    def __init__(self, reader: CacheReader):
+    def __init__(self, reader: CacheReader, gates: bool = False):
+        self.gate_info = reader.meta.gates
+        self.gate_arrays = tuple(self.gate_info.arrays) if gates else ()
+        self.arrays = (*self.ARRAYS, *self.gate_arrays)
         self.location, self.storage_options = reader.location, reader.storage_options
         self.lengths = reader.example_lengths()
         self.token_offsets, self.position_offsets = reader.token_offsets, reader.position_offsets
@@ -44,7 +48,7 @@ class CacheSource:
 
     def _open(self, reader: CacheReader) -> None:
         self._reader, self._pid = reader, os.getpid()
-        self._arrays = {name: reader.group[name] for name in self.ARRAYS}
+        self._arrays = {name: reader.group[name] for name in self.arrays}
 
     def __getstate__(self) -> dict:  # a spawned worker opens its own reader
         return {**self.__dict__, "_reader": None, "_arrays": None, "_pid": None}
@@ -68,8 +72,9 @@ class CacheSource:
         handles = self._handles()
         tokens = np.concatenate([np.arange(self.token_offsets[e], self.token_offsets[e + 1]) for e in examples])
         rows = np.concatenate([np.arange(self.position_offsets[e], self.position_offsets[e + 1]) for e in examples])
-        arrays = {name: handles[name].oindex[tokens if name == "input_ids" else rows] for name in self.ARRAYS}
+        arrays = {name: handles[name].oindex[tokens if name == "input_ids" else rows] for name in self.arrays}
         return {
+            **{name: arrays[name] for name in self.gate_arrays},
             "input_ids": arrays["input_ids"],
             "token_counts": self.lengths[examples],
             "position_counts": np.diff(self.position_offsets)[examples],
@@ -86,6 +91,7 @@ class TokenizedSource:
 
     has_teacher = False
     samples = 0
+    gate_info = None
 
     def __init__(self, examples):
         self.examples = examples
@@ -125,8 +131,11 @@ def open_source(o: TrainOptions, tokenizer, console: Console):
     reader = CacheReader(o.cache, o.storage_options)
     if len(reader) == 0:
         raise MoekdError(f"--cache {o.cache} holds no examples")
+    if o.router_loss != "none" and reader.meta.gates is None:
+        raise MoekdError(f"--router-loss {o.router_loss}: --cache {o.cache} stores no teacher gate distributions; rebuild it "
+                         "with `moekd cache build ... --router-probs full` (or top-R for many experts)")
     _check_tokenizer(tokenizer, reader.meta.tokenizer, o, console)
-    return CacheSource(reader), reader.meta.build.manifest_sha256
+    return CacheSource(reader, gates=o.router_loss != "none"), reader.meta.build.manifest_sha256
 
 
 def _check_tokenizer(tokenizer, stored, o: TrainOptions, console: Console) -> None:

@@ -2,7 +2,8 @@
 
 `Student(model)` is an nn.Module whose forward runs the causal LM's base model (embeddings,
 layers, final norm) and returns its output: `last_hidden_state` [B, T, d] and, with
-`output_router_logits=True`, an MoE student's `router_logits` from the same forward. The
+`output_router_logits=True`, an MoE student's `router_logits` from the same forward
+(`Student(model, router_terms=...)` holds the module that turns them into loss terms). The
 output layer is not run there: the loss applies it chunk by chunk (chunked.py), so the forward
 never produces [B, T, V] logits. Its parameters are the causal LM's, so wrapping a Student in
 DistributedDataParallel makes that forward the synchronised one; the output layer's gradient
@@ -27,9 +28,12 @@ PROBE_TOKENS = 4
 
 
 class Student(torch.nn.Module):
-    def __init__(self, model, flag: str = "--student"):
+    def __init__(self, model, flag: str = "--student", router_terms: torch.nn.Module | None = None):
         super().__init__()
         self.lm = model
+        # an MoE student's router terms (router_losses.RouterObjective) and their learned τ: a submodule, so that
+        # DistributedDataParallel, which wraps the Student, synchronises τ's gradient with the model's
+        self.router_terms = router_terms
         check_output_layer(model, flag)
 
     def forward(self, input_ids: torch.Tensor, output_router_logits: bool = False):

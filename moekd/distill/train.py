@@ -2,7 +2,8 @@
 
 Flow: check the store, the student's tokenizer and vocabulary against it (sources.py) -> hold
 out a fixed eval subset -> AdamW over token-budget batches (warmup + constant/cosine schedule,
-grad accumulation, clipping, bf16 autocast on CUDA) on the objective of objective.py -> metrics
+grad accumulation, clipping, bf16 autocast on CUDA) on the objective of objective.py (with an
+MoE student's router terms and their learned temperatures τ, router_losses.py) -> metrics
 every step, eval and checkpoints every N steps -> final/. The teacher is never loaded:
 everything needed is in the store. Under torchrun, every rank trains its share of each batch
 through DistributedDataParallel and rank 0 writes (parallel.py).
@@ -31,7 +32,8 @@ from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_
 from moekd.distill.metrics import MetricsLog, progress_bar
 from moekd.distill.objective import batch_loss, held_out_loss
 from moekd.distill.options import NOT_RECORDED, RUN_ONLY, TrainOptions, check_options
-from moekd.distill.parallel import RankShare, backend, combined, empty_share_backward, wrap
+from moekd.distill.parallel import RankShare, backend, combined, empty_share_backward, unwrap, wrap
+from moekd.distill.router_losses import router_objective
 from moekd.distill.sources import check_vocabulary, open_source, verify_cache
 from moekd.distill.student import Student
 from moekd.distributed import Ranks
@@ -90,25 +92,30 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
 
     model = load_causal_lm(resume_from or o.student, torch.float32, device, "--student")
     ranks.share(lambda: check_vocabulary(model, source, o.student))
-    student = Student(model)  # the forward to hidden states; the loss applies the output layer
+    routing, gate_targets = router_objective(o, model, source.gate_info)
+    # the forward to hidden states (the loss applies the output layer) and the router terms with their τ
+    student = Student(model, router_terms=routing.to(device) if routing is not None else None)
     forward = wrap(student, ranks, device)  # the module whose forward the loss calls (DDP on several ranks)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    groups = [{"params": list(model.parameters())}]
+    if routing is not None and routing.tau.numel():
+        groups.append({"params": [routing.tau], "weight_decay": 0.0})  # τ: no decay towards 0
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, o.warmup, total_steps, o.schedule))
     torch.manual_seed(o.seed)
     step, tokens, position = 0, 0, LoaderPosition(0, 0)
     if resume_from is not None:
-        step, tokens, position = _restore(load_state(resume_from), optimizer, scheduler, device)
+        step, tokens, position = _restore(load_state(resume_from), optimizer, scheduler, device, routing)
         console.print(f"resuming from {resume_from} (step {step})")
     log = None  # metrics and checkpoints are written by rank 0 only
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / RUN_CONFIG, json.dumps(config, indent=2, default=str).encode())
-        log = MetricsLog(out, keep_until_step=step if resume_from else -1)
+        log = MetricsLog(out, keep_until_step=step if resume_from else -1, extra_columns=routing.columns if routing else ())
     write = log.write if log else lambda record: None
 
     pad_id = tokenizer.pad_token_id
     train_batches = iter(make_loader(
-        BatchDataset(source, pad_id, o.samples, o.seed),
+        BatchDataset(source, pad_id, o.samples, o.seed, gate_targets),
         RankShare(BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed, start=position, epochs=epochs), ranks),
         o.workers,
     ))
@@ -116,7 +123,7 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
                                                          source.lengths, o.batch_tokens))]
 
     def evaluate() -> dict[str, float]:
-        batches = make_loader(BatchDataset(source, pad_id, "mean", o.seed), RankShare(eval_order, ranks), o.workers)
+        batches = make_loader(BatchDataset(source, pad_id, "mean", o.seed, gate_targets), RankShare(eval_order, ranks), o.workers)
         return held_out_loss(student, batches, o, device, combine=partial(combined, ranks))
 
     eval_start = None
@@ -144,7 +151,7 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
                 record.update(evaluate())
             write(record)
             if o.save_every and step % o.save_every == 0 and ranks.main:
-                state = _training_state(optimizer, scheduler, device, step, tokens, position)
+                state = _training_state(optimizer, scheduler, device, step, tokens, position, routing)
                 save_checkpoint(step_dir(out, step), model, tokenizer, state, step, config, RUN_ONLY)
             progress.update(task, completed=step, loss=f"{terms['loss']:.4f}", rate=f"{rate:,.0f}")
     if ranks.main:
@@ -159,16 +166,19 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
     )
 
 
-def _training_state(optimizer, scheduler, device, step: int, tokens: int, position: LoaderPosition) -> dict:
+def _training_state(optimizer, scheduler, device, step: int, tokens: int, position: LoaderPosition, routing) -> dict:
     return {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         "step": step, "tokens": tokens, "position": asdict(position),
+        "router": routing.state_dict() if routing is not None else None,  # the learned τ
     }
 
 
-def _restore(state: dict, optimizer, scheduler, device) -> tuple[int, int, LoaderPosition]:
+def _restore(state: dict, optimizer, scheduler, device, routing) -> tuple[int, int, LoaderPosition]:
     """Load a checkpoint's training state; returns (step, tokens, loader position)."""
+    if routing is not None:
+        routing.load_state_dict(state["router"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -210,11 +220,14 @@ def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + value.item() * weight
     totals, _ = combined(ranks, totals, 0)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)  # the Student's: τ too
     if not torch.isfinite(grad_norm):
         raise _diverged(f"the gradient norm is {grad_norm.item()}", step, micro[-1], out)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    routing = unwrap(model).router_terms
+    if routing is not None:
+        routing.clamp_()
     return totals, grad_norm.item(), sum(t for _, t in counts)
 
 
