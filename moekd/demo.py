@@ -290,19 +290,12 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
     if any(c.policy == "sar" for c in plan.caches) and plan.sar is None:
         raise MoekdError("plan: a cache with policy sar needs the plan's SarSpec (DemoPlan.sar)")
     plan_file.write_text(plan_json)
-    data = work / "data"
-    if not (data / "synth_info.json").exists():
-        write_suite(data, seed=0, n_train=plan.n_train, n_valid=plan.n_valid, n_test=plan.n_test)
-    train_data, test_data = data / "train.jsonl", data / "test.jsonl"
-    _tokenizer(work, train_data, plan.vocab)
+    train_data, test_data = work / "data" / "train.jsonl", work / "data" / "test.jsonl"
     clock = Stopwatch()  # this run's time per part (finished stages that are reused cost ~0)
     run = partial(_run_jobs, console, jobs, plan.threads)
 
-    teacher_init = _init(work / "init" / "teacher", plan.teacher, seed=0)
     with clock.part("teacher training"):
-        trained = _train(console, work / "teacher", student=str(teacher_init), data=str(train_data), loss="ce",
-                         epochs=plan.teacher_epochs, lr=plan.teacher_lr, batch_tokens=plan.batch_tokens,
-                         warmup=plan.warmup, seed=0)
+        trained = prepare_teacher(work, plan, console)
     teacher = Path(trained["model"])
     replicates = [(spec, seed) for spec in plan.rows for seed in plan.train_seeds]
     for spec, seed in replicates:  # before the jobs start, so that no two write one
@@ -343,6 +336,19 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_results(results, work / "results.png")
     return results
+
+
+def prepare_teacher(work: Path, plan: DemoPlan, console: Console) -> dict:
+    """Stages 1-2: the suite in work/data, the tokenizer, and the teacher trained by SFT in work/teacher
+    (each skipped when already there). Returns the teacher's model directory and training tokens/s."""
+    data = work / "data"
+    if not (data / "synth_info.json").exists():
+        write_suite(data, seed=0, n_train=plan.n_train, n_valid=plan.n_valid, n_test=plan.n_test)
+    _tokenizer(work, data / "train.jsonl", plan.vocab)
+    teacher_init = _init(work / "init" / "teacher", plan.teacher, seed=0)
+    return _train(console, work / "teacher", student=str(teacher_init), data=str(data / "train.jsonl"), loss="ce",
+                  epochs=plan.teacher_epochs, lr=plan.teacher_lr, batch_tokens=plan.batch_tokens, warmup=plan.warmup,
+                  seed=0)
 
 
 def _summary(by_row: dict, name: str, reference: str) -> dict:

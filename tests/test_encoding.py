@@ -1,6 +1,9 @@
-import numpy as np
+"""The top-k codecs: u16_steps_sorted_ids (what builds write) and u16_gap_delta (schema 1.0 stores)."""
 
-from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, decode_logprobs, encode_logprobs
+import numpy as np
+import pytest
+
+from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, MAX_STEPS, decode_logprobs, decode_topk, encode_logprobs, encode_topk
 
 
 def _sorted_logprobs(rng, rows, vocab, k):
@@ -34,3 +37,35 @@ def test_ties_and_extra_dims():
     top1, gaps = encode_logprobs(lp)
     assert gaps.shape == (3, 2, 5) and not gaps.any()
     np.testing.assert_allclose(decode_logprobs(top1, gaps), lp)
+
+
+@pytest.mark.parametrize("scale", [256.0, 64.0, 16.0])
+def test_sorted_ids_codec_roundtrip(scale):
+    """u16_steps_sorted_ids: ids exact, in rank order; log-probs and tail within 1/(2 scale) nat."""
+    rng = np.random.default_rng(1)
+    vocab, k = 5000, 32
+    logits = rng.standard_normal((400, vocab)) * rng.uniform(0.5, 6, size=(400, 1))
+    full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ids = np.argsort(-full, axis=-1)[:, :k]
+    lp = np.take_along_axis(full, ids, -1)
+    tail = np.log1p(-np.exp(lp).sum(-1))
+    tail[0] = -np.inf
+    stored = encode_topk(ids, lp, tail, scale)
+    assert stored["topk_ids"].dtype == np.int32 and stored["topk_steps"].dtype == np.uint16
+    assert np.all(stored["topk_ids"][:, 1:] > 0)  # ascending ids: positive deltas
+    dec_ids, dec_lp, dec_tail = decode_topk(**stored, scale=scale)
+    np.testing.assert_array_equal(np.sort(dec_ids, -1), np.sort(ids, -1))
+    assert np.all(np.diff(dec_lp, axis=-1) <= 0)
+    exact = np.take_along_axis(full, dec_ids.astype(np.int64), -1)
+    err = np.abs(dec_lp - exact)
+    assert err.max() <= 0.5 / scale + 1e-5 and err.max() > 0.5 / scale / 4
+    assert np.isneginf(dec_tail[0]) and np.abs(dec_tail[1:] - tail[1:]).max() <= 0.5 / scale + 1e-5
+    untied = np.all(np.diff(np.rint(-lp * scale), axis=-1) < 0, axis=-1)  # rows without quantised ties
+    np.testing.assert_array_equal(dec_ids[untied], ids[untied])
+
+
+def test_sorted_ids_codec_clamps_far_log_probs():
+    stored = encode_topk(np.array([[3, 1]]), np.array([[-0.5, -1e6]]), np.array([-2000.0]), 64.0)
+    _, lp, tail = decode_topk(**stored, scale=64.0)
+    np.testing.assert_allclose(lp, [[-0.5, -(MAX_STEPS - 1) / 64.0]])
+    np.testing.assert_allclose(tail, [-(MAX_STEPS - 1) / 64.0])

@@ -162,9 +162,9 @@ def test_read_only_http_access_and_verify(cache, tmp_path):
         assert store_info(url)["bytes_total"] == store_info(str(cache))["bytes_total"]
         pulled = copy_store(url, str(tmp_path / "copy.zarr"), verb="pull", jobs=4)
         assert pulled.copied == pulled.files and verify_store(str(tmp_path / "copy.zarr"), deep=True).ok
-        (served / "run.zarr" / "tail_logprob" / "c" / "0" / "0").unlink()
-        assert "tail_logprob/c/0/0: missing" in verify_store(url).problems
-        with pytest.raises(MoekdError, match="tail_logprob/c/0/0: missing at the source"):
+        (served / "run.zarr" / "tail_steps" / "c" / "0" / "0").unlink()
+        assert "tail_steps/c/0/0: missing" in verify_store(url).problems
+        with pytest.raises(MoekdError, match="tail_steps/c/0/0: missing at the source"):
             copy_store(url, str(tmp_path / "second.zarr"), verb="pull")
 
 
@@ -178,11 +178,11 @@ def test_pack_opens_directly_and_catches_a_corrupted_member(cache, tmp_path):
         assert all(i.compress_type == zipfile.ZIP_STORED for i in zf.infolist())
         assert zf.namelist()[-1] == "zarr.json"  # written last
         members = {name: zf.read(name) for name in zf.namelist()}
-    members["topk_gaps/c/0/0/0"] = members["topk_gaps/c/0/0/0"][::-1]
+    members["topk_steps/c/0/0/0"] = members["topk_steps/c/0/0/0"][::-1]
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
         for name, data in members.items():
             zf.writestr(name, data)
-    assert "topk_gaps/c/0/0/0: checksum mismatch (corrupted)" in verify_store(str(tmp_path / "bad.zip")).problems
+    assert "topk_steps/c/0/0/0: checksum mismatch (corrupted)" in verify_store(str(tmp_path / "bad.zip")).problems
     with pytest.raises(MoekdError, match="exists; remove it or choose another name"):
         pack_store(str(cache), out)
 

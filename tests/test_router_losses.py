@@ -21,6 +21,7 @@ from moekd.distill.student import Student
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.models import load_causal_lm
+from moekd.store.reader import decode_teacher
 from moekd.tiny_models import MOE_FAMILIES, make_tiny_model
 
 
@@ -280,7 +281,8 @@ def test_teacher_gates_follow_the_random_sample_pick(gate_cache, moe_student):
     reader = CacheReader(gate_cache)
     examples = batch["examples"].tolist()
     rows = np.concatenate([np.arange(reader.position_offsets[e], reader.position_offsets[e + 1]) for e in examples])
-    ids, gates = reader.group["topk_ids"].oindex[rows], reader.group["gate_probs"].oindex[rows]
+    stored = {name: reader.group[name].oindex[rows] for name in reader.teacher_names}
+    ids, gates = decode_teacher(reader.encoding, stored)["topk_ids"], reader.group["gate_probs"].oindex[rows]
     # the loader's pick: one sample per example and epoch, from (seed, epoch, example)
     drawn = {e: np.random.default_rng([0, batch["epoch"], e]).integers(2) for e in examples}
     pick = np.repeat([drawn[e] for e in examples], np.diff(reader.position_offsets)[examples])

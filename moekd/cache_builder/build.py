@@ -2,7 +2,7 @@
 
 Flow: load and tokenize the data -> plan the store (sizes are known before the teacher runs;
 metadata.py) -> for each unfinished unit (one position shard): teacher forward x M under the
-routing policy, sparsify, encode (runner.py), write the unit and its marker -> finalize
+routing policy, encode in the store's encoding (runner.py, sparsify.py), write the unit and its marker -> finalize
 (manifest, commit). See store/writer.py for the crash-safety protocol.
 
 Beyond one process (split.py): under torchrun, rank 0 plans the store (or finds it complete)
@@ -27,6 +27,7 @@ from moekd.cache_builder.metadata import describe_store, resume_settings
 from moekd.cache_builder.policies import make_policy
 from moekd.cache_builder.routing import RouterController
 from moekd.cache_builder.runner import UnitRunner
+from moekd.cache_builder.sparsify import encoding_flags, make_encoder
 from moekd.cache_builder.split import parse_shard, split_units
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
@@ -47,7 +48,12 @@ class BuildOptions:
     out: str
     policy: str = "topk"
     policy_params: dict = field(default_factory=dict)
-    k: int = 64
+    encoding: str = "topk"
+    k: int | None = None  # topk: ids per position and sample (default 64)
+    logprob_scale: float | None = None  # topk: log-prob steps per nat (default moekd.encoding.TOPK_SCALE)
+    draws: int | None = None  # sampled: draws per position and sample (default 32)
+    proposal_temp: float | None = None  # sampled: proposal temperature t (default 1)
+    hidden_dtype: str | None = None  # hidden: bf16 (default), fp8 or fp32
     max_prompt_len: int = 256
     max_len: int = 512
     dtype: str = "auto"
@@ -90,9 +96,9 @@ class BuildSummary:
         return self.teacher_tokens / max(self.teacher_seconds, 1e-9)
 
 
-def _check_options(o: BuildOptions) -> None:
-    if o.k < 1:
-        raise MoekdError(f"--k must be at least 1, got {o.k}")
+def _check_options(o: BuildOptions) -> dict:
+    """The checked options; returns the encoding's flags with their defaults (sparsify.encoding_flags)."""
+    flags = encoding_flags(o.encoding, o.k, o.draws, o.proposal_temp, o.hidden_dtype, o.logprob_scale)
     if o.batch_tokens < 1:
         raise MoekdError(f"--batch-tokens must be positive, got {o.batch_tokens}")
     if o.positions_per_shard < 1 or o.positions_per_shard % min(POSITIONS_PER_CHUNK, o.positions_per_shard):
@@ -111,6 +117,7 @@ def _check_options(o: BuildOptions) -> None:
         raise MoekdError("--shard and --overwrite exclude each other: one job would delete the others' work; "
                          "remove the old store once before starting the jobs, or build to a new --out")
     parse_shard(o.shard)
+    return flags
 
 
 def gate_experts_kept(router_probs: str, num_experts: int | None) -> int | None:
@@ -151,7 +158,7 @@ def _progress(console: Console) -> Progress:
 def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary:
     """Build (or resume) the store of `o`; under torchrun, one call per rank (see split.py)."""
     started = time.perf_counter()
-    _check_options(o)
+    flags = _check_options(o)
     if o.router is not None:
         read_router_file(o.router)  # a missing or damaged file is refused before the teacher loads
     ranks = Ranks.from_env()
@@ -160,12 +167,12 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
     console = console if console is not None and ranks.main else Console(stderr=True, quiet=True)
     ranks.start("gloo")  # only objects and counters travel between ranks: gloo serves CPU and GPU builds alike
     try:
-        return _build(o, ranks, console, started)
+        return _build(o, flags, ranks, console, started)
     finally:
         ranks.stop()
 
 
-def _build(o: BuildOptions, ranks: Ranks, console: Console, started: float) -> BuildSummary:
+def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started: float) -> BuildSummary:
     out = Path(o.out)
     shard = parse_shard(o.shard)
     device = ranks.device(resolve_device(o.device))
@@ -179,7 +186,7 @@ def _build(o: BuildOptions, ranks: Ranks, console: Console, started: float) -> B
     tables = example_tables(report.examples)
     weights_sha256 = checkpoint_sha256(o.teacher)
     router_sha256 = file_sha256(o.router) if o.router else None
-    settings = resume_settings(o, policy, tokenizer, loaded, tables, device, dtype, weights_sha256, router_sha256)
+    settings = resume_settings(o, policy, flags, tokenizer, loaded, tables, device, dtype, weights_sha256, router_sha256)
     summary = partial(BuildSummary, out=str(out), examples=len(report.examples), positions=len(tables.target_positions),
                       samples=policy.samples, truncated_responses=report.truncated_responses, ranks=ranks.world, shard=o.shard)
     if ranks.share(lambda: o.resume and _complete_with(out, settings)):
@@ -190,19 +197,20 @@ def _build(o: BuildOptions, ranks: Ranks, console: Console, started: float) -> B
     check_tokenizer_fits(tokenizer, model, tokenizer_flag)
     router = load_router_file(model, o.router, o.teacher, weights_sha256) if o.router else None
     vocab = output_vocab_size(model)
-    if o.k > vocab:
-        raise MoekdError(f"--k {o.k} exceeds the teacher's vocabulary of {vocab}")
+    encoder = make_encoder(o.encoding, flags, model, vocab)
     controller = RouterController(model, policy, capture_gates=o.router_probs != "none")
     gate_r = gate_experts_kept(o.router_probs, controller.num_experts)
-    meta = describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype,
+    meta = describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loaded, report, tables, device, dtype,
                           weights_sha256, router)
     shards = shard[1] if shard else None
     planned: list[CacheWriter] = []
-    ranks.share(lambda: planned.append(CacheWriter.open(out, meta, settings, tables, o.resume, o.overwrite, shards)))
+    ranks.share(lambda: planned.append(CacheWriter.open(out, meta, settings, tables, o.resume, o.overwrite, shards,
+                                                        encoder.fixed_arrays())))
     # the other ranks open rank 0's plan, checking it against their own settings (their data, teacher, versions)
     writer = planned[0] if ranks.main else _join_plan(out, settings)
     work = split_units(writer, ranks, shard)
-    runner = UnitRunner(model, controller, tables, policy.samples, o.k, o.seed, tokenizer.pad_token_id, o.batch_tokens, gate_r)
+    runner = UnitRunner(model, controller, tables, policy.samples, encoder, meta.layout.arrays, o.seed,
+                        tokenizer.pad_token_id, o.batch_tokens, gate_r)
     total_tokens = sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in work.everyone)
     teacher_seconds, done_tokens = 0.0, 0
     progress_tokens, ranks_done = ranks.counter("build/tokens"), ranks.counter("build/ranks-done")

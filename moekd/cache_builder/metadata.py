@@ -10,10 +10,9 @@ import torch
 from moekd import __version__
 from moekd.cache_builder.policies import SEED_DERIVATION
 from moekd.data.tokenizer import tokenizer_fingerprint
-from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, SCALE
 from moekd.models import output_vocab_size
 from moekd.schemas.cache import (
-    BuildInfo, CacheMetadata, DatasetInfo, EncodingInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
+    BuildInfo, CacheMetadata, DatasetInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
 )
 from moekd.schemas.router import RouterFileRef
 from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
@@ -25,12 +24,13 @@ GATE_DEFINITION = (
 )
 
 
-def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, report, tables, device, dtype,
+def describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loaded, report, tables, device, dtype,
                    weights_sha256: str | None, router: RouterFileRef | None = None) -> CacheMetadata:
     """Metadata of the store a build with options `o` is about to write (status: building);
     `router` is the loaded router file of --policy sar."""
     samples, num_positions = policy.samples, len(tables.target_positions)
-    arrays = array_specs(len(report.examples), len(tables.input_ids), num_positions, samples, o.k)
+    arrays = array_specs(len(report.examples), len(tables.input_ids), num_positions, samples, encoder.info,
+                         output_vocab_size(model))
     gates = None
     if gate_r:
         extra = gate_specs(num_positions, samples, len(controller.moe_layers), controller.num_experts, gate_r)
@@ -55,11 +55,7 @@ def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, repo
             name=policy.name, samples=samples, stochastic=policy.stochastic, params=policy.describe(), seed=o.seed,
             seed_derivation=SEED_DERIVATION, router=router,
         ),
-        encoding=EncodingInfo(
-            k=o.k, scale=SCALE, max_abs_error_nats=MAX_ABS_ERROR, max_gap_nats=MAX_GAP,
-            normalisation="log_softmax over the teacher's full output vocabulary at temperature 1, in float32",
-            tail="tail_logprob = log of the probability mass outside the top-k (exact, from the full distribution)",
-        ),
+        encoding=encoder.info,
         dataset=DatasetInfo(
             source=str(o.data), format=loaded.format, fingerprint_sha256=loaded.fingerprint(),
             fields=asdict(loaded.fields), template="chat" if o.chat_template else "dolly",
@@ -81,8 +77,8 @@ def describe_store(o, model, tokenizer, controller, policy, gate_r, loaded, repo
     )
 
 
-def resume_settings(o, policy, tokenizer, loaded, tables: ExampleTables, device, dtype, weights_sha256: str | None,
-                    router_sha256: str | None = None) -> dict:
+def resume_settings(o, policy, encoding_flags: dict, tokenizer, loaded, tables: ExampleTables, device, dtype,
+                    weights_sha256: str | None, router_sha256: str | None = None) -> dict:
     """Everything that determines the store's content: a resumed build must match it field by field.
     Computed before the teacher is loaded, so that a complete store is recognised without loading it."""
     import transformers
@@ -97,9 +93,10 @@ def resume_settings(o, policy, tokenizer, loaded, tables: ExampleTables, device,
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"], "data_fingerprint": loaded.fingerprint(),
         "fields": asdict(loaded.fields), "template": "chat" if o.chat_template else "dolly",
         "max_prompt_len": o.max_prompt_len, "max_len": o.max_len, "skip_invalid": o.skip_invalid, "policy": policy.name,
-        "policy_params": policy.describe(), "samples": policy.samples, "seed": o.seed, "k": o.k,
+        "policy_params": policy.describe(), "samples": policy.samples, "seed": o.seed,
         "dtype": str(dtype).removeprefix("torch."), "batch_tokens": o.batch_tokens,
         "positions_per_shard": o.positions_per_shard, "router_probs": o.router_probs,
+        "encoding": o.encoding, **encoding_flags,
         # --policy sar: another router file is another teacher
         **({"router_sha256": router_sha256} if router_sha256 else {}),
     }

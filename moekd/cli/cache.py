@@ -23,7 +23,12 @@ def cache_build(
     ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
     top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach."),
     experts: Optional[int] = typer.Option(None, help="topk: activate the K experts with the largest gates, renormalised (default: the router's own k; K = N is the same as --policy all)."),
-    k: int = typer.Option(64, help="Teacher token ids stored per position and sample (top-k, plus a tail bucket)."),
+    encoding: str = typer.Option("topk", help="What is stored per position and sample: topk (k largest + tail), sampled (random-sampling KD draws) or hidden (final hidden state + the output layer once: exact)."),
+    k: Optional[int] = typer.Option(None, help="topk: teacher token ids stored per position and sample, plus a tail bucket (default 64)."),
+    logprob_scale: Optional[float] = typer.Option(None, help="topk: log-prob quantisation steps per nat; error 1/(2 x scale) nat (default 256)."),
+    draws: Optional[int] = typer.Option(None, help="sampled: token ids drawn with replacement per position and sample (default 32)."),
+    proposal_temp: Optional[float] = typer.Option(None, help="sampled: draw from p^t renormalised (default 1); t != 1 also stores what importance weights need."),
+    hidden_dtype: Optional[str] = typer.Option(None, help="hidden: bf16 (default), fp8 (e4m3, one scale per row) or fp32 (exact for a float32 teacher)."),
     max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens; longer rows are an error (or skipped with --skip-invalid)."),
     max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated and counted."),
     dtype: str = typer.Option("auto", help="Teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."),
@@ -48,6 +53,8 @@ def cache_build(
 
     With a SAR router: moekd cache build --teacher ./teacher --data train.jsonl --out sar.zarr --policy sar --router router.safetensors
 
+    Example: moekd cache build --teacher ./teacher --data train.jsonl --out sampled.zarr --encoding sampled --draws 32
+
     On several GPUs: torchrun --nproc-per-node 8 -m moekd cache build ... (one teacher per rank).
     As a job array: moekd cache build ... --shard $I/$N in each job, then moekd cache finalize run.zarr
     """
@@ -58,7 +65,7 @@ def cache_build(
     options = BuildOptions(
         teacher=teacher, data=str(data), out=str(out), policy=policy,
         policy_params={key: value for key, value in params.items() if value is not None},
-        k=k, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
+        encoding=encoding, k=k, logprob_scale=logprob_scale, draws=draws, proposal_temp=proposal_temp, hidden_dtype=hidden_dtype, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
         seed=seed, resume=resume, overwrite=overwrite, tokenizer=tokenizer, chat_template=chat_template,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
         skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs, shard=shard,
@@ -134,7 +141,7 @@ def cache_info(
         ("experts", f"{meta.teacher.num_experts} per layer, top-{meta.teacher.experts_per_token}, {len(meta.teacher.moe_layers)} MoE layers"
          if meta.teacher.num_experts else "dense teacher"),
         ("policy", f"{meta.policy.name} {meta.policy.params} M={meta.policy.samples} seed={meta.policy.seed}"),
-        ("encoding", f"top-{meta.encoding.k} + tail, {meta.encoding.logprob_codec} (max error {meta.encoding.max_abs_error_nats:.5f} nat)"),
+        ("encoding", describe_encoding(meta.encoding)),
         ("dataset", f"{meta.dataset.source} ({meta.dataset.format}, {meta.dataset.template} template)"),
         ("examples", f"{meta.layout.num_examples:,}"),
         ("tokens", f"{meta.layout.num_tokens:,}"),
@@ -147,7 +154,8 @@ def cache_info(
         rows += [
             ("size", f"{info['bytes_total']:,} B"),
             ("bytes per position", f"{info['bytes_per_position']:.1f}"),
-            ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} (top-k ids, log-probs, tail)"
+            ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} ({meta.encoding.kind} arrays)"
+             + (f" + {info['output_layer_bytes']:,} B once (output layer)" if info["output_layer_bytes"] else "")
              + (f" + {info['gate_bytes_per_position_sample']:.1f} (gates)" if meta.gates else "")),
         ]
     rows.append(("built", f"{meta.build.created_at} -> {meta.build.completed_at} on {meta.build.device}"))
@@ -156,6 +164,16 @@ def cache_info(
     for key, value in rows:
         table.add_row(key, str(value))
     Console().print(table)
+
+
+def describe_encoding(encoding) -> str:
+    if encoding.kind == "topk_tail":
+        return f"topk: top-{encoding.k} + tail, {encoding.logprob_codec} (max error {encoding.max_abs_error_nats:.5f} nat)"
+    if encoding.kind == "sampled":
+        weights = ", importance weights stored" if encoding.importance_weights else ""
+        return f"sampled: {encoding.draws} draws from p^{encoding.proposal_temp:g}, unique ids + counts{weights}"
+    return (f"hidden: {encoding.hidden_dtype} hidden states (d = {encoding.hidden_size}) + output layer "
+            f"({encoding.output_layer_dtype}, sha256 {encoding.output_layer_sha256[:12]})")
 
 
 @cache_app.command("verify")

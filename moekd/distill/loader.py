@@ -105,11 +105,12 @@ class BatchDataset(Dataset):
 
     Keys: input_ids [B, W] (right-padded), lengths [B] (tokens per row), rows [P] (flat index
     b*W + t of each target position), labels [P] (the token each position predicts), examples [B],
-    epoch, batch, tokens (unpadded); from a cache also topk_ids [P, M', k], topk_logprobs [P, M', k],
-    tail_logprob [P, M'] where M' = M for samples="mean" and 1 for "random" (one sample per example,
-    drawn from (seed, epoch, example)); with `gate_targets` (gate_maps.GateTargets) also
-    teacher_gates [P, M', L, N_S] from the stored gate arrays of the same samples and mc_uniforms
-    [K, P, M', L] for the Monte-Carlo expert draws.
+    epoch, batch, tokens (unpadded); from a cache also the teacher arrays of its encoding
+    (CacheSource.read's, e.g. topk_ids [P, M', k], topk_logprobs [P, M', k], tail_logprob [P, M'])
+    where M' = M for samples="mean" and 1 for "random" (one sample per example, drawn from (seed,
+    epoch, example)); with `gate_targets` (gate_maps.GateTargets) also teacher_gates
+    [P, M', L, N_S] from the stored gate arrays of the same samples and mc_uniforms [K, P, M', L]
+    for the Monte-Carlo expert draws.
     """
 
     def __init__(self, source, pad_id: int, samples: str = "mean", seed: int = 0, gate_targets=None):
@@ -142,14 +143,13 @@ class BatchDataset(Dataset):
             "tokens": int(counts.sum()),
         }
         if self.source.has_teacher:
-            names = ("topk_ids", "topk_logprobs", "tail_logprob", *self.source.gate_arrays)
-            per_sample = {name: data[name] for name in names}  # [P, M, ...] each
+            teacher = data["teacher"]
+            per_sample = {**teacher, **{name: data[name] for name in self.source.gate_arrays}}  # [P, M, ...] each
             if self.samples == "random" and self.source.samples > 1:
                 drawn = np.array([np.random.default_rng([self.seed, epoch, e]).integers(self.source.samples) for e in examples])
                 at, pick = np.arange(len(row_of_position)), drawn[row_of_position]
                 per_sample = {name: a[at, pick][:, None] for name, a in per_sample.items()}
-            batch.update({name: torch.from_numpy(np.ascontiguousarray(per_sample[name]))
-                          for name in ("topk_ids", "topk_logprobs", "tail_logprob")})
+            batch.update({name: torch.from_numpy(np.ascontiguousarray(per_sample[name])) for name in teacher})
             if self.gate_targets is not None:
                 batch.update(self.gate_targets({name: per_sample[name] for name in self.source.gate_arrays},
                                                examples, positions, epoch))

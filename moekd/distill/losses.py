@@ -61,6 +61,8 @@ in backward), whatever M; with labels, the cross-entropy of an objective mixing 
 that same pass (at T = 1; at T != 1 it takes a second pass at T = 1).
 
 `sparse_kd_loss` takes [P, V] logits (autograd: a custom backward for the [P, V] part).
+`exact_losses_` is `dense_kd_loss` for one chunk against a teacher given by its final hidden states
+and output layer (a hidden cache's exact loss); the sampled caches' estimate is in sampled_losses.py.
 `sparse_losses_` is the same computation on one chunk of logits it may overwrite, returning the
 gradient of a weighted sum of KD and CE directly: the chunked training objective
 (objective.py, chunked.py) feeds it one chunk of positions at a time, so no step holds [P, V].
@@ -307,6 +309,54 @@ def dense_kd_loss(
     student_logq = torch.log_softmax(logits / temperature, dim=-1)
     teacher_logp = torch.log_softmax(teacher_logprobs.to(logits.dtype) / temperature, dim=-1)
     return _divergence(teacher_logp, student_logq, kind, skew_lambda, jsd_beta)
+
+
+def exact_losses_(
+    logits: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor | None,
+    kd_weight: float,
+    ce_weight: float,
+    need_grad: bool,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    skew_lambda: float = 0.1,
+    jsd_beta: float = 0.5,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`dense_kd_loss` of one chunk against the teacher's own distributions, and CE, with the gradient of
+    kd_weight·ΣKD + ce_weight·ΣCE (a hidden cache's exact loss; the chunked objective calls it).
+
+    logits [C, V] (float32 or float64); teacher_hidden [C, M, d]: the teacher's final hidden states;
+    teacher_weight [V_t, d]: its output layer (`teacher_logprobs`). One teacher sample at a time, so
+    the chunk's memory is a few [C, V] buffers whatever M. Returns the per-(position, sample)
+    divergence [C, M], the per-position cross-entropy of `labels` [C] at T = 1 (None without labels)
+    and with need_grad the gradient with respect to the logits (else None).
+    """
+    kd, grad = [], None
+    with torch.enable_grad() if need_grad else nullcontext():
+        student = logits.detach().requires_grad_(need_grad)
+        for m in range(teacher_hidden.shape[1]):
+            teacher = teacher_logprobs(teacher_hidden[:, m], teacher_weight, logits.shape[1])
+            kd_m = dense_kd_loss(student, teacher, kind, temperature, skew_lambda, jsd_beta)
+            if need_grad:
+                g, = torch.autograd.grad(kd_m.sum() * kd_weight, student)
+                grad = g if grad is None else grad.add_(g)
+            kd.append(kd_m.detach())
+        ce = None if labels is None else F.cross_entropy(student, labels.long(), reduction="none")
+        if need_grad and ce is not None:
+            g, = torch.autograd.grad(ce.sum() * ce_weight, student)
+            grad = g if grad is None else grad.add_(g)
+    return torch.stack(kd, dim=1), _detached(ce), grad
+
+
+def teacher_logprobs(hidden: Tensor, weight: Tensor, vocab: int | None = None) -> Tensor:
+    """A teacher's log-probs at T = 1 [C, vocab] from its final hidden states [C, d] and output layer W [V_t, d]:
+    log_softmax(h·Wᵀ), the logits computed in W's dtype as the teacher computes them, then upcast to
+    float32; -inf (probability 0) for the ids from V_t up to `vocab` (a student with a larger output layer)."""
+    logits = F.linear(hidden.to(weight.dtype), weight)
+    logp = torch.log_softmax(_upcast(logits), dim=-1)
+    return logp if vocab is None or vocab == logp.shape[1] else F.pad(logp, (0, vocab - logp.shape[1]), value=-math.inf)
 
 
 def reduce_kd_loss(per_sample: Tensor, mask: Tensor, sample_index: Tensor | None = None) -> Tensor:

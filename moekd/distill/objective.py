@@ -7,6 +7,12 @@ KD is averaged over the response positions of a batch; with --ce-weight w the ob
 With M > 1 teacher samples the per-sample losses are averaged (the loader already picked one
 sample per example for --samples random).
 
+KD by the cache's encoding (`cache_objective` picks the chunk loss from the batch's arrays):
+topk, the (k+1)-bucket divergence (`SparseObjective`); sampled, the unbiased estimate of the
+forward-KL cross-entropy (`SampledObjective`: KL + the teacher's entropy, a constant); hidden,
+the exact full-vocabulary divergence of every kind at any temperature, the teacher's log-probs
+recomputed per chunk from its stored hidden states and output layer (`ExactObjective`).
+
 The seam: `batch_loss` = `Student.forward` (the batch's one forward; the module that
 DistributedDataParallel wraps; `output_router_logits=True` returns an MoE student's router
 logits from it) followed by `output_terms` (the loss terms from the hidden states at the target
@@ -21,16 +27,19 @@ from __future__ import annotations
 import torch
 
 from moekd.distill.chunked import OutputLayer, chunked_output_loss
-from moekd.distill.losses import sparse_losses_
+from moekd.distill.losses import exact_losses_, sparse_losses_
+from moekd.distill.sampled_losses import sampled_losses_
 from moekd.distill.options import TrainOptions
 
 
-def batch_loss(student, batch: dict, o: TrainOptions, device: torch.device) -> dict[str, torch.Tensor]:
+def batch_loss(student, batch: dict, o: TrainOptions, device: torch.device,
+               teacher_layer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """loss (and kd_loss, ce_loss when mixed; logit_loss and the router terms with router terms): means over
     the batch's target positions.
 
     `student` is a Student, or a wrapper around one whose `.module` is the Student
     (DistributedDataParallel): it is called once, and its output layer applied by the loss.
+    teacher_layer: the teacher's output layer W [V, d] of a hidden cache (CacheSource.teacher_output_layer).
     """
     inner = getattr(student, "module", student)
     routing = inner.router_terms
@@ -38,7 +47,7 @@ def batch_loss(student, batch: dict, o: TrainOptions, device: torch.device) -> d
         # Right padding under a causal mask never reaches real tokens: no attention mask needed.
         output = student(input_ids=batch["input_ids"].to(device), output_router_logits=routing is not None)
     hidden = output.last_hidden_state.flatten(0, 1)[batch["rows"].to(device)]
-    terms = output_terms(hidden, inner.output_layer, batch, o, device)
+    terms = output_terms(hidden, inner.output_layer, batch, o, device, teacher_layer)
     if routing is None:
         return terms
     router = routing(output.router_logits, batch, training=inner.training)
@@ -46,14 +55,16 @@ def batch_loss(student, batch: dict, o: TrainOptions, device: torch.device) -> d
 
 
 def output_terms(hidden: torch.Tensor, head: OutputLayer, batch: dict, o: TrainOptions,
-                 device: torch.device) -> dict[str, torch.Tensor]:
+                 device: torch.device, teacher_layer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The objective's terms from the final hidden states [P, d] of the batch's target positions."""
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else None  # what autocast would run the lm_head in
-    return chunked_output_loss(hidden, head, SparseObjective(batch, o, device), o.loss_chunk, matmul_dtype)
+    return chunked_output_loss(hidden, head, cache_objective(batch, o, device, teacher_layer), o.loss_chunk,
+                               matmul_dtype)
 
 
 @torch.no_grad()
-def held_out_loss(student, batches, o: TrainOptions, device, combine=lambda sums, positions: (sums, positions)) -> dict[str, float]:
+def held_out_loss(student, batches, o: TrainOptions, device, combine=lambda sums, positions: (sums, positions),
+                  teacher_layer: torch.Tensor | None = None) -> dict[str, float]:
     """Held-out loss terms, averaged over all held-out target positions (all teacher samples).
     `combine` adds up the sums of all ranks, each of which evaluated its share of the batches."""
     student.eval()
@@ -62,21 +73,23 @@ def held_out_loss(student, batches, o: TrainOptions, device, combine=lambda sums
     for b in batches:
         if not len(b["rows"]):
             continue  # this rank's share of a batch was empty
-        for key, value in batch_loss(student, b, o, device).items():
+        for key, value in batch_loss(student, b, o, device, teacher_layer).items():
             sums[key] = sums.get(key, 0.0) + value.item() * len(b["rows"])
         positions += len(b["rows"])
     sums, positions = combine(sums, positions)
     return {f"eval_{key}": value / positions for key, value in sums.items()}
 
 
-class SparseObjective:
-    """The chunk loss (chunked.ChunkLoss) of one batch: (1-w)·mean KD + w·mean CE, or mean CE for --loss ce."""
+class _Objective:
+    """What every chunk loss (chunked.ChunkLoss) of a batch shares: (1-w)·mean KD + w·mean CE, or mean CE for
+    --loss ce; a subclass computes a chunk's KD and CE (`_losses`) from the teacher arrays it keeps."""
+
+    TEACHER: tuple[str, ...] = ()  # the batch's teacher arrays [P, M, ...] that _losses takes
 
     def __init__(self, batch: dict, o: TrainOptions, device: torch.device):
         self.o = o
         self.labels = batch["labels"].to(device)
-        self.teacher = None if o.loss == "ce" else tuple(
-            batch[key].to(device) for key in ("topk_ids", "topk_logprobs", "tail_logprob"))
+        self.teacher = None if o.loss == "ce" else tuple(batch[key].to(device) for key in self.TEACHER)
         self.ce_share = 1.0 if self.teacher is None else o.ce_weight  # w
         self.terms = ("loss", "kd_loss", "ce_loss") if self.teacher is not None and o.ce_weight else ("loss",)
         positions = max(len(self.labels), 1)
@@ -84,14 +97,64 @@ class SparseObjective:
         self.ce_scale = 1.0 / positions
 
     def __call__(self, logits: torch.Tensor, rows: slice, need_grad: bool):
-        o, w = self.o, self.ce_share
-        teacher = (None,) * 3 if self.teacher is None else tuple(t[rows] for t in self.teacher)
+        w = self.ce_share
         labels = self.labels[rows] if w else None
-        kd, ce, grad = sparse_losses_(
-            logits, *teacher, labels, (1 - w) * self.kd_scale, w * self.ce_scale, need_grad,
-            o.loss, o.temperature, o.skew_lambda, o.jsd_beta,  # (the kind matters only with a teacher)
-        )
+        kd_weight, ce_weight = (1 - w) * self.kd_scale, w * self.ce_scale
+        if self.teacher is None:
+            kd, ce, grad = sparse_losses_(logits, None, None, None, labels, kd_weight, ce_weight, need_grad)
+        else:
+            kd, ce, grad = self._losses(logits, tuple(t[rows] for t in self.teacher), labels, kd_weight, ce_weight,
+                                        need_grad)
         kd_mean = kd.double().sum() * self.kd_scale if kd is not None else 0.0  # this chunk's share of the means
         ce_mean = ce.double().sum() * self.ce_scale if ce is not None else 0.0
         values = [(1 - w) * kd_mean + w * ce_mean] + ([kd_mean, ce_mean] if len(self.terms) == 3 else [])
         return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=logits.device) for v in values]), grad
+
+
+class SparseObjective(_Objective):
+    """Top-k caches: the (k+1)-bucket divergence of losses.py (and CE alone for --loss ce, from any batch)."""
+
+    TEACHER = ("topk_ids", "topk_logprobs", "tail_logprob")
+
+    def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
+        o = self.o
+        return sparse_losses_(logits, *teacher, labels, kd_weight, ce_weight, need_grad,
+                              o.loss, o.temperature, o.skew_lambda, o.jsd_beta)
+
+
+class SampledObjective(_Objective):
+    """Sampled caches: the unbiased estimate of the forward-KL cross-entropy (sampled_losses.py); the
+    other losses were refused when the cache was opened (sources.check_loss_fits_cache)."""
+
+    TEACHER = ("sampled_ids", "sampled_weights")
+
+    def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
+        return sampled_losses_(logits, *teacher, labels, kd_weight, ce_weight, need_grad, self.o.temperature)
+
+
+class ExactObjective(_Objective):
+    """Hidden caches: the exact full-vocabulary divergence (losses.exact_losses_), the teacher's log-probs of a
+    chunk computed from its stored final hidden states and output layer."""
+
+    TEACHER = ("hidden_states",)
+
+    def __init__(self, batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor):
+        super().__init__(batch, o, device)
+        self.weight = teacher_layer.to(device)
+
+    def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
+        o = self.o
+        return exact_losses_(logits, *teacher, self.weight, labels, kd_weight, ce_weight, need_grad,
+                             o.loss, o.temperature, o.skew_lambda, o.jsd_beta)
+
+
+def cache_objective(batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor | None = None):
+    """The chunk loss of a batch, by the teacher arrays it carries; teacher_layer: the output layer of a hidden cache."""
+    if o.loss != "ce" and "sampled_ids" in batch:
+        return SampledObjective(batch, o, device)
+    if o.loss != "ce" and "hidden_states" in batch:
+        if teacher_layer is None:
+            raise ValueError("teacher_layer: a batch of a hidden cache needs the teacher's output layer "
+                             "(CacheSource.teacher_output_layer)")
+        return ExactObjective(batch, o, device, teacher_layer)
+    return SparseObjective(batch, o, device)

@@ -14,16 +14,18 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_differences
 from moekd.distill.options import TrainOptions
-from moekd.encoding import decode_logprobs
+from moekd.distill.sampled_losses import SAMPLED_BIASED
+from moekd.encoding import estimable_temperature, sampled_estimate
 from moekd.errors import MoekdError
 from moekd.models import output_vocab_size
-from moekd.store.reader import CacheReader
+from moekd.store.reader import CacheReader, decode_teacher, teacher_arrays
 from moekd.store.verify import verify_store
 
 
@@ -32,18 +34,19 @@ class CacheSource:
     distributions); opens one CacheReader per process."""
 
     has_teacher = True
-    ARRAYS = ("input_ids", "topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
 
-    def __init__(self, reader: CacheReader, gates: bool = False):
+    def __init__(self, reader: CacheReader, temperature: float = 1.0, gates: bool = False):
         self.gate_info = reader.meta.gates
         self.gate_arrays = tuple(self.gate_info.arrays) if gates else ()
-        self.arrays = (*self.ARRAYS, *self.gate_arrays)
         self.location, self.storage_options = reader.location, reader.storage_options
+        self.temperature = temperature
         self.lengths = reader.example_lengths()
         self.token_offsets, self.position_offsets = reader.token_offsets, reader.position_offsets
         self.prompt_len = reader.prompt_len.astype(np.int64)
         self.shards = reader.position_offsets[:-1] // reader.meta.layout.positions_per_shard
         self.samples = reader.meta.layout.num_samples
+        self.encoding = reader.meta.encoding
+        self.arrays = ("input_ids", *teacher_arrays(self.encoding), *self.gate_arrays)
         self._open(reader)
 
     def _open(self, reader: CacheReader) -> None:
@@ -80,10 +83,23 @@ class CacheSource:
             "position_counts": np.diff(self.position_offsets)[examples],
             # the store's alignment convention: positions prompt_len-1 .. L-2, each predicting the next token
             "target_positions": np.concatenate([np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]),
-            "topk_ids": arrays["topk_ids"],
-            "topk_logprobs": decode_logprobs(arrays["top1_logprob"], arrays["topk_gaps"]),
-            "tail_logprob": arrays["tail_logprob"],
+            "teacher": self._teacher(decode_teacher(self.encoding, arrays)),  # [P, M, ...] arrays
         }
+
+    def teacher_output_layer(self, device: torch.device) -> torch.Tensor | None:
+        """A hidden cache's teacher output layer W [V, d] on `device` (its sha256 checked against the
+        store's record), from which the loss computes the teacher's logits; None for other encodings."""
+        return self.reader.output_layer().to(device) if self.encoding.kind == "hidden" else None
+
+    def _teacher(self, decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What the loss takes: the decoded arrays, or for sampled caches the ids and the unbiased
+        estimate of the teacher (at the training temperature) there."""
+        if self.encoding.kind != "sampled":
+            return decoded
+        e, stored = self.encoding, {name: torch.from_numpy(value) for name, value in decoded.items()}
+        weights = sampled_estimate(stored["sampled_counts"], e.draws, e.proposal_temp, stored.get("sampled_logprobs"),
+                                   stored.get("proposal_logz"), self.temperature)
+        return {"sampled_ids": decoded["sampled_ids"], "sampled_weights": weights.numpy()}
 
 
 class TokenizedSource:
@@ -100,6 +116,9 @@ class TokenizedSource:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def teacher_output_layer(self, device: torch.device) -> None:
+        return None
 
     def read(self, examples: list[int]) -> dict[str, np.ndarray]:
         chosen = [self.examples[e] for e in examples]
@@ -135,7 +154,23 @@ def open_source(o: TrainOptions, tokenizer, console: Console):
         raise MoekdError(f"--router-loss {o.router_loss}: --cache {o.cache} stores no teacher gate distributions; rebuild it "
                          "with `moekd cache build ... --router-probs full` (or top-R for many experts)")
     _check_tokenizer(tokenizer, reader.meta.tokenizer, o, console)
-    return CacheSource(reader, gates=o.router_loss != "none"), reader.meta.build.manifest_sha256
+    check_loss_fits_cache(o, reader.meta.encoding)
+    return CacheSource(reader, o.temperature, gates=o.router_loss != "none"), reader.meta.build.manifest_sha256
+
+
+def check_loss_fits_cache(o: TrainOptions, encoding) -> None:
+    """Sampled caches estimate the teacher without bias for forward KL only, at temperature 1 or 1/t."""
+    if encoding.kind != "sampled":
+        return
+    if o.loss in SAMPLED_BIASED:
+        raise MoekdError(f"--loss {o.loss}: --cache {o.cache} holds sampled teacher tokens, and {SAMPLED_BIASED[o.loss]}; "
+                         "use --loss fkl, or a topk or hidden cache")
+    t = encoding.proposal_temp
+    if o.loss != "ce" and estimable_temperature(o.temperature, t) is None:
+        temperatures = "1" if t == 1.0 else f"1 or {1 / t:g}"
+        raise MoekdError(f"--temperature {o.temperature:g}: --cache {o.cache} holds draws from p^{t:g}, which estimate the "
+                         f"teacher without bias at temperature {temperatures} only; use that, or rebuild the cache with "
+                         f"--proposal-temp {1 / o.temperature:g}")
 
 
 def _check_tokenizer(tokenizer, stored, o: TrainOptions, console: Console) -> None:
@@ -159,11 +194,14 @@ def check_vocabulary(model, source, student: str) -> None:
             raise MoekdError(f"--student {student}: its output layer has {vocab} entries but the data holds token id {largest}")
         return
     reader = source.reader
-    if vocab >= reader.meta.teacher.vocab_size:
+    teacher_vocab = reader.meta.teacher.vocab_size
+    if vocab >= teacher_vocab:
         return
-    step = reader.meta.layout.positions_per_shard
-    stored = max(int(reader.group["topk_ids"][s:s + step].max()) for s in range(0, reader.num_positions, step))
-    largest = max(stored, int(reader.group["input_ids"][:].max()))
+    if reader.meta.encoding.kind == "hidden":
+        raise MoekdError(f"--student {student}: its output layer has {vocab} entries, fewer than the teacher's {teacher_vocab}, "
+                         "over all of which a hidden-state cache gives the teacher's distribution; use a student whose "
+                         "output layer has at least as many entries")
+    largest = max(reader.largest_stored_id(), int(reader.group["input_ids"][:].max()))
     if largest >= vocab:
         raise MoekdError(
             f"--student {student}: its output layer has {vocab} entries, fewer than the teacher's {reader.meta.teacher.vocab_size}, "

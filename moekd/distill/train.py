@@ -95,6 +95,7 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
     routing, gate_targets = router_objective(o, model, source.gate_info)
     # the forward to hidden states (the loss applies the output layer) and the router terms with their τ
     student = Student(model, router_terms=routing.to(device) if routing is not None else None)
+    teacher_layer = source.teacher_output_layer(device)  # hidden caches: the teacher's, for its exact log-probs
     forward = wrap(student, ranks, device)  # the module whose forward the loss calls (DDP on several ranks)
     groups = [{"params": list(model.parameters())}]
     if routing is not None and routing.tau.numel():
@@ -124,7 +125,7 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
 
     def evaluate() -> dict[str, float]:
         batches = make_loader(BatchDataset(source, pad_id, "mean", o.seed, gate_targets), RankShare(eval_order, ranks), o.workers)
-        return held_out_loss(student, batches, o, device, combine=partial(combined, ranks))
+        return held_out_loss(student, batches, o, device, partial(combined, ranks), teacher_layer)
 
     eval_start = None
     if step == 0 and eval_order:
@@ -138,7 +139,8 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
             if not micro:
                 break
             lr = scheduler.get_last_lr()[0]
-            terms, grad_norm, batch_tokens = _optimizer_step(forward, optimizer, micro, o, device, step + 1, out, ranks, pad_id)
+            terms, grad_norm, batch_tokens = _optimizer_step(forward, optimizer, micro, o, device, step + 1, out, ranks, pad_id,
+                                                                teacher_layer)
             scheduler.step()
             step += 1
             tokens += batch_tokens
@@ -199,7 +201,7 @@ def lr_factor(step: int, warmup: int, total_steps: int, schedule: str) -> float:
 
 
 def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device, step: int, out: Path,
-                    ranks: Ranks, pad_id: int):
+                    ranks: Ranks, pad_id: int, teacher_layer: torch.Tensor | None):
     """One update over the micro-batches, weighted by their target positions (= one big batch, over all ranks).
     Returns the loss terms, the gradient norm and the step's tokens (all ranks)."""
     model.train()
@@ -212,7 +214,7 @@ def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device
             if not len(b["rows"]):
                 empty_share_backward(model, pad_id, device)
                 continue
-            terms = batch_loss(model, b, o, device)
+            terms = batch_loss(model, b, o, device, teacher_layer)
             if not torch.isfinite(terms["loss"]):
                 raise _diverged(f"the loss is {terms['loss'].item()}", step, b, out)
             weight = len(b["rows"]) / positions

@@ -3,18 +3,22 @@
 Stored as the `moekd` attribute of the store's root group and exported as JSON Schema
 (`teacher_cache.schema.json`) for other teams. Readers pin the major version; optional fields
 added later bump the minor version, and an older reader ignores them.
+
+1.1 added the `sampled` and `hidden` encodings (a reader of 1.0 refuses them by their `kind`);
+stores of 1.0 (`topk_tail` only) read unchanged. 1.2 added `policy.router` (the router file of
+`--policy sar`).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import Field
 
 from moekd.schemas.base import Strict
 from moekd.schemas.router import RouterFileRef
 
-SCHEMA_VERSION = "1.1"  # 1.1: policy.router (the router file of --policy sar)
+SCHEMA_VERSION = "1.2"
 FORMAT = "moekd-teacher-cache"
 ALIGNMENT_DESCRIPTION = (
     "target_positions[p] = t means the stored distribution at p was produced by the teacher at token "
@@ -57,15 +61,45 @@ class PolicyInfo(Strict):
     router: Optional[RouterFileRef] = Field(None, description="--policy sar: the trained router file the teacher ran with")
 
 
-class EncodingInfo(Strict):
+class TopkEncoding(Strict):
     kind: Literal["topk_tail"] = "topk_tail"
     k: int = Field(gt=0, description="Teacher token ids stored per position and sample")
-    logprob_codec: Literal["u16_gap_delta"] = "u16_gap_delta"
-    scale: float = Field(gt=0, description="Quantisation steps per nat of the gaps below the top-1 log-prob")
+    logprob_codec: Literal["u16_gap_delta", "u16_steps_sorted_ids"] = Field(
+        "u16_gap_delta", description="u16_steps_sorted_ids (1.1): ids ascending and delta-coded, log-probs and tail as "
+                                     "uint16 steps below 0 (65535: -inf); u16_gap_delta (1.0): ids in rank order, "
+                                     "float32 top-1, uint16 gaps below it delta-coded along k, float32 tail")
+    scale: float = Field(gt=0, description="Quantisation steps per nat of the stored log-probs")
     max_abs_error_nats: float = Field(description="Largest decoding error of a stored log-prob within max_gap_nats")
-    max_gap_nats: float = Field(description="Gaps below the top-1 log-prob are clamped here")
+    max_gap_nats: float = Field(description="Log-probs further than this below their reference (0, or the top-1 for "
+                                            "u16_gap_delta) are clamped there")
     normalisation: str
     tail: str
+
+
+class SampledEncoding(Strict):
+    kind: Literal["sampled"] = "sampled"
+    draws: int = Field(ge=1, le=65535, description="n: token ids drawn with replacement per position and sample")
+    proposal_temp: float = Field(gt=0, description="t: the draws come from r = p^t / Z_t, p the teacher at temperature 1")
+    width: int = Field(gt=0, description="Slots per position and sample: min(draws, vocabulary); unused slots are padding")
+    importance_weights: bool = Field(description="True when t != 1: sampled_logprobs (log p of each id) and proposal_logz "
+                                                 "(log Z_t) are stored for the weights p/r")
+    draw_derivation: str
+    estimate: str
+
+
+class HiddenEncoding(Strict):
+    kind: Literal["hidden"] = "hidden"
+    hidden_dtype: Literal["bf16", "fp8", "fp32"] = Field(
+        description="bf16: uint16 bit patterns; fp8: uint8 bit patterns of float8 e4m3fn, each row divided by "
+                    "hidden_scale; fp32: float32")
+    hidden_size: int = Field(gt=0, description="d: width of the teacher's final hidden state")
+    output_layer_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        description="Dtype of the stored output layer and of the logits computed from it (bfloat16 as uint16 bits)")
+    output_layer_sha256: str = Field(description="sha256 of the output_layer array's bytes (C order, as stored)")
+    definition: str
+
+
+EncodingInfo = Annotated[Union[TopkEncoding, SampledEncoding, HiddenEncoding], Field(discriminator="kind")]
 
 
 class AlignmentInfo(Strict):

@@ -5,13 +5,20 @@ A store is one Zarr v3 group holding flat arrays:
 - per example: `example_token_offsets` [E+1], `example_position_offsets` [E+1],
   `example_prompt_len` [E], `example_source_index` [E] (row of the source data);
 - per stored position p (response positions only, see the alignment convention):
-  `target_positions` [P] (position inside its example), and per sample m the sparse teacher
-  distribution: `topk_ids` [P, M, k], `topk_gaps` [P, M, k], `top1_logprob` [P, M],
-  `tail_logprob` [P, M] (see moekd.encoding); with --router-probs the teacher's gate
-  distributions per MoE layer: `gate_probs` [P, M, L, N] (full), or `gate_ids` [P, M, L, R],
-  `gate_probs` [P, M, L, R] and `gate_rest` [P, M, L] (the mass of the other experts).
+  `target_positions` [P] (position inside its example), and per sample m the teacher's
+  distribution in the store's encoding (see moekd.encoding):
+  topk: `topk_ids` [P, M, k] (ascending, delta-coded), `topk_steps` [P, M, k], `tail_steps` [P, M]
+  (schema 1.0 stores: `topk_ids`, `topk_gaps` [P, M, k], `top1_logprob`, `tail_logprob` [P, M]);
+  sampled: `sampled_ids` [P, M, S], `sampled_counts` [P, M, S], with t != 1 also
+  `sampled_logprobs` [P, M, S] and `proposal_logz` [P, M];
+  hidden: `hidden_states` [P, M, d] (bits), with fp8 also `hidden_scale` [P, M]; and once per
+  store the teacher's output layer `output_layer` [V, d];
+  with --router-probs the teacher's gate distributions per MoE layer: `gate_probs` [P, M, L, N]
+  (full), or `gate_ids` [P, M, L, R], `gate_probs` [P, M, L, R] and `gate_rest` [P, M, L] (the
+  mass of the other experts).
 Position arrays are sharded along P; the build writes one shard range ("unit") at a time, so
-no two units ever share a file and each unit can be redone alone after a crash.
+no two units ever share a file and each unit can be redone alone after a crash. Arrays that do
+not depend on the teacher's passes (tables, the output layer) are written before any unit.
 """
 
 from __future__ import annotations
@@ -20,22 +27,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekd.schemas.cache import ArraySpec
+from moekd.encoding import HIDDEN_STORED_DTYPE
+from moekd.schemas.cache import ArraySpec, EncodingInfo, HiddenEncoding, SampledEncoding, TopkEncoding
 
 POSITIONS_PER_CHUNK = 256
 POSITIONS_PER_SHARD = 65536
 TOKENS_PER_CHUNK = 16384
 EXAMPLES_PER_CHUNK = 16384
+VOCAB_ROWS_PER_CHUNK = 4096
 
 BUILD_DIR = ".moekd-build"  # resume state of an unfinished build; removed once the store is complete
 MANIFEST = "manifest.json"  # per-file sha256 of a complete store
 ROOT_META = "zarr.json"
 
 
-def array_specs(num_examples: int, num_tokens: int, num_positions: int, samples: int, k: int,
-                extra: dict[str, ArraySpec] | None = None) -> dict[str, ArraySpec]:
+def array_specs(num_examples: int, num_tokens: int, num_positions: int, samples: int, encoding: EncodingInfo,
+                vocab_size: int, extra: dict[str, ArraySpec] | None = None) -> dict[str, ArraySpec]:
     """Every array of a store with these sizes; `extra` adds position arrays (first dim P)."""
-    E, T, P, M = num_examples, num_tokens, num_positions, samples
+    E, T, P = num_examples, num_tokens, num_positions
     specs = {
         "input_ids": ArraySpec(shape=[T], dtype="int32", dims=["token"]),
         "example_token_offsets": ArraySpec(shape=[E + 1], dtype="int64", dims=["example+1"]),
@@ -43,13 +52,54 @@ def array_specs(num_examples: int, num_tokens: int, num_positions: int, samples:
         "example_prompt_len": ArraySpec(shape=[E], dtype="int32", dims=["example"]),
         "example_source_index": ArraySpec(shape=[E], dtype="int64", dims=["example"]),
         "target_positions": ArraySpec(shape=[P], dtype="int32", dims=["position"]),
-        "topk_ids": ArraySpec(shape=[P, M, k], dtype="int32", dims=["position", "sample", "rank"]),
-        "topk_gaps": ArraySpec(shape=[P, M, k], dtype="uint16", dims=["position", "sample", "rank"]),
-        "top1_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=["position", "sample"]),
-        "tail_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=["position", "sample"]),
     }
+    specs.update(encoding_specs(encoding, P, samples, vocab_size))
     specs.update(extra or {})
     return specs
+
+
+def encoding_specs(encoding: EncodingInfo, num_positions: int, samples: int, vocab_size: int) -> dict[str, ArraySpec]:
+    """The arrays that hold the teacher's distributions in `encoding`."""
+    P, M = num_positions, samples
+    per_sample = ["position", "sample"]
+    if isinstance(encoding, TopkEncoding) and encoding.logprob_codec == "u16_gap_delta":  # schema 1.0
+        k = encoding.k
+        return {
+            "topk_ids": ArraySpec(shape=[P, M, k], dtype="int32", dims=[*per_sample, "rank"]),
+            "topk_gaps": ArraySpec(shape=[P, M, k], dtype="uint16", dims=[*per_sample, "rank"]),
+            "top1_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=per_sample),
+            "tail_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=per_sample),
+        }
+    if isinstance(encoding, TopkEncoding):
+        k = encoding.k
+        return {
+            "topk_ids": ArraySpec(shape=[P, M, k], dtype="int32", dims=[*per_sample, "slot"]),
+            "topk_steps": ArraySpec(shape=[P, M, k], dtype="uint16", dims=[*per_sample, "slot"]),
+            "tail_steps": ArraySpec(shape=[P, M], dtype="uint16", dims=per_sample),
+        }
+    if isinstance(encoding, SampledEncoding):
+        S = encoding.width
+        specs = {
+            "sampled_ids": ArraySpec(shape=[P, M, S], dtype="int32", dims=[*per_sample, "slot"]),
+            "sampled_counts": ArraySpec(shape=[P, M, S], dtype=count_dtype(encoding.draws), dims=[*per_sample, "slot"]),
+        }
+        if encoding.importance_weights:
+            specs["sampled_logprobs"] = ArraySpec(shape=[P, M, S], dtype="float32", dims=[*per_sample, "slot"])
+            specs["proposal_logz"] = ArraySpec(shape=[P, M], dtype="float32", dims=per_sample)
+        return specs
+    assert isinstance(encoding, HiddenEncoding)
+    d = encoding.hidden_size
+    specs = {"hidden_states": ArraySpec(shape=[P, M, d], dtype=HIDDEN_STORED_DTYPE[encoding.hidden_dtype],
+                                        dims=[*per_sample, "hidden"])}
+    if encoding.hidden_dtype == "fp8":
+        specs["hidden_scale"] = ArraySpec(shape=[P, M], dtype="float32", dims=per_sample)
+    stored = {"bfloat16": "uint16"}.get(encoding.output_layer_dtype, encoding.output_layer_dtype)
+    specs["output_layer"] = ArraySpec(shape=[vocab_size, d], dtype=stored, dims=["vocab", "hidden"])
+    return specs
+
+
+def count_dtype(draws: int) -> str:
+    return "uint8" if draws <= np.iinfo(np.uint8).max else "uint16"
 
 
 def gate_specs(num_positions: int, samples: int, layers: int, num_experts: int, r: int) -> dict[str, ArraySpec]:
@@ -77,6 +127,8 @@ def chunking(spec: ArraySpec, positions_per_shard: int) -> tuple[tuple[int, ...]
         return (chunk, *rest), (positions_per_shard, *rest)
     if first == "token":
         return (TOKENS_PER_CHUNK,), None
+    if first == "vocab":
+        return (min(VOCAB_ROWS_PER_CHUNK, spec.shape[0]), *rest), None
     return (EXAMPLES_PER_CHUNK,), None
 
 

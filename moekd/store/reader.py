@@ -2,23 +2,28 @@
 
     from moekd import CacheReader
     r = CacheReader("run.zarr")
-    ex = r[0]   # input_ids [L], target_positions [P], topk_ids [P,M,k], topk_logprobs [P,M,k], tail_logprob [P,M]
+    ex = r[0]   # input_ids [L], target_positions [P], and what the store's encoding holds:
+                # topk:    topk_ids [P,M,k], topk_logprobs [P,M,k], tail_logprob [P,M]
+                # sampled: sampled_ids [P,M,S], sampled_counts [P,M,S] (+ sampled_logprobs, proposal_logz when t != 1)
+                # hidden:  hidden_states [P,M,d] (float32); r.output_layer() [V,d]
+    r.sparse_distribution(0, 100)   # ids and (estimated) probabilities, for topk and sampled stores
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from moekd.encoding import decode_logprobs
+from moekd.encoding import decode_hidden, decode_logprobs, decode_topk, estimable_temperature, sampled_estimate, tensor_from_bits
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
-from moekd.schemas.cache import CacheMetadata
+from moekd.schemas.cache import CacheMetadata, EncodingInfo, HiddenEncoding, SampledEncoding, TopkEncoding
+from moekd.store.layout import encoding_specs
 from moekd.store.location import open_group
-
-DISTRIBUTION_ARRAYS = ("topk_ids", "topk_gaps", "top1_logprob", "tail_logprob")
 
 
 @dataclass
@@ -28,10 +33,50 @@ class CacheExample:
     input_ids: np.ndarray  # int32 [L]
     prompt_len: int
     target_positions: np.ndarray  # int32 [P]: position t holds the distribution over token t+1
-    topk_ids: np.ndarray  # int32 [P, M, k]
-    topk_logprobs: np.ndarray  # float32 [P, M, k], descending, normalised over the full vocabulary
-    tail_logprob: np.ndarray  # float32 [P, M], log of the mass outside the top-k
+    # topk stores
+    topk_ids: np.ndarray | None = None  # int32 [P, M, k]
+    topk_logprobs: np.ndarray | None = None  # float32 [P, M, k], descending, normalised over the full vocabulary
+    tail_logprob: np.ndarray | None = None  # float32 [P, M], log of the mass outside the top-k
+    # sampled stores
+    sampled_ids: np.ndarray | None = None  # int32 [P, M, S], unique and ascending; padding slots hold 0
+    sampled_counts: np.ndarray | None = None  # int32 [P, M, S], draws of each id (0 in padding slots)
+    sampled_logprobs: np.ndarray | None = None  # float32 [P, M, S], teacher log p of each id (t != 1 only)
+    proposal_logz: np.ndarray | None = None  # float32 [P, M], log sum_v p_v^t (t != 1 only)
+    # hidden stores
+    hidden_states: np.ndarray | None = None  # float32 [P, M, d], decoded; logits = h @ output_layer.T
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # further position arrays (e.g. gates)
+
+
+@dataclass
+class SparseDistribution:
+    """Teacher probabilities of some token ids per position and sample: the exact values of a top-k
+    store, unbiased estimates from a sampled one."""
+
+    ids: np.ndarray  # int32 [P, M, S]
+    probs: np.ndarray  # float32 [P, M, S]; 0 in padding slots
+    rest: np.ndarray | None  # float32 [P, M]: mass outside `ids` (topk: the tail); None when unknown (sampled)
+    estimate: bool  # True: probs are unbiased estimates (E[probs] = p), not exact values
+
+
+def teacher_arrays(encoding: EncodingInfo) -> list[str]:
+    """Names of the position arrays that hold the teacher's distributions in `encoding`."""
+    return [name for name, spec in encoding_specs(encoding, 1, 1, 1).items() if spec.dims[0] == "position"]
+
+
+def decode_teacher(encoding: EncodingInfo, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The decoded teacher arrays (CacheExample's names) from the stored ones (`teacher_arrays`)."""
+    if isinstance(encoding, TopkEncoding) and encoding.logprob_codec == "u16_gap_delta":  # schema 1.0
+        return {"topk_ids": raw["topk_ids"], "topk_logprobs": decode_logprobs(raw["top1_logprob"], raw["topk_gaps"]),
+                "tail_logprob": raw["tail_logprob"]}
+    if isinstance(encoding, TopkEncoding):
+        ids, logprobs, tail = decode_topk(raw["topk_ids"], raw["topk_steps"], raw["tail_steps"], encoding.scale)
+        return {"topk_ids": ids, "topk_logprobs": logprobs, "tail_logprob": tail}
+    if isinstance(encoding, SampledEncoding):
+        out = {"sampled_ids": raw["sampled_ids"], "sampled_counts": raw["sampled_counts"].astype(np.int32)}
+        if encoding.importance_weights:
+            out.update(sampled_logprobs=raw["sampled_logprobs"], proposal_logz=raw["proposal_logz"])
+        return out
+    return {"hidden_states": decode_hidden(raw["hidden_states"], encoding.hidden_dtype, raw.get("hidden_scale")).numpy()}
 
 
 class CacheReader:
@@ -51,13 +96,18 @@ class CacheReader:
         self.position_offsets = self.group["example_position_offsets"][:]
         self.prompt_len = self.group["example_prompt_len"][:]
         self.source_index = self.group["example_source_index"][:]
+        self.teacher_names = teacher_arrays(self.meta.encoding)
         self.extra_names = sorted(
             name for name, spec in self.meta.layout.arrays.items()
-            if spec.dims[0] == "position" and name not in DISTRIBUTION_ARRAYS and name != "target_positions"
+            if spec.dims[0] == "position" and name not in self.teacher_names and name != "target_positions"
         )
 
     def __len__(self) -> int:
         return len(self.prompt_len)
+
+    @property
+    def encoding(self) -> EncodingInfo:
+        return self.meta.encoding
 
     @property
     def num_positions(self) -> int:
@@ -69,15 +119,62 @@ class CacheReader:
 
     def read_positions(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Decoded position arrays for stored positions [start, stop), in one read per array."""
-        raw = {name: self.group[name][start:stop] for name in (*DISTRIBUTION_ARRAYS, "target_positions", *self.extra_names)}
-        out = {
-            "target_positions": raw["target_positions"],
-            "topk_ids": raw["topk_ids"],
-            "topk_logprobs": decode_logprobs(raw["top1_logprob"], raw["topk_gaps"]),
-            "tail_logprob": raw["tail_logprob"],
-        }
+        raw = {name: self.group[name][start:stop] for name in (*self.teacher_names, "target_positions", *self.extra_names)}
+        out = {"target_positions": raw["target_positions"], **decode_teacher(self.encoding, raw)}
         out.update({name: raw[name] for name in self.extra_names})
         return out
+
+    def largest_stored_id(self) -> int:
+        """The largest teacher token id the stored distributions name (topk and sampled stores), shard by shard."""
+        name = {"topk_tail": "topk_ids", "sampled": "sampled_ids"}.get(self.encoding.kind)
+        if name is None:
+            raise MoekdError(f"cache {self.location}: a hidden store covers the whole vocabulary, it names no ids")
+        step, largest = self.meta.layout.positions_per_shard, -1
+        for start in range(0, self.num_positions, step):
+            ids = self.group[name][start:start + step]
+            if name == "topk_ids" and self.encoding.logprob_codec == "u16_steps_sorted_ids":
+                ids = ids.sum(axis=-1, dtype=np.int64)  # delta-coded ascending ids: the last one, per row
+            largest = max(largest, int(ids.max(initial=-1)))
+        return largest
+
+    def output_layer(self) -> torch.Tensor:
+        """The teacher's output layer W [V, d] in its own dtype (hidden stores): logits = h @ W.T. Refused
+        unless its bytes have the sha256 the store recorded when it was built."""
+        if not isinstance(self.encoding, HiddenEncoding):
+            raise MoekdError(f"cache {self.location}: only --encoding hidden stores the output layer "
+                             f"(this one is {self.encoding.kind})")
+        stored = self.group["output_layer"][:]
+        digest = hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
+        if digest != self.encoding.output_layer_sha256:
+            raise MoekdError(f"cache {self.location}: output_layer has sha256 {digest[:12]}..., not the "
+                             f"{self.encoding.output_layer_sha256[:12]}... recorded at build: the stored teacher output "
+                             "layer was changed or damaged; rebuild the cache")
+        return tensor_from_bits(stored, self.encoding.output_layer_dtype)
+
+    def sparse_distribution(self, start: int, stop: int, temperature: float = 1.0) -> SparseDistribution:
+        """Teacher probabilities of the stored ids at positions [start, stop), at `temperature`.
+
+        topk: the k stored ids and the tail, tempered and renormalised as k+1 buckets (exact at T = 1);
+        sampled: the unbiased estimate (at T = 1, or T = 1/t for proposal temperature t; other
+        temperatures have none). A hidden store keeps the full distribution, not a sparse one.
+        """
+        d = self.read_positions(start, stop)
+        if isinstance(self.encoding, TopkEncoding):
+            buckets = np.concatenate([d["topk_logprobs"], d["tail_logprob"][..., None]], axis=-1).astype(np.float64)
+            tempered = torch.log_softmax(torch.from_numpy(buckets) / temperature, dim=-1).exp().numpy()
+            return SparseDistribution(d["topk_ids"], tempered[..., :-1].astype(np.float32),
+                                      tempered[..., -1].astype(np.float32), estimate=False)
+        if isinstance(self.encoding, SampledEncoding):
+            e = self.encoding
+            if estimable_temperature(temperature, e.proposal_temp) is None:
+                raise MoekdError(f"cache {self.location}: draws from p^{e.proposal_temp:g} estimate the teacher without "
+                                 f"bias at temperature 1 or {1 / e.proposal_temp:g} only, not {temperature:g}")
+            weights = {name: torch.from_numpy(d[name]) for name in ("sampled_logprobs", "proposal_logz") if name in d}
+            probs = sampled_estimate(torch.from_numpy(d["sampled_counts"]), e.draws, e.proposal_temp,
+                                     weights.get("sampled_logprobs"), weights.get("proposal_logz"), temperature).numpy()
+            return SparseDistribution(d["sampled_ids"], probs, None, estimate=True)
+        raise MoekdError(f"cache {self.location} stores hidden states, from which the full distribution follows: "
+                         "use hidden_states with output_layer() instead of a sparse distribution")
 
     def __getitem__(self, i: int) -> CacheExample:
         if not -len(self) <= i < len(self):
@@ -85,16 +182,10 @@ class CacheReader:
         i = i % len(self)
         positions = self.read_positions(int(self.position_offsets[i]), int(self.position_offsets[i + 1]))
         t0, t1 = int(self.token_offsets[i]), int(self.token_offsets[i + 1])
+        extra = {name: positions.pop(name) for name in self.extra_names}
         return CacheExample(
-            index=i,
-            source_index=int(self.source_index[i]),
-            input_ids=self.group["input_ids"][t0:t1],
-            prompt_len=int(self.prompt_len[i]),
-            target_positions=positions.pop("target_positions"),
-            topk_ids=positions.pop("topk_ids"),
-            topk_logprobs=positions.pop("topk_logprobs"),
-            tail_logprob=positions.pop("tail_logprob"),
-            extra=positions,
+            index=i, source_index=int(self.source_index[i]), input_ids=self.group["input_ids"][t0:t1],
+            prompt_len=int(self.prompt_len[i]), extra=extra, **positions,
         )
 
     def __iter__(self):

@@ -155,11 +155,14 @@ class CacheWriter:
 
     @classmethod
     def open(cls, path: str | Path, meta: CacheMetadata, settings: dict, tables: ExampleTables,
-             resume: bool = False, overwrite: bool = False, shards: int | None = None) -> "CacheWriter":
+             resume: bool = False, overwrite: bool = False, shards: int | None = None,
+             fixed_arrays: dict[str, np.ndarray] | None = None) -> "CacheWriter":
         """Plan a new store at `path`, or continue the unfinished one there.
 
         `shards`: the store is built by that many independent `--shard i/n` jobs, which join an
-        unfinished store without `--resume` (one of them planned it)."""
+        unfinished store without `--resume` (one of them planned it). `fixed_arrays`: arrays of the
+        encoding that do not depend on the teacher's passes (the hidden encoding's output layer),
+        written with the plan."""
         path = Path(path)
         state = store_state(path)
         if state == "foreign":
@@ -171,7 +174,7 @@ class CacheWriter:
         if state in ("complete", "unfinished") and overwrite:
             _remove_store(path)
             state = "absent"
-        if state in ("absent", "empty") and cls._plan(path, meta, settings, tables, shards):
+        if state in ("absent", "empty") and cls._plan(path, meta, settings, tables, shards, fixed_arrays or {}):
             return cls(path, meta)
         if state in ("absent", "empty") and not shards:
             raise MoekdError(f"--out: another build created {path} meanwhile; run one build per store (or use --shard i/n)")
@@ -201,7 +204,8 @@ class CacheWriter:
         return writer
 
     @classmethod
-    def _plan(cls, path: Path, meta: CacheMetadata, settings: dict, tables: ExampleTables, shards: int | None) -> bool:
+    def _plan(cls, path: Path, meta: CacheMetadata, settings: dict, tables: ExampleTables, shards: int | None,
+              fixed_arrays: dict[str, np.ndarray]) -> bool:
         """Lay the store out beside `path`, then publish it there by rename; False when another job published first."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +216,7 @@ class CacheWriter:
             if draft.exists():
                 shutil.rmtree(draft)
             (draft / BUILD_DIR / "units").mkdir(parents=True)
-            cls(draft, meta)._init(settings, tables, shards)
+            cls(draft, meta)._init(settings, tables, shards, fixed_arrays)
             fsync_tree(draft)
             try:
                 os.rename(draft, path)  # atomic; refused when `path` is a non-empty directory
@@ -227,7 +231,7 @@ class CacheWriter:
         fsync_dir(path.parent)
         return True
 
-    def _init(self, settings: dict, tables: ExampleTables, shards: int | None) -> None:
+    def _init(self, settings: dict, tables: ExampleTables, shards: int | None, fixed_arrays: dict[str, np.ndarray]) -> None:
         atomic_write(self.build_dir / "settings.json", json.dumps(settings, indent=1, sort_keys=True).encode())
         atomic_write(self.build_dir / "split.json", json.dumps({"shards": shards}).encode())
         group = zarr.open_group(str(self.path), mode="a", zarr_format=3)
@@ -245,6 +249,7 @@ class CacheWriter:
             "example_position_offsets": tables.position_offsets,
             "example_prompt_len": tables.prompt_len,
             "example_source_index": tables.source_index,
+            **fixed_arrays,
         }
         for name, value in values.items():
             group[name][...] = value
