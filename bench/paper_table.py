@@ -1,5 +1,5 @@
-"""The miniature of the published comparisons (Every Expert Matters: KD, ALL, KA; Figures 1, 2 and 4;
-and B-Distill's MoE to MoE: a small MoE student by logit KD only and by Balanced Distillation).
+"""The miniature of the published comparisons (Every Expert Matters: KD, ALL, KA, SAR; Figures 1, 2, 4
+and 5; and B-Distill's MoE to MoE: a small MoE student by logit KD only and by Balanced Distillation).
 
     python bench/paper_table.py                       # the whole table; see the README for its wall time here
     python bench/paper_table.py --quick               # a few-minute subset of every part, for development
@@ -7,13 +7,16 @@ and B-Distill's MoE to MoE: a small MoE student by logit KD only and by Balanced
 
 Runs the `moekd demo` pipeline (moekd/demo.py) with this plan: one MoE teacher; caches of the
 experts-K ablation (topk with K = 2 (native), 4, 6 and 8 (= all)), of KA's M ablation (M in
-{1, 2, 4, 8}, λ = 0.05) and λ ablation (λ in {0.01, 0.05, 0.2}, M = 2); a dense student per cache
+{1, 2, 4, 8}, λ = 0.05) and λ ablation (λ in {0.01, 0.05, 0.2}, M = 2), and the SAR cache (the
+teacher's routers trained on the training split with the SFT seed-0 student's feedback, the demo
+plan's `SarSpec`, then cached with `--policy sar`, all experts); a dense student per cache
 and an SFT student; a small MoE student from the topk cache with the teacher's gates, by logit KD
 and by Balanced Distillation (held-out KD loss, expert-load CV, gate entropy too); each trained with 3 training seeds and scored on 300 test prompts by ROUGE-L
 over 5 sampling seeds, teacher-forced response NLL and KL from the native teacher; the teacher
 under each K (its own ROUGE-L) and under each KA setting (KL from its native self). Then, on the
 trained teacher: the gate mass of activated vs other experts per layer (published Figure 1,
-`moekd routing stats`) and the per-family expert load. Writes bench/results/paper_table.json
+`moekd routing stats`), the per-family expert load and the SAR routers' per-layer
+KL(original || trained) (published Figure 5). Writes bench/results/paper_table.json
 with the machine, the date, the library versions and the wall and CPU time of every part.
 """
 
@@ -51,6 +54,7 @@ CACHES = (
     CacheSpec("ka-M8", "ka", {"m": 8, **KA}),
     CacheSpec("ka-M2-l0.01", "ka", {"m": 2, "ka_lambda": 0.01}),
     CacheSpec("ka-M2-l0.2", "ka", {"m": 2, "ka_lambda": 0.2}),
+    CacheSpec("sar", "sar"),  # routers of the plan's SarSpec
     GATES_CACHE,
 )
 ROWS = (
@@ -65,6 +69,7 @@ ROWS = (
     StudentSpec("KD ka M=8", "ka-M8"),
     StudentSpec("KD ka M=2 λ=0.01", "ka-M2-l0.01"),
     StudentSpec("KD ka M=2 λ=0.2", "ka-M2-l0.2"),
+    StudentSpec("KD sar", "sar"),
     *MOE_ROWS,
 )
 PROBES = (
@@ -79,8 +84,9 @@ PAPER_PLAN = replace(DEFAULT_PLAN, n_test=300, eval_batch_size=100, caches=CACHE
                      reference="KD topk K=2")
 # --quick: the same parts on the demo's miniature (4-expert teacher: K = 2, 4 = all)
 QUICK = replace(
-    QUICK_PLAN, caches=(CACHES[0], CACHES[3], CACHES[4], CACHES[5], GATES_CACHE),
-    rows=(ROWS[0], ROWS[1], ROWS[4], ROWS[5], ROWS[6], *MOE_ROWS), probes=(PROBES[2], PROBES[4]), reference="KD topk K=2",
+    QUICK_PLAN, caches=(CACHES[0], CACHES[3], CACHES[4], CACHES[5], CACHES[10], GATES_CACHE),
+    rows=(ROWS[0], ROWS[1], ROWS[4], ROWS[5], ROWS[6], ROWS[11], *MOE_ROWS), probes=(PROBES[2], PROBES[4]),
+    reference="KD topk K=2",
 )
 RESULTS = Path(__file__).resolve().parent / "results" / "paper_table.json"
 
@@ -153,6 +159,17 @@ def routing_tables(routing: dict) -> list[Table]:
     return [gate]
 
 
+def sar_table(sar: dict) -> Table:
+    """Published Figure 5: how far SAR moved each layer's gate distribution."""
+    table = Table(title=f"SAR routers: mean KL(original || trained gate distribution) per MoE layer, test split "
+                        f"(teacher loss {sar['loss_start']:.4f} -> {sar['loss_end']:.4f})")
+    table.add_column("layer")
+    table.add_column("KL (nats)", justify="right")
+    for layer, kl in sar["kl_original_trained"].items():
+        table.add_row(layer, f"{kl:.3g}")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None, help="default: bench-paper-table (bench-paper-table-quick)")
@@ -191,6 +208,7 @@ def main() -> None:
         printer.print(routing)
     for table in routing_tables(results["teacher_routing"]):
         printer.print(table)
+    printer.print(sar_table(results["sar"]))
     console.print(f"wall {results['wall_seconds']:.0f} s, CPU {results['cpu_seconds']:.0f} s, "
                   f"load average at the end {results['load_average_at_end']}")
     if out is not None:

@@ -3,7 +3,10 @@
 Stages (each is skipped when its output is already complete, so a rerun picks up where it stopped):
 1. the synthetic instruction suite and a BPE tokenizer trained on its training split;
 2. a small MoE teacher trained by SFT;
-3. teacher caches under the routing policies of the plan (`CacheSpec`: topk, all, ka ...);
+3. with a SAR stage in the plan (`SarSpec`), the Student-Aware Router: the teacher's routers
+   trained on the training split with the feedback of the first replicate of an SFT row, and
+   their per-layer KL(original || trained) on the test split; then teacher caches under the
+   routing policies of the plan (`CacheSpec`: topk, all, ka ..., and sar with those routers);
 4. the student rows (`StudentSpec`: SFT, or KD from one cache), each trained once per training
    seed s from an initialisation drawn with seed s and with batches ordered by seed s; among them
    MoE to MoE: a small MoE student (fewer layers and experts than the teacher) distilled from a
@@ -45,6 +48,9 @@ from moekd.errors import MoekdError
 from moekd.paths import check_output_dir
 from moekd.eval.evaluate import evaluate, write_report
 from moekd.experiments import Stopwatch, summarise_rows
+from moekd.sar.options import run_dir as sar_run_dir
+from moekd.sar.router_file import read_router_file
+from moekd.sar.train import SarOptions, train_router
 from moekd.store.verify import store_info
 from moekd.store.writer import atomic_write, store_state
 from moekd.tiny_models import make_tiny_model
@@ -76,6 +82,19 @@ class TeacherProbe:
 
 
 @dataclass(frozen=True)
+class SarSpec:
+    """The `moekd sar train` run behind the plan's `sar` cache."""
+
+    steps: int
+    lr: float
+    beta: float = 0.01
+    teacher_kld: str = "reverse"
+    responses: str = "student"
+    feedback: str = "SFT"  # the SFT row whose first training-seed replicate gives the feedback
+    compare_examples: int = 64  # test prompts on which the per-layer KL(original || trained) is measured
+
+
+@dataclass(frozen=True)
 class DemoPlan:
     n_train: int
     n_valid: int
@@ -99,17 +118,23 @@ class DemoPlan:
     reference: str  # the row the paired differences are taken against
     probes: tuple[TeacherProbe, ...] = ()
     threads: int = 1  # torch intra-op threads for every stage (numerics depend on it; see README)
+    sar: SarSpec | None = None  # the routers of the caches with policy sar
 
 
 KA = {"ka_lambda": 0.05}
+# The published SAR runs take 200 steps at lr 1e-6 .. 5e-6 on teachers of hidden size ~4096. Adam
+# moves every weight by about lr per step, and a gate logit sums hidden-size such moves, so the
+# same change of the gate logits takes a rate 4096 / 96 ~ 40 times larger at this teacher's size.
+SAR_STEPS, SAR_LR = 100, 2e-4
 # MoE to MoE: the topk cache with the teacher's gate distributions, one MoE student by logit KD and by B-Distill
 GATES_CACHE = CacheSpec("topk-gates", "topk", router_probs="full")
 BDISTILL = {"router_loss": "bdistill", "expert_weight": 0.1}
 MOE_ROWS = (StudentSpec("MoE KD", "topk-gates", init="moe"),
             StudentSpec("MoE B-Distill", "topk-gates", init="moe", options=BDISTILL, reference="MoE KD"))
-DEFAULT_CACHES = (CacheSpec("topk", "topk"), CacheSpec("all", "all"), CacheSpec("ka", "ka", {"m": 2, **KA}), GATES_CACHE)
+DEFAULT_CACHES = (CacheSpec("topk", "topk"), CacheSpec("all", "all"), CacheSpec("ka", "ka", {"m": 2, **KA}),
+                  CacheSpec("sar", "sar"), GATES_CACHE)
 DEFAULT_ROWS = (StudentSpec("SFT"), StudentSpec("KD topk", "topk"), StudentSpec("KD all", "all"), StudentSpec("KD ka", "ka"),
-                *MOE_ROWS)
+                StudentSpec("KD sar", "sar"), *MOE_ROWS)
 # The teacher: its MoE layers hold most of its weights (8 experts of width 4 x hidden, top-2); see README.
 TEACHER = dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, intermediate_size=384, router_std=None)
 DEFAULT_PLAN = DemoPlan(
@@ -118,7 +143,7 @@ DEFAULT_PLAN = DemoPlan(
               "moe": dict(family="mixtral", hidden=64, layers=2, experts=4, top_k=2, router_std=None)},
     teacher_epochs=8, student_epochs=3, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
     seeds=(10, 20, 30, 40, 50), train_seeds=(0, 1, 2), max_new_tokens=64, eval_batch_size=100,
-    caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk",
+    caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk", sar=SarSpec(steps=SAR_STEPS, lr=SAR_LR),
 )
 QUICK_PLAN = DemoPlan(
     n_train=320, n_valid=16, n_test=32, vocab=512,
@@ -128,7 +153,7 @@ QUICK_PLAN = DemoPlan(
     teacher_epochs=4, student_epochs=2, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=2048, warmup=4, k=16,
     seeds=(10, 20), train_seeds=(0, 1), max_new_tokens=32, eval_batch_size=32,
     caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk",
-    probes=(TeacherProbe("all", "all"),),
+    probes=(TeacherProbe("all", "all"),), sar=SarSpec(steps=4, lr=1e-3, compare_examples=8),
 )
 
 
@@ -142,13 +167,15 @@ def _train(console: Console, out: Path, **options) -> dict:
     return {"model": str(out / "final"), "train_tokens_per_s": rates[-1] if rates else None}
 
 
-def _cache(console: Console, out: Path, teacher: Path, data: Path, spec: CacheSpec, plan: DemoPlan) -> dict:
+def _cache(console: Console, out: Path, teacher: Path, data: Path, spec: CacheSpec, plan: DemoPlan,
+           router: Path | None = None) -> dict:
     state = store_state(out)
     if state != "complete":
         console.print(f"[bold]cache[/] {spec.name}: policy {spec.policy} {spec.params}")
         build_cache(BuildOptions(teacher=str(teacher), data=str(data), out=str(out), policy=spec.policy,
                                  policy_params=spec.params, k=plan.k, device="cpu", resume=state == "unfinished",
-                                 batch_tokens=plan.batch_tokens, router_probs=spec.router_probs), _quiet(console))
+                                 batch_tokens=plan.batch_tokens, router_probs=spec.router_probs,
+                                 router=str(router) if spec.policy == "sar" else None), _quiet(console))
     info = store_info(str(out))
     return {"cache_bytes": info["bytes_total"], "build_seconds": info["meta"].build.wall_seconds}
 
@@ -167,12 +194,47 @@ def _eval(console: Console, model: str, test: Path, out: Path, plan: DemoPlan, r
             "nll": scores["nll"], "kl": scores["kl_from_teacher"]}
 
 
+def _sar(console: Console, work: Path, plan: DemoPlan, teacher: Path, train_data: Path, test_data: Path) -> dict:
+    """The SAR stage: the feedback student (a replicate the student stage then reuses), the routers
+    trained on the training split, and how far each layer's gate distribution moved on the test split."""
+    spec, rows = plan.sar, {row.name: row for row in plan.rows}
+    if rows.get(spec.feedback) is None or rows[spec.feedback].cache is not None:
+        raise MoekdError(f"plan: the SAR feedback row {spec.feedback!r} is not an SFT row of the plan")
+    feedback = _student_run(console, work, plan, rows[spec.feedback], plan.train_seeds[0],
+                            {"data": str(train_data), "loss": "ce"})
+    router = work / "sar" / "router.safetensors"
+    if not router.exists():
+        console.print(f"[bold]sar[/] routers: {spec.steps} steps, lr {spec.lr}, responses {spec.responses}")
+        train_router(SarOptions(
+            teacher=str(teacher), student=feedback["model"], data=str(train_data), out=str(router), steps=spec.steps,
+            lr=spec.lr, beta=spec.beta, teacher_kld=spec.teacher_kld, responses=spec.responses,
+            batch_tokens=plan.batch_tokens, max_new_tokens=plan.max_new_tokens, device="cpu", save_every=50,
+            seed=plan.train_seeds[0], resume="auto" if (sar_run_dir(router) / "config.json").exists() else None,
+        ), _quiet(console))
+    meta = read_router_file(router)[1]
+    moved = routing_stats_for_files(teacher, test_data, make_policy("all"), max_examples=spec.compare_examples,
+                                    device="cpu", compare=router)
+    return {"router": str(router), "train_seconds": meta.train_seconds, "loss_start": meta.loss_start,
+            "loss_end": meta.loss_end, "kl_original_trained": {s.layer: s.kl_to_trained for s in moved.layers}}
+
+
+def _student_dir(work: Path, spec: StudentSpec, seed: int) -> Path:
+    return work / "students" / _slug(spec.name) / f"seed-{seed}"
+
+
+def _student_run(console: Console, work: Path, plan: DemoPlan, spec: StudentSpec, seed: int, source: dict) -> dict:
+    """Train one replicate of a student row: initialised with `seed`, batches ordered by `seed`."""
+    init = work / "init" / f"{spec.init}-seed{seed}"
+    return _train(console, _student_dir(work, spec, seed), student=str(init),
+                  epochs=plan.student_epochs, lr=plan.student_lr, batch_tokens=plan.batch_tokens, warmup=plan.warmup,
+                  seed=seed, **{**source, **spec.options})
+
+
 def _student(console: Console, work: Path, plan: DemoPlan, spec: StudentSpec, seed: int, source: dict,
              teacher: Path, test: Path) -> dict:
     """One replicate of a student row: initialise with `seed`, train with `seed`, evaluate."""
-    init, out = work / "init" / f"{spec.init}-seed{seed}", work / "students" / _slug(spec.name) / f"seed-{seed}"
-    run = _train(console, out, student=str(init), epochs=plan.student_epochs, lr=plan.student_lr,
-                 batch_tokens=plan.batch_tokens, warmup=plan.warmup, seed=seed, **{**source, **spec.options})
+    out = _student_dir(work, spec, seed)
+    run = _student_run(console, work, plan, spec, seed, source)
     scores = _eval(console, run["model"], test, work / "eval" / f"{_slug(spec.name)}-seed{seed}.json", plan, teacher=teacher)
     if spec.cache:  # the KD term alone, without CE or router terms, on the cache's held-out examples at the end
         last = read_metrics(out)[-1]
@@ -225,6 +287,8 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
             raise MoekdError(f"plan: row {spec.name!r} names cache {spec.cache!r}, which the plan does not build")
         if spec.reference is not None and spec.reference not in {r.name for r in plan.rows}:
             raise MoekdError(f"plan: row {spec.name!r} takes its differences against {spec.reference!r}, which is not a row")
+    if any(c.policy == "sar" for c in plan.caches) and plan.sar is None:
+        raise MoekdError("plan: a cache with policy sar needs the plan's SarSpec (DemoPlan.sar)")
     plan_file.write_text(plan_json)
     train_data, test_data = work / "data" / "train.jsonl", work / "data" / "test.jsonl"
     clock = Stopwatch()  # this run's time per part (finished stages that are reused cost ~0)
@@ -233,15 +297,20 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
     with clock.part("teacher training"):
         trained = prepare_teacher(work, plan, console)
     teacher = Path(trained["model"])
-    caches = {spec.name: work / "caches" / f"{spec.name}.zarr" for spec in plan.caches}
-    with clock.part("cache builds"):
-        built = run([(_cache, dict(out=caches[spec.name], teacher=teacher, data=train_data, spec=spec, plan=plan))
-                     for spec in plan.caches])
-    cache_info = dict(zip(caches, built))
-
     replicates = [(spec, seed) for spec in plan.rows for seed in plan.train_seeds]
     for spec, seed in replicates:  # before the jobs start, so that no two write one
         _init(work / "init" / f"{spec.init}-seed{seed}", plan.students[spec.init], seed)
+    sar = None
+    if plan.sar is not None:
+        with clock.part("SAR router training"):
+            sar = _sar(console, work, plan, teacher, train_data, test_data)
+    caches = {spec.name: work / "caches" / f"{spec.name}.zarr" for spec in plan.caches}
+    with clock.part("cache builds"):
+        built = run([(_cache, dict(out=caches[spec.name], teacher=teacher, data=train_data, spec=spec, plan=plan,
+                                   router=Path(sar["router"]) if sar else None))
+                     for spec in plan.caches])
+    cache_info = dict(zip(caches, built))
+
     with clock.part("student training and evaluation"):
         scores = run([(_student, dict(work=work, plan=plan, spec=spec, seed=seed, teacher=teacher, test=test_data,
                                       source={"cache": str(caches[spec.cache]), "loss": "fkl"} if spec.cache
@@ -262,7 +331,8 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
     teachers = {"native": {**teacher_scores[0], "train_tokens_per_s": trained["train_tokens_per_s"]}}
     for probe, score in zip(plan.probes, teacher_scores[1:]):
         teachers[probe.name] = {"policy": probe.policy, "params": probe.params, **score}
-    results = {"plan": asdict(plan), "teacher": teachers, "rows": rows, "timings": clock.parts}
+    results = {"plan": asdict(plan), "teacher": teachers, "rows": rows, "timings": clock.parts,
+               **({"sar": sar} if sar else {})}
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_results(results, work / "results.png")
     return results
@@ -365,8 +435,11 @@ def results_table(results: dict, title: str = "moekd demo") -> Table:
         rouge = {"mean": row["rougeL"], "std": row["rougeL_sampling_std"]} if row["rougeL"] is not None else None
         kl = "-" if name == "native" else f"{row['kl']:.4f}"
         table.add_row(label, _fmt(rouge, 2), "", f"{row['nll']:.4f}", "", kl, "", "")
+    sar_caches = {c["name"] for c in plan["caches"] if c["policy"] == "sar"}
     for name, row in results["rows"].items():
         cache = f"{row['cache_bytes'] / 1e6:.2f} MB, {row['build_seconds']:.0f} s" if "cache_bytes" in row else "-"
+        if row.get("cache") in sar_caches and results.get("sar", {}).get("train_seconds"):
+            cache += f" + {results['sar']['train_seconds']:.0f} s SAR"
         table.add_row(f"student {name}", _fmt(row.get("rougeL"), 2), _fmt_diff(row.get("rougeL"), 2),
                       _fmt(row.get("nll"), 4), _fmt_diff(row.get("nll"), 4), _fmt(row.get("kl"), 4),
                       _fmt_diff(row.get("kl"), 4), cache)

@@ -158,6 +158,14 @@ def flip_byte(pattern: str) -> Callable[[Path], None]:
     return edit
 
 
+def foreign_safetensors(tmp: Path, fx: dict) -> Path:
+    """A valid safetensors file that no `moekd sar train` wrote (no moekd metadata)."""
+    from safetensors.torch import save_file
+
+    save_file({"model.layers.0.mlp.gate.weight": torch.zeros(8, 32)}, str(tmp / "foreign.safetensors"))
+    return tmp / "foreign.safetensors"
+
+
 def other_zarr(tmp: Path, fx: dict) -> Path:
     """A Zarr v3 store written by another tool."""
     import zarr
@@ -208,6 +216,8 @@ SFT = ("train --data {data} --loss ce --student {student} --out {out} --max-step
 EVAL = "eval --model {student} --data {data} --seeds 1 --max-new-tokens 4 --limit 2 --device cpu --json {out}"
 SYNTH = "data synth --out {out} --n-train 16 --n-valid 16 --n-test 16"
 DEMO = "demo --quick --workdir {out}"
+SAR = ("sar train --teacher {teacher} --student {student} --data {data} --out {out}.safetensors --steps 1 "
+       "--batch-tokens 512 --max-prompt-len 96 --max-len 128 --device cpu")
 # Options are single-valued, so a later occurrence overrides the base command's (except eval --data, which repeats).
 
 DOLLY_ROW = {"instruction": "Say hi.", "context": "", "response": "hi"}
@@ -285,6 +295,14 @@ CASES = [
     case("build-policy-unknown", BUILD + " --policy best", "--policy", "best"),
     case("build-moe-policy-on-dense-teacher", BUILD + " --teacher {dense_teacher} --policy all", "--policy"),
     case("build-batch-tokens-zero", BUILD + " --batch-tokens 0", "--batch-tokens"),
+    case("build-sar-without-router", BUILD + " --policy sar", "--policy sar", "--router"),
+    case("build-router-with-other-policy", BUILD + " --policy all --router {bad}", "--router", "--policy all",
+         bad=foreign_safetensors),
+    case("build-router-missing", BUILD + " --policy sar --router {tmp}/absent.safetensors", "--router", "absent.safetensors"),
+    case("build-router-truncated", BUILD + " --policy sar --router {bad}", "--router", "truncated or damaged",
+         bad=text(b"\x20\x00\x00\x00\x00\x00\x00\x00{", "router.safetensors")),
+    case("build-router-not-a-sar-file", BUILD + " --policy sar --router {bad}", "--router", "without moekd metadata",
+         bad=foreign_safetensors),
     case("build-positions-per-shard-zero", BUILD + " --positions-per-shard 0", "--positions-per-shard"),
     case("build-positions-per-shard-unaligned", BUILD + " --positions-per-shard 300", "--positions-per-shard"),
     case("build-seed-negative", BUILD + " --seed=-1", "--seed"),
@@ -357,6 +375,27 @@ CASES = [
     case("stats-top-p-zero", STATS + " --policy topp --top-p 0", "--top-p"),
     case("stats-max-prompt-len-zero", STATS + " --max-prompt-len 0", "--max-prompt-len"),
     case("stats-seed-negative", STATS + " --seed=-3", "--seed"),
+    case("stats-policy-sar", STATS + " --policy sar", "--policy sar", "--compare"),
+    case("stats-compare-missing", STATS + " --policy all --compare {tmp}/absent.safetensors", "--compare", "absent.safetensors"),
+    case("stats-compare-not-a-sar-file", STATS + " --policy all --compare {bad}", "--compare", "without moekd metadata",
+         bad=foreign_safetensors),
+    # ---- sar train
+    case("sar-lr-zero", SAR + " --lr 0", "--lr"),
+    case("sar-lr-negative", SAR + " --lr=-1e-5", "--lr"),
+    case("sar-beta-negative", SAR + " --beta=-0.1", "--beta"),
+    case("sar-teacher-kld-unknown", SAR + " --teacher-kld sideways", "--teacher-kld", "sideways"),
+    case("sar-responses-unknown", SAR + " --responses both", "--responses", "both"),
+    case("sar-student-lr-without-co-training", SAR + " --student-lr 1e-4", "--student-lr", "--co-train-student"),
+    case("sar-student-lr-zero", SAR + " --co-train-student --student-lr 0", "--student-lr"),
+    case("sar-dtype-float16", SAR + " --dtype float16", "--dtype float16"),
+    case("sar-steps-zero", SAR + " --steps 0", "--steps"),
+    case("sar-batch-tokens-zero", SAR + " --batch-tokens 0", "--batch-tokens"),
+    case("sar-out-without-suffix", SAR + " --out {out}", "--out", ".safetensors"),
+    case("sar-out-exists", SAR + " --out {bad}", "--out", "already exists", bad=foreign_safetensors),
+    case("sar-dense-teacher", SAR + " --teacher {dense_teacher}", "--teacher", "no MoE routers"),
+    case("sar-student-other-tokenizer", SAR + " --student {other_tokenizer_student}", "--student", "token-to-id mapping differs"),
+    case("sar-data-missing", SAR + " --data {tmp}/absent.jsonl", "--data", "absent.jsonl"),
+    case("sar-teacher-missing", SAR + " --teacher {tmp}/absent", "--teacher", "absent"),
     case("stats-policy-unknown", STATS + " --policy best", "--policy"),
     case("stats-dtype-unknown", STATS + " --dtype int8", "--dtype"),
     case("stats-data-bad-row", STATS + " --data {bad}", "'instruction'", bad=jsonl({"instruction": 3, "response": "x"})),
@@ -681,7 +720,8 @@ def test_verify_reports_what_is_wrong_with_a_store(c: Case, fx, shared_snapshot,
 def test_the_table_covers_every_command():
     commands = {" ".join(p.values[0].command.split()[:2]) for p in CASES}
     for command in ("cache build", "cache info", "cache verify", "cache finalize", "cache push", "cache pull", "cache pack",
-                    "routing stats", "train --cache", "train --data", "eval --model", "data synth", "demo --quick"):
+                    "routing stats", "sar train", "train --cache", "train --data", "eval --model", "data synth",
+                    "demo --quick"):
         assert command in commands, command
     assert len(CASES) >= 50 and len({p.id for p in CASES}) == len(CASES)
 

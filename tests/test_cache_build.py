@@ -99,7 +99,7 @@ def test_cached_distributions_match_full_teacher_forward(family, make_teacher, d
 
 def test_metadata_and_info(mixtral_cache, tokenizer):
     meta = CacheReader(mixtral_cache).meta
-    assert meta.build.status == "complete" and meta.schema_version == "1.1"
+    assert meta.build.status == "complete" and meta.schema_version == "1.2"
     assert meta.teacher.architecture == "MixtralForCausalLM" and meta.teacher.num_experts == 8
     assert meta.teacher.experts_per_token == 2 and len(meta.teacher.moe_layers) == 2
     assert meta.teacher.weights_sha256 and meta.tokenizer.size == len(tokenizer)

@@ -14,7 +14,7 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads((work / "results.json").read_text())
     rows = results["rows"]
-    assert list(rows) == ["SFT", "KD topk", "KD all", "KD ka", "MoE KD", "MoE B-Distill"]
+    assert list(rows) == ["SFT", "KD topk", "KD all", "KD ka", "KD sar", "MoE KD", "MoE B-Distill"]
     for name, row in rows.items():
         assert set(row["replicates"]) == {"0", "1"}  # two training seeds
         for replicate in row["replicates"].values():
@@ -23,7 +23,11 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
         assert row["rougeL"]["n"] == 2 and row["rougeL"]["std"] is not None
         assert ("vs_reference" in row["nll"]) == (name != "KD topk")
         assert ("heldout_kd" in row) == (name != "SFT") and ("load_cv" in row) == name.startswith("MoE")
-    assert all(rows[name]["cache_bytes"] > 0 for name in ("KD topk", "KD all", "KD ka", "MoE KD"))
+    assert all(rows[name]["cache_bytes"] > 0 for name in ("KD topk", "KD all", "KD ka", "KD sar", "MoE KD"))
+    sar = results["sar"]  # the routers behind the sar cache, trained with the SFT seed-0 student's feedback
+    assert sar["train_seconds"] > 0 and len(sar["kl_original_trained"]) == 2
+    assert all(kl > 0 for kl in sar["kl_original_trained"].values())
+    assert (work / "sar" / "router.safetensors").exists() and "SAR" in result.output
     # MoE to MoE: B-Distill's differences are taken against logit KD of the same MoE student initialisations
     assert rows["MoE B-Distill"]["load_cv"]["vs_reference"]["n"] == 2 and "vs_reference" not in rows["MoE KD"]["load_cv"]
     for replicate in (*rows["MoE KD"]["replicates"].values(), *rows["MoE B-Distill"]["replicates"].values()):

@@ -298,6 +298,35 @@ def test_cache_build_and_deep_verify(family, family_dir, tiny_data, tmp_path):
         assert meta.policy.name == "ka" and meta.gates.mode == "full"
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_sar_backward_reaches_exactly_the_gate_parameters(family, family_dir):
+    """SAR's teacher side on every family: all experts active, only the gate parameters trainable,
+    the output loss reaches each of them, and the recorder sees each router's g and native choice."""
+    from moekd.sar.objective import RouterRecorder
+    from moekd.sar.router_file import recognised_routers, router_gate_parameters
+
+    model = load(family_dir(family))
+    adapters_or_refusal(model, "all")
+    infos = recognised_routers(model)
+    params = router_gate_parameters(infos)
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    ctrl, recorder = RouterController(model, make_policy("all")), RouterRecorder(infos)
+    ids, mask = batch()
+    with ctrl.active(), recorder.recording():
+        model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1).mean().backward()
+        gates, native = list(recorder.gates), list(recorder.native_index)
+    for name, p in params.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"{name}: no gradient"
+    frozen = {n for n, p in model.named_parameters() if n not in params}
+    assert all(model.get_parameter(n).grad is None for n in frozen)
+    for info, g, index in zip(infos, gates, native):
+        assert g.shape[1] == info.adapter.num_experts and g.requires_grad
+        torch.testing.assert_close(g.sum(-1), torch.ones(g.shape[0]), atol=1e-4, rtol=0)
+        assert index.shape == (g.shape[0], info.adapter.top_k)
+
+
 def test_routing_families_command_reports_kind_policies_and_why_not():
     from typer.testing import CliRunner
 

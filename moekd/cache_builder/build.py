@@ -36,6 +36,7 @@ from moekd.errors import MoekdError
 from moekd.models import (
     check_tokenizer_fits, checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype,
 )
+from moekd.sar.router_file import file_sha256, load_router_file, read_router_file
 from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, examples_overlapping
 from moekd.store.writer import CacheWriter, ExampleTables, recorded_settings, settings_differences, store_state
 
@@ -67,6 +68,7 @@ class BuildOptions:
     skip_invalid: bool = False
     positions_per_shard: int = POSITIONS_PER_SHARD
     router_probs: str = "none"
+    router: str | None = None  # --policy sar: the router file of `moekd sar train`
     shard: str | None = None  # "i/n": this job writes units i, i+n, i+2n, ... of the store; `moekd cache finalize` commits it
 
 
@@ -105,6 +107,10 @@ def _check_options(o: BuildOptions) -> dict:
         raise MoekdError("--resume and --overwrite exclude each other")
     if not 0 <= o.seed < 2**63:
         raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
+    if o.policy == "sar" and o.router is None:
+        raise MoekdError("--policy sar needs --router FILE: the router file `moekd sar train --out` wrote")
+    if o.router is not None and o.policy != "sar":
+        raise MoekdError(f"--router applies only to --policy sar, not --policy {o.policy}; drop it or use --policy sar")
     if not re.fullmatch(r"none|full|top-[0-9]+", o.router_probs):
         raise MoekdError(f"--router-probs: {o.router_probs!r} is not none, full or top-R (e.g. top-4)")
     if o.shard is not None and o.overwrite:
@@ -153,6 +159,8 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
     """Build (or resume) the store of `o`; under torchrun, one call per rank (see split.py)."""
     started = time.perf_counter()
     flags = _check_options(o)
+    if o.router is not None:
+        read_router_file(o.router)  # a missing or damaged file is refused before the teacher loads
     ranks = Ranks.from_env()
     if ranks.world > 1 and o.shard:
         raise MoekdError("--shard is for independent jobs; under torchrun the ranks already share the units out (drop --shard)")
@@ -177,7 +185,8 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
                               o.chat_template, o.skip_invalid)
     tables = example_tables(report.examples)
     weights_sha256 = checkpoint_sha256(o.teacher)
-    settings = resume_settings(o, policy, flags, tokenizer, loaded, tables, device, dtype, weights_sha256)
+    router_sha256 = file_sha256(o.router) if o.router else None
+    settings = resume_settings(o, policy, flags, tokenizer, loaded, tables, device, dtype, weights_sha256, router_sha256)
     summary = partial(BuildSummary, out=str(out), examples=len(report.examples), positions=len(tables.target_positions),
                       samples=policy.samples, truncated_responses=report.truncated_responses, ranks=ranks.world, shard=o.shard)
     if ranks.share(lambda: o.resume and _complete_with(out, settings)):
@@ -186,12 +195,13 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
                        already_complete=True)
     model = load_causal_lm(o.teacher, dtype, device)
     check_tokenizer_fits(tokenizer, model, tokenizer_flag)
+    router = load_router_file(model, o.router, o.teacher, weights_sha256) if o.router else None
     vocab = output_vocab_size(model)
     encoder = make_encoder(o.encoding, flags, model, vocab)
     controller = RouterController(model, policy, capture_gates=o.router_probs != "none")
     gate_r = gate_experts_kept(o.router_probs, controller.num_experts)
     meta = describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loaded, report, tables, device, dtype,
-                          weights_sha256)
+                          weights_sha256, router)
     shards = shard[1] if shard else None
     planned: list[CacheWriter] = []
     ranks.share(lambda: planned.append(CacheWriter.open(out, meta, settings, tables, o.resume, o.overwrite, shards,

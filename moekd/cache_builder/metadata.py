@@ -14,6 +14,7 @@ from moekd.models import output_vocab_size
 from moekd.schemas.cache import (
     BuildInfo, CacheMetadata, DatasetInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
 )
+from moekd.schemas.router import RouterFileRef
 from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
 from moekd.store.writer import ExampleTables, hash_arrays
 
@@ -24,8 +25,9 @@ GATE_DEFINITION = (
 
 
 def describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loaded, report, tables, device, dtype,
-                   weights_sha256: str | None) -> CacheMetadata:
-    """Metadata of the store a build with options `o` is about to write (status: building)."""
+                   weights_sha256: str | None, router: RouterFileRef | None = None) -> CacheMetadata:
+    """Metadata of the store a build with options `o` is about to write (status: building);
+    `router` is the loaded router file of --policy sar."""
     samples, num_positions = policy.samples, len(tables.target_positions)
     arrays = array_specs(len(report.examples), len(tables.input_ids), num_positions, samples, encoder.info,
                          output_vocab_size(model))
@@ -51,7 +53,7 @@ def describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loa
         ),
         policy=PolicyInfo(
             name=policy.name, samples=samples, stochastic=policy.stochastic, params=policy.describe(), seed=o.seed,
-            seed_derivation=SEED_DERIVATION,
+            seed_derivation=SEED_DERIVATION, router=router,
         ),
         encoding=encoder.info,
         dataset=DatasetInfo(
@@ -76,7 +78,7 @@ def describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loa
 
 
 def resume_settings(o, policy, encoding_flags: dict, tokenizer, loaded, tables: ExampleTables, device, dtype,
-                    weights_sha256: str | None) -> dict:
+                    weights_sha256: str | None, router_sha256: str | None = None) -> dict:
     """Everything that determines the store's content: a resumed build must match it field by field.
     Computed before the teacher is loaded, so that a complete store is recognised without loading it."""
     import transformers
@@ -95,6 +97,8 @@ def resume_settings(o, policy, encoding_flags: dict, tokenizer, loaded, tables: 
         "dtype": str(dtype).removeprefix("torch."), "batch_tokens": o.batch_tokens,
         "positions_per_shard": o.positions_per_shard, "router_probs": o.router_probs,
         "encoding": o.encoding, **encoding_flags,
+        # --policy sar: another router file is another teacher
+        **({"router_sha256": router_sha256} if router_sha256 else {}),
     }
 
 

@@ -21,6 +21,8 @@ the family's native weighting exactly (incl. whether it renormalises).
 - `mc`:   Monte-Carlo expert exploration: the router's usual k experts sampled without
           replacement from g. Across M passes every expert is visited in proportion to its
           probability of being in such a draw, not only the native top-k.
+- `sar`:  Student-Aware Router: `all`, with the router weights of a `moekd sar train` file
+          loaded into the teacher first (build.py does that; the policy itself routes as `all`).
 
 Sampling without replacement is Gumbel-top-k: the k largest of log g_i + G_i with
 G_i = -log(-log u_i) draw k experts exactly as k successive draws from g renormalised over the
@@ -37,7 +39,7 @@ import torch
 
 from moekd.errors import MoekdError
 
-POLICY_NAMES = ("topk", "all", "ka", "topp", "mc")
+POLICY_NAMES = ("topk", "all", "ka", "topp", "mc", "sar")
 SEED_DERIVATION = (
     "row seed = mix64(mix64(mix64(seed) ^ example_index) ^ sample_index) mod 2**63 with mix64 the splitmix64 step; "
     "the uniform of (row seed, MoE layer, token position, slot) is mix64(mix64(mix64(mix64(row_seed) ^ layer) ^ position) ^ slot) "
@@ -128,6 +130,13 @@ class AllExperts:
 
 
 @dataclass(frozen=True)
+class StudentAwareRouting(AllExperts):
+    """All experts under trained router weights (the weights are loaded by the build, not here)."""
+
+    name = "sar"
+
+
+@dataclass(frozen=True)
 class KnowledgeAugmentation:
     samples: int = 2
     ka_lambda: float = 0.05
@@ -180,7 +189,7 @@ class MonteCarloRouting:
         return gumbel_top_k(gates, uniforms[:, 1:], top_k), None
 
 
-RoutingPolicy = NativeTopK | AllExperts | KnowledgeAugmentation | TopP | MonteCarloRouting
+RoutingPolicy = NativeTopK | AllExperts | StudentAwareRouting | KnowledgeAugmentation | TopP | MonteCarloRouting
 
 
 # describe() of every policy returns its make_policy keyword arguments other than m, so
@@ -205,7 +214,7 @@ def make_policy(
             raise MoekdError(f"{flag} applies only to --policy {owner}, not --policy {name}; drop it")
     if m is not None and m < 1:
         raise MoekdError(f"--m must be at least 1 (teacher samples per example), got {m}")
-    if name in ("topk", "all", "topp") and m not in (None, 1):
+    if name in ("topk", "all", "topp", "sar") and m not in (None, 1):
         raise MoekdError(
             f"--m {m} with --policy {name}: the policy is deterministic, so all {m} samples would be identical; "
             "use --m 1, or a stochastic policy (ka, mc)"
@@ -216,6 +225,8 @@ def make_policy(
         return NativeTopK(experts=None if experts is None else int(experts))
     if name == "all":
         return AllExperts()
+    if name == "sar":
+        return StudentAwareRouting()
     if name == "topp":
         top_p = 0.9 if top_p is None else top_p
         if not 0.0 < top_p <= 1.0:

@@ -8,7 +8,12 @@ next-token distribution the cache stores, i.e. `TokenizedExample.target_position
 - mean number of activated experts per token;
 - load: share of all token-to-expert assignments that went to each expert (sums to 1), and
   its coefficient of variation std/mean (population std; 0 = perfectly balanced);
-- gate entropy: mean over tokens of -sum g log g, in nats (log N = uniform gates).
+- gate entropy: mean over tokens of -sum g log g, in nats (log N = uniform gates);
+- with trained routers to compare (`moekd routing stats --compare router.safetensors`): the mean
+  over tokens of KL(g || g') = sum g log(g / g'), in nats, where g' is the gate distribution of
+  the same layer when the teacher runs with the trained router weights loaded (same policy, same
+  tokens, each model its own forward: a deeper layer's g' also reflects the changed routing of
+  the layers before it).
 Gate distributions g are the ones `RouterController.gate_probs` defines.
 """
 
@@ -24,6 +29,7 @@ from moekd.cache_builder.policies import RoutingPolicy, derive_seed
 from moekd.cache_builder.routing import RouterController
 from moekd.data.prompts import TokenizedExample
 from moekd.errors import MoekdError
+from moekd.sar.router_file import check_router_file, read_router_file, recognised_routers, router_gate_parameters, swapped_routers
 
 
 @dataclass
@@ -35,6 +41,7 @@ class LayerRoutingStats:
     load: list[float]
     load_cv: float
     gate_entropy: float
+    kl_to_trained: float | None = None
 
 
 @dataclass
@@ -46,6 +53,7 @@ class RoutingStats:
     num_experts: int
     top_k: int
     layers: list[LayerRoutingStats]
+    trained_routers: str | None = None  # the router file compared with, if any
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,9 +67,13 @@ def compute_routing_stats(
     batch_size: int = 8,
     seed: int = 0,
     scope: str = "response",
+    compare: dict[str, torch.Tensor] | None = None,
+    compare_name: str | None = None,
 ) -> RoutingStats:
-    """Routing statistics of `model` under `policy` (native top-k by default) over `examples`."""
+    """Routing statistics of `model` under `policy` (native top-k by default) over `examples`;
+    `compare` (router parameter name -> trained weights) adds each layer's KL(original || trained)."""
     _check_scope(scope)
+    _check_policy(policy)
     ctrl = RouterController(model, policy, capture_gates=True)
     if not ctrl.moe_layers:
         raise MoekdError(f"--teacher: {type(model).__name__} has no MoE routers, so there is no routing to report")
@@ -70,6 +82,8 @@ def compute_routing_stats(
     entropy = np.zeros(layers)
     active = np.zeros(layers)
     counts = np.zeros((layers, ctrl.num_experts))
+    kl = np.zeros(layers)
+    routers = router_gate_parameters(recognised_routers(model)) if compare is not None else None
     tokens = 0
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
@@ -80,13 +94,19 @@ def compute_routing_stats(
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
         rows = counted.flatten()
         tokens += int(rows.sum())
-        for layer, (gates, activated) in enumerate(zip(ctrl.gate_probs(), ctrl.activated_experts())):
-            g = gates[rows.to(gates.device)].double().cpu()
-            a = activated[rows.to(gates.device)].cpu()
+        originals = [g[rows.to(g.device)].double().cpu() for g in ctrl.gate_probs()]
+        for layer, (g, activated) in enumerate(zip(originals, ctrl.activated_experts())):
+            a = activated[rows.to(activated.device)].cpu()
             mass[layer] += float((g * a).sum())
             entropy[layer] += float(-torch.special.xlogy(g, g).sum())
             active[layer] += float(a.sum())
             counts[layer] += a.sum(dim=0).double().numpy()
+        if compare is not None:
+            with torch.no_grad(), swapped_routers(routers, compare), ctrl.active(row_seeds=seeds):
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            for layer, (g, trained) in enumerate(zip(originals, ctrl.gate_probs())):
+                t = trained[rows.to(trained.device)].double().cpu()
+                kl[layer] += float((torch.special.xlogy(g, g) - torch.special.xlogy(g, t)).sum())
     if tokens == 0:
         raise MoekdError(f"no {scope} tokens in the examples to compute routing statistics on")
     stats = []
@@ -100,8 +120,16 @@ def compute_routing_stats(
             load=load.tolist(),
             load_cv=float(load.std() / load.mean()),
             gate_entropy=entropy[layer] / tokens,
+            kl_to_trained=kl[layer] / tokens if compare is not None else None,
         ))
-    return RoutingStats(ctrl.policy.name, scope, tokens, ctrl.router_class, ctrl.num_experts, ctrl.top_k, stats)
+    return RoutingStats(ctrl.policy.name, scope, tokens, ctrl.router_class, ctrl.num_experts, ctrl.top_k, stats,
+                        compare_name if compare is not None else None)
+
+
+def _check_policy(policy: RoutingPolicy | None) -> None:
+    if policy is not None and policy.name == "sar":
+        raise MoekdError("--policy sar: routing stats measures the teacher's own routers; to measure a SAR router "
+                         "against them use --policy all --compare router.safetensors")
 
 
 def _check_scope(scope: str) -> None:
@@ -139,10 +167,12 @@ def routing_stats_for_files(
     fields: dict[str, str | None] | None = None,
     skip_invalid: bool = False,
     chat_template: bool = False,
+    compare: str | Path | None = None,
 ) -> RoutingStats:
     """Load a teacher checkpoint (and `tokenizer`, when it is not in the teacher's directory) and a data file,
-    and compute routing statistics on the first examples, prompted as `cache build` prompts them."""
-    from moekd.models import check_tokenizer_fits, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
+    and compute routing statistics on the first examples, prompted as `cache build` prompts them;
+    `compare`: a router file of `moekd sar train` for this teacher, compared layer by layer."""
+    from moekd.models import check_tokenizer_fits, checkpoint_sha256, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from moekd.data.prompts import tokenize_records
     from moekd.data.records import load_records
 
@@ -153,6 +183,8 @@ def routing_stats_for_files(
         raise MoekdError(f"--batch-size must be at least 1, got {batch_size}")
     if not 0 <= seed < 2**63:
         raise MoekdError(f"--seed must be in [0, 2**63), got {seed}")
+    _check_policy(policy)
+    trained = read_router_file(compare, "--compare") if compare is not None else None
     resolved = resolve_device(device)
     tokenizer_flag = "--tokenizer" if tokenizer else "--teacher"
     loaded_tokenizer = load_tokenizer(tokenizer or teacher, tokenizer_flag)
@@ -163,7 +195,10 @@ def routing_stats_for_files(
     )
     model = load_causal_lm(teacher, resolve_dtype(dtype, resolved), resolved)
     check_tokenizer_fits(loaded_tokenizer, model, tokenizer_flag)
-    return compute_routing_stats(model, report.examples, policy, loaded_tokenizer.pad_token_id, batch_size, seed, scope)
+    if trained is not None:
+        check_router_file(trained[1], model, str(teacher), checkpoint_sha256(teacher), compare, "--compare")
+    return compute_routing_stats(model, report.examples, policy, loaded_tokenizer.pad_token_id, batch_size, seed, scope,
+                                 trained[0] if trained else None, str(compare) if compare else None)
 
 
 def render_table(stats: RoutingStats):
@@ -174,15 +209,18 @@ def render_table(stats: RoutingStats):
         title=f"Routing of {stats.router_class} (N={stats.num_experts}, k={stats.top_k}), --policy {stats.policy}, "
         f"{stats.tokens} {stats.scope} tokens",
         caption="activated/other: mean gate mass of the activated/other experts; experts: activated per token; "
-        "load CV: coefficient of variation of the expert load; entropy: gate entropy in nats",
+        "load CV: coefficient of variation of the expert load; entropy: gate entropy in nats"
+        + (f"; KL: mean KL(original || trained gates) in nats, trained = {stats.trained_routers}" if stats.trained_routers else ""),
     )
     table.add_column("layer", no_wrap=True)
-    for column in ("activated", "other", "experts", "load CV", "entropy"):
+    columns = ("activated", "other", "experts", "load CV", "entropy") + (("KL",) if stats.trained_routers else ())
+    for column in columns:
         table.add_column(column, justify="right")
     for s in stats.layers:
+        kl = (f"{s.kl_to_trained:.3g}",) if stats.trained_routers else ()
         table.add_row(
             s.layer, f"{s.activated_mass:.3f}", f"{s.dormant_mass:.3f}", f"{s.mean_activated:.2f}",
-            f"{s.load_cv:.3f}", f"{s.gate_entropy:.3f}",
+            f"{s.load_cv:.3f}", f"{s.gate_entropy:.3f}", *kl,
         )
     return table
 

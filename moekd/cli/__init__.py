@@ -1,6 +1,6 @@
 """The `moekd` command line: thin typed commands; the work happens in the modules they call.
 
-One module per command group (cache, routing, data, train, eval, demo), all registered on the
+One module per command group (cache, routing, data, train, sar, eval, demo), all registered on the
 app of `app.py`. Errors a user can fix raise `MoekdError`, which `main` prints as one red line
 (exit code 2) instead of a traceback.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from moekd.cli import cache, data, demo, eval, routing, train  # noqa: F401  (registers the commands)
+from moekd.cli import cache, data, demo, eval, routing, sar, train  # noqa: F401  (registers the commands)
 from moekd.cli.app import app, console
 from moekd.errors import MoekdError, ReportedByRankZero
 

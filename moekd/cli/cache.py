@@ -16,7 +16,8 @@ def cache_build(
     teacher: str = typer.Option(..., help="Teacher checkpoint: a local Hugging Face directory (or a hub id when online)."),
     data: Path = typer.Option(..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."),
     out: Path = typer.Option(..., help="Store to write, e.g. run.zarr."),
-    policy: str = typer.Option("topk", help="Teacher routing policy: topk, all, ka, topp, mc."),
+    policy: str = typer.Option("topk", help="Teacher routing policy: topk, all, ka, topp, mc, sar (all experts under the routers of --router)."),
+    router: Optional[Path] = typer.Option(None, help="sar: the router file of `moekd sar train` (checked against the teacher)."),
     m: Optional[int] = typer.Option(None, "--m", help="Teacher samples per example (stochastic policies; ka default 2)."),
     ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts instead of taking the top ones (default 0.05)."),
     ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
@@ -50,6 +51,8 @@ def cache_build(
 
     Example: moekd cache build --teacher ./teacher --data train.jsonl --out run.zarr --k 64
 
+    With a SAR router: moekd cache build --teacher ./teacher --data train.jsonl --out sar.zarr --policy sar --router router.safetensors
+
     Example: moekd cache build --teacher ./teacher --data train.jsonl --out sampled.zarr --encoding sampled --draws 32
 
     On several GPUs: torchrun --nproc-per-node 8 -m moekd cache build ... (one teacher per rank).
@@ -66,6 +69,7 @@ def cache_build(
         seed=seed, resume=resume, overwrite=overwrite, tokenizer=tokenizer, chat_template=chat_template,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
         skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs, shard=shard,
+        router=str(router) if router else None,
     )
     s = build_cache(options, console=Console(stderr=True))
     if not Ranks.from_env().main:

@@ -17,7 +17,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A few-minute miniature of the pipeline (a smoke test; its numbers mean little)."),
     jobs: int = typer.Option(2, help="Processes that build caches, train and evaluate side by side (the numbers do not depend on it)."),
 ) -> None:
-    """Run the whole pipeline on the built-in suite: teacher, caches (topk, all, ka), SFT and KD students per training seed, MoE students (logit KD, Balanced Distillation), eval.
+    """Run the whole pipeline on the built-in suite: teacher, SAR routers, caches (topk, all, ka, sar), SFT and KD students per training seed, MoE students (logit KD, Balanced Distillation), eval.
 
     Finished stages are reused when it is run again. Example: moekd demo --quick
     """
@@ -29,4 +29,7 @@ def demo(
     wide.print(results_table(results))
     if (routing := routing_table(results)) is not None:
         wide.print(routing)
+    if results.get("sar"):
+        moved = ", ".join(f"{layer} {kl:.3g}" for layer, kl in results["sar"]["kl_original_trained"].items())
+        console.print(f"SAR routers, mean KL(original || trained gates) per MoE layer on the test split: {moved}", highlight=False)
     console.print(f"results: {workdir / 'results.json'}, chart: {workdir / 'results.png'}", highlight=False)

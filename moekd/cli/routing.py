@@ -15,7 +15,7 @@ from moekd.cli.app import routing_app
 def routing_stats(
     teacher: str = typer.Option(..., help="Teacher checkpoint directory (Hugging Face MoE causal LM)."),
     data: Path = typer.Option(..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."),
-    policy: str = typer.Option("topk", help="Routing policy to measure: topk, all, ka, topp, mc."),
+    policy: str = typer.Option("topk", help="Routing policy to measure: topk, all, ka, topp, mc (with --compare, both runs use it)."),
     ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts (default 0.05)."),
     ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1)."),
     top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach (default 0.9)."),
@@ -28,6 +28,7 @@ def routing_stats(
     seed: int = typer.Option(0, help="Base seed of the stochastic policies (derived per example like cache build, sample 0)."),
     dtype: str = typer.Option("auto", help="Teacher dtype: auto, float32, bfloat16, float16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    compare: Optional[Path] = typer.Option(None, help="A router file of `moekd sar train` for this teacher: adds each layer's mean KL(original || trained gate distribution)."),
     plot: Optional[Path] = typer.Option(None, help="Also save a per-layer plot (PNG) here."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout instead of a table."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
@@ -40,6 +41,8 @@ def routing_stats(
     """Per MoE layer: gate mass of the activated and non-activated experts, expert load CV, gate entropy.
 
     Example: moekd routing stats --teacher ./teacher --data train.jsonl --plot routing.png
+
+    How far a SAR router moved: moekd routing stats --teacher ./teacher --data test.jsonl --policy all --compare router.safetensors
     """
     import json
 
@@ -58,7 +61,7 @@ def routing_stats(
         teacher, data, chosen, max_examples=max_examples, batch_size=batch_size, max_prompt_len=max_prompt_len,
         max_len=max_len, seed=seed, scope=scope, device=device, dtype=dtype, tokenizer=tokenizer,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
-        skip_invalid=skip_invalid, chat_template=chat_template,
+        skip_invalid=skip_invalid, chat_template=chat_template, compare=compare,
     )
     if plot is not None:
         plot_stats(stats, plot)

@@ -40,3 +40,21 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
     full_sha = hashlib.sha256((vocab_sha + backend + specials).encode()).hexdigest()
     return {"vocab_sha256": vocab_sha, "sha256": full_sha}
+
+
+def tokenizer_differences(tokenizer, size: int, sha256: str, vocab_sha256: str) -> tuple[bool, list[str]]:
+    """How `tokenizer` differs from the tokenizer fingerprinted by (size, sha256, vocab_sha256).
+
+    Returns (whether both map tokens to ids the same way, the differences in words); the list is
+    empty when the tokenizers are identical.
+    """
+    found = tokenizer_fingerprint(tokenizer)
+    if found["sha256"] == sha256:
+        return True, []
+    same_ids = found["vocab_sha256"] == vocab_sha256
+    how = [f"size {len(tokenizer)} vs {size}"] if len(tokenizer) != size else []
+    if same_ids:
+        how.append(f"same token-to-id mapping but other rules or special tokens (sha256 {found['sha256'][:12]} vs {sha256[:12]})")
+    else:
+        how.append(f"token-to-id mapping differs (vocab_sha256 {found['vocab_sha256'][:12]} vs {vocab_sha256[:12]})")
+    return same_ids, how

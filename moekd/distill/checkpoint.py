@@ -53,12 +53,14 @@ def config_differences(saved: dict, current: dict, ignore: tuple[str, ...]) -> l
 
 
 def save_checkpoint(path: Path, model, tokenizer, state: dict | None, step: int, config: dict, ignore: tuple[str, ...]) -> None:
-    """Write a checkpoint; `state` None saves the model only (final/)."""
+    """Write a checkpoint; `state` None saves the model only (final/). `model` is anything with
+    `save_pretrained(directory)`; `tokenizer` None saves none."""
     if path.exists():
         shutil.rmtree(path)  # an interrupted save of the same step, or an older final/
     path.mkdir(parents=True)
     model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
     if state is not None:
         torch.save(state, path / STATE)
     marker = {"step": step, "config_sha256": config_hash(config, ignore), "config": config}

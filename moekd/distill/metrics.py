@@ -17,11 +17,12 @@ COLUMNS = ("step", "epoch", "loss", "kd_loss", "ce_loss", "eval_loss", "eval_kd_
 class MetricsLog:
     """Appends step records; on resume, drops the records past the checkpoint's step first.
 
-    metrics.jsonl holds every key of a record; metrics.csv the COLUMNS plus `extra_columns`."""
+    metrics.jsonl holds every key of a record; metrics.csv the `columns` (default: moekd train's
+    COLUMNS) plus `extra_columns`."""
 
-    def __init__(self, out: Path, keep_until_step: int, extra_columns=()):
+    def __init__(self, out: Path, keep_until_step: int, extra_columns=(), columns: tuple[str, ...] = COLUMNS):
         self.jsonl, self.csv = out / "metrics.jsonl", out / "metrics.csv"
-        self.columns = (*COLUMNS, *extra_columns)
+        self.columns = (*columns, *extra_columns)
         kept = []
         if self.jsonl.exists():
             kept = [r for r in read_metrics(out) if r["step"] <= keep_until_step]
@@ -66,9 +67,9 @@ def read_metrics(out: str | Path) -> list[dict]:
     return records
 
 
-def progress_bar(console: Console) -> Progress:
+def progress_bar(console: Console, label: str = "train") -> Progress:
     return Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
         console=console,
     )

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
-from moekd.data.tokenizer import tokenizer_fingerprint
+from moekd.data.tokenizer import tokenizer_differences
 from moekd.distill.options import TrainOptions
 from moekd.distill.sampled_losses import SAMPLED_BIASED
 from moekd.encoding import estimable_temperature, sampled_estimate
@@ -174,17 +174,9 @@ def check_loss_fits_cache(o: TrainOptions, encoding) -> None:
 
 
 def _check_tokenizer(tokenizer, stored, o: TrainOptions, console: Console) -> None:
-    found = tokenizer_fingerprint(tokenizer)
-    if found["sha256"] == stored.sha256:
+    same_ids, how = tokenizer_differences(tokenizer, stored.size, stored.sha256, stored.vocab_sha256)
+    if not how:
         return
-    same_ids = found["vocab_sha256"] == stored.vocab_sha256
-    how = []
-    if len(tokenizer) != stored.size:
-        how.append(f"size {len(tokenizer)} vs {stored.size}")
-    if same_ids:
-        how.append(f"same token-to-id mapping but other rules or special tokens (sha256 {found['sha256'][:12]} vs {stored.sha256[:12]})")
-    else:
-        how.append(f"token-to-id mapping differs (vocab_sha256 {found['vocab_sha256'][:12]} vs {stored.vocab_sha256[:12]})")
     what = f"the student's tokenizer ({o.student}) differs from the cache's ({stored.name_or_path}): {'; '.join(how)}"
     if same_ids and o.allow_tokenizer_mismatch:
         console.print(f"[yellow]warning:[/] {what}; training anyway (--allow-tokenizer-mismatch)", highlight=False)

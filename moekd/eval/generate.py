@@ -60,6 +60,30 @@ def generate_responses(
     `routing` (a RouterController of `model`) routes its MoE layers by a policy while it
     generates, with one seed per prompt in `row_seeds` for a stochastic policy.
     """
+    eos = eos_token_ids(model, tokenizer)
+    continuations = sample_continuations(model, tokenizer, prompts, seed, max_new_tokens, batch_size, greedy, routing,
+                                         row_seeds)
+    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=True).strip()
+            for ids in continuations]
+
+
+def sample_continuations(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    seed: int,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    greedy: bool = False,
+    routing=None,
+    row_seeds: list[int] | None = None,
+) -> list[list[int]]:
+    """Token ids of one sampled continuation per prompt, up to and including the first EOS (if any).
+
+    Sampling as in `generate_responses` (which decodes these): temperature 1, top_k 0, top_p 1,
+    left-padded batches in the given order, torch seeded once with `seed`; `routing` and
+    `row_seeds` as there.
+    """
     from transformers import GenerationConfig
 
     eos = eos_token_ids(model, tokenizer)
@@ -70,7 +94,7 @@ def generate_responses(
     checkpoint_defaults = model.generation_config
     model.generation_config = GenerationConfig()
     torch.manual_seed(seed)
-    responses = []
+    continuations = []
     try:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
@@ -81,8 +105,8 @@ def generate_responses(
             with torch.inference_mode(), routing.active(row_seeds=seeds) if routing is not None else nullcontext():
                 out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
             for row in out[:, width:].tolist():
-                cut = next((i for i, token in enumerate(row) if token in eos), len(row))
-                responses.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+                cut = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
+                continuations.append(row[:cut])
     finally:
         model.generation_config = checkpoint_defaults
-    return responses
+    return continuations

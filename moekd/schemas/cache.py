@@ -5,26 +5,26 @@ Stored as the `moekd` attribute of the store's root group and exported as JSON S
 added later bump the minor version, and an older reader ignores them.
 
 1.1 added the `sampled` and `hidden` encodings (a reader of 1.0 refuses them by their `kind`);
-stores of 1.0 (`topk_tail` only) read unchanged.
+stores of 1.0 (`topk_tail` only) read unchanged. 1.2 added `policy.router` (the router file of
+`--policy sar`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-SCHEMA_VERSION = "1.1"
+from moekd.schemas.base import Strict
+from moekd.schemas.router import RouterFileRef
+
+SCHEMA_VERSION = "1.2"
 FORMAT = "moekd-teacher-cache"
 ALIGNMENT_DESCRIPTION = (
     "target_positions[p] = t means the stored distribution at p was produced by the teacher at token "
     "position t of its example and predicts input_ids[t + 1]; only positions whose next token is a "
     "response token are stored."
 )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TeacherInfo(Strict):
@@ -58,6 +58,7 @@ class PolicyInfo(Strict):
     params: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
     seed: int
     seed_derivation: str = Field(description="How the seed of each (example, sample) is derived from `seed`")
+    router: Optional[RouterFileRef] = Field(None, description="--policy sar: the trained router file the teacher ran with")
 
 
 class TopkEncoding(Strict):
