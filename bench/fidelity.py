@@ -1,10 +1,10 @@
 """Cache fidelity per byte: what each encoding costs on disk and in distillation quality, in one run.
 
     python bench/fidelity.py --quick --json bench/results/fidelity.json  # the quick demo's teacher (~10 min here)
-    python bench/fidelity.py --json bench/results/fidelity_default.json   # FIDELITY_PLAN's teacher (hours on 2 busy cores)
+    python bench/fidelity.py --workdir moekd-demo --json bench/results/fidelity_default.json   # the demo's teacher
 
-On a teacher trained by SFT on the built-in suite as the demo trains it (`moekd.demo.prepare_teacher`,
-plan FIDELITY_PLAN below) it builds a cache of the training split in every setting below,
+On the teacher `moekd demo` trains by SFT on the built-in suite (`moekd.demo.prepare_teacher`, the
+demo's DEFAULT_PLAN; a demo work directory is reused, or the teacher trained anew) it builds a cache of the training split in every setting below,
 then measures, for each one:
 - bytes per position-sample of the teacher arrays (`moekd cache info`);
 - gradient fidelity against the exact full-vocabulary forward KL (teacher logits from its own
@@ -28,7 +28,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,10 +65,7 @@ SETTINGS = {
     "hidden fp32 (exact)": dict(encoding="hidden", hidden_dtype="fp32"),
 }
 EXACT = "hidden fp32 (exact)"
-# The demo's suite and teacher as the fidelity figures were measured on: 2,000 training examples, a
-# Mixtral-style teacher (hidden 96, 4 layers, 8 experts, top-2) trained by SFT for 6 epochs.
-FIDELITY_PLAN = replace(DEFAULT_PLAN, n_train=2000, teacher_epochs=6,
-                        teacher=dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, router_std=None))
+
 
 
 def build(work: Path, teacher: Path, data: Path, name: str, plan, **extra) -> Path:
@@ -207,7 +204,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     names = [n for n in SETTINGS if not args.only or n in args.only.split(",") or n == EXACT]
-    plan = QUICK_PLAN if args.quick else FIDELITY_PLAN
+    plan = QUICK_PLAN if args.quick else DEFAULT_PLAN
     work = args.workdir
     plan_file, plan_json = work / "fidelity_plan.json", json.dumps(asdict(plan), indent=2)
     if plan_file.exists() and plan_file.read_text() != plan_json:

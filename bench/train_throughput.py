@@ -13,9 +13,9 @@ drift hits all three alike); peak memory from a fresh process per method. The lo
 alone (worker processes reading and collating cache batches).
 --vocab is the models' vocabulary: their embedding and output layer have that many rows, and
 the teacher's distributions and the student's loss run over all of them. The tokenizer is
-trained on the demo data and has at most a few thousand tokens; the ids above it are never
-inputs or labels, as in checkpoints whose vocabulary is padded beyond their tokenizer. At small
-vocabularies the tokenizer has --vocab tokens itself.
+trained on the demo data (at most 4,000 tokens) and, above that, filled up to --vocab with
+reserved tokens that no merge produces, as real checkpoints reserve ids (Llama 3's
+`<|reserved_special_token_N|>`): they are in every distribution and loss but never inputs or labels.
 Targets: cache-KD step time / CE step time <= 1.15; loader batches/s >= 5x the steps/s of (a).
 Prints numbers; asserts nothing.
 """
@@ -23,6 +23,7 @@ Prints numbers; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import statistics
@@ -64,12 +65,26 @@ def build_artifacts(root: Path, a) -> dict[str, Path]:
 
     records = load_records(DATA).records
     tokenizer = train_tokenizer([format_prompt(r) + r.response for r in records] * 4, vocab_size=min(a.vocab, TOKENIZER_VOCAB))
+    trained = len(tokenizer)
+    tokenizer = with_reserved_tokens(tokenizer, a.vocab)
     paths = {name: root / name for name in ("teacher", "student", "cache")}
     make_tiny_model("mixtral", tokenizer, paths["teacher"], seed=1, hidden=2 * a.hidden, vocab_size=a.vocab)
     make_tiny_model("llama", tokenizer, paths["student"], seed=2, hidden=a.hidden, vocab_size=a.vocab)
     build_cache(BuildOptions(teacher=str(paths["teacher"]), data=str(DATA), out=str(paths["cache"]), k=a.k,
                              max_prompt_len=128, max_len=256, device=a.device, positions_per_shard=1024))
-    return paths, len(tokenizer)
+    return paths, trained
+
+
+def with_reserved_tokens(tokenizer, size: int):
+    """`tokenizer` with vocabulary entries <reserved_i> up to `size` ids: in the vocabulary, never produced."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    vocab.update({f"<reserved_{i}>": i for i in range(len(vocab), size)})
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)), eos_token=tokenizer.eos_token,
+                                   pad_token=tokenizer.pad_token, bos_token=None)
 
 
 def batch_plan(cache: Path, a, count: int) -> list:
@@ -151,7 +166,7 @@ def loader_rate(paths: dict, plan: list, workers: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=128, help="Student hidden size (the teacher has twice this).")
-    p.add_argument("--vocab", type=int, default=1000, help="Vocabulary of the models (output-layer rows); the tokenizer has up to 4,000 of it.")
+    p.add_argument("--vocab", type=int, default=1000, help="Vocabulary of the models (output-layer rows) and tokenizer (up to 4,000 trained tokens, the rest reserved).")
     p.add_argument("--k", type=int, default=32, help="Teacher ids stored per position.")
     p.add_argument("--batch-tokens", type=int, default=2048, help="Padded tokens per batch.")
     p.add_argument("--steps", type=int, default=60, help="Timed steps per method (after 3 warm-up steps).")
@@ -161,11 +176,11 @@ def main() -> None:
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        paths, tokenizer_size = build_artifacts(Path(tmp), a)
+        paths, trained_tokens = build_artifacts(Path(tmp), a)
         plan = batch_plan(paths["cache"], a, a.steps + WARMUP)
         vocab = output_vocab_size(AutoModelForCausalLM.from_pretrained(str(paths["student"])))
         print(f"setup {time.perf_counter() - t0:.1f} s: vocab {vocab:,} (the output layer's rows, student and teacher; "
-              f"tokenizer {tokenizer_size:,} tokens), student hidden {a.hidden}, teacher hidden "
+              f"tokenizer {vocab:,} tokens, {trained_tokens:,} of them trained), student hidden {a.hidden}, teacher hidden "
               f"{2 * a.hidden} (Mixtral, 8 experts), k {a.k}, {len(plan)} batches of <= {a.batch_tokens} tokens, "
               f"device {a.device}, {threads} threads", flush=True)
         ctx = mp.get_context("spawn")
