@@ -69,3 +69,25 @@ def small_cache(tmp_path_factory, make_teacher, data_file):
     build_cache(BuildOptions(teacher=str(make_teacher("mixtral")), data=str(data_file), out=str(out), k=16,
                              max_prompt_len=96, max_len=128, batch_tokens=512, positions_per_shard=512, device="cpu"))
     return out
+
+
+@pytest.fixture
+def interrupt_at_step(monkeypatch):
+    """interrupt_at_step(step, run): call run() and stop it as a kill would, when the training loop is
+    about to log metrics step `step` (that record is never written); asserts that it stopped."""
+    from moekd.distill.metrics import MetricsLog
+
+    real_write = MetricsLog.write
+
+    def interrupt(step: int, run) -> None:
+        def crash(self, record):
+            if record["step"] == step:
+                raise KeyboardInterrupt
+            real_write(self, record)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(MetricsLog, "write", crash)
+            with pytest.raises(KeyboardInterrupt):
+                run()
+
+    return interrupt

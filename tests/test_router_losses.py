@@ -11,7 +11,7 @@ from moekd import CacheReader
 from moekd.cache_builder.build import BuildOptions, build_cache
 from moekd.distill.gate_maps import GateTargets, dense_gates, expert_map, parse_layer_map, uniform_layer_map
 from moekd.distill.loader import BatchDataset, BatchOrder, held_out_split, make_loader
-from moekd.distill.metrics import MetricsLog, read_metrics
+from moekd.distill.metrics import read_metrics
 from moekd.distill.objective import batch_loss
 from moekd.distill.router_losses import (
     TAU_RANGE, coverage_kl, entropy_aware_kl, load_cv, mc_draws, mc_exploration_loss, router_objective, tempered,
@@ -316,21 +316,11 @@ def test_tau_is_clamped_after_every_step(gate_cache, moe_student, tmp_path):
 # ---------------------------------------------------------------- training runs
 
 
-def test_bdistill_resumes_to_identical_metrics(gate_cache, moe_student, tmp_path, monkeypatch):
+def test_bdistill_resumes_to_identical_metrics(gate_cache, moe_student, tmp_path, interrupt_at_step):
     kw = dict(cache=str(gate_cache), samples="random", grad_accum=2, max_steps=4, save_every=2, eval_every=2, warmup=2,
               router_aux_coef=0.01)
     train(options(moe_student, tmp_path / "whole", **kw))
-    real_write = MetricsLog.write
-
-    def crash_at_step_4(self, record):
-        if record["step"] == 4:
-            raise KeyboardInterrupt
-        real_write(self, record)
-
-    monkeypatch.setattr(MetricsLog, "write", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(options(moe_student, tmp_path / "cut", **kw))
-    monkeypatch.undo()
+    interrupt_at_step(4, lambda: train(options(moe_student, tmp_path / "cut", **kw)))
     resumed = train(options(moe_student, tmp_path / "cut", resume="auto", workers=1, **kw))
     assert resumed.resumed_from.endswith("step-000002")
     whole, cut = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "cut")

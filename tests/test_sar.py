@@ -9,7 +9,7 @@ import torch
 
 from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
-from moekd.distill.metrics import MetricsLog, read_metrics
+from moekd.distill.metrics import read_metrics
 from moekd.errors import MoekdError
 from moekd.routers import find_routers, frozen_router_tensors
 from moekd.sar.objective import balance_terms, cv_squared, student_divergence, teacher_divergence
@@ -304,23 +304,13 @@ def test_resume_of_a_sar_build_refuses_another_router_file(router_file, make_tea
 # ---------------------------------------------------------------- resume
 
 
-def test_interrupted_run_resumes_to_the_same_router_and_student(make_teacher, student, data, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_router_and_student(make_teacher, student, data, tmp_path, interrupt_at_step):
     kw = dict(steps=4, save_every=2, co_train_student=True, student_lr=1e-3, responses="student")
     teacher = make_teacher("mixtral")
     whole = train_router(sar_options(teacher, student, data, tmp_path / "whole.safetensors", **kw))
 
-    real_write = MetricsLog.write
-
-    def crash_at_step_3(self, record):
-        if record["step"] == 3:
-            raise KeyboardInterrupt
-        real_write(self, record)
-
-    monkeypatch.setattr(MetricsLog, "write", crash_at_step_3)
     cut = tmp_path / "cut.safetensors"
-    with pytest.raises(KeyboardInterrupt):
-        train_router(sar_options(teacher, student, data, cut, **kw))
-    monkeypatch.undo()
+    interrupt_at_step(3, lambda: train_router(sar_options(teacher, student, data, cut, **kw)))
     assert not cut.exists() and [r["step"] for r in read_metrics(run_dir(cut))] == [1, 2]
     with pytest.raises(MoekdError, match="already holds this run; pass --resume auto"):
         train_router(sar_options(teacher, student, data, cut, **kw))

@@ -15,7 +15,7 @@ from moekd.distill import objective as objective_module
 from moekd.distill.checkpoint import is_complete
 from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader
 from moekd.distill.sources import CacheSource
-from moekd.distill.metrics import MetricsLog, read_metrics
+from moekd.distill.metrics import read_metrics
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.tiny_models import make_tiny_model, tiny_config
@@ -126,22 +126,12 @@ def test_kd_training_lowers_held_out_loss_and_writes_checkpoints(kd_run):
     assert (out / "step-000003" / "model.safetensors").exists() and (out / "step-000003" / "training_state.pt").exists()
 
 
-def test_interrupted_run_resumes_to_identical_metrics(cache, student, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_identical_metrics(cache, student, tmp_path, interrupt_at_step):
     kw = dict(cache=str(cache), samples="random", grad_accum=2, max_steps=5, save_every=2, eval_every=2, schedule="cosine", warmup=2,
               loss_chunk=96)  # several chunks per batch
     train(options(student, tmp_path / "whole", **kw))
 
-    real_write = MetricsLog.write
-
-    def crash_at_step_4(self, record):
-        if record["step"] == 4:
-            raise KeyboardInterrupt
-        real_write(self, record)
-
-    monkeypatch.setattr(MetricsLog, "write", crash_at_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(options(student, tmp_path / "cut", **kw))
-    monkeypatch.undo()
+    interrupt_at_step(4, lambda: train(options(student, tmp_path / "cut", **kw)))
     assert [r["step"] for r in read_metrics(tmp_path / "cut")][-1] == 3  # step 3 logged, checkpoint at step 2
     resumed = train(options(student, tmp_path / "cut", resume="auto", workers=1, **kw))
     assert resumed.resumed_from.endswith("step-000002")
