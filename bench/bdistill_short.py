@@ -22,12 +22,26 @@ from rich.console import Console
 from moekd.demo import GATES_CACHE, MOE_ROWS, QUICK_PLAN, StudentSpec, results_table, routing_table, run_pipeline
 
 PLAN = replace(
-    QUICK_PLAN, n_train=640, teacher_epochs=6, student_epochs=4, train_seeds=(0, 1, 2), probes=(),
+    QUICK_PLAN,
+    n_train=640,
+    teacher_epochs=6,
+    student_epochs=4,
+    train_seeds=(0, 1, 2),
+    probes=(),
     teacher=dict(family="mixtral", hidden=48, layers=4, experts=8, top_k=2, intermediate_size=96, router_std=None),
     students={"moe": dict(family="mixtral", hidden=32, layers=2, experts=4, top_k=2, router_std=None)},
-    caches=(GATES_CACHE,), reference="MoE KD",
-    rows=(*MOE_ROWS, StudentSpec("MoE B-Distill w=0.5", "topk-gates", init="moe",
-                                 options={"router_loss": "bdistill", "expert_weight": 0.5}, reference="MoE KD")),
+    caches=(GATES_CACHE,),
+    reference="MoE KD",
+    rows=(
+        *MOE_ROWS,
+        StudentSpec(
+            "MoE B-Distill w=0.5",
+            "topk-gates",
+            init="moe",
+            options={"router_loss": "bdistill", "expert_weight": 0.5},
+            reference="MoE KD",
+        ),
+    ),
 )
 
 

@@ -29,18 +29,18 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM
 
-from moekd.cache_builder.build import BuildOptions, build_cache, example_tables  # noqa: E402
-from moekd.cache_builder.runner import length_batches, pad_batch  # noqa: E402
-from moekd.cache_builder.policies import make_policy  # noqa: E402
-from moekd.cache_builder.routing import RouterController  # noqa: E402
-from moekd.data.prompts import format_prompt, tokenize_records  # noqa: E402
-from moekd.data.records import load_records  # noqa: E402
-from moekd.data.tokenizer import train_tokenizer  # noqa: E402
-from moekd.store.verify import store_info  # noqa: E402
-from moekd.tiny_models import tiny_config  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from moekd.cache_builder.build import BuildOptions, build_cache, example_tables
+from moekd.cache_builder.policies import make_policy
+from moekd.cache_builder.routing import RouterController
+from moekd.cache_builder.runner import length_batches, pad_batch
+from moekd.data.prompts import format_prompt, tokenize_records
+from moekd.data.records import load_records
+from moekd.data.tokenizer import train_tokenizer
+from moekd.store.verify import store_info
+from moekd.tiny_models import tiny_config
 
 DEMO = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"
 
@@ -56,10 +56,10 @@ def bare_forward_seconds(model, tables, batch_tokens: int, pad_id: int, controll
             ids, mask, keep = pad_batch(tables, batch, pad_id)
             sliced = {"logits_to_keep": keep} if targets_only else {}
             if controller is None:
-                model(input_ids=ids, attention_mask=mask, use_cache=False, **sliced).logits
+                model(input_ids=ids, attention_mask=mask, use_cache=False, **sliced)
             else:
                 with controller.active():
-                    model(input_ids=ids, attention_mask=mask, use_cache=False, **sliced).logits
+                    model(input_ids=ids, attention_mask=mask, use_cache=False, **sliced)
     return time.perf_counter() - start
 
 
@@ -82,9 +82,13 @@ def fidelity(model, store: Path, examples: int = 64) -> dict:
             same_set += int((ids.sort(1).values == true_ids.sort(1).values).all(1).sum())
             positions += len(ids)
     lp_err, tail_err = torch.cat(lp_err), torch.cat(tail_err)
-    return {"positions": positions, "logprob_max_abs_error": lp_err.max().item(),
-            "logprob_mean_abs_error": lp_err.mean().item(), "tail_max_abs_error": tail_err.max().item(),
-            "topk_id_set_exact_fraction": same_set / positions}
+    return {
+        "positions": positions,
+        "logprob_max_abs_error": lp_err.max().item(),
+        "logprob_mean_abs_error": lp_err.mean().item(),
+        "tail_max_abs_error": tail_err.max().item(),
+        "topk_id_set_exact_fraction": same_set / positions,
+    }
 
 
 def main() -> None:
@@ -104,7 +108,9 @@ def main() -> None:
     # A 32k output vocabulary, as real teachers have, over the small demo tokenizer.
     torch.manual_seed(0)
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    teacher = AutoModelForCausalLM.from_config(tiny_config("mixtral", 32000, hidden=128, layers=2, special_ids=ids)).eval()
+    teacher = AutoModelForCausalLM.from_config(
+        tiny_config("mixtral", 32000, hidden=128, layers=2, special_ids=ids)
+    ).eval()
     teacher.save_pretrained(str(work / "teacher"))
     tokenizer.save_pretrained(str(work / "teacher"))
 
@@ -115,9 +121,19 @@ def main() -> None:
     def build(policy: str, m: int | None = None):
         out = work / f"{policy}-{m}.zarr"
         params = {"m": m} if m else {}
-        summary = build_cache(BuildOptions(teacher=str(work / "teacher"), data=str(data), out=str(out), policy=policy,
-                                           policy_params=params, k=k, batch_tokens=batch_tokens, device="cpu",
-                                           overwrite=True))
+        summary = build_cache(
+            BuildOptions(
+                teacher=str(work / "teacher"),
+                data=str(data),
+                out=str(out),
+                policy=policy,
+                policy_params=params,
+                k=k,
+                batch_tokens=batch_tokens,
+                device="cpu",
+                overwrite=True,
+            )
+        )
         return summary, out
 
     forward, sliced, hooked, loop, wall, ka1, kam = [], [], [], [], [], [], []
@@ -139,11 +155,23 @@ def main() -> None:
     results = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} threads={torch.get_num_threads()}",
         "date": time.strftime("%Y-%m-%d"),
-        "workload": {"examples": meta.layout.num_examples, "tokens": meta.layout.num_tokens,
-                     "positions": meta.layout.num_positions, "vocab": vocab, "k": k, "batch_tokens": batch_tokens},
-        "seconds": {"bare_forward": min(forward), "bare_forward_target_logits": min(sliced),
-                    "topk_hooked_forward": min(hooked), "build_loop": min(loop),
-                    "build_command": min(wall), "ka_m1_loop": min(ka1), f"ka_m{samples}_loop": min(kam)},
+        "workload": {
+            "examples": meta.layout.num_examples,
+            "tokens": meta.layout.num_tokens,
+            "positions": meta.layout.num_positions,
+            "vocab": vocab,
+            "k": k,
+            "batch_tokens": batch_tokens,
+        },
+        "seconds": {
+            "bare_forward": min(forward),
+            "bare_forward_target_logits": min(sliced),
+            "topk_hooked_forward": min(hooked),
+            "build_loop": min(loop),
+            "build_command": min(wall),
+            "ka_m1_loop": min(ka1),
+            f"ka_m{samples}_loop": min(kam),
+        },
         "ratios": {
             "build_loop_over_forward": min(loop) / min(forward),
             "build_loop_over_target_logits_forward": min(loop) / min(sliced),

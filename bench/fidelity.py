@@ -35,26 +35,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from rich.console import Console  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
 
-from moekd import CacheReader  # noqa: E402
-from moekd.cache_builder.build import BuildOptions, build_cache  # noqa: E402
-from moekd.data.prompts import tokenize_records  # noqa: E402
-from moekd.data.records import load_records  # noqa: E402
-from moekd.demo import DEFAULT_PLAN, QUICK_PLAN, prepare_teacher  # noqa: E402
-from moekd.tiny_models import make_tiny_model  # noqa: E402
-from moekd.distill.loader import BatchDataset, pack  # noqa: E402
-from moekd.distill.losses import dense_kd_loss, exact_losses_, sparse_kd_loss, teacher_logprobs as exact_logprobs  # noqa: E402
-from moekd.distill.objective import batch_loss  # noqa: E402
-from moekd.distill.sampled_losses import sampled_kd_loss  # noqa: E402
-from moekd.distill.student import Student  # noqa: E402
-from moekd.distill.sources import CacheSource, TokenizedSource  # noqa: E402
-from moekd.distill.train import TrainOptions, train  # noqa: E402
-from moekd.store.verify import store_info  # noqa: E402
-from moekd.store.writer import store_state  # noqa: E402
+from moekd import CacheReader
+from moekd.cache_builder.build import BuildOptions, build_cache
+from moekd.data.prompts import tokenize_records
+from moekd.data.records import load_records
+from moekd.demo import DEFAULT_PLAN, QUICK_PLAN, prepare_teacher
+from moekd.distill.loader import BatchDataset, pack
+from moekd.distill.losses import dense_kd_loss, exact_losses_, sparse_kd_loss
+from moekd.distill.losses import teacher_logprobs as exact_logprobs
+from moekd.distill.objective import batch_loss
+from moekd.distill.sampled_losses import sampled_kd_loss
+from moekd.distill.sources import CacheSource, TokenizedSource
+from moekd.distill.student import Student
+from moekd.distill.train import TrainOptions, train
+from moekd.store.verify import store_info
+from moekd.store.writer import store_state
+from moekd.tiny_models import make_tiny_model
 
 SETTINGS = {
     **{f"topk k={k}": dict(encoding="topk", k=k) for k in (8, 16, 32, 64)},
@@ -67,14 +68,21 @@ SETTINGS = {
 EXACT = "hidden fp32 (exact)"
 
 
-
 def build(work: Path, teacher: Path, data: Path, name: str, plan, **extra) -> Path:
     out = work / "caches" / (name.replace(" ", "_").replace("/", "s").replace("(", "").replace(")", "") + ".zarr")
     state = store_state(out)
     if state != "complete":
         settings = {"batch_tokens": plan.batch_tokens, **SETTINGS.get(name, {}), **extra}
-        build_cache(BuildOptions(teacher=str(teacher), data=str(data), out=str(out), device="cpu",
-                                 resume=state == "unfinished", **settings))
+        build_cache(
+            BuildOptions(
+                teacher=str(teacher),
+                data=str(data),
+                out=str(out),
+                device="cpu",
+                resume=state == "unfinished",
+                **settings,
+            )
+        )
     return out
 
 
@@ -102,7 +110,9 @@ def cached_loss_of_logits(batch: dict, reader: CacheReader, logits: torch.Tensor
     if kind == "sampled":
         return sampled_kd_loss(logits, batch["sampled_ids"], batch["sampled_weights"]).mean(1)
     weight, hidden = reader.output_layer(), batch["hidden_states"]
-    return torch.stack([dense_kd_loss(logits, exact_logprobs(hidden[:, m], weight)) for m in range(hidden.shape[1])], 1).mean(1)
+    return torch.stack(
+        [dense_kd_loss(logits, exact_logprobs(hidden[:, m], weight)) for m in range(hidden.shape[1])], 1
+    ).mean(1)
 
 
 def gradient_fidelity(student_dir: Path, teacher, cache: Path, positions: int) -> dict:
@@ -117,7 +127,9 @@ def gradient_fidelity(student_dir: Path, teacher, cache: Path, positions: int) -
     model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32)
     o = TrainOptions(student=str(student_dir), out="-", cache=str(cache), loss="fkl")
     cpu = torch.device("cpu")
-    batch_loss(Student(model), batch, o, cpu, source.teacher_output_layer(cpu))["loss"].backward()  # the trainer's objective
+    batch_loss(Student(model), batch, o, cpu, source.teacher_output_layer(cpu))[
+        "loss"
+    ].backward()  # the trainer's objective
     cached = flat_grad(model)
     model.zero_grad()
     logits = model(input_ids=batch["input_ids"], use_cache=False).logits.flatten(0, 1)[batch["rows"]]
@@ -125,8 +137,8 @@ def gradient_fidelity(student_dir: Path, teacher, cache: Path, positions: int) -
     exact = flat_grad(model)
     # per position: gradients with respect to the logits
     leaf = logits.detach().requires_grad_(True)
-    g_cached, = torch.autograd.grad(cached_loss_of_logits(batch, reader, leaf).sum(), leaf)
-    g_exact, = torch.autograd.grad(dense_kd_loss(leaf, exact_logp).sum(), leaf)
+    (g_cached,) = torch.autograd.grad(cached_loss_of_logits(batch, reader, leaf).sum(), leaf)
+    (g_exact,) = torch.autograd.grad(dense_kd_loss(leaf, exact_logp).sum(), leaf)
     cached, exact = cached.double(), exact.double()
     row = {
         "positions": len(batch["rows"]),
@@ -165,8 +177,16 @@ def bf16_check(work: Path, teacher_dir: Path, data: Path, plan, examples: int = 
     subset = work / "bf16_check.jsonl"
     subset.write_text("\n".join(data.read_text().splitlines()[:examples]) + "\n")
     # batch_tokens 1: every example alone, so the forward below is the build's own
-    cache = build(work, teacher_dir, subset, "hidden bf16 (bf16 teacher)", plan, encoding="hidden", dtype="bfloat16",
-                  batch_tokens=1)
+    cache = build(
+        work,
+        teacher_dir,
+        subset,
+        "hidden bf16 (bf16 teacher)",
+        plan,
+        encoding="hidden",
+        dtype="bfloat16",
+        batch_tokens=1,
+    )
     reader = CacheReader(cache)
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.bfloat16).eval()
     weight = reader.output_layer()
@@ -184,19 +204,30 @@ def bf16_check(work: Path, teacher_dir: Path, data: Path, plan, examples: int = 
         student = torch.randn(own_logits.shape, generator=g)
         own = dense_kd_loss(student, torch.log_softmax(own_logits.float(), -1))
         # the trainer's exact loss of a hidden cache (losses.exact_losses_), from the stored states
-        cached = exact_losses_(student.clone(), torch.from_numpy(ex.hidden_states), weight, None, 1.0, 0.0, False)[0][:, 0]
+        cached = exact_losses_(student.clone(), torch.from_numpy(ex.hidden_states), weight, None, 1.0, 0.0, False)[0][
+            :, 0
+        ]
         same_states += int(torch.equal(stored, own_hidden))
         same_loss += int(torch.equal(own, cached))
         max_diff = max(max_diff, (own - cached).abs().max().item())
         positions += len(stored)
-    return {"examples": len(reader), "positions": positions, "hidden_states_bit_identical": same_states / len(reader),
-            "loss_bit_identical": same_loss / len(reader), "loss_max_abs_diff": max_diff}
+    return {
+        "examples": len(reader),
+        "positions": positions,
+        "hidden_states_bit_identical": same_states / len(reader),
+        "loss_bit_identical": same_loss / len(reader),
+        "loss_max_abs_diff": max_diff,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("fidelity-run"),
-                        help="where the teacher, caches and runs go (a `moekd demo --workdir` of the same plan is reused)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("fidelity-run"),
+        help="where the teacher, caches and runs go (a `moekd demo --workdir` of the same plan is reused)",
+    )
     parser.add_argument("--quick", action="store_true", help="the quick demo plan")
     parser.add_argument("--steps", type=int, help="optimizer steps of each distillation run (default: one epoch)")
     parser.add_argument("--grad-positions", type=int, default=3000, help="cached positions in the gradient batch")
@@ -233,10 +264,27 @@ def main() -> None:
         row.update(gradient_fidelity(init, teacher, cache, args.grad_positions))
         run = work / "fidelity_runs" / cache.stem
         if not (run / "final" / "checkpoint.json").exists():
-            train(TrainOptions(student=str(init), out=str(run), cache=str(cache), loss="fkl", lr=plan.student_lr,
-                               batch_tokens=plan.batch_tokens, warmup=plan.warmup, max_steps=args.steps,
-                               epochs=None if args.steps else 1, eval_fraction=0, eval_every=0, save_every=0,
-                               workers=0, seed=0, device="cpu", resume="auto" if run.exists() else None), console)
+            train(
+                TrainOptions(
+                    student=str(init),
+                    out=str(run),
+                    cache=str(cache),
+                    loss="fkl",
+                    lr=plan.student_lr,
+                    batch_tokens=plan.batch_tokens,
+                    warmup=plan.warmup,
+                    max_steps=args.steps,
+                    epochs=None if args.steps else 1,
+                    eval_fraction=0,
+                    eval_every=0,
+                    save_every=0,
+                    workers=0,
+                    seed=0,
+                    device="cpu",
+                    resume="auto" if run.exists() else None,
+                ),
+                console,
+            )
         row["held_out_kl"] = held_out_kl(run / "final", teacher, test, plan.batch_tokens)
         rows[name] = row
         console.print(row)
@@ -246,25 +294,36 @@ def main() -> None:
     check = bf16_check(work, teacher_dir, train_data, plan)
     results = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d"), "plan": "quick" if args.quick else "default",
+        "date": time.strftime("%Y-%m-%d"),
+        "plan": "quick" if args.quick else "default",
         "teacher": {"vocab": teacher.config.vocab_size, "hidden": teacher.config.hidden_size},
-        "wall_seconds": time.time() - started, "rows": rows, "bf16_check": check,
+        "wall_seconds": time.time() - started,
+        "rows": rows,
+        "bf16_check": check,
     }
-    print(f"\n{'setting':<22}{'B/pos-sample':>13}{'param cos':>11}{'param err':>11}{'logit cos':>11}"
-          f"{'held-out KL':>13}{'vs exact':>10}")
+    print(
+        f"\n{'setting':<22}{'B/pos-sample':>13}{'param cos':>11}{'param err':>11}{'logit cos':>11}"
+        f"{'held-out KL':>13}{'vs exact':>10}"
+    )
     for name, r in rows.items():
-        print(f"{name:<22}{r['bytes_per_position_sample']:>13.1f}{r['param_cosine']:>11.4f}{r['param_rel_error']:>11.4f}"
-              f"{r['logit_cosine_mean']:>11.4f}{r['held_out_kl']:>13.4f}{100 * r['held_out_vs_exact']:>+9.2f}%")
-    print(f"\nhidden bf16 of a bfloat16 teacher ({check['positions']} positions): stored states bit-identical to the "
-          f"teacher's own on {100 * check['hidden_states_bit_identical']:.0f}% of examples, forward KL from the cache "
-          f"bit-identical to the one from the teacher's logits on {100 * check['loss_bit_identical']:.0f}% "
-          f"(max difference {check['loss_max_abs_diff']:.2e})")
+        print(
+            f"{name:<22}{r['bytes_per_position_sample']:>13.1f}{r['param_cosine']:>11.4f}{r['param_rel_error']:>11.4f}"
+            f"{r['logit_cosine_mean']:>11.4f}{r['held_out_kl']:>13.4f}{100 * r['held_out_vs_exact']:>+9.2f}%"
+        )
+    print(
+        f"\nhidden bf16 of a bfloat16 teacher ({check['positions']} positions): stored states bit-identical to the "
+        f"teacher's own on {100 * check['hidden_states_bit_identical']:.0f}% of examples, forward KL from the cache "
+        f"bit-identical to the one from the teacher's logits on {100 * check['loss_bit_identical']:.0f}% "
+        f"(max difference {check['loss_max_abs_diff']:.2e})"
+    )
     topk = [n for n, r in rows.items() if n.startswith("topk") and r["bytes_per_position_sample"] <= 128]
     sampled = [n for n, r in rows.items() if n.startswith("sampled") and r["bytes_per_position_sample"] <= 64]
-    print("targets: top-k <= 128 B within 1% of exact held-out loss: "
-          + (", ".join(n for n in topk if rows[n]["held_out_vs_exact"] <= 0.01) or "none")
-          + "; sampled <= 64 B with parameter-gradient cosine >= 0.98: "
-          + (", ".join(n for n in sampled if rows[n]["param_cosine"] >= 0.98) or "none"))
+    print(
+        "targets: top-k <= 128 B within 1% of exact held-out loss: "
+        + (", ".join(n for n in topk if rows[n]["held_out_vs_exact"] <= 0.01) or "none")
+        + "; sampled <= 64 B with parameter-gradient cosine >= 0.98: "
+        + (", ".join(n for n in sampled if rows[n]["param_cosine"] >= 0.98) or "none")
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import platform
 import sys
 import time
@@ -42,12 +41,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests/reference_losses.py
 
-from moekd.distill.chunked import OutputLayer, chunked_output_loss  # noqa: E402
-from moekd.distill.losses import KD_LOSSES  # noqa: E402
-from moekd.distill.objective import SparseObjective  # noqa: E402
-from moekd.distill.options import LOSS_CHUNK, TrainOptions  # noqa: E402
-from peak_memory import PeakMemory  # noqa: E402  (bench/peak_memory.py)
-from tests.reference_losses import exact_sparse_kd_loss  # noqa: E402  (the previous implementation)
+from peak_memory import PeakMemory
+
+from moekd.distill.chunked import OutputLayer, chunked_output_loss
+from moekd.distill.losses import KD_LOSSES
+from moekd.distill.objective import SparseObjective
+from moekd.distill.options import LOSS_CHUNK, TrainOptions
+from tests.reference_losses import exact_sparse_kd_loss
 
 VOCABS = (32000, 128256, 151936, 201088)
 METHODS = {"ce-full": "CE full", "ce-chunked": "CE chunked", "kd-chunked": "KD chunked", "kd-previous": "KD previous"}
@@ -77,15 +77,17 @@ class Case:
 def make_inputs(case: Case, hidden_size: int, k: int) -> dict:
     g = torch.Generator().manual_seed(0)
     positions, vocab = case.positions, case.vocab
-    inputs = {"hidden": torch.randn(positions, hidden_size, generator=g),
-              "weight": torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5,
-              "labels": torch.randint(vocab, (positions,), generator=g)}
+    inputs = {
+        "hidden": torch.randn(positions, hidden_size, generator=g),
+        "weight": torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5,
+        "labels": torch.randint(vocab, (positions,), generator=g),
+    }
     if case.samples:
         pool_size = k + 4 * (case.samples - 1)
         step = vocab // pool_size
         start = torch.randint(0, vocab - (pool_size - 1) * step, (positions, 1), generator=g)
         pool = start + torch.arange(pool_size) * step  # sorted, distinct
-        ids = torch.stack([pool[:, 4 * m: 4 * m + k] for m in range(case.samples)], dim=1)
+        ids = torch.stack([pool[:, 4 * m : 4 * m + k] for m in range(case.samples)], dim=1)
         logprobs = torch.log_softmax(2 * torch.randn(positions, case.samples, k + 1, generator=g), dim=-1)
         inputs.update(topk_ids=ids, topk_logprobs=logprobs[..., :k], tail_logprob=logprobs[..., k])
     return inputs
@@ -102,8 +104,9 @@ def make_step(case: Case, inputs: dict):
         if case.method == "ce-full":
             loss = F.cross_entropy(hidden @ weight.T, inputs["labels"])
         elif case.method == "kd-previous":
-            loss = exact_sparse_kd_loss(hidden @ weight.T, inputs["topk_ids"], inputs["topk_logprobs"],
-                                        inputs["tail_logprob"], case.kind).mean()
+            loss = exact_sparse_kd_loss(
+                hidden @ weight.T, inputs["topk_ids"], inputs["topk_logprobs"], inputs["tail_logprob"], case.kind
+            ).mean()
         else:
             objective = SparseObjective(inputs, options, torch.device("cpu"))
             loss = chunked_output_loss(hidden, OutputLayer(weight), objective, case.chunk)["loss"]
@@ -206,8 +209,11 @@ def sweep_grid(a) -> list[list[Case]]:
     vocab, positions = a.vocab[0], a.positions[0]
     cases = [Case("ce-full", vocab, positions)]
     for chunk in SWEEP_CHUNKS:
-        cases += [Case("ce-chunked", vocab, positions, chunk=chunk), Case("kd-chunked", vocab, positions, 1, "fkl", chunk),
-                  Case("kd-chunked", vocab, positions, 4, "rkl", chunk)]
+        cases += [
+            Case("ce-chunked", vocab, positions, chunk=chunk),
+            Case("kd-chunked", vocab, positions, 1, "fkl", chunk),
+            Case("kd-chunked", vocab, positions, 4, "rkl", chunk),
+        ]
     return [cases]
 
 
@@ -218,8 +224,13 @@ def run_group(cases: list[Case], a, threads: int, model: MemoryModel) -> list[di
     for case in cases:
         predicted = model.predict(case, a.hidden)
         if predicted is not None and predicted > 1024 * a.memory_budget:
-            rows.append({**asdict(case), "label": case.label,
-                         "skipped": f"needs about {predicted / 1024:.1f} GB > --memory-budget {a.memory_budget:g} GB"})
+            rows.append(
+                {
+                    **asdict(case),
+                    "label": case.label,
+                    "skipped": f"needs about {predicted / 1024:.1f} GB > --memory-budget {a.memory_budget:g} GB",
+                }
+            )
             continue
         before, step_mb = memory_in_fresh_process(case, a, threads)
         if predicted is None:
@@ -240,8 +251,10 @@ def run_group(cases: list[Case], a, threads: int, model: MemoryModel) -> list[di
 def add_ratios(rows: list[dict]) -> None:
     measured = {(r["method"], r["samples"], r["kind"], r["chunk"]): r for r in rows if "seconds" in r}
     ce_full = next((r for r in rows if r["method"] == "ce-full" and "seconds" in r), None)
-    ce_chunked = next((r for r in rows if r["method"] == "ce-chunked" and "seconds" in r and r["chunk"] == LOSS_CHUNK),
-                      next((r for r in rows if r["method"] == "ce-chunked" and "seconds" in r), None))
+    ce_chunked = next(
+        (r for r in rows if r["method"] == "ce-chunked" and "seconds" in r and r["chunk"] == LOSS_CHUNK),
+        next((r for r in rows if r["method"] == "ce-chunked" and "seconds" in r), None),
+    )
     baseline = ce_full or ce_chunked
     for r in rows:
         if "seconds" not in r or baseline is None:
@@ -251,7 +264,8 @@ def add_ratios(rows: list[dict]) -> None:
         r["memory_vs_ce"] = r["step_mb"] / baseline["step_mb"]
         # KD previous of the same kind and M; where only fkl was measured, fkl's (its cost hardly depends on the kind)
         previous = measured.get(("kd-previous", r["samples"], r["kind"], LOSS_CHUNK)) or measured.get(
-            ("kd-previous", r["samples"], "fkl", LOSS_CHUNK))
+            ("kd-previous", r["samples"], "fkl", LOSS_CHUNK)
+        )
         if r["method"] == "kd-chunked" and previous is not None:
             r["previous_kind"] = previous["kind"]
             r["time_vs_previous"] = r["seconds"] / previous["seconds"]
@@ -260,8 +274,10 @@ def add_ratios(rows: list[dict]) -> None:
 
 def print_group(rows: list[dict], vocab: int, positions: int) -> None:
     base = next((r["baseline"] for r in rows if "baseline" in r), "ce-full")
-    print(f"V {vocab:,}, P {positions:,}: ratios to {METHODS[base]} and to KD previous of the same M "
-          "(and kind; * of fkl, where only fkl was measured)")
+    print(
+        f"V {vocab:,}, P {positions:,}: ratios to {METHODS[base]} and to KD previous of the same M "
+        "(and kind; * of fkl, where only fkl was measured)"
+    )
     print(f"  {'case':<34} {'step s':>8} {'/CE':>6} {'/prev':>6} {'step MB':>9} {'/CE':>6} {'/prev':>6}")
     for r in rows:
         if "skipped" in r:
@@ -272,12 +288,17 @@ def print_group(rows: list[dict], vocab: int, positions: int) -> None:
             mark = "*" if key.endswith("previous") and r.get("previous_kind", r["kind"]) != r["kind"] else " "
             return f"{r[key]:5.2f}{mark}" if key in r else " " * 6
 
-        print(f"  {r['label']:<34} {r['seconds']:8.2f} {ratio('time_vs_ce')} {ratio('time_vs_previous')} "
-              f"{r['step_mb']:9,.0f} {ratio('memory_vs_ce')} {ratio('memory_vs_previous')}", flush=True)
+        print(
+            f"  {r['label']:<34} {r['seconds']:8.2f} {ratio('time_vs_ce')} {ratio('time_vs_previous')} "
+            f"{r['step_mb']:9,.0f} {ratio('memory_vs_ce')} {ratio('memory_vs_previous')}",
+            flush=True,
+        )
 
 
 def print_targets(rows: list[dict]) -> None:
-    kd = [r for r in rows if r["method"] == "kd-chunked" and r.get("baseline") == "ce-full" and r["chunk"] == LOSS_CHUNK]
+    kd = [
+        r for r in rows if r["method"] == "kd-chunked" and r.get("baseline") == "ce-full" and r["chunk"] == LOSS_CHUNK
+    ]
     if not kd:
         return
     print("\nTargets (KD chunked against CE full, every kind):")
@@ -286,49 +307,88 @@ def print_targets(rows: list[dict]) -> None:
         if chosen:
             worst = max(chosen, key=lambda r: r["time_vs_ce"])
             goal = f"  (target <= {target})" if target else ""
-            print(f"  time, M = {samples}: worst {worst['time_vs_ce']:.2f} ({worst['kind']}, V {worst['vocab']:,}, "
-                  f"P {worst['positions']:,}){goal}")
+            print(
+                f"  time, M = {samples}: worst {worst['time_vs_ce']:.2f} ({worst['kind']}, V {worst['vocab']:,}, "
+                f"P {worst['positions']:,}){goal}"
+            )
     worst = max(kd, key=lambda r: r["memory_vs_ce"])
-    print(f"  step memory: worst {worst['memory_vs_ce']:.2f} ({worst['kind']} M={worst['samples']}, V {worst['vocab']:,}, "
-          f"P {worst['positions']:,})  (target <= 0.5)")
+    print(
+        f"  step memory: worst {worst['memory_vs_ce']:.2f} ({worst['kind']} M={worst['samples']}, V {worst['vocab']:,}, "
+        f"P {worst['positions']:,})  (target <= 0.5)"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    p.add_argument("--vocab", type=ints, default=list(VOCABS), help="Vocabulary sizes, comma-separated (ascending: the first calibrates the memory model).")
+    p.add_argument(
+        "--vocab",
+        type=ints,
+        default=list(VOCABS),
+        help="Vocabulary sizes, comma-separated (ascending: the first calibrates the memory model).",
+    )
     p.add_argument("--positions", type=ints, default=[2048, 8192], help="Positions per step P, comma-separated.")
     p.add_argument("--samples", type=ints, default=[1, 2, 4], help="Teacher samples M, comma-separated.")
-    p.add_argument("--kinds", type=lambda s: s.split(","), default=list(KD_LOSSES), help="KD kinds of the chunked loss.")
-    p.add_argument("--previous-kinds", type=lambda s: s.split(",") if s else [], default=list(KD_LOSSES),
-                   help="KD kinds of the previous implementation ('' for none): its time hardly depends on the kind.")
+    p.add_argument(
+        "--kinds", type=lambda s: s.split(","), default=list(KD_LOSSES), help="KD kinds of the chunked loss."
+    )
+    p.add_argument(
+        "--previous-kinds",
+        type=lambda s: s.split(",") if s else [],
+        default=list(KD_LOSSES),
+        help="KD kinds of the previous implementation ('' for none): its time hardly depends on the kind.",
+    )
     p.add_argument("--k", type=int, default=64, help="Stored ids per position and sample.")
     p.add_argument("--hidden", type=int, default=256, help="Hidden size d of the output layer.")
     p.add_argument("--repeats", type=int, default=2, help="Timed rounds of every case.")
     p.add_argument("--memory-budget", type=float, default=12.0, help="GB a measuring process may use.")
-    p.add_argument("--chunk-sweep", action="store_true", help=f"Time and memory of chunks {SWEEP_CHUNKS} at the first --vocab and --positions (default 151936, 2048).")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                   help="Torch threads (default: all cores). On a machine shared with other jobs, 1: with more, every "
-                        "operator waits at its fork/join for threads the other jobs hold off the cores.")
+    p.add_argument(
+        "--chunk-sweep",
+        action="store_true",
+        help=f"Time and memory of chunks {SWEEP_CHUNKS} at the first --vocab and --positions (default 151936, 2048).",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="Torch threads (default: all cores). On a machine shared with other jobs, 1: with more, every "
+        "operator waits at its fork/join for threads the other jobs hold off the cores.",
+    )
     p.add_argument("--json", type=Path, help="Also write the results here.")
     a = p.parse_args()
     if a.chunk_sweep and a.vocab == list(VOCABS):
         a.vocab, a.positions = [151936], [2048]
     threads = a.threads
     torch.set_num_threads(threads)
-    print(f"loss step at real vocabularies: d {a.hidden}, k {a.k}, chunk {LOSS_CHUNK} (--loss-chunk default), "
-          f"{threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}", flush=True)
-    meta = {"machine": platform.platform(), "cpu": platform.processor() or platform.machine(), "threads": threads,
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "hidden": a.hidden, "k": a.k,
-            "loss_chunk": LOSS_CHUNK, "repeats": a.repeats, "command": "python " + " ".join(sys.argv)}
+    print(
+        f"loss step at real vocabularies: d {a.hidden}, k {a.k}, chunk {LOSS_CHUNK} (--loss-chunk default), "
+        f"{threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}",
+        flush=True,
+    )
+    meta = {
+        "machine": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "hidden": a.hidden,
+        "k": a.k,
+        "loss_chunk": LOSS_CHUNK,
+        "repeats": a.repeats,
+        "command": "python " + " ".join(sys.argv),
+    }
     model, rows = MemoryModel(), []
     started = time.perf_counter()
     warm_up(a)
-    for cases in (sweep_grid(a) if a.chunk_sweep else grid(a)):
+    for cases in sweep_grid(a) if a.chunk_sweep else grid(a):
         rows += run_group(cases, a, threads, model)
         if a.json:  # after every group, so that a long run interrupted keeps what it measured
-            a.json.write_text(json.dumps({"meta": {**meta, "minutes": round((time.perf_counter() - started) / 60)},
-                                          "cases": rows}, indent=2) + "\n")
+            a.json.write_text(
+                json.dumps(
+                    {"meta": {**meta, "minutes": round((time.perf_counter() - started) / 60)}, "cases": rows}, indent=2
+                )
+                + "\n"
+            )
     if not a.chunk_sweep:
         print_targets(rows)
     print(f"\n{(time.perf_counter() - started) / 60:.0f} minutes")

@@ -35,11 +35,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from moekd.demo import (  # noqa: E402
-    DEFAULT_PLAN, GATES_CACHE, KA, MOE_ROWS, QUICK_PLAN, CacheSpec, StudentSpec, TeacherProbe, results_table, routing_table,
+from moekd.demo import (
+    DEFAULT_PLAN,
+    GATES_CACHE,
+    KA,
+    MOE_ROWS,
+    QUICK_PLAN,
+    CacheSpec,
+    StudentSpec,
+    TeacherProbe,
+    results_table,
+    routing_table,
     run_pipeline,
 )
 
@@ -80,12 +89,15 @@ PROBES = (
     TeacherProbe("ka λ=0.05", "ka", KA, rouge=False),
     TeacherProbe("ka λ=0.2", "ka", {"ka_lambda": 0.2}, rouge=False),
 )
-PAPER_PLAN = replace(DEFAULT_PLAN, n_test=300, eval_batch_size=100, caches=CACHES, rows=ROWS, probes=PROBES,
-                     reference="KD topk K=2")
+PAPER_PLAN = replace(
+    DEFAULT_PLAN, n_test=300, eval_batch_size=100, caches=CACHES, rows=ROWS, probes=PROBES, reference="KD topk K=2"
+)
 # --quick: the same parts on the demo's miniature (4-expert teacher: K = 2, 4 = all)
 QUICK = replace(
-    QUICK_PLAN, caches=(CACHES[0], CACHES[3], CACHES[4], CACHES[5], CACHES[10], GATES_CACHE),
-    rows=(ROWS[0], ROWS[1], ROWS[4], ROWS[5], ROWS[6], ROWS[11], *MOE_ROWS), probes=(PROBES[2], PROBES[4]),
+    QUICK_PLAN,
+    caches=(CACHES[0], CACHES[3], CACHES[4], CACHES[5], CACHES[10], GATES_CACHE),
+    rows=(ROWS[0], ROWS[1], ROWS[4], ROWS[5], ROWS[6], ROWS[11], *MOE_ROWS),
+    probes=(PROBES[2], PROBES[4]),
     reference="KD topk K=2",
 )
 RESULTS = Path(__file__).resolve().parent / "results" / "paper_table.json"
@@ -98,8 +110,13 @@ def versions() -> dict[str, str]:
 
     import moekd
 
-    return {"moekd": moekd.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "zarr": zarr.__version__, "python": platform.python_version()}
+    return {
+        "moekd": moekd.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "zarr": zarr.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def cpu_seconds() -> float:
@@ -111,13 +128,13 @@ def cpu_seconds() -> float:
 def teacher_routing(work: Path, max_examples: int) -> dict:
     """Gate mass per layer on the training split, and the expert load per task family on the test split."""
     import numpy as np
+    import torch
 
     from moekd.cache_builder.routing_stats import compute_routing_stats
     from moekd.data.prompts import tokenize_records
     from moekd.data.records import load_records
     from moekd.experiments import expert_specialisation
     from moekd.models import load_causal_lm, load_tokenizer
-    import torch
 
     teacher = work / "teacher" / "final"
     tokenizer = load_tokenizer(teacher)
@@ -127,8 +144,9 @@ def teacher_routing(work: Path, max_examples: int) -> dict:
         loaded = load_records(work / "data" / f"{split}.jsonl")
         return tokenize_records(loaded.records[:limit], loaded.source_index[:limit], tokenizer, 256, 512).examples
 
-    stats = compute_routing_stats(model, tokenized("train", max_examples), pad_token_id=tokenizer.pad_token_id,
-                                  batch_size=16)
+    stats = compute_routing_stats(
+        model, tokenized("train", max_examples), pad_token_id=tokenizer.pad_token_id, batch_size=16
+    )
     families = [json.loads(line)["family"] for line in (work / "data" / "test.jsonl").read_text().splitlines()]
     test = tokenized("test")
     loads, counts = {}, {}
@@ -148,21 +166,31 @@ def teacher_routing(work: Path, max_examples: int) -> dict:
 
 
 def routing_tables(routing: dict) -> list[Table]:
-    gate = Table(title=f"Teacher gate mass per MoE layer (native top-2, {routing['gate_mass']['tokens']} response tokens "
-                       "of the training split)")
+    gate = Table(
+        title=f"Teacher gate mass per MoE layer (native top-2, {routing['gate_mass']['tokens']} response tokens "
+        "of the training split)"
+    )
     for column in ("layer", "activated", "other", "load CV", "entropy", "I(family; expert)", "H(expert)"):
         gate.add_column(column, justify="left" if column == "layer" else "right")
     for layer, spec in zip(routing["gate_mass"]["layers"], routing["specialisation"]):
-        gate.add_row(layer["layer"], f"{layer['activated_mass']:.3f}", f"{layer['dormant_mass']:.3f}",
-                     f"{layer['load_cv']:.3f}", f"{layer['gate_entropy']:.3f}", f"{spec['mutual_information']:.3f}",
-                     f"{spec['expert_entropy']:.3f}")
+        gate.add_row(
+            layer["layer"],
+            f"{layer['activated_mass']:.3f}",
+            f"{layer['dormant_mass']:.3f}",
+            f"{layer['load_cv']:.3f}",
+            f"{layer['gate_entropy']:.3f}",
+            f"{spec['mutual_information']:.3f}",
+            f"{spec['expert_entropy']:.3f}",
+        )
     return [gate]
 
 
 def sar_table(sar: dict) -> Table:
     """Published Figure 5: how far SAR moved each layer's gate distribution."""
-    table = Table(title=f"SAR routers: mean KL(original || trained gate distribution) per MoE layer, test split "
-                        f"(teacher loss {sar['loss_start']:.4f} -> {sar['loss_end']:.4f})")
+    table = Table(
+        title=f"SAR routers: mean KL(original || trained gate distribution) per MoE layer, test split "
+        f"(teacher loss {sar['loss_start']:.4f} -> {sar['loss_end']:.4f})"
+    )
     table.add_column("layer")
     table.add_column("KL (nats)", justify="right")
     for layer, kl in sar["kl_original_trained"].items():
@@ -172,12 +200,19 @@ def sar_table(sar: dict) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=None, help="default: bench-paper-table (bench-paper-table-quick)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="default: bench-paper-table (bench-paper-table-quick)"
+    )
     parser.add_argument("--out", type=Path, default=None, help=f"default: {RESULTS} (nothing is written with --quick)")
     parser.add_argument("--quick", action="store_true", help="a few-minute subset for development")
     parser.add_argument("--jobs", type=int, default=2, help="processes side by side (the numbers do not depend on it)")
-    parser.add_argument("--teacher-routing", type=Path, default=None, metavar="JSON",
-                        help="only the gate-mass and per-family tables of the trained teacher in --workdir, into JSON")
+    parser.add_argument(
+        "--teacher-routing",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only the gate-mass and per-family tables of the trained teacher in --workdir, into JSON",
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path("bench-paper-table-quick" if args.quick else "bench-paper-table")
     if args.teacher_routing:
@@ -192,16 +227,18 @@ def main() -> None:
     results = run_pipeline(workdir, QUICK if args.quick else PAPER_PLAN, console, args.jobs)
     pipeline_wall, pipeline_cpu = time.perf_counter() - started, cpu_seconds() - cpu
     results["teacher_routing"] = teacher_routing(workdir, max_examples=500)
-    results.update({
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-        "date": time.strftime("%Y-%m-%d"),
-        "versions": versions(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "cpu_seconds": round(cpu_seconds() - cpu, 1),
-        "pipeline_wall_seconds": round(pipeline_wall, 1),
-        "pipeline_cpu_seconds": round(pipeline_cpu, 1),
-        "load_average_at_end": os.getloadavg(),
-    })
+    results.update(
+        {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "date": time.strftime("%Y-%m-%d"),
+            "versions": versions(),
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "cpu_seconds": round(cpu_seconds() - cpu, 1),
+            "pipeline_wall_seconds": round(pipeline_wall, 1),
+            "pipeline_cpu_seconds": round(pipeline_cpu, 1),
+            "load_average_at_end": os.getloadavg(),
+        }
+    )
     printer = Console(width=200)
     printer.print(results_table(results, "paper-table miniature"))
     if (routing := routing_table(results)) is not None:
@@ -209,8 +246,10 @@ def main() -> None:
     for table in routing_tables(results["teacher_routing"]):
         printer.print(table)
     printer.print(sar_table(results["sar"]))
-    console.print(f"wall {results['wall_seconds']:.0f} s, CPU {results['cpu_seconds']:.0f} s, "
-                  f"load average at the end {results['load_average_at_end']}")
+    console.print(
+        f"wall {results['wall_seconds']:.0f} s, CPU {results['cpu_seconds']:.0f} s, "
+        f"load average at the end {results['load_average_at_end']}"
+    )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")

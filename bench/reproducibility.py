@@ -61,16 +61,36 @@ def child(work: Path, out: Path, options: dict) -> dict:
     from moekd.eval.evaluate import load_eval_examples
     from moekd.eval.generate import generate_responses, load_model
 
-    train(TrainOptions(student=str(work / "init"), out=str(out), data=str(work / "data" / "train.jsonl"), loss="ce",
-                       epochs=2, lr=3e-3, batch_tokens=2048, warmup=5, save_every=0, eval_every=0, seed=0,
-                       device="cpu", **{"workers": 0, **options}))
+    train(
+        TrainOptions(
+            student=str(work / "init"),
+            out=str(out),
+            data=str(work / "data" / "train.jsonl"),
+            loss="ce",
+            epochs=2,
+            lr=3e-3,
+            batch_tokens=2048,
+            warmup=5,
+            save_every=0,
+            eval_every=0,
+            seed=0,
+            device="cpu",
+            **{"workers": 0, **options},
+        )
+    )
     model, tokenizer = load_model(out / "final", "cpu")
-    prompts = [prompt_ids(tokenizer, format_prompt(ex.record), False)
-               for ex in load_eval_examples(work / "data" / "test.jsonl")]
+    prompts = [
+        prompt_ids(tokenizer, format_prompt(ex.record), False)
+        for ex in load_eval_examples(work / "data" / "test.jsonl")
+    ]
     responses = generate_responses(model, tokenizer, prompts, seed=10, max_new_tokens=32, batch_size=16)
     weights = (out / "final" / "model.safetensors").read_bytes()
-    return {"sha256": hashlib.sha256(weights).hexdigest(), "responses": responses,
-            "threads": torch.get_num_threads(), "capability": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "sha256": hashlib.sha256(weights).hexdigest(),
+        "responses": responses,
+        "threads": torch.get_num_threads(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
@@ -97,28 +117,52 @@ def main() -> None:
             out = work / f"run{i}"
             done = subprocess.run(
                 [sys.executable, __file__, "--child", str(work), str(out), json.dumps(options)],
-                env={**os.environ, **env}, capture_output=True, text=True, check=True,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=True,
             )
             runs[name] = {**json.loads(done.stdout.strip().splitlines()[-1]), "dir": out}
         base = runs["baseline"]
         rows = []
-        print(f"{'setting':<24} {'threads':>7} {'kernels':>8} {'weights identical':>18} {'max |dw|':>10} {'same responses':>15}")
+        print(
+            f"{'setting':<24} {'threads':>7} {'kernels':>8} {'weights identical':>18} {'max |dw|':>10} {'same responses':>15}"
+        )
         for name, run in runs.items():
-            diff = max_weight_difference(base["dir"] / "final" / "model.safetensors", run["dir"] / "final" / "model.safetensors")
+            diff = max_weight_difference(
+                base["dir"] / "final" / "model.safetensors", run["dir"] / "final" / "model.safetensors"
+            )
             same = sum(a == b for a, b in zip(run["responses"], base["responses"]))
-            row = {"setting": name, "threads": run["threads"], "capability": run["capability"],
-                   "weights_identical": run["sha256"] == base["sha256"], "max_abs_weight_difference": diff,
-                   "same_responses": same, "responses": len(base["responses"])}
+            row = {
+                "setting": name,
+                "threads": run["threads"],
+                "capability": run["capability"],
+                "weights_identical": run["sha256"] == base["sha256"],
+                "max_abs_weight_difference": diff,
+                "same_responses": same,
+                "responses": len(base["responses"]),
+            }
             rows.append(row)
-            print(f"{name:<24} {run['threads']:>7} {run['capability']:>8} {str(row['weights_identical']):>18} "
-                  f"{diff:>10.2e} {same:>8}/{len(base['responses'])}")
+            print(
+                f"{name:<24} {run['threads']:>7} {run['capability']:>8} {str(row['weights_identical']):>18} "
+                f"{diff:>10.2e} {same:>8}/{len(base['responses'])}"
+            )
     if args.json:
         import platform
 
         import torch
 
-        args.json.write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor()}",
-                                         "torch": torch.__version__, "runs": rows}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor()}",
+                    "torch": torch.__version__,
+                    "runs": rows,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from moekd.cache_builder.policies import make_policy  # noqa: E402
-from moekd.cache_builder.routing_stats import routing_stats_for_files  # noqa: E402
-from moekd.errors import MoekdError  # noqa: E402
-from moekd.sar.train import SarOptions, train_router  # noqa: E402
+from moekd.cache_builder.policies import make_policy
+from moekd.cache_builder.routing_stats import routing_stats_for_files
+from moekd.errors import MoekdError
+from moekd.sar.train import SarOptions, train_router
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sar_router_kl.json"
 
@@ -37,8 +37,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "sar_router_kl.json"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True, help="a finished `moekd demo` workdir")
-    parser.add_argument("--router", type=Path, default=Path("bench-sar-router-kl/router.safetensors"),
-                        help="where the router file goes (must not exist)")
+    parser.add_argument(
+        "--router",
+        type=Path,
+        default=Path("bench-sar-router-kl/router.safetensors"),
+        help="where the router file goes (must not exist)",
+    )
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-4, help="default: the demo's SAR rate (see moekd/demo.py)")
     parser.add_argument("--responses", default="data", help="data (fast) or student (published, on-policy)")
@@ -53,37 +57,63 @@ def main() -> None:
     console = Console(stderr=True)
     started = time.perf_counter()
     try:
-        summary = train_router(SarOptions(
-            teacher=str(teacher), student=str(student), data=str(args.workdir / "data" / "train.jsonl"),
-            out=str(args.router), steps=args.steps, lr=args.lr, responses=args.responses,
-            batch_tokens=args.batch_tokens, max_new_tokens=64, device="cpu", save_every=0,
-        ), console)
-        stats = routing_stats_for_files(teacher, args.workdir / "data" / "test.jsonl", make_policy("all"),
-                                        max_examples=args.examples, device="cpu", compare=args.router)
+        summary = train_router(
+            SarOptions(
+                teacher=str(teacher),
+                student=str(student),
+                data=str(args.workdir / "data" / "train.jsonl"),
+                out=str(args.router),
+                steps=args.steps,
+                lr=args.lr,
+                responses=args.responses,
+                batch_tokens=args.batch_tokens,
+                max_new_tokens=64,
+                device="cpu",
+                save_every=0,
+            ),
+            console,
+        )
+        stats = routing_stats_for_files(
+            teacher,
+            args.workdir / "data" / "test.jsonl",
+            make_policy("all"),
+            max_examples=args.examples,
+            device="cpu",
+            compare=args.router,
+        )
     except MoekdError as e:
         raise SystemExit(f"error: {e}") from None
-    table = Table(title=f"SAR routers after {summary.steps} steps (lr {args.lr}, responses {args.responses}): "
-                        f"mean KL(original || trained gates) over {stats.tokens} response tokens of "
-                        f"{args.examples} test prompts, all experts")
+    table = Table(
+        title=f"SAR routers after {summary.steps} steps (lr {args.lr}, responses {args.responses}): "
+        f"mean KL(original || trained gates) over {stats.tokens} response tokens of "
+        f"{args.examples} test prompts, all experts"
+    )
     for column in ("layer", "KL (nats)", "entropy (original)"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for layer in stats.layers:
         table.add_row(layer.layer, f"{layer.kl_to_trained:.3g}", f"{layer.gate_entropy:.3f}")
     Console(width=160).print(table)
-    console.print(f"teacher loss on the probe batch {summary.loss_start:.4f} -> {summary.loss_end:.4f}; "
-                  f"{summary.tokens:,} teacher tokens at {summary.tokens_per_second:,.0f} tok/s; "
-                  f"wall {time.perf_counter() - started:.0f} s", highlight=False)
+    console.print(
+        f"teacher loss on the probe batch {summary.loss_start:.4f} -> {summary.loss_end:.4f}; "
+        f"{summary.tokens:,} teacher tokens at {summary.tokens_per_second:,.0f} tok/s; "
+        f"wall {time.perf_counter() - started:.0f} s",
+        highlight=False,
+    )
     import torch
     import transformers
 
     result = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "loss_start": summary.loss_start, "loss_end": summary.loss_end, "tokens": summary.tokens,
+        "loss_start": summary.loss_start,
+        "loss_end": summary.loss_end,
+        "tokens": summary.tokens,
         "kl_original_trained": {layer.layer: layer.kl_to_trained for layer in stats.layers},
         "gate_entropy": {layer.layer: layer.gate_entropy for layer in stats.layers},
-        "response_tokens": stats.tokens, "wall_seconds": round(time.perf_counter() - started, 1),
+        "response_tokens": stats.tokens,
+        "wall_seconds": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-        "load_average_at_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d"),
+        "load_average_at_end": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,13 +25,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import numpy as np  # noqa: E402
-import zarr  # noqa: E402
+import numpy as np
+import zarr
 
-from moekd import CacheReader  # noqa: E402
-from moekd.cache_builder.build import BuildOptions, build_cache  # noqa: E402
-from moekd.encoding import NEG_INF_STEP, encode_logprobs, encode_topk  # noqa: E402
-from moekd.store.writer import COMPRESSORS  # noqa: E402
+from moekd import CacheReader
+from moekd.cache_builder.build import BuildOptions, build_cache
+from moekd.encoding import NEG_INF_STEP, encode_logprobs, encode_topk
+from moekd.store.writer import COMPRESSORS
 
 DEMO = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"
 
@@ -42,23 +42,40 @@ def stored_bytes(arrays: dict[str, np.ndarray], folder: Path) -> int:
     for name, value in arrays.items():
         rest = value.shape[1:]
         shard = (min(65536, -(-len(value) // 256) * 256), *rest)
-        group.create_array(name, shape=value.shape, dtype=value.dtype, chunks=(256, *rest), shards=shard,
-                           compressors=COMPRESSORS, fill_value=0, config={"write_empty_chunks": True})[...] = value
+        group.create_array(
+            name,
+            shape=value.shape,
+            dtype=value.dtype,
+            chunks=(256, *rest),
+            shards=shard,
+            compressors=COMPRESSORS,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )[...] = value
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name != "zarr.json")
 
 
 def layout_1_0(ids, logprobs, tail, scale):
     """Schema 1.0 (u16_gap_delta): rank-order ids, float32 top-1, u16 gaps below it delta-coded along k."""
     top1, gaps = encode_logprobs(logprobs)
-    return {"topk_ids": ids.astype(np.int32), "topk_gaps": gaps, "top1_logprob": top1, "tail_logprob": tail.astype(np.float32)}
+    return {
+        "topk_ids": ids.astype(np.int32),
+        "topk_gaps": gaps,
+        "top1_logprob": top1,
+        "tail_logprob": tail.astype(np.float32),
+    }
 
 
 def layout_sorted_gaps(ids, logprobs, tail, scale):
     """Sorted, delta-coded ids with 1.0's float32 top-1 and u16 gaps (not delta-coded: no order along the ids)."""
     order = np.argsort(ids, axis=-1, kind="stable")
     steps = np.rint((logprobs[..., :1].astype(np.float64) - np.take_along_axis(logprobs, order, -1)) * scale)
-    return {"topk_ids": encode_topk(ids, logprobs, tail, scale)["topk_ids"], "topk_gaps": steps.astype(np.uint16),
-            "top1_logprob": logprobs[..., 0].astype(np.float32), "tail_logprob": tail.astype(np.float32)}
+    return {
+        "topk_ids": encode_topk(ids, logprobs, tail, scale)["topk_ids"],
+        "topk_gaps": steps.astype(np.uint16),
+        "top1_logprob": logprobs[..., 0].astype(np.float32),
+        "tail_logprob": tail.astype(np.float32),
+    }
 
 
 def layout_1_1(ids, logprobs, tail, scale):
@@ -81,10 +98,19 @@ def layout_shared(ids, logprobs, tail, scale):
     steps = np.full((P, M, M * k), NEG_INF_STEP, dtype=np.uint16)
     for m in range(M):
         where = np.stack([np.searchsorted(padded[p], ids[p, m]) for p in range(P)])
-        np.put_along_axis(steps[:, m], where, encode_topk(ids[:, m], logprobs[:, m], tail[:, m], scale)["topk_steps"][
-            np.arange(P)[:, None], np.argsort(np.argsort(ids[:, m], axis=-1), axis=-1)], -1)
-    return {"topk_ids": np.where(valid, np.diff(packed, axis=-1, prepend=0), 0).astype(np.int32), "topk_steps": steps,
-            "tail_steps": encode_topk(ids, logprobs, tail, scale)["tail_steps"]}
+        np.put_along_axis(
+            steps[:, m],
+            where,
+            encode_topk(ids[:, m], logprobs[:, m], tail[:, m], scale)["topk_steps"][
+                np.arange(P)[:, None], np.argsort(np.argsort(ids[:, m], axis=-1), axis=-1)
+            ],
+            -1,
+        )
+    return {
+        "topk_ids": np.where(valid, np.diff(packed, axis=-1, prepend=0), 0).astype(np.int32),
+        "topk_steps": steps,
+        "tail_steps": encode_topk(ids, logprobs, tail, scale)["tail_steps"],
+    }
 
 
 def random_teacher(folder: Path) -> Path:
@@ -101,7 +127,9 @@ def random_teacher(folder: Path) -> Path:
     tokenizer = train_tokenizer([format_prompt(r) + r.response for r in records] * 4, 400, folder / "tok")
     torch.manual_seed(0)
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = AutoModelForCausalLM.from_config(tiny_config("mixtral", 32000, hidden=128, layers=2, special_ids=ids)).eval()
+    model = AutoModelForCausalLM.from_config(
+        tiny_config("mixtral", 32000, hidden=128, layers=2, special_ids=ids)
+    ).eval()
     model.save_pretrained(str(folder / "teacher"))
     tokenizer.save_pretrained(str(folder / "teacher"))
     return folder / "teacher"
@@ -111,14 +139,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", help="a trained teacher checkpoint (e.g. bench/fidelity.py's)")
     ap.add_argument("--data", default=str(DEMO))
-    ap.add_argument("--random-teacher", action="store_true", help="a random Mixtral-style teacher with a 32k vocabulary")
+    ap.add_argument(
+        "--random-teacher", action="store_true", help="a random Mixtral-style teacher with a 32k vocabulary"
+    )
     ap.add_argument("--examples", type=int, default=400)
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="topk_codec_"))
     data = tmp / "data.jsonl"
     lines = Path(a.data).read_text().splitlines()
-    data.write_text("\n".join((lines * (1 + a.examples // len(lines)))[:a.examples]) + "\n")
+    data.write_text("\n".join((lines * (1 + a.examples // len(lines)))[: a.examples]) + "\n")
     teacher = a.teacher
     if a.random_teacher:
         teacher = random_teacher(tmp)
@@ -139,7 +169,10 @@ def main() -> None:
             ids, lp = ids_all[..., :k], lp_all[..., :k]
             # the tail of the first k: the stored top-64's tail plus the ids k..63
             tail = np.log(np.exp(tail_all.astype(np.float64)) + np.exp(lp_all[..., k:].astype(np.float64)).sum(-1))
-            layouts = [("1.0 (rank ids, gaps)", layout_1_0, 256.0), ("sorted ids, f32 top-1", layout_sorted_gaps, 256.0)]
+            layouts = [
+                ("1.0 (rank ids, gaps)", layout_1_0, 256.0),
+                ("sorted ids, f32 top-1", layout_sorted_gaps, 256.0),
+            ]
             layouts += [("1.1 (sorted, steps)", layout_1_1, scale) for scale in (256.0, 64.0, 32.0, 16.0)]
             if M > 1:
                 layouts += [("1.1 + shared ids", layout_shared, 256.0)]

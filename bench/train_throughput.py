@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also in the spawne
 
 import numpy as np
 import torch
+from peak_memory import PeakMemory  # bench/peak_memory.py
 from transformers import AutoModelForCausalLM
 
 from moekd.data.prompts import format_prompt
@@ -49,7 +50,6 @@ from moekd.distill.sources import CacheSource
 from moekd.distill.student import Student
 from moekd.models import output_vocab_size
 from moekd.store.reader import CacheReader
-from peak_memory import PeakMemory  # bench/peak_memory.py
 
 DATA = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"
 WARMUP = 3
@@ -64,14 +64,26 @@ def build_artifacts(root: Path, a) -> dict[str, Path]:
     from moekd.tiny_models import make_tiny_model
 
     records = load_records(DATA).records
-    tokenizer = train_tokenizer([format_prompt(r) + r.response for r in records] * 4, vocab_size=min(a.vocab, TOKENIZER_VOCAB))
+    tokenizer = train_tokenizer(
+        [format_prompt(r) + r.response for r in records] * 4, vocab_size=min(a.vocab, TOKENIZER_VOCAB)
+    )
     trained = len(tokenizer)
     tokenizer = with_reserved_tokens(tokenizer, a.vocab)
     paths = {name: root / name for name in ("teacher", "student", "cache")}
     make_tiny_model("mixtral", tokenizer, paths["teacher"], seed=1, hidden=2 * a.hidden, vocab_size=a.vocab)
     make_tiny_model("llama", tokenizer, paths["student"], seed=2, hidden=a.hidden, vocab_size=a.vocab)
-    build_cache(BuildOptions(teacher=str(paths["teacher"]), data=str(DATA), out=str(paths["cache"]), k=a.k,
-                             max_prompt_len=128, max_len=256, device=a.device, positions_per_shard=1024))
+    build_cache(
+        BuildOptions(
+            teacher=str(paths["teacher"]),
+            data=str(DATA),
+            out=str(paths["cache"]),
+            k=a.k,
+            max_prompt_len=128,
+            max_len=256,
+            device=a.device,
+            positions_per_shard=1024,
+        )
+    )
     return paths, trained
 
 
@@ -83,8 +95,12 @@ def with_reserved_tokens(tokenizer, size: int):
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = state["model"]["vocab"]
     vocab.update({f"<reserved_{i}>": i for i in range(len(vocab), size)})
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(state)), eos_token=tokenizer.eos_token,
-                                   pad_token=tokenizer.pad_token, bos_token=None)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        bos_token=None,
+    )
 
 
 def batch_plan(cache: Path, a, count: int) -> list:
@@ -106,7 +122,9 @@ def make_step(method: str, paths: dict, device: torch.device):
     trainer_student = Student(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     options = TrainOptions(student="", out="", cache="", loss="ce" if method == "ce" else "fkl")
-    teacher = AutoModelForCausalLM.from_pretrained(str(paths["teacher"])).to(device).eval() if method == "online" else None
+    teacher = (
+        AutoModelForCausalLM.from_pretrained(str(paths["teacher"])).to(device).eval() if method == "online" else None
+    )
 
     def online_loss(b: dict) -> torch.Tensor:
         input_ids, rows = b["input_ids"].to(device), b["rows"].to(device)
@@ -133,7 +151,7 @@ def step_times(paths: dict, plan: list, device: torch.device) -> dict[str, list[
     steps = {method: make_step(method, paths, device) for method in METHODS}
     times = {method: [] for method in METHODS}
     for n, b in enumerate(batches):
-        for method in METHODS[n % 3:] + METHODS[:n % 3]:
+        for method in METHODS[n % 3 :] + METHODS[: n % 3]:
             start = time.perf_counter()
             steps[method](b)
             if n >= WARMUP:
@@ -145,7 +163,7 @@ def peak_memory(method: str, paths: dict, plan: list, device_name: str, threads:
     """(baseline, peak) MB over a few steps of `method`, run alone in this fresh process."""
     torch.set_num_threads(threads)
     device = torch.device(device_name)
-    batches = load_batches(paths, plan[:WARMUP + 2])
+    batches = load_batches(paths, plan[: WARMUP + 2])
     step = make_step(method, paths, device)
     memory = PeakMemory(device)
     base = memory.start()
@@ -166,7 +184,12 @@ def loader_rate(paths: dict, plan: list, workers: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=128, help="Student hidden size (the teacher has twice this).")
-    p.add_argument("--vocab", type=int, default=1000, help="Vocabulary of the models (output-layer rows) and tokenizer (up to 4,000 trained tokens, the rest reserved).")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=1000,
+        help="Vocabulary of the models (output-layer rows) and tokenizer (up to 4,000 trained tokens, the rest reserved).",
+    )
     p.add_argument("--k", type=int, default=32, help="Teacher ids stored per position.")
     p.add_argument("--batch-tokens", type=int, default=2048, help="Padded tokens per batch.")
     p.add_argument("--steps", type=int, default=60, help="Timed steps per method (after 3 warm-up steps).")
@@ -179,10 +202,13 @@ def main() -> None:
         paths, trained_tokens = build_artifacts(Path(tmp), a)
         plan = batch_plan(paths["cache"], a, a.steps + WARMUP)
         vocab = output_vocab_size(AutoModelForCausalLM.from_pretrained(str(paths["student"])))
-        print(f"setup {time.perf_counter() - t0:.1f} s: vocab {vocab:,} (the output layer's rows, student and teacher; "
-              f"tokenizer {vocab:,} tokens, {trained_tokens:,} of them trained), student hidden {a.hidden}, teacher hidden "
-              f"{2 * a.hidden} (Mixtral, 8 experts), k {a.k}, {len(plan)} batches of <= {a.batch_tokens} tokens, "
-              f"device {a.device}, {threads} threads", flush=True)
+        print(
+            f"setup {time.perf_counter() - t0:.1f} s: vocab {vocab:,} (the output layer's rows, student and teacher; "
+            f"tokenizer {vocab:,} tokens, {trained_tokens:,} of them trained), student hidden {a.hidden}, teacher hidden "
+            f"{2 * a.hidden} (Mixtral, 8 experts), k {a.k}, {len(plan)} batches of <= {a.batch_tokens} tokens, "
+            f"device {a.device}, {threads} threads",
+            flush=True,
+        )
         ctx = mp.get_context("spawn")
         results, memory = ctx.Queue(), {}
         for method in METHODS:
@@ -195,18 +221,26 @@ def main() -> None:
         rates = {w: loader_rate(paths, long_plan, w) for w in sorted({0, a.workers})}
         lengths = CacheReader(paths["cache"]).example_lengths()
         tokens_per_batch = statistics.mean(int(lengths[x].sum()) for _, _, x in plan)
-    labels = {"cache": "(a) KD from the cache", "ce": "(b) CE fine-tuning", "online": "(c) online KD, teacher in memory"}
+    labels = {
+        "cache": "(a) KD from the cache",
+        "ce": "(b) CE fine-tuning",
+        "online": "(c) online KD, teacher in memory",
+    }
     unit = "GPU MB" if a.device.startswith("cuda") else "RSS MB"
     print(f"{'method':<34} {'step ms':>8} {'tokens/s':>10} {'peak ' + unit:>12} {'before':>8}")
     median = {m: statistics.median(t) for m, t in times.items()}
     for method in METHODS:
         base, peak = memory[method]
-        print(f"{labels[method]:<34} {1000 * median[method]:>8.1f} {tokens_per_batch / median[method]:>10,.0f} {peak:>12,.0f} {base:>8,.0f}")
+        print(
+            f"{labels[method]:<34} {1000 * median[method]:>8.1f} {tokens_per_batch / median[method]:>10,.0f} {peak:>12,.0f} {base:>8,.0f}"
+        )
     for workers, rate in rates.items():
         print(f"loader, {workers} worker(s): {rate:,.1f} batches/s")
     print(f"cache-KD step / CE step:             {median['cache'] / median['ce']:.2f}  (target <= 1.15)")
     print(f"online-KD step / cache-KD step:      {median['online'] / median['cache']:.2f}")
-    print(f"loader batches/s / cache-KD steps/s: {rates[a.workers] * median['cache']:.1f}x  (target >= 5x, {a.workers} workers)")
+    print(
+        f"loader batches/s / cache-KD steps/s: {rates[a.workers] * median['cache']:.1f}x  (target >= 5x, {a.workers} workers)"
+    )
 
 
 if __name__ == "__main__":

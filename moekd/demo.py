@@ -45,9 +45,9 @@ from moekd.distill.checkpoint import is_complete
 from moekd.distill.metrics import read_metrics
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
-from moekd.paths import check_output_dir
 from moekd.eval.evaluate import evaluate, write_report
 from moekd.experiments import Stopwatch, summarise_rows
+from moekd.paths import check_output_dir
 from moekd.sar.options import run_dir as sar_run_dir
 from moekd.sar.router_file import read_router_file
 from moekd.sar.train import SarOptions, train_router
@@ -129,31 +129,79 @@ SAR_STEPS, SAR_LR = 100, 2e-4
 # MoE to MoE: the topk cache with the teacher's gate distributions, one MoE student by logit KD and by B-Distill
 GATES_CACHE = CacheSpec("topk-gates", "topk", router_probs="full")
 BDISTILL = {"router_loss": "bdistill", "expert_weight": 0.1}
-MOE_ROWS = (StudentSpec("MoE KD", "topk-gates", init="moe"),
-            StudentSpec("MoE B-Distill", "topk-gates", init="moe", options=BDISTILL, reference="MoE KD"))
-DEFAULT_CACHES = (CacheSpec("topk", "topk"), CacheSpec("all", "all"), CacheSpec("ka", "ka", {"m": 2, **KA}),
-                  CacheSpec("sar", "sar"), GATES_CACHE)
-DEFAULT_ROWS = (StudentSpec("SFT"), StudentSpec("KD topk", "topk"), StudentSpec("KD all", "all"), StudentSpec("KD ka", "ka"),
-                StudentSpec("KD sar", "sar"), *MOE_ROWS)
+MOE_ROWS = (
+    StudentSpec("MoE KD", "topk-gates", init="moe"),
+    StudentSpec("MoE B-Distill", "topk-gates", init="moe", options=BDISTILL, reference="MoE KD"),
+)
+DEFAULT_CACHES = (
+    CacheSpec("topk", "topk"),
+    CacheSpec("all", "all"),
+    CacheSpec("ka", "ka", {"m": 2, **KA}),
+    CacheSpec("sar", "sar"),
+    GATES_CACHE,
+)
+DEFAULT_ROWS = (
+    StudentSpec("SFT"),
+    StudentSpec("KD topk", "topk"),
+    StudentSpec("KD all", "all"),
+    StudentSpec("KD ka", "ka"),
+    StudentSpec("KD sar", "sar"),
+    *MOE_ROWS,
+)
 # The teacher: its MoE layers hold most of its weights (8 experts of width 4 x hidden, top-2); see README.
 TEACHER = dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, intermediate_size=384, router_std=None)
 DEFAULT_PLAN = DemoPlan(
-    n_train=1500, n_valid=100, n_test=200, vocab=1024, teacher=TEACHER,
-    students={"dense": dict(family="llama", hidden=64, layers=2),
-              "moe": dict(family="mixtral", hidden=64, layers=2, experts=4, top_k=2, router_std=None)},
-    teacher_epochs=8, student_epochs=3, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=4096, warmup=20, k=32,
-    seeds=(10, 20, 30, 40, 50), train_seeds=(0, 1, 2), max_new_tokens=64, eval_batch_size=100,
-    caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk", sar=SarSpec(steps=SAR_STEPS, lr=SAR_LR),
+    n_train=1500,
+    n_valid=100,
+    n_test=200,
+    vocab=1024,
+    teacher=TEACHER,
+    students={
+        "dense": dict(family="llama", hidden=64, layers=2),
+        "moe": dict(family="mixtral", hidden=64, layers=2, experts=4, top_k=2, router_std=None),
+    },
+    teacher_epochs=8,
+    student_epochs=3,
+    teacher_lr=3e-3,
+    student_lr=3e-3,
+    batch_tokens=4096,
+    warmup=20,
+    k=32,
+    seeds=(10, 20, 30, 40, 50),
+    train_seeds=(0, 1, 2),
+    max_new_tokens=64,
+    eval_batch_size=100,
+    caches=DEFAULT_CACHES,
+    rows=DEFAULT_ROWS,
+    reference="KD topk",
+    sar=SarSpec(steps=SAR_STEPS, lr=SAR_LR),
 )
 QUICK_PLAN = DemoPlan(
-    n_train=320, n_valid=16, n_test=32, vocab=512,
+    n_train=320,
+    n_valid=16,
+    n_test=32,
+    vocab=512,
     teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, intermediate_size=96, router_std=None),
-    students={"dense": dict(family="llama", hidden=32, layers=1),
-              "moe": dict(family="mixtral", hidden=32, layers=1, experts=2, top_k=1, router_std=None)},
-    teacher_epochs=4, student_epochs=2, teacher_lr=3e-3, student_lr=3e-3, batch_tokens=2048, warmup=4, k=16,
-    seeds=(10, 20), train_seeds=(0, 1), max_new_tokens=32, eval_batch_size=32,
-    caches=DEFAULT_CACHES, rows=DEFAULT_ROWS, reference="KD topk",
-    probes=(TeacherProbe("all", "all"),), sar=SarSpec(steps=4, lr=1e-3, compare_examples=8),
+    students={
+        "dense": dict(family="llama", hidden=32, layers=1),
+        "moe": dict(family="mixtral", hidden=32, layers=1, experts=2, top_k=1, router_std=None),
+    },
+    teacher_epochs=4,
+    student_epochs=2,
+    teacher_lr=3e-3,
+    student_lr=3e-3,
+    batch_tokens=2048,
+    warmup=4,
+    k=16,
+    seeds=(10, 20),
+    train_seeds=(0, 1),
+    max_new_tokens=32,
+    eval_batch_size=32,
+    caches=DEFAULT_CACHES,
+    rows=DEFAULT_ROWS,
+    reference="KD topk",
+    probes=(TeacherProbe("all", "all"),),
+    sar=SarSpec(steps=4, lr=1e-3, compare_examples=8),
 )
 
 
@@ -162,36 +210,74 @@ def _train(console: Console, out: Path, **options) -> dict:
     if not is_complete(out / "final"):
         console.print(f"[bold]train[/] {out.parent.name}/{out.name} ({options.get('loss', 'fkl')})")
         resume = "auto" if (out / "config.json").exists() else None
-        train(TrainOptions(out=str(out), resume=resume, save_every=0, eval_every=0, workers=0, **options), _quiet(console))
+        train(
+            TrainOptions(out=str(out), resume=resume, save_every=0, eval_every=0, workers=0, **options), _quiet(console)
+        )
     rates = [m["tokens_per_s"] for m in read_metrics(out) if m.get("tokens_per_s")]
     return {"model": str(out / "final"), "train_tokens_per_s": rates[-1] if rates else None}
 
 
-def _cache(console: Console, out: Path, teacher: Path, data: Path, spec: CacheSpec, plan: DemoPlan,
-           router: Path | None = None) -> dict:
+def _cache(
+    console: Console, out: Path, teacher: Path, data: Path, spec: CacheSpec, plan: DemoPlan, router: Path | None = None
+) -> dict:
     state = store_state(out)
     if state != "complete":
         console.print(f"[bold]cache[/] {spec.name}: policy {spec.policy} {spec.params}")
-        build_cache(BuildOptions(teacher=str(teacher), data=str(data), out=str(out), policy=spec.policy,
-                                 policy_params=spec.params, k=plan.k, device="cpu", resume=state == "unfinished",
-                                 batch_tokens=plan.batch_tokens, router_probs=spec.router_probs,
-                                 router=str(router) if spec.policy == "sar" else None), _quiet(console))
+        build_cache(
+            BuildOptions(
+                teacher=str(teacher),
+                data=str(data),
+                out=str(out),
+                policy=spec.policy,
+                policy_params=spec.params,
+                k=plan.k,
+                device="cpu",
+                resume=state == "unfinished",
+                batch_tokens=plan.batch_tokens,
+                router_probs=spec.router_probs,
+                router=str(router) if spec.policy == "sar" else None,
+            ),
+            _quiet(console),
+        )
     info = store_info(str(out))
     return {"cache_bytes": info["bytes_total"], "build_seconds": info["meta"].build.wall_seconds}
 
 
-def _eval(console: Console, model: str, test: Path, out: Path, plan: DemoPlan, rouge: bool = True,
-          teacher: Path | None = None, probe: TeacherProbe | None = None) -> dict:
+def _eval(
+    console: Console,
+    model: str,
+    test: Path,
+    out: Path,
+    plan: DemoPlan,
+    rouge: bool = True,
+    teacher: Path | None = None,
+    probe: TeacherProbe | None = None,
+) -> dict:
     """ROUGE-L (per-seed and mean over sampling seeds), NLL and KL from `teacher` of one model, cached in `out`."""
     if not out.exists():
         console.print(f"[bold]eval[/] {out.stem}")
         policy = make_policy(probe.policy, **probe.params) if probe else None
-        report = evaluate(model, [str(test)], seeds=plan.seeds, max_new_tokens=plan.max_new_tokens, device="cpu",
-                          batch_size=plan.eval_batch_size, rouge=rouge, nll=True, teacher=teacher, policy=policy)
+        report = evaluate(
+            model,
+            [str(test)],
+            seeds=plan.seeds,
+            max_new_tokens=plan.max_new_tokens,
+            device="cpu",
+            batch_size=plan.eval_batch_size,
+            rouge=rouge,
+            nll=True,
+            teacher=teacher,
+            policy=policy,
+        )
         write_report(report, out)
     scores = json.loads(out.read_text())["datasets"][0]
-    return {"rougeL": scores["mean"], "rougeL_sampling_std": scores["std"], "rougeL_per_seed": scores["per_seed"],
-            "nll": scores["nll"], "kl": scores["kl_from_teacher"]}
+    return {
+        "rougeL": scores["mean"],
+        "rougeL_sampling_std": scores["std"],
+        "rougeL_per_seed": scores["per_seed"],
+        "nll": scores["nll"],
+        "kl": scores["kl_from_teacher"],
+    }
 
 
 def _sar(console: Console, work: Path, plan: DemoPlan, teacher: Path, train_data: Path, test_data: Path) -> dict:
@@ -200,22 +286,43 @@ def _sar(console: Console, work: Path, plan: DemoPlan, teacher: Path, train_data
     spec, rows = plan.sar, {row.name: row for row in plan.rows}
     if rows.get(spec.feedback) is None or rows[spec.feedback].cache is not None:
         raise MoekdError(f"plan: the SAR feedback row {spec.feedback!r} is not an SFT row of the plan")
-    feedback = _student_run(console, work, plan, rows[spec.feedback], plan.train_seeds[0],
-                            {"data": str(train_data), "loss": "ce"})
+    feedback = _student_run(
+        console, work, plan, rows[spec.feedback], plan.train_seeds[0], {"data": str(train_data), "loss": "ce"}
+    )
     router = work / "sar" / "router.safetensors"
     if not router.exists():
         console.print(f"[bold]sar[/] routers: {spec.steps} steps, lr {spec.lr}, responses {spec.responses}")
-        train_router(SarOptions(
-            teacher=str(teacher), student=feedback["model"], data=str(train_data), out=str(router), steps=spec.steps,
-            lr=spec.lr, beta=spec.beta, teacher_kld=spec.teacher_kld, responses=spec.responses,
-            batch_tokens=plan.batch_tokens, max_new_tokens=plan.max_new_tokens, device="cpu", save_every=50,
-            seed=plan.train_seeds[0], resume="auto" if (sar_run_dir(router) / "config.json").exists() else None,
-        ), _quiet(console))
+        train_router(
+            SarOptions(
+                teacher=str(teacher),
+                student=feedback["model"],
+                data=str(train_data),
+                out=str(router),
+                steps=spec.steps,
+                lr=spec.lr,
+                beta=spec.beta,
+                teacher_kld=spec.teacher_kld,
+                responses=spec.responses,
+                batch_tokens=plan.batch_tokens,
+                max_new_tokens=plan.max_new_tokens,
+                device="cpu",
+                save_every=50,
+                seed=plan.train_seeds[0],
+                resume="auto" if (sar_run_dir(router) / "config.json").exists() else None,
+            ),
+            _quiet(console),
+        )
     meta = read_router_file(router)[1]
-    moved = routing_stats_for_files(teacher, test_data, make_policy("all"), max_examples=spec.compare_examples,
-                                    device="cpu", compare=router)
-    return {"router": str(router), "train_seconds": meta.train_seconds, "loss_start": meta.loss_start,
-            "loss_end": meta.loss_end, "kl_original_trained": {s.layer: s.kl_to_trained for s in moved.layers}}
+    moved = routing_stats_for_files(
+        teacher, test_data, make_policy("all"), max_examples=spec.compare_examples, device="cpu", compare=router
+    )
+    return {
+        "router": str(router),
+        "train_seconds": meta.train_seconds,
+        "loss_start": meta.loss_start,
+        "loss_end": meta.loss_end,
+        "kl_original_trained": {s.layer: s.kl_to_trained for s in moved.layers},
+    }
 
 
 def _student_dir(work: Path, spec: StudentSpec, seed: int) -> Path:
@@ -225,22 +332,35 @@ def _student_dir(work: Path, spec: StudentSpec, seed: int) -> Path:
 def _student_run(console: Console, work: Path, plan: DemoPlan, spec: StudentSpec, seed: int, source: dict) -> dict:
     """Train one replicate of a student row: initialised with `seed`, batches ordered by `seed`."""
     init = work / "init" / f"{spec.init}-seed{seed}"
-    return _train(console, _student_dir(work, spec, seed), student=str(init),
-                  epochs=plan.student_epochs, lr=plan.student_lr, batch_tokens=plan.batch_tokens, warmup=plan.warmup,
-                  seed=seed, **{**source, **spec.options})
+    return _train(
+        console,
+        _student_dir(work, spec, seed),
+        student=str(init),
+        epochs=plan.student_epochs,
+        lr=plan.student_lr,
+        batch_tokens=plan.batch_tokens,
+        warmup=plan.warmup,
+        seed=seed,
+        **{**source, **spec.options},
+    )
 
 
-def _student(console: Console, work: Path, plan: DemoPlan, spec: StudentSpec, seed: int, source: dict,
-             teacher: Path, test: Path) -> dict:
+def _student(
+    console: Console, work: Path, plan: DemoPlan, spec: StudentSpec, seed: int, source: dict, teacher: Path, test: Path
+) -> dict:
     """One replicate of a student row: initialise with `seed`, train with `seed`, evaluate."""
     out = _student_dir(work, spec, seed)
     run = _student_run(console, work, plan, spec, seed, source)
-    scores = _eval(console, run["model"], test, work / "eval" / f"{_slug(spec.name)}-seed{seed}.json", plan, teacher=teacher)
+    scores = _eval(
+        console, run["model"], test, work / "eval" / f"{_slug(spec.name)}-seed{seed}.json", plan, teacher=teacher
+    )
     if spec.cache:  # the KD term alone, without CE or router terms, on the cache's held-out examples at the end
         last = read_metrics(out)[-1]
         scores["heldout_kd"] = last.get("eval_kd_loss", last.get("eval_logit_loss", last.get("eval_loss")))
     if "experts" in plan.students[spec.init]:
-        scores.update(_routing(console, run["model"], test, work / "routing" / f"{_slug(spec.name)}-seed{seed}.json", plan))
+        scores.update(
+            _routing(console, run["model"], test, work / "routing" / f"{_slug(spec.name)}-seed{seed}.json", plan)
+        )
     return {**scores, "train_tokens_per_s": run["train_tokens_per_s"]}
 
 
@@ -252,8 +372,10 @@ def _routing(console: Console, model: str, test: Path, out: Path, plan: DemoPlan
         stats = routing_stats_for_files(model, test, max_examples=plan.n_test, device="cpu")
         atomic_write(out, json.dumps(stats.to_dict()).encode())
     layers = json.loads(out.read_text())["layers"]
-    return {"load_cv": sum(s["load_cv"] for s in layers) / len(layers),
-            "gate_entropy": sum(s["gate_entropy"] for s in layers) / len(layers)}
+    return {
+        "load_cv": sum(s["load_cv"] for s in layers) / len(layers),
+        "gate_entropy": sum(s["gate_entropy"] for s in layers) / len(layers),
+    }
 
 
 def run_pipeline(workdir: str | Path, plan: DemoPlan, console: Console | None = None, jobs: int = 2) -> dict:
@@ -286,7 +408,9 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
         if spec.cache is not None and spec.cache not in {c.name for c in plan.caches}:
             raise MoekdError(f"plan: row {spec.name!r} names cache {spec.cache!r}, which the plan does not build")
         if spec.reference is not None and spec.reference not in {r.name for r in plan.rows}:
-            raise MoekdError(f"plan: row {spec.name!r} takes its differences against {spec.reference!r}, which is not a row")
+            raise MoekdError(
+                f"plan: row {spec.name!r} takes its differences against {spec.reference!r}, which is not a row"
+            )
     if any(c.policy == "sar" for c in plan.caches) and plan.sar is None:
         raise MoekdError("plan: a cache with policy sar needs the plan's SarSpec (DemoPlan.sar)")
     plan_file.write_text(plan_json)
@@ -306,33 +430,86 @@ def _run_pipeline(work: Path, plan: DemoPlan, console: Console, jobs: int) -> di
             sar = _sar(console, work, plan, teacher, train_data, test_data)
     caches = {spec.name: work / "caches" / f"{spec.name}.zarr" for spec in plan.caches}
     with clock.part("cache builds"):
-        built = run([(_cache, dict(out=caches[spec.name], teacher=teacher, data=train_data, spec=spec, plan=plan,
-                                   router=Path(sar["router"]) if sar else None))
-                     for spec in plan.caches])
+        built = run(
+            [
+                (
+                    _cache,
+                    dict(
+                        out=caches[spec.name],
+                        teacher=teacher,
+                        data=train_data,
+                        spec=spec,
+                        plan=plan,
+                        router=Path(sar["router"]) if sar else None,
+                    ),
+                )
+                for spec in plan.caches
+            ]
+        )
     cache_info = dict(zip(caches, built))
 
     with clock.part("student training and evaluation"):
-        scores = run([(_student, dict(work=work, plan=plan, spec=spec, seed=seed, teacher=teacher, test=test_data,
-                                      source={"cache": str(caches[spec.cache]), "loss": "fkl"} if spec.cache
-                                      else {"data": str(train_data), "loss": "ce"}))
-                      for spec, seed in replicates])
+        scores = run(
+            [
+                (
+                    _student,
+                    dict(
+                        work=work,
+                        plan=plan,
+                        spec=spec,
+                        seed=seed,
+                        teacher=teacher,
+                        test=test_data,
+                        source={"cache": str(caches[spec.cache]), "loss": "fkl"}
+                        if spec.cache
+                        else {"data": str(train_data), "loss": "ce"},
+                    ),
+                )
+                for spec, seed in replicates
+            ]
+        )
     by_row = {spec.name: {} for spec in plan.rows}
     for (spec, seed), score in zip(replicates, scores):
         by_row[spec.name][seed] = score
     summary = {spec.name: _summary(by_row, spec.name, spec.reference or plan.reference) for spec in plan.rows}
-    rows = {spec.name: {"cache": spec.cache, **(cache_info.get(spec.cache) or {}), **summary[spec.name],
-                        "replicates": by_row[spec.name]} for spec in plan.rows}
+    rows = {
+        spec.name: {
+            "cache": spec.cache,
+            **(cache_info.get(spec.cache) or {}),
+            **summary[spec.name],
+            "replicates": by_row[spec.name],
+        }
+        for spec in plan.rows
+    }
 
     evals = [(_eval, dict(model=str(teacher), test=test_data, out=work / "eval" / "teacher.json", plan=plan))]
-    evals += [(_eval, dict(model=str(teacher), test=test_data, out=work / "eval" / f"teacher-{_slug(probe.name)}.json",
-                           plan=plan, rouge=probe.rouge, teacher=teacher, probe=probe)) for probe in plan.probes]
+    evals += [
+        (
+            _eval,
+            dict(
+                model=str(teacher),
+                test=test_data,
+                out=work / "eval" / f"teacher-{_slug(probe.name)}.json",
+                plan=plan,
+                rouge=probe.rouge,
+                teacher=teacher,
+                probe=probe,
+            ),
+        )
+        for probe in plan.probes
+    ]
     with clock.part("teacher evaluation"):
         teacher_scores = run(evals)
     teachers = {"native": {**teacher_scores[0], "train_tokens_per_s": trained["train_tokens_per_s"]}}
     for probe, score in zip(plan.probes, teacher_scores[1:]):
         teachers[probe.name] = {"policy": probe.policy, "params": probe.params, **score}
-    results = {"plan": asdict(plan), "teacher": teachers, "rows": rows, "timings": clock.parts,
-               **({"sar": sar} if sar else {})}
+    results = {
+        "plan": asdict(plan),
+        "teacher": teachers,
+        "rows": rows,
+        "timings": clock.parts,
+        **({"sar": sar} if sar else {}),
+    }
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_results(results, work / "results.png")
     return results
@@ -346,15 +523,25 @@ def prepare_teacher(work: Path, plan: DemoPlan, console: Console) -> dict:
         write_suite(data, seed=0, n_train=plan.n_train, n_valid=plan.n_valid, n_test=plan.n_test)
     _tokenizer(work, data / "train.jsonl", plan.vocab)
     teacher_init = _init(work / "init" / "teacher", plan.teacher, seed=0)
-    return _train(console, work / "teacher", student=str(teacher_init), data=str(data / "train.jsonl"), loss="ce",
-                  epochs=plan.teacher_epochs, lr=plan.teacher_lr, batch_tokens=plan.batch_tokens, warmup=plan.warmup,
-                  seed=0)
+    return _train(
+        console,
+        work / "teacher",
+        student=str(teacher_init),
+        data=str(data / "train.jsonl"),
+        loss="ce",
+        epochs=plan.teacher_epochs,
+        lr=plan.teacher_lr,
+        batch_tokens=plan.batch_tokens,
+        warmup=plan.warmup,
+        seed=0,
+    )
 
 
 def _summary(by_row: dict, name: str, reference: str) -> dict:
     """One row's statistics, its paired differences taken against `reference`."""
-    return summarise_rows({name: by_row[name], **({reference: by_row[reference]} if reference in by_row else {})},
-                          reference)[name]
+    return summarise_rows(
+        {name: by_row[name], **({reference: by_row[reference]} if reference in by_row else {})}, reference
+    )[name]
 
 
 def _run_jobs(console: Console, jobs: int, threads: int, calls: list[tuple]) -> list:
@@ -363,8 +550,12 @@ def _run_jobs(console: Console, jobs: int, threads: int, calls: list[tuple]) -> 
         return [fn(console, **kwargs) for fn, kwargs in calls]
     import multiprocessing
 
-    with ProcessPoolExecutor(min(jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_job_process, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        min(jobs, len(calls)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_job_process,
+        initargs=(threads,),
+    ) as pool:
         futures = [pool.submit(_in_job, fn, kwargs) for fn, kwargs in calls]
         return [future.result() for future in futures]
 
@@ -400,7 +591,9 @@ def _init(out: Path, config: dict, seed: int) -> Path:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(out.parent.parent / "tokenizer"))
-        make_tiny_model(config["family"], tokenizer, out, seed=seed, **{k: v for k, v in config.items() if k != "family"})
+        make_tiny_model(
+            config["family"], tokenizer, out, seed=seed, **{k: v for k, v in config.items() if k != "family"}
+        )
     return out
 
 
@@ -440,9 +633,16 @@ def results_table(results: dict, title: str = "moekd demo") -> Table:
         cache = f"{row['cache_bytes'] / 1e6:.2f} MB, {row['build_seconds']:.0f} s" if "cache_bytes" in row else "-"
         if row.get("cache") in sar_caches and results.get("sar", {}).get("train_seconds"):
             cache += f" + {results['sar']['train_seconds']:.0f} s SAR"
-        table.add_row(f"student {name}", _fmt(row.get("rougeL"), 2), _fmt_diff(row.get("rougeL"), 2),
-                      _fmt(row.get("nll"), 4), _fmt_diff(row.get("nll"), 4), _fmt(row.get("kl"), 4),
-                      _fmt_diff(row.get("kl"), 4), cache)
+        table.add_row(
+            f"student {name}",
+            _fmt(row.get("rougeL"), 2),
+            _fmt_diff(row.get("rougeL"), 2),
+            _fmt(row.get("nll"), 4),
+            _fmt_diff(row.get("nll"), 4),
+            _fmt(row.get("kl"), 4),
+            _fmt_diff(row.get("kl"), 4),
+            cache,
+        )
     return table
 
 
@@ -492,7 +692,10 @@ def routing_table(results: dict) -> Table | None:
     for column in ("model", "held-out KD", "Δ held-out KD", "load CV", "Δ load CV", "gate H", "Δ gate H"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, row in rows.items():
-        cells = [cell for key in ("heldout_kd", "load_cv", "gate_entropy")
-                 for cell in (_fmt(row.get(key), 4), _fmt_diff(row.get(key), 4))]
+        cells = [
+            cell
+            for key in ("heldout_kd", "load_cv", "gate_entropy")
+            for cell in (_fmt(row.get(key), 4), _fmt_diff(row.get(key), 4))
+        ]
         table.add_row(f"student {name}", *cells)
     return table

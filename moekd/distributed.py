@@ -36,14 +36,16 @@ class Ranks:
         return f"rank {self.rank}/{self.world}"
 
     @classmethod
-    def from_env(cls) -> "Ranks":
+    def from_env(cls) -> Ranks:
         """This process's rank as torchrun set it (rank 0 of 1 outside torchrun)."""
         if "WORLD_SIZE" not in os.environ:
             return cls()
         try:
             rank, world, local = (int(os.environ.get(name, "0")) for name in ENV)
         except ValueError:
-            raise MoekdError(f"torchrun environment: {', '.join(f'{n}={os.environ.get(n)!r}' for n in ENV)} are not integers") from None
+            raise MoekdError(
+                f"torchrun environment: {', '.join(f'{n}={os.environ.get(n)!r}' for n in ENV)} are not integers"
+            ) from None
         if not 0 <= rank < world:
             raise MoekdError(f"torchrun environment: RANK {rank} is outside WORLD_SIZE {world}")
         return cls(rank, world, local)
@@ -93,11 +95,16 @@ class Ranks:
         dist.all_gather_object(out, value)
         return out
 
-    def counter(self, name: str) -> "Counter":
+    def counter(self, name: str) -> Counter:
         if self.world == 1:
             return Counter(None, name)
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=timedelta(seconds=60), wait_for_workers=False)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=60),
+            wait_for_workers=False,
+        )
         # one key space per (re)start of the job: torchrun keeps its store across restarts
         return Counter(store, f"moekd/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}")
 

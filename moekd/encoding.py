@@ -60,8 +60,9 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray, scale: 
     }
 
 
-def decode_topk(topk_ids: np.ndarray, topk_steps: np.ndarray, tail_steps: np.ndarray,
-                scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_topk(
+    topk_ids: np.ndarray, topk_steps: np.ndarray, tail_steps: np.ndarray, scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids [..., k] int32, log-probs [..., k] float32 descending, tail [...] float32) from `encode_topk` output."""
     ids = np.cumsum(topk_ids, axis=-1, dtype=np.int64)
     order = np.argsort(topk_steps, axis=-1, kind="stable")  # rank order: steps ascending
@@ -94,8 +95,14 @@ def decode_logprobs(top1: np.ndarray, gaps: np.ndarray) -> np.ndarray:
     return (top1[..., None].astype(np.float64) - steps / SCALE).astype(np.float32)
 
 
-def sampled_estimate(counts: torch.Tensor, draws: int, proposal_temp: float, logprobs: torch.Tensor | None = None,
-                     proposal_logz: torch.Tensor | None = None, target_temp: float = 1.0) -> torch.Tensor:
+def sampled_estimate(
+    counts: torch.Tensor,
+    draws: int,
+    proposal_temp: float,
+    logprobs: torch.Tensor | None = None,
+    proposal_logz: torch.Tensor | None = None,
+    target_temp: float = 1.0,
+) -> torch.Tensor:
     """Unbiased estimate [..., S] (float32) of the teacher's probabilities of the stored ids.
 
     counts [..., S] of `draws` draws from r = p^t / Z_t (t = proposal_temp). The target is the
@@ -106,8 +113,10 @@ def sampled_estimate(counts: torch.Tensor, draws: int, proposal_temp: float, log
     """
     frequency = counts.double() / draws
     if estimable_temperature(target_temp, proposal_temp) is None:
-        raise ValueError(f"no unbiased estimate of the teacher at temperature {target_temp} from draws at proposal "
-                         f"temperature {proposal_temp}: train at temperature 1 or {1 / proposal_temp:g}")
+        raise ValueError(
+            f"no unbiased estimate of the teacher at temperature {target_temp} from draws at proposal "
+            f"temperature {proposal_temp}: train at temperature 1 or {1 / proposal_temp:g}"
+        )
     if abs(target_temp * proposal_temp - 1.0) < 1e-12:
         return frequency.float()
     log_ratio = (1.0 - proposal_temp) * logprobs.double() + proposal_logz.double().unsqueeze(-1)

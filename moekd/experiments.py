@@ -90,10 +90,13 @@ def expert_specialisation(loads: dict[str, np.ndarray], counts: dict[str, int]) 
     for layer in range(stacked.shape[1]):
         marginal = (weights[:, None] * stacked[:, layer]).sum(axis=0)
         conditional = sum(w * entropy(stacked[i, layer]) for i, w in enumerate(weights))
-        layers.append({
-            "expert_entropy": entropy(marginal), "mutual_information": entropy(marginal) - conditional,
-            "top_expert_share": {f: float(stacked[i, layer].max()) for i, f in enumerate(families)},
-        })
+        layers.append(
+            {
+                "expert_entropy": entropy(marginal),
+                "mutual_information": entropy(marginal) - conditional,
+                "top_expert_share": {f: float(stacked[i, layer].max()) for i, f in enumerate(families)},
+            }
+        )
     return layers
 
 

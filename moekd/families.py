@@ -22,7 +22,7 @@ ALL_POLICIES = ("topk", "all", "ka", "topp", "mc")
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    causal_lm: str                   # the AutoModelForCausalLM class name
+    causal_lm: str  # the AutoModelForCausalLM class name
     router_classes: tuple[str, ...]  # declared for router_logits in its modeling module
 
 
@@ -31,13 +31,13 @@ class FamilyReport:
     model_type: str
     causal_lm: str
     router_class: str
-    built: bool                      # a tiny model of it builds and runs on CPU (so the conformance suite runs it)
-    kind: str = ""                   # score function and top-k, or "none fits"
-    g: str = ""                      # gate distribution g
-    weighting: str = ""              # native weighting of the selected experts
+    built: bool  # a tiny model of it builds and runs on CPU (so the conformance suite runs it)
+    kind: str = ""  # score function and top-k, or "none fits"
+    g: str = ""  # gate distribution g
+    weighting: str = ""  # native weighting of the selected experts
     quirks: str = ""
-    policies: tuple[str, ...] = ()   # policies a forward ran under
-    reason: str = ""                 # why it is unsupported or not built
+    policies: tuple[str, ...] = ()  # policies a forward ran under
+    reason: str = ""  # why it is unsupported or not built
 
     @property
     def supported(self) -> bool:
@@ -88,9 +88,11 @@ def family_report(family: Family, tokens: int = 12) -> FamilyReport:
     report = FamilyReport(family.model_type, family.causal_lm, ", ".join(family.router_classes), built=False)
     try:
         model = make_tiny_family_model(family.model_type)
-        ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, tokens), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(
+            0, model.get_input_embeddings().num_embeddings, (1, tokens), generator=torch.Generator().manual_seed(0)
+        )
         infos = recognise_routers(model)
-    except Exception as e:  # noqa: BLE001 - a family that does not build small is reported, not fatal
+    except Exception as e:
         report.reason = f"does not build small on CPU ({first_line(e)})"
         return report
     report.built = True
@@ -120,7 +122,7 @@ def family_report(family: Family, tokens: int = 12) -> FamilyReport:
                 ran.append(name)
         except MoekdError:
             pass
-        except Exception as e:  # noqa: BLE001 - the policy breaks this family's forward: say so
+        except Exception as e:
             report.reason = report.reason or f"--policy {name} breaks its forward ({first_line(e)})"
     report.policies = tuple(ran)
     return report
@@ -155,8 +157,10 @@ def family_reports(model_types: list[str] | None = None, on_family=lambda family
         known = {f.model_type for f in families}
         unknown = [m for m in model_types if m not in known]
         if unknown:
-            raise MoekdError(f"--family: {', '.join(unknown)} is not an MoE causal-LM model type of the installed "
-                             f"transformers; choose from {', '.join(sorted(known))}")
+            raise MoekdError(
+                f"--family: {', '.join(unknown)} is not an MoE causal-LM model type of the installed "
+                f"transformers; choose from {', '.join(sorted(known))}"
+            )
         families = [f for f in families if f.model_type in model_types]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -176,6 +180,8 @@ def summary(reports: list[FamilyReport]) -> str:
 
     classes = {c for r in reports for c in r.router_class.split(", ")}
     unsupported_classes = {c for r in reports if not r.supported for c in r.router_class.split(", ")}
-    return (f"{sum(r.supported for r in reports)} / {len(reports)} MoE causal-LM families of transformers "
-            f"{transformers.__version__} take every routing policy and gate capture "
-            f"({len(classes - unsupported_classes)} / {len(classes)} router classes)")
+    return (
+        f"{sum(r.supported for r in reports)} / {len(reports)} MoE causal-LM families of transformers "
+        f"{transformers.__version__} take every routing policy and gate capture "
+        f"({len(classes - unsupported_classes)} / {len(classes)} router classes)"
+    )

@@ -27,17 +27,17 @@ SCORE_TEXT = {
 class GateAdapter:
     """One router's computation: score per expert, renormalisation and scale of the selected scores."""
 
-    score: str                      # one of SCORES
-    normalise: bool                 # the family renormalises the selected scores to sum 1
-    scale: float = 1.0              # constant factor on the weights (routed scaling)
-    scale_name: str | None = None   # router attribute holding that constant, read live
+    score: str  # one of SCORES
+    normalise: bool  # the family renormalises the selected scores to sum 1
+    scale: float = 1.0  # constant factor on the weights (routed scaling)
+    scale_name: str | None = None  # router attribute holding that constant, read live
     expert_scale: str | None = None  # router parameter/buffer [N] multiplying each expert's weight
-    layout: str = "triple"          # triple: (logits, weights, index, ...); dense: (scores [T, N], logits);
-                                    # experts: the router returns logits, its block hands (index, weights) to `target`
+    layout: str = "triple"  # triple: (logits, weights, index, ...); dense: (scores [T, N], logits);
+    # experts: the router returns logits, its block hands (index, weights) to `target`
     num_experts: int = 0
     top_k: int = 0
-    target: str | None = None       # experts layout: the sibling module that receives the selection
-    index_arg: int | str | None = None    # ... and where in its call the index and weights are
+    target: str | None = None  # experts layout: the sibling module that receives the selection
+    index_arg: int | str | None = None  # ... and where in its call the index and weights are
     weights_arg: int | str | None = None
 
     def scores(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -56,8 +56,9 @@ class GateAdapter:
         s = self.scores(router, logits)
         return s if self.score == "softmax" else s / s.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
-    def weights(self, router: nn.Module, logits: torch.Tensor, index: torch.Tensor, valid=None,
-                renormalise: bool = False) -> torch.Tensor:
+    def weights(
+        self, router: nn.Module, logits: torch.Tensor, index: torch.Tensor, valid=None, renormalise: bool = False
+    ) -> torch.Tensor:
         """float32 [T, k] weights of the selected experts `index`: native weighting, renormalised if asked."""
         w = self.scores(router, logits).gather(1, index)
         if valid is not None:
@@ -101,7 +102,13 @@ class GateAdapter:
 
     def describe(self) -> dict:
         """What the families table says about it: kind, gate distribution g and native weighting."""
-        scale = f" × {self.scale_name} ({self.scale:g})" if self.scale_name else f" × {self.scale:g}" if self.scale != 1.0 else ""
+        scale = (
+            f" × {self.scale_name} ({self.scale:g})"
+            if self.scale_name
+            else f" × {self.scale:g}"
+            if self.scale != 1.0
+            else ""
+        )
         if self.expert_scale:
             scale += f" × {self.expert_scale}[expert]"
         kind = self.score + {"dense": " (dense scores)", "experts": " (picked in the MoE block)"}.get(self.layout, "")

@@ -73,7 +73,9 @@ def checkpoint_dir(path: str | Path, flag: str) -> Path | None:
     if not local.is_dir():
         raise MoekdError(f"{flag}: {path} is a file, not a directory saved with save_pretrained")
     if (local / "final" / "config.json").exists() and not any(local.glob("*.safetensors")):
-        raise MoekdError(f"{flag}: {path} is a moekd training run, not a checkpoint; pass its checkpoint {local / 'final'}")
+        raise MoekdError(
+            f"{flag}: {path} is a moekd training run, not a checkpoint; pass its checkpoint {local / 'final'}"
+        )
     return local
 
 
@@ -93,8 +95,10 @@ def load_tokenizer(path: str | Path, flag: str = "--teacher"):
     probe = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
     if all(token == tokenizer.unk_token_id for token in probe):  # also true of no tokens at all
         got = "unknown tokens only" if probe else "no tokens at all"
-        raise MoekdError(f"{flag}: the tokenizer in {path} ({len(tokenizer)} tokens) encodes plain English to {got}, "
-                         f"so it cannot encode the prompts; {fix}")
+        raise MoekdError(
+            f"{flag}: the tokenizer in {path} ({len(tokenizer)} tokens) encodes plain English to {got}, "
+            f"so it cannot encode the prompts; {fix}"
+        )
     if tokenizer.eos_token_id is None:
         raise MoekdError(f"{flag}: the tokenizer in {path} defines no eos_token; set one in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
@@ -130,11 +134,15 @@ def check_tokenizer_fits(tokenizer, model, flag: str) -> None:
     tokens, rows = len(tokenizer), output_vocab_size(model)
     fix = "pass the model's own tokenizer" + (" with --tokenizer" if flag == "--teacher" else "")
     if tokens > rows:
-        raise MoekdError(f"{flag}: the tokenizer has {tokens} tokens but the model's output layer only {rows}, "
-                         f"so its ids would fall outside it; they do not belong together ({fix})")
+        raise MoekdError(
+            f"{flag}: the tokenizer has {tokens} tokens but the model's output layer only {rows}, "
+            f"so its ids would fall outside it; they do not belong together ({fix})"
+        )
     if tokens < rows / 2:
-        raise MoekdError(f"{flag}: the tokenizer has {tokens} tokens, under half of the model's {rows}-row output "
-                         f"layer: it belongs to another model ({fix})")
+        raise MoekdError(
+            f"{flag}: the tokenizer has {tokens} tokens, under half of the model's {rows}-row output "
+            f"layer: it belongs to another model ({fix})"
+        )
 
 
 def output_vocab_size(model) -> int:

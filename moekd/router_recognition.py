@@ -29,10 +29,16 @@ def detach(x):
 def _selection_in_call(args: tuple, kwargs: dict, tokens: int):
     """(index location, weights location, index, weights) of a call carrying a [T, k] selection, or None."""
     located = [*enumerate(args), *kwargs.items()]
-    ints = [(w, t) for w, t in located if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == tokens
-            and not t.is_floating_point()]
-    floats = [(w, t) for w, t in located if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == tokens
-              and t.is_floating_point()]
+    ints = [
+        (w, t)
+        for w, t in located
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == tokens and not t.is_floating_point()
+    ]
+    floats = [
+        (w, t)
+        for w, t in located
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == tokens and t.is_floating_point()
+    ]
     for index_at, index in ints:
         for weights_at, weights in floats:
             if weights.shape == index.shape:
@@ -49,9 +55,15 @@ def _layout(output, logits_at: int):
     shapes = ", ".join(str(tuple(o.shape)) if isinstance(o, torch.Tensor) else type(o).__name__ for o in output)
     if not all(isinstance(o, torch.Tensor) for o in output):
         return f"it returns ({shapes}): expert-grouped dispatch, not a per-token selection"
-    if (logits_at == 0 and len(output) >= 3 and output[0].dim() == 2 and output[1].dim() == 2
-            and output[1].shape == output[2].shape and not output[2].is_floating_point()
-            and output[1].shape[0] == output[0].shape[0]):
+    if (
+        logits_at == 0
+        and len(output) >= 3
+        and output[0].dim() == 2
+        and output[1].dim() == 2
+        and output[1].shape == output[2].shape
+        and not output[2].is_floating_point()
+        and output[1].shape[0] == output[0].shape[0]
+    ):
         return "triple", output[0], output[1], output[2]
     if logits_at == 1 and len(output) == 2 and output[0].dim() == 2 and output[0].shape == output[1].shape:
         dense = output[0].float()
@@ -60,8 +72,10 @@ def _layout(output, logits_at: int):
             return "its dense scores are all zero"
         index = dense.topk(k, dim=-1).indices
         return "dense", output[1], output[0].gather(1, index), index
-    return (f"it returns tensors of shapes {shapes} with the logits at position {logits_at}; moekd reads "
-            "(logits [T, N], weights [T, k], index [T, k], ...) or (scores [T, N], logits [T, N])")
+    return (
+        f"it returns tensors of shapes {shapes} with the logits at position {logits_at}; moekd reads "
+        "(logits [T, N], weights [T, k], index [T, k], ...) or (scores [T, N], logits [T, N])"
+    )
 
 
 def _score_candidates(router: nn.Module, logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,8 +106,11 @@ def _fit(weights: torch.Tensor, base: torch.Tensor, router: nn.Module, index: to
 
 def _scale_attribute(router: nn.Module, value: float) -> str | None:
     """The router attribute holding the constant `value` (names with "scal" first), if any."""
-    names = [n for n, a in vars(router).items()
-             if isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a - value) <= 1e-4 * abs(value)]
+    names = [
+        n
+        for n, a in vars(router).items()
+        if isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a - value) <= 1e-4 * abs(value)
+    ]
     return min(names, key=lambda n: "scal" not in n, default=None)
 
 
@@ -120,7 +137,9 @@ def fit_router(router, logits_at, output, siblings: dict) -> GateAdapter | str:
         return layout
     layout, logits, weights, index = layout
     experts = logits.shape[1]
-    declared = {n: a for n, a in vars(router).items() if "experts" in n and isinstance(a, int) and not isinstance(a, bool)}
+    declared = {
+        n: a for n, a in vars(router).items() if "experts" in n and isinstance(a, int) and not isinstance(a, bool)
+    }
     if declared and experts not in declared.values():
         counts = ", ".join(f"{n} = {a}" for n, a in declared.items())
         return f"it scores {experts} classes but declares {counts}: a class that is not an expert"
@@ -135,7 +154,7 @@ def fit_router(router, logits_at, output, siblings: dict) -> GateAdapter | str:
                 best = (error, score, normalise, scale, expert_scale)
     error, score, normalise, scale, expert_scale = best
     if error > tolerance:
-        return (f"its weights are no known function of the selected experts' scores (closest fit off by {error:.2g})")
+        return f"its weights are no known function of the selected experts' scores (closest fit off by {error:.2g})"
     scale_name = _scale_attribute(router, scale) if abs(scale - 1.0) > tolerance else None
     scale = float(getattr(router, scale_name)) if scale_name else (1.0 if abs(scale - 1.0) <= tolerance else scale)
     return GateAdapter(score, normalise, scale, scale_name, expert_scale, layout, experts, index.shape[1], **target)

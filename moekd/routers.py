@@ -59,7 +59,7 @@ class RouterInfo:
     name: str
     module: nn.Module
     adapter: GateAdapter | None
-    reason: str | None = None       # why no adapter fits (adapter is None)
+    reason: str | None = None  # why no adapter fits (adapter is None)
     gate_parameter_names: tuple[str, ...] = ()
     quirks: tuple[str, ...] = field(default_factory=tuple)
     target: nn.Module | None = None  # experts layout: the module whose call carries the selection
@@ -72,7 +72,7 @@ def router_recorders(model: nn.Module) -> list[tuple[type | None, str | None, in
     """(class, class-name suffix, output index of the logits, layer name) of every `router_logits` recorder."""
     specs = []
     for module in model.modules():
-        entries = (module.__dict__.get("_can_record_outputs") or getattr(type(module), "_can_record_outputs", None) or {})
+        entries = module.__dict__.get("_can_record_outputs") or getattr(type(module), "_can_record_outputs", None) or {}
         entries = entries.get("router_logits") if isinstance(entries, dict) else None
         if entries is None:
             continue
@@ -91,10 +91,10 @@ def _routers_with_index(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
     found = []
     for name, module in model.named_modules():
         for cls, suffix, index, layer in specs:
-            if (cls is not None and isinstance(module, cls)) or (suffix and name.endswith(suffix)):
-                if layer is None or f".{layer.strip('.')}." in f".{name}.":
-                    found.append((name, module, index))
-                    break
+            matches = (cls is not None and isinstance(module, cls)) or (suffix and name.endswith(suffix))
+            if matches and (layer is None or f".{layer.strip('.')}." in f".{name}."):
+                found.append((name, module, index))
+                break
     return found
 
 
@@ -129,13 +129,17 @@ def recognise_routers(model: nn.Module, tokens: int = 16) -> list[RouterInfo]:
     def recorder(position):
         def hook(module, args, kwargs, output):
             calls.setdefault(position, (detach(args), detach(kwargs), detach(output)))
+
         return hook
 
-    sibling_calls: dict[tuple[int, str], tuple] = {}  # first call of each module beside a router, for the experts layout
+    sibling_calls: dict[
+        tuple[int, str], tuple
+    ] = {}  # first call of each module beside a router, for the experts layout
 
     def sibling_recorder(position, child):
         def hook(module, args, kwargs):
             sibling_calls.setdefault((position, child), (detach(args), detach(kwargs)))
+
         return hook
 
     handles = [m.register_forward_hook(recorder(i), with_kwargs=True) for i, (_, m, _) in enumerate(routers)]
@@ -150,8 +154,11 @@ def recognise_routers(model: nn.Module, tokens: int = 16) -> list[RouterInfo]:
     try:
         model.eval()
         with torch.no_grad():
-            model(input_ids=ids.to(embeddings.weight.device), attention_mask=torch.ones_like(ids).to(embeddings.weight.device),
-                  use_cache=False)
+            model(
+                input_ids=ids.to(embeddings.weight.device),
+                attention_mask=torch.ones_like(ids).to(embeddings.weight.device),
+                use_cache=False,
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -173,8 +180,15 @@ def recognise_routers(model: nn.Module, tokens: int = 16) -> list[RouterInfo]:
             else:
                 gate_names = gate_parameter_names(module, args, kwargs, index)
                 target = block.get_submodule(adapter.target) if adapter.target else None
-                info = RouterInfo(name, module, adapter, None, gate_names,
-                                  router_quirks(block, module, adapter, gate_names, args, kwargs), target)
+                info = RouterInfo(
+                    name,
+                    module,
+                    adapter,
+                    None,
+                    gate_names,
+                    router_quirks(block, module, adapter, gate_names, args, kwargs),
+                    target,
+                )
         _RECOGNISED[module] = info
         infos.append(info)
     return infos
@@ -184,7 +198,9 @@ def gate_adapter(router: nn.Module) -> GateAdapter:
     """The adapter `recognise_routers` found for `router`; MoekdError if it is unsupported or not recognised yet."""
     info = _RECOGNISED.get(router)
     if info is None:
-        raise MoekdError(f"router {type(router).__name__} was not recognised yet: call moekd.routers.recognise_routers(model) first")
+        raise MoekdError(
+            f"router {type(router).__name__} was not recognised yet: call moekd.routers.recognise_routers(model) first"
+        )
     if info.adapter is None:
         raise MoekdError(f"router class {type(router).__name__} is not supported: {info.reason}")
     return info.adapter

@@ -19,8 +19,14 @@ MOE_FAMILIES = FAMILIES[:5]
 
 
 def tiny_config(
-    family: str, vocab_size: int, hidden: int = 32, layers: int = 2, experts: int = 8, top_k: int = 2,
-    special_ids: dict | None = None, **extra,
+    family: str,
+    vocab_size: int,
+    hidden: int = 32,
+    layers: int = 2,
+    experts: int = 8,
+    top_k: int = 2,
+    special_ids: dict | None = None,
+    **extra,
 ):
     """A small config of `family` with `vocab_size` tokens; `special_ids` sets eos/pad/bos token ids."""
     from transformers import (
@@ -48,19 +54,42 @@ def tiny_config(
         cfg = MixtralConfig(**common, **moe, num_local_experts=experts)
     elif family == "qwen2_moe":
         cfg = Qwen2MoeConfig(
-            **common, **moe, num_experts=experts, moe_intermediate_size=hidden,
-            shared_expert_intermediate_size=2 * hidden, norm_topk_prob=False,
+            **common,
+            **moe,
+            num_experts=experts,
+            moe_intermediate_size=hidden,
+            shared_expert_intermediate_size=2 * hidden,
+            norm_topk_prob=False,
         )
     elif family == "qwen3_moe":
-        cfg = Qwen3MoeConfig(**common, **moe, num_experts=experts, moe_intermediate_size=hidden, norm_topk_prob=True, head_dim=hidden // 4)
+        cfg = Qwen3MoeConfig(
+            **common,
+            **moe,
+            num_experts=experts,
+            moe_intermediate_size=hidden,
+            norm_topk_prob=True,
+            head_dim=hidden // 4,
+        )
     elif family == "olmoe":
         cfg = OlmoeConfig(**common, **moe, num_experts=experts, norm_topk_prob=False)
     elif family == "deepseek_v3":
         common["num_key_value_heads"] = 4
         cfg = DeepseekV3Config(
-            **common, **moe, n_routed_experts=experts, moe_intermediate_size=hidden, n_shared_experts=1,
-            n_group=2, topk_group=1, first_k_dense_replace=0, routed_scaling_factor=2.5, norm_topk_prob=True,
-            kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            **common,
+            **moe,
+            n_routed_experts=experts,
+            moe_intermediate_size=hidden,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=0,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
         )
     elif family == "llama":
         cfg = LlamaConfig(**common)
@@ -71,8 +100,15 @@ def tiny_config(
     return cfg
 
 
-def make_tiny_model(family: str, tokenizer, out_dir: str | Path | None = None, seed: int = 0,
-                    router_std: float | None = 1.0, vocab_size: int | None = None, **config):
+def make_tiny_model(
+    family: str,
+    tokenizer,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    router_std: float | None = 1.0,
+    vocab_size: int | None = None,
+    **config,
+):
     """A randomly initialised tiny model of `family` matching `tokenizer`, saved to `out_dir` with it.
 
     `router_std` re-initialises the router weights (peaked gates for tests); None keeps the
@@ -83,7 +119,9 @@ def make_tiny_model(family: str, tokenizer, out_dir: str | Path | None = None, s
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    ids = dict(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     if vocab_size is not None and vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size: {vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
     cfg = tiny_config(family, vocab_size=vocab_size or len(tokenizer), special_ids=ids, **config)
@@ -104,22 +142,74 @@ def make_tiny_model(family: str, tokenizer, out_dir: str | Path | None = None, s
 # Config fields shrunk for a CPU-sized model, by field name; a field a config class lacks is skipped.
 SMALL_FIELDS = dict(
     hidden_size_per_layer_input=16,
-    hidden_size=64, d_model=64, intermediate_size=64, num_hidden_layers=2, num_layers=2, n_layers=2, n_heads=4,
-    num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=512,
-    swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_head_dim=16, sliding_window_size=64, rel_extent=64,
-    moe_intermediate_size=32, shared_expert_intermediate_size=32, moe_shared_expert_intermediate_size=32,
-    shared_intermediate_size=32, shared_experts_intermediate_size=32, expert_ffn_hidden_size=32, moe_hidden_size=32,
-    dense_intermediate_size=64, ffn_hidden_size=64, intermediate_size_mlp=64,
-    first_k_dense_replace=0, num_dense_layers=0,
-    is_moe=True, enable_moe_block=True,
-    kv_lora_rank=16, q_lora_rank=16, o_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-    index_head_dim=16, index_n_heads=2, index_topk=8,
-    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-    linear_head_dim=16, linear_num_heads=4, router_hidden_size=16, sliding_window=64, attention_chunk_size=64,
-    max_seq_len=512, moe_jitter_eps=0.01, keep_window_size=64, ssm_state_size=8, mamba_num_heads=8, mamba_head_dim=16, mamba_n_heads=8, mamba_d_state=8,
-    mamba_d_head=16, mamba_chunk_size=16, chunk_size=16, n_groups=1, mamba_n_groups=1,
-    attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
-    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    hidden_size=64,
+    d_model=64,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_layers=2,
+    n_layers=2,
+    n_heads=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    head_dim=16,
+    max_position_embeddings=512,
+    swa_num_attention_heads=4,
+    swa_num_key_value_heads=4,
+    swa_head_dim=16,
+    sliding_window_size=64,
+    rel_extent=64,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    moe_shared_expert_intermediate_size=32,
+    shared_intermediate_size=32,
+    shared_experts_intermediate_size=32,
+    expert_ffn_hidden_size=32,
+    moe_hidden_size=32,
+    dense_intermediate_size=64,
+    ffn_hidden_size=64,
+    intermediate_size_mlp=64,
+    first_k_dense_replace=0,
+    num_dense_layers=0,
+    is_moe=True,
+    enable_moe_block=True,
+    kv_lora_rank=16,
+    q_lora_rank=16,
+    o_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    index_head_dim=16,
+    index_n_heads=2,
+    index_topk=8,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_head_dim=16,
+    linear_num_heads=4,
+    router_hidden_size=16,
+    sliding_window=64,
+    attention_chunk_size=64,
+    max_seq_len=512,
+    moe_jitter_eps=0.01,
+    keep_window_size=64,
+    ssm_state_size=8,
+    mamba_num_heads=8,
+    mamba_head_dim=16,
+    mamba_n_heads=8,
+    mamba_d_state=8,
+    mamba_d_head=16,
+    mamba_chunk_size=16,
+    chunk_size=16,
+    n_groups=1,
+    mamba_n_groups=1,
+    attn_layer_period=2,
+    attn_layer_offset=1,
+    expert_layer_period=1,
+    expert_layer_offset=0,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 VOCAB_FIELDS = ("vocab_size", "unpadded_vocab_size", "vocab_size_per_layer_input")
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -129,17 +219,34 @@ TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_top_k",
 CAPPED_FIELDS = {"n_shared_experts": (1, 1), "n_group": (2, 1), "topk_group": (1, 1), "zero_expert_num": (2, None)}
 # What the field rules cannot infer, per model type (or config class name for sub-configs without one).
 FAMILY_FIELDS: dict[str, dict] = {
-    "dots3_note_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16,
-                            swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=16),  # sliding-window layer sizes
+    "dots3_note_text": dict(
+        swa_num_attention_heads=4,
+        swa_num_key_value_heads=4,
+        swa_q_lora_rank=16,
+        swa_kv_lora_rank=16,
+        swa_head_dim=16,
+        swa_qk_nope_head_dim=8,
+        swa_v_head_dim=16,
+    ),  # sliding-window layer sizes
     "dots3_note_vision_encoder": dict(adapter_in_dim=64, adapter_out_dim=64),
     "dots3_note_audio_encoder": dict(adapter_input_size=64, adapter_out_dim=64),
-    "DbrxAttentionConfig": dict(rope_theta=10000.0, clip_qkv=8.0),  # DbrxAttention needs both; the class defaults lack them
+    "DbrxAttentionConfig": dict(
+        rope_theta=10000.0, clip_qkv=8.0
+    ),  # DbrxAttention needs both; the class defaults lack them
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),  # the default is Mamba only
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "mimo_v2_flash": dict(num_key_value_heads=2),  # sliding-window layers double the kv heads
-    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=64,
-                           indexer_compress_ratio=4, ngram_vocab_size_base=256, hc_lowrank=8, heads_per_ngram=2,
-                           split_ngram_parts=4),
+    "qwen4_exp_text": dict(
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=64,
+        indexer_compress_ratio=4,
+        ngram_vocab_size_base=256,
+        hc_lowrank=8,
+        heads_per_ngram=2,
+        split_ngram_parts=4,
+    ),
 }
 
 
@@ -166,7 +273,10 @@ def _layer_pattern(default, layers: int) -> dict:
             per_layer[key] = list(value)
     if not per_layer and not index_lists:
         return {}
-    kinds = [tuple(str(v[i]) for v in per_layer.values()) + tuple(i in s for s in index_lists.values()) for i in range(layers)]
+    kinds = [
+        tuple(str(v[i]) for v in per_layer.values()) + tuple(i in s for s in index_lists.values())
+        for i in range(layers)
+    ]
     if len(set(kinds)) == 1:
         return {}
     keep, seen = [], {}
@@ -243,12 +353,23 @@ def reinit_routers(model, std: float = 1.0, seed: int = 0) -> None:
         for _, router in find_routers(model):
             for _, param in router.named_parameters():
                 if param.requires_grad:
-                    noise = torch.randn(param.shape, generator=gen) * std if param.dim() > 1 else torch.rand(param.shape, generator=gen) + 0.5
+                    noise = (
+                        torch.randn(param.shape, generator=gen) * std
+                        if param.dim() > 1
+                        else torch.rand(param.shape, generator=gen) + 0.5
+                    )
                     param.copy_(noise.to(param.dtype))
 
 
-def make_tiny_family_model(model_type: str, vocab_size: int = 256, seed: int = 0, router_std: float | None = 0.3,
-                           out_dir: str | Path | None = None, tokenizer=None, **overrides):
+def make_tiny_family_model(
+    model_type: str,
+    vocab_size: int = 256,
+    seed: int = 0,
+    router_std: float | None = 0.3,
+    out_dir: str | Path | None = None,
+    tokenizer=None,
+    **overrides,
+):
     """A randomly initialised CPU-sized causal LM of `model_type` (eval mode), saved to `out_dir` if given."""
     from transformers import AutoModelForCausalLM
 

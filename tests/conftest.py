@@ -60,14 +60,36 @@ def make_teacher(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def load(make_teacher):
+    """Load a tiny teacher by family through the user's path (from_pretrained), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    def load_model(family, **overrides):
+        return AutoModelForCausalLM.from_pretrained(str(make_teacher(family)), **overrides).eval()
+
+    return load_model
+
+
+@pytest.fixture(scope="session")
 def small_cache(tmp_path_factory, make_teacher, data_file):
     """A complete topk cache of the demo data with two chunks per shard (so that reading one example
     takes a ranged read of a shard file, as at scale); shared by the remote-store and DDP tests."""
     from moekd.cache_builder.build import BuildOptions, build_cache
 
     out = tmp_path_factory.mktemp("small_cache") / "run.zarr"
-    build_cache(BuildOptions(teacher=str(make_teacher("mixtral")), data=str(data_file), out=str(out), k=16,
-                             max_prompt_len=96, max_len=128, batch_tokens=512, positions_per_shard=512, device="cpu"))
+    build_cache(
+        BuildOptions(
+            teacher=str(make_teacher("mixtral")),
+            data=str(data_file),
+            out=str(out),
+            k=16,
+            max_prompt_len=96,
+            max_len=128,
+            batch_tokens=512,
+            positions_per_shard=512,
+            device="cpu",
+        )
+    )
     return out
 
 

@@ -19,8 +19,14 @@ from moekd.distill.losses import _divergence
 
 
 def exact_sparse_kd_loss(
-    student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor,
-    kind: str = "fkl", temperature: float = 1.0, skew_lambda: float = 0.1, jsd_beta: float = 0.5,
+    student_logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    kind: str = "fkl",
+    temperature: float = 1.0,
+    skew_lambda: float = 0.1,
+    jsd_beta: float = 0.5,
 ) -> Tensor:
     """Per-(position, sample) divergence [P, M], the definitions of moekd.distill.losses.sparse_kd_loss."""
     logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32)) / temperature
@@ -36,7 +42,8 @@ def exact_sparse_kd_loss(
     stored_logq = stored_logq.masked_fill(~stored, -math.inf)
     samples = ids.shape[1]
     tails = [
-        exact_tail_logsumexp(logits, ids[:, m], stored[:, m]) if samples == 1
+        exact_tail_logsumexp(logits, ids[:, m], stored[:, m])
+        if samples == 1
         else checkpoint(exact_tail_logsumexp, logits, ids[:, m], stored[:, m], use_reentrant=False)
         for m in range(samples)
     ]

@@ -25,6 +25,7 @@ S3_CLIENT = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
 
+
 @contextmanager
 def s3_server():
     """An S3-compatible server on 127.0.0.1; yields the fsspec storage options that reach it."""
@@ -35,7 +36,9 @@ def s3_server():
     host, port = server.get_host_and_port()
     try:
         yield {
-            "key": "testing", "secret": "testing", "skip_instance_cache": True,
+            "key": "testing",
+            "secret": "testing",
+            "skip_instance_cache": True,
             "client_kwargs": {"endpoint_url": f"http://{host}:{port}"},
             "config_kwargs": S3_CLIENT,
         }

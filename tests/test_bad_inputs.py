@@ -25,9 +25,9 @@ import shutil
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 from unittest import mock
 
 import pytest
@@ -49,8 +49,11 @@ def run_cli(argv: list[str]) -> tuple[int | str, str]:
     width = console._width
     console.width = 10_000  # one message, one line: rich would wrap it at 80 columns
     try:
-        with mock.patch.object(sys, "argv", ["moekd", *argv]), contextlib.redirect_stdout(buffer), \
-                contextlib.redirect_stderr(buffer):
+        with (
+            mock.patch.object(sys, "argv", ["moekd", *argv]),
+            contextlib.redirect_stdout(buffer),
+            contextlib.redirect_stderr(buffer),
+        ):
             try:
                 main()
                 code: int | str = 0
@@ -83,7 +86,7 @@ def error_line(output: str) -> str:
         return lines[0]
     flat = " ".join(output.translate(str.maketrans("", "", "│╭╮╰╯─")).split())
     assert " Error " in flat, output
-    return flat[flat.index(" Error ") + 1:]
+    return flat[flat.index(" Error ") + 1 :]
 
 
 # ---------------------------------------------------------------- what a case makes
@@ -94,6 +97,7 @@ def text(content: str | bytes, name: str = "bad.jsonl") -> Maker:
         path = tmp / name
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
         return path
+
     return make
 
 
@@ -103,22 +107,26 @@ def jsonl(*rows) -> Maker:
 
 def folder(**files: str) -> Maker:
     """A directory holding `files` (name -> content); none for an empty one."""
+
     def make(tmp: Path, fx: dict) -> Path:
         path = tmp / "folder"
         path.mkdir()
         for name, content in files.items():
             (path / name).write_text(content)
         return path
+
     return make
 
 
 def copy(fixture: str, *edits: Callable[[Path], None]) -> Maker:
     """A copy of fixture directory `fixture`, changed by `edits`."""
+
     def make(tmp: Path, fx: dict) -> Path:
         path = shutil.copytree(fx[fixture], tmp / f"{fixture}-copy")
         for edit in edits:
             edit(path)
         return path
+
     return make
 
 
@@ -127,6 +135,7 @@ def drop(*patterns: str) -> Callable[[Path], None]:
         for pattern in patterns:
             for file in path.glob(pattern):
                 file.unlink()
+
     return edit
 
 
@@ -134,6 +143,7 @@ def truncate(name: str) -> Callable[[Path], None]:
     def edit(path: Path) -> None:
         file = path / name
         file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
     return edit
 
 
@@ -142,6 +152,7 @@ def edit_json(name: str, change: Callable[[dict], None]) -> Callable[[Path], Non
         content = json.loads((path / name).read_text())
         change(content)
         (path / name).write_text(json.dumps(content))
+
     return edit
 
 
@@ -155,6 +166,7 @@ def flip_byte(pattern: str) -> Callable[[Path], None]:
         data = bytearray(file.read_bytes())
         data[len(data) // 2] ^= 0xFF
         file.write_bytes(bytes(data))
+
     return edit
 
 
@@ -182,6 +194,7 @@ def set_key(key: str, value) -> Callable[[dict], None]:
         for part in parents:
             d = d[part]
         d[last] = value
+
     return change
 
 
@@ -205,19 +218,31 @@ def case(id: str, command: str, *culprit: str, bad: Maker | None = None, out: Ma
     return pytest.param(Case(id, command, culprit, bad, out), id=id)
 
 
-BUILD = ("cache build --teacher {teacher} --data {data} --out {out} --k 16 --max-prompt-len 96 --max-len 128 "
-         "--batch-tokens 512 --positions-per-shard 256 --device cpu")
-STATS = "routing stats --teacher {teacher} --data {data} --max-examples 8 --max-prompt-len 96 --max-len 128 --device cpu"
-TRAIN = "train --cache {cache} --student {student} --out {out} --max-steps 2 --batch-tokens 1024 --workers 0 --device cpu"
-BDISTILL = ("train --cache {gate_cache} --student {moe_student} --out {out} --max-steps 2 --batch-tokens 1024 --workers 0 "
-            "--device cpu --router-loss bdistill")
-SFT = ("train --data {data} --loss ce --student {student} --out {out} --max-steps 2 --batch-tokens 1024 --workers 0 "
-       "--max-prompt-len 96 --max-len 128 --device cpu")
+BUILD = (
+    "cache build --teacher {teacher} --data {data} --out {out} --k 16 --max-prompt-len 96 --max-len 128 "
+    "--batch-tokens 512 --positions-per-shard 256 --device cpu"
+)
+STATS = (
+    "routing stats --teacher {teacher} --data {data} --max-examples 8 --max-prompt-len 96 --max-len 128 --device cpu"
+)
+TRAIN = (
+    "train --cache {cache} --student {student} --out {out} --max-steps 2 --batch-tokens 1024 --workers 0 --device cpu"
+)
+BDISTILL = (
+    "train --cache {gate_cache} --student {moe_student} --out {out} --max-steps 2 --batch-tokens 1024 --workers 0 "
+    "--device cpu --router-loss bdistill"
+)
+SFT = (
+    "train --data {data} --loss ce --student {student} --out {out} --max-steps 2 --batch-tokens 1024 --workers 0 "
+    "--max-prompt-len 96 --max-len 128 --device cpu"
+)
 EVAL = "eval --model {student} --data {data} --seeds 1 --max-new-tokens 4 --limit 2 --device cpu --json {out}"
 SYNTH = "data synth --out {out} --n-train 16 --n-valid 16 --n-test 16"
 DEMO = "demo --quick --workdir {out}"
-SAR = ("sar train --teacher {teacher} --student {student} --data {data} --out {out}.safetensors --steps 1 "
-       "--batch-tokens 512 --max-prompt-len 96 --max-len 128 --device cpu")
+SAR = (
+    "sar train --teacher {teacher} --student {student} --data {data} --out {out}.safetensors --steps 1 "
+    "--batch-tokens 512 --max-prompt-len 96 --max-len 128 --device cpu"
+)
 # Options are single-valued, so a later occurrence overrides the base command's (except eval --data, which repeats).
 
 DOLLY_ROW = {"instruction": "Say hi.", "context": "", "response": "hi"}
@@ -226,19 +251,50 @@ NO_EOS = edit_json("tokenizer_config.json", drop_key("eos_token"))
 CASES = [
     # ---- cache build: data
     case("build-data-missing", BUILD + " --data {tmp}/absent.jsonl", "--data", "absent.jsonl"),
-    case("build-data-not-json", BUILD + " --data {bad}", "--data", "line 2", bad=text(json.dumps(DOLLY_ROW) + "\n{oops\n")),
+    case(
+        "build-data-not-json",
+        BUILD + " --data {bad}",
+        "--data",
+        "line 2",
+        bad=text(json.dumps(DOLLY_ROW) + "\n{oops\n"),
+    ),
     case("build-data-empty", BUILD + " --data {bad}", "--data", "no rows", bad=text("")),
     case("build-data-blank-lines", BUILD + " --data {bad}", "--data", "no rows", bad=text("\n  \n")),
     case("build-data-not-utf8", BUILD + " --data {bad}", "--data", "bad.jsonl", bad=text(b"\xff\xfe{\x00")),
-    case("build-data-json-object", BUILD + " --data {bad}", "--data", "JSON list", bad=text('{"a": 1, "b": 2}', "bad.json")),
+    case(
+        "build-data-json-object",
+        BUILD + " --data {bad}",
+        "--data",
+        "JSON list",
+        bad=text('{"a": 1, "b": 2}', "bad.json"),
+    ),
     case("build-data-json-scalars", BUILD + " --data {bad}", "--data", "row 0", bad=text("[1, 2]", "bad.json")),
     case("build-data-unknown-suffix", BUILD + " --data {bad}", "--data", ".txt", bad=text("hello", "data.txt")),
-    case("build-data-plain-directory", BUILD + " --data {bad}", "--data", "save_to_disk", bad=folder(**{"a.jsonl": "{}"})),
-    case("build-data-corrupt-parquet", BUILD + " --data {bad}", "--data", "Parquet", bad=text(b"PAR1 not really", "bad.parquet")),
+    case(
+        "build-data-plain-directory", BUILD + " --data {bad}", "--data", "save_to_disk", bad=folder(**{"a.jsonl": "{}"})
+    ),
+    case(
+        "build-data-corrupt-parquet",
+        BUILD + " --data {bad}",
+        "--data",
+        "Parquet",
+        bad=text(b"PAR1 not really", "bad.parquet"),
+    ),
     case("build-field-missing", BUILD + " --data {bad}", "row 0", "'response'", bad=jsonl({"instruction": "Say hi."})),
-    case("build-field-null", BUILD + " --data {bad}", "row 0", "'instruction'", bad=jsonl({"instruction": None, "response": "hi"})),
-    case("build-field-not-string", BUILD + " --data {bad}", "row 1", "'instruction'",
-         bad=jsonl(DOLLY_ROW, {"instruction": 5, "response": "hi"})),
+    case(
+        "build-field-null",
+        BUILD + " --data {bad}",
+        "row 0",
+        "'instruction'",
+        bad=jsonl({"instruction": None, "response": "hi"}),
+    ),
+    case(
+        "build-field-not-string",
+        BUILD + " --data {bad}",
+        "row 1",
+        "'instruction'",
+        bad=jsonl(DOLLY_ROW, {"instruction": 5, "response": "hi"}),
+    ),
     case("build-context-not-string", BUILD + " --data {bad}", "'context'", bad=jsonl({**DOLLY_ROW, "context": ["a"]})),
     case("build-field-empty", BUILD + " --data {bad}", "'response'", bad=jsonl({**DOLLY_ROW, "response": "  "})),
     case("build-row-not-object", BUILD + " --data {bad}", "row 1", "object", bad=jsonl(DOLLY_ROW, ["a", "b"])),
@@ -252,26 +308,65 @@ CASES = [
     case("build-teacher-missing", BUILD + " --teacher {tmp}/absent", "--teacher", "absent"),
     case("build-teacher-is-file", BUILD + " --teacher {data}", "--teacher"),
     case("build-teacher-empty-dir", BUILD + " --teacher {bad}", "--teacher", bad=folder()),
-    case("build-teacher-without-tokenizer", BUILD + " --teacher {qwen_no_tokenizer}", "--teacher", "no tokenizer files", "--tokenizer"),
+    case(
+        "build-teacher-without-tokenizer",
+        BUILD + " --teacher {qwen_no_tokenizer}",
+        "--teacher",
+        "no tokenizer files",
+        "--tokenizer",
+    ),
     case("build-teacher-one-token-tokenizer", BUILD + " --teacher {qwen_one_token}", "--teacher", "no tokens at all"),
-    case("build-teacher-without-weights", BUILD + " --teacher {bad}", "--teacher",
-         bad=copy("teacher", drop("*.safetensors"))),
-    case("build-teacher-truncated-weights", BUILD + " --teacher {bad}", "--teacher", "model.safetensors",
-         bad=copy("teacher", truncate("model.safetensors"))),
-    case("build-teacher-config-not-json", BUILD + " --teacher {bad}", "--teacher", "config.json",
-         bad=copy("teacher", lambda p: (p / "config.json").write_text("{"))),
-    case("build-teacher-unknown-model-type", BUILD + " --teacher {bad}", "--teacher",
-         bad=copy("teacher", edit_json("config.json", set_key("model_type", "no-such-model")))),
+    case(
+        "build-teacher-without-weights",
+        BUILD + " --teacher {bad}",
+        "--teacher",
+        bad=copy("teacher", drop("*.safetensors")),
+    ),
+    case(
+        "build-teacher-truncated-weights",
+        BUILD + " --teacher {bad}",
+        "--teacher",
+        "model.safetensors",
+        bad=copy("teacher", truncate("model.safetensors")),
+    ),
+    case(
+        "build-teacher-config-not-json",
+        BUILD + " --teacher {bad}",
+        "--teacher",
+        "config.json",
+        bad=copy("teacher", lambda p: (p / "config.json").write_text("{")),
+    ),
+    case(
+        "build-teacher-unknown-model-type",
+        BUILD + " --teacher {bad}",
+        "--teacher",
+        bad=copy("teacher", edit_json("config.json", set_key("model_type", "no-such-model"))),
+    ),
     case("build-teacher-tokenizer-too-large", BUILD + " --teacher {narrow_teacher}", "--teacher", "400", "300"),
     case("build-teacher-tokenizer-far-too-small", BUILD + " --teacher {wide_teacher}", "--teacher", "400", "1000"),
     case("build-tokenizer-missing", BUILD + " --tokenizer {tmp}/absent", "--tokenizer", "absent"),
-    case("build-tokenizer-without-files", BUILD + " --tokenizer {qwen_no_tokenizer}", "--tokenizer", "no tokenizer files"),
+    case(
+        "build-tokenizer-without-files", BUILD + " --tokenizer {qwen_no_tokenizer}", "--tokenizer", "no tokenizer files"
+    ),
     case("build-tokenizer-one-token", BUILD + " --tokenizer {qwen_one_token}", "--tokenizer", "no tokens at all"),
-    case("build-tokenizer-unknown-tokens-only", BUILD + " --tokenizer {unk_tokenizer}", "--tokenizer", "unknown tokens only"),
-    case("build-tokenizer-far-too-small", BUILD + " --teacher {wide_teacher} --tokenizer {tokenizer}", "--tokenizer", "1000"),
-    case("build-tokenizer-too-large", BUILD + " --teacher {narrow_teacher} --tokenizer {tokenizer}", "--tokenizer", "300"),
-    case("build-tokenizer-without-eos", BUILD + " --tokenizer {bad}", "--tokenizer", "eos",
-         bad=copy("tokenizer", NO_EOS)),
+    case(
+        "build-tokenizer-unknown-tokens-only",
+        BUILD + " --tokenizer {unk_tokenizer}",
+        "--tokenizer",
+        "unknown tokens only",
+    ),
+    case(
+        "build-tokenizer-far-too-small",
+        BUILD + " --teacher {wide_teacher} --tokenizer {tokenizer}",
+        "--tokenizer",
+        "1000",
+    ),
+    case(
+        "build-tokenizer-too-large", BUILD + " --teacher {narrow_teacher} --tokenizer {tokenizer}", "--tokenizer", "300"
+    ),
+    case(
+        "build-tokenizer-without-eos", BUILD + " --tokenizer {bad}", "--tokenizer", "eos", bad=copy("tokenizer", NO_EOS)
+    ),
     # ---- cache build: numbers and choices
     case("build-k-zero", BUILD + " --k 0", "--k"),
     case("build-k-over-vocab", BUILD + " --k 100000", "--k", "400"),
@@ -281,8 +376,12 @@ CASES = [
     case("build-draws-with-topk", BUILD + " --draws 16", "--draws", "--encoding sampled"),
     case("build-k-with-sampled", BUILD + " --encoding sampled", "--k", "--encoding topk"),
     case("build-draws-zero", BUILD.replace("--k 16", "--encoding sampled --draws 0"), "--draws"),
-    case("build-proposal-temp-zero", BUILD.replace("--k 16", "--encoding sampled --proposal-temp 0"), "--proposal-temp"),
-    case("build-hidden-dtype-unknown", BUILD.replace("--k 16", "--encoding hidden --hidden-dtype int4"), "--hidden-dtype"),
+    case(
+        "build-proposal-temp-zero", BUILD.replace("--k 16", "--encoding sampled --proposal-temp 0"), "--proposal-temp"
+    ),
+    case(
+        "build-hidden-dtype-unknown", BUILD.replace("--k 16", "--encoding hidden --hidden-dtype int4"), "--hidden-dtype"
+    ),
     case("build-m-zero", BUILD + " --policy ka --m 0", "--m"),
     case("build-m-deterministic-policy", BUILD + " --m 2", "--m"),
     case("build-ka-lambda-above-1", BUILD + " --policy ka --ka-lambda 2", "--ka-lambda"),
@@ -296,13 +395,33 @@ CASES = [
     case("build-moe-policy-on-dense-teacher", BUILD + " --teacher {dense_teacher} --policy all", "--policy"),
     case("build-batch-tokens-zero", BUILD + " --batch-tokens 0", "--batch-tokens"),
     case("build-sar-without-router", BUILD + " --policy sar", "--policy sar", "--router"),
-    case("build-router-with-other-policy", BUILD + " --policy all --router {bad}", "--router", "--policy all",
-         bad=foreign_safetensors),
-    case("build-router-missing", BUILD + " --policy sar --router {tmp}/absent.safetensors", "--router", "absent.safetensors"),
-    case("build-router-truncated", BUILD + " --policy sar --router {bad}", "--router", "truncated or damaged",
-         bad=text(b"\x20\x00\x00\x00\x00\x00\x00\x00{", "router.safetensors")),
-    case("build-router-not-a-sar-file", BUILD + " --policy sar --router {bad}", "--router", "without moekd metadata",
-         bad=foreign_safetensors),
+    case(
+        "build-router-with-other-policy",
+        BUILD + " --policy all --router {bad}",
+        "--router",
+        "--policy all",
+        bad=foreign_safetensors,
+    ),
+    case(
+        "build-router-missing",
+        BUILD + " --policy sar --router {tmp}/absent.safetensors",
+        "--router",
+        "absent.safetensors",
+    ),
+    case(
+        "build-router-truncated",
+        BUILD + " --policy sar --router {bad}",
+        "--router",
+        "truncated or damaged",
+        bad=text(b"\x20\x00\x00\x00\x00\x00\x00\x00{", "router.safetensors"),
+    ),
+    case(
+        "build-router-not-a-sar-file",
+        BUILD + " --policy sar --router {bad}",
+        "--router",
+        "without moekd metadata",
+        bad=foreign_safetensors,
+    ),
     case("build-positions-per-shard-zero", BUILD + " --positions-per-shard 0", "--positions-per-shard"),
     case("build-positions-per-shard-unaligned", BUILD + " --positions-per-shard 300", "--positions-per-shard"),
     case("build-seed-negative", BUILD + " --seed=-1", "--seed"),
@@ -311,7 +430,9 @@ CASES = [
     case("build-device-unknown", BUILD + " --device tpu", "--device"),
     case("build-router-probs-unknown", BUILD + " --router-probs some", "--router-probs"),
     case("build-router-probs-top-all", BUILD + " --router-probs top-8", "--router-probs"),
-    case("build-router-probs-dense-teacher", BUILD + " --teacher {dense_teacher} --router-probs full", "--router-probs"),
+    case(
+        "build-router-probs-dense-teacher", BUILD + " --teacher {dense_teacher} --router-probs full", "--router-probs"
+    ),
     # ---- cache build: conflicting flags, output paths, existing stores
     case("build-top-p-without-topp", BUILD + " --top-p 0.5", "--top-p"),
     case("build-ka-lambda-without-ka", BUILD + " --policy mc --ka-lambda 0.1", "--ka-lambda"),
@@ -322,22 +443,42 @@ CASES = [
     case("build-out-parent-is-file", BUILD + " --out {data}/run.zarr", "--out"),
     case("build-out-complete-store", BUILD, "--out", "--overwrite", out=copy("cache")),
     case("build-out-unfinished-store", BUILD, "--out", "--resume", out=copy("unfinished")),
-    case("build-resume-complete-store-other-settings", BUILD + " --resume --k 8", "--resume", "complete", "k: 16",
-         out=copy("cache")),
+    case(
+        "build-resume-complete-store-other-settings",
+        BUILD + " --resume --k 8",
+        "--resume",
+        "complete",
+        "k: 16",
+        out=copy("cache"),
+    ),
     case("build-shard-out-of-range", BUILD + " --shard 2/2", "--shard", "2/2"),
     case("build-shard-not-a-fraction", BUILD + " --shard half", "--shard", "half"),
     case("build-shard-and-overwrite", BUILD + " --shard 0/2 --overwrite", "--shard", "--overwrite"),
-    case("build-shard-on-a-build-planned-without", BUILD + " --shard 0/2", "--shard", "without --shard",
-         out=copy("unfinished")),
+    case(
+        "build-shard-on-a-build-planned-without",
+        BUILD + " --shard 0/2",
+        "--shard",
+        "without --shard",
+        out=copy("unfinished"),
+    ),
     # ---- cache finalize / push / pull / pack
     case("finalize-missing", "cache finalize {tmp}/absent.zarr", "absent.zarr"),
     case("finalize-file", "cache finalize {data}", "demo_instructions.jsonl"),
     case("finalize-units-missing", "cache finalize {bad}", "units are not written", "--resume", bad=copy("unfinished")),
     case("push-source-missing", "cache push {tmp}/absent.zarr {out}", "absent.zarr"),
     case("push-source-unfinished", "cache push {unfinished} {out}", "unfinished build"),
-    case("push-into-foreign-directory", "cache push {cache} {out}", "not part of this store", out=folder(**{"notes.txt": "mine"})),
+    case(
+        "push-into-foreign-directory",
+        "cache push {cache} {out}",
+        "not part of this store",
+        out=folder(**{"notes.txt": "mine"}),
+    ),
     case("push-jobs-zero", "cache push {cache} {out} --jobs 0", "--jobs"),
-    case("push-storage-options-not-json", "cache push {cache} s3://bucket/run.zarr --storage-options '{{oops'", "--storage-options"),
+    case(
+        "push-storage-options-not-json",
+        "cache push {cache} s3://bucket/run.zarr --storage-options '{{oops'",
+        "--storage-options",
+    ),
     case("pull-source-missing", "cache pull {tmp}/absent.zarr {out}", "absent.zarr"),
     case("pack-not-zip", "cache pack {cache} {tmp}/run.tar", "run.tar", ".zip"),
     case("pack-exists", "cache pack {cache} {out}", "exists", out=text("x", "run.zip")),
@@ -348,14 +489,28 @@ CASES = [
     case("info-file", "cache info {data}", "demo_instructions.jsonl"),
     case("info-plain-directory", "cache info {bad}", "folder", bad=folder(**{"a.txt": "x"})),
     case("info-other-tool-store", "cache info {bad}", "other.zarr", "not a moekd teacher cache", bad=other_zarr),
-    case("info-newer-schema", "cache info {bad}", "cache-copy", "upgrade moekd",
-         bad=copy("cache", store_meta(set_key("schema_version", "2.0")))),
+    case(
+        "info-newer-schema",
+        "cache info {bad}",
+        "cache-copy",
+        "upgrade moekd",
+        bad=copy("cache", store_meta(set_key("schema_version", "2.0"))),
+    ),
     case("info-torn-metadata", "cache info {bad}", "zarr.json", bad=copy("cache", truncate("zarr.json"))),
-    case("info-bad-metadata-field", "cache info {bad}", "layout.num_examples",
-         bad=copy("cache", store_meta(set_key("layout.num_examples", "many")))),
+    case(
+        "info-bad-metadata-field",
+        "cache info {bad}",
+        "layout.num_examples",
+        bad=copy("cache", store_meta(set_key("layout.num_examples", "many"))),
+    ),
     case("info-no-argument", "cache info", "Missing argument 'store'"),
     case("info-storage-options-not-json", "cache info {cache} --storage-options '{{oops'", "--storage-options", "JSON"),
-    case("verify-storage-options-not-object", "cache verify {cache} --storage-options '[1]'", "--storage-options", "object"),
+    case(
+        "verify-storage-options-not-object",
+        "cache verify {cache} --storage-options '[1]'",
+        "--storage-options",
+        "object",
+    ),
     case("verify-missing", "cache verify {tmp}/absent.zarr", "absent.zarr", "does not exist"),
     case("verify-no-argument", "cache verify --deep", "Missing argument 'store'"),
     case("verify-unknown-option", "cache verify {cache} --deeep", "--deeep"),
@@ -363,7 +518,12 @@ CASES = [
     case("stats-dense-teacher", STATS + " --teacher {dense_teacher}", "--teacher", "no MoE routers"),
     case("stats-teacher-without-tokenizer", STATS + " --teacher {qwen_no_tokenizer}", "--teacher", "--tokenizer"),
     case("stats-tokenizer-one-token", STATS + " --tokenizer {qwen_one_token}", "--tokenizer", "no tokens at all"),
-    case("stats-tokenizer-far-too-small", STATS + " --teacher {wide_teacher} --tokenizer {tokenizer}", "--tokenizer", "1000"),
+    case(
+        "stats-tokenizer-far-too-small",
+        STATS + " --teacher {wide_teacher} --tokenizer {tokenizer}",
+        "--tokenizer",
+        "1000",
+    ),
     case("stats-teacher-tokenizer-too-large", STATS + " --teacher {narrow_teacher}", "--teacher", "300"),
     case("stats-scope-unknown", STATS + " --scope some", "--scope"),
     case("stats-max-examples-zero", STATS + " --max-examples 0", "--max-examples"),
@@ -376,9 +536,19 @@ CASES = [
     case("stats-max-prompt-len-zero", STATS + " --max-prompt-len 0", "--max-prompt-len"),
     case("stats-seed-negative", STATS + " --seed=-3", "--seed"),
     case("stats-policy-sar", STATS + " --policy sar", "--policy sar", "--compare"),
-    case("stats-compare-missing", STATS + " --policy all --compare {tmp}/absent.safetensors", "--compare", "absent.safetensors"),
-    case("stats-compare-not-a-sar-file", STATS + " --policy all --compare {bad}", "--compare", "without moekd metadata",
-         bad=foreign_safetensors),
+    case(
+        "stats-compare-missing",
+        STATS + " --policy all --compare {tmp}/absent.safetensors",
+        "--compare",
+        "absent.safetensors",
+    ),
+    case(
+        "stats-compare-not-a-sar-file",
+        STATS + " --policy all --compare {bad}",
+        "--compare",
+        "without moekd metadata",
+        bad=foreign_safetensors,
+    ),
     # ---- sar train
     case("sar-lr-zero", SAR + " --lr 0", "--lr"),
     case("sar-lr-negative", SAR + " --lr=-1e-5", "--lr"),
@@ -393,12 +563,19 @@ CASES = [
     case("sar-out-without-suffix", SAR + " --out {out}", "--out", ".safetensors"),
     case("sar-out-exists", SAR + " --out {bad}", "--out", "already exists", bad=foreign_safetensors),
     case("sar-dense-teacher", SAR + " --teacher {dense_teacher}", "--teacher", "no MoE routers"),
-    case("sar-student-other-tokenizer", SAR + " --student {other_tokenizer_student}", "--student", "token-to-id mapping differs"),
+    case(
+        "sar-student-other-tokenizer",
+        SAR + " --student {other_tokenizer_student}",
+        "--student",
+        "token-to-id mapping differs",
+    ),
     case("sar-data-missing", SAR + " --data {tmp}/absent.jsonl", "--data", "absent.jsonl"),
     case("sar-teacher-missing", SAR + " --teacher {tmp}/absent", "--teacher", "absent"),
     case("stats-policy-unknown", STATS + " --policy best", "--policy"),
     case("stats-dtype-unknown", STATS + " --dtype int8", "--dtype"),
-    case("stats-data-bad-row", STATS + " --data {bad}", "'instruction'", bad=jsonl({"instruction": 3, "response": "x"})),
+    case(
+        "stats-data-bad-row", STATS + " --data {bad}", "'instruction'", bad=jsonl({"instruction": 3, "response": "x"})
+    ),
     case("stats-field-override-absent", STATS + " --response-field answer", "'answer'"),
     case("stats-prompt-over-max", STATS + " --max-prompt-len 5", "--max-prompt-len"),
     case("stats-chat-template-absent", STATS + " --chat-template", "--chat-template"),
@@ -437,8 +614,12 @@ CASES = [
     case("train-seed-negative", TRAIN + " --seed=-1", "--seed"),
     case("train-device-unknown", TRAIN + " --device tpu", "--device"),
     # ---- train: Balanced Distillation (MoE students, teacher gates in the cache)
-    case("train-bdistill-store-without-gates", TRAIN + " --student {moe_student} --router-loss bdistill",
-         "--router-loss", "--router-probs"),
+    case(
+        "train-bdistill-store-without-gates",
+        TRAIN + " --student {moe_student} --router-loss bdistill",
+        "--router-loss",
+        "--router-probs",
+    ),
     case("train-bdistill-without-cache", SFT + " --router-loss bdistill", "--router-loss", "--cache"),
     case("train-bdistill-dense-student", BDISTILL + " --student {student}", "--router-loss", "MoE student"),
     case("train-router-aux-coef-dense-student", TRAIN + " --router-aux-coef 0.1", "--router-aux-coef", "MoE student"),
@@ -455,33 +636,71 @@ CASES = [
     case("train-router-beta-negative", BDISTILL + " --router-beta=-0.1", "--router-beta"),
     case("train-router-aux-coef-inf", BDISTILL + " --router-aux-coef inf", "--router-aux-coef"),
     case("train-layer-map-malformed", BDISTILL + " --layer-map 0-1", "--layer-map", "0-1"),
-    case("train-layer-map-student-layer-missing", BDISTILL + " --layer-map 0:0,5:1", "--layer-map", "student MoE layer 5"),
+    case(
+        "train-layer-map-student-layer-missing", BDISTILL + " --layer-map 0:0,5:1", "--layer-map", "student MoE layer 5"
+    ),
     case("train-layer-map-teacher-layer-missing", BDISTILL + " --layer-map 0:9", "--layer-map", "teacher MoE layer 9"),
     case("train-layer-map-layer-twice", BDISTILL + " --layer-map 0:0,0:1", "--layer-map", "mapped twice"),
-    case("train-expert-map-student-wider-than-teacher", BDISTILL + " --student {wide_moe_student}", "--expert-map",
-         "16 experts", "student expert 8"),
+    case(
+        "train-expert-map-student-wider-than-teacher",
+        BDISTILL + " --student {wide_moe_student}",
+        "--expert-map",
+        "16 experts",
+        "student expert 8",
+    ),
     # ---- train: the student
     case("train-student-missing", TRAIN + " --student {tmp}/absent", "--student", "absent"),
     case("train-student-is-file", TRAIN + " --student {data}", "--student"),
-    case("train-student-without-tokenizer", TRAIN + " --student {bad}", "--student",
-         bad=copy("student", drop("tokenizer*", "special_tokens_map.json"))),
-    case("train-student-without-weights", TRAIN + " --student {bad}", "--student", bad=copy("student", drop("*.safetensors"))),
-    case("train-student-truncated-weights", TRAIN + " --student {bad}", "--student", "model.safetensors",
-         bad=copy("student", truncate("model.safetensors"))),
+    case(
+        "train-student-without-tokenizer",
+        TRAIN + " --student {bad}",
+        "--student",
+        bad=copy("student", drop("tokenizer*", "special_tokens_map.json")),
+    ),
+    case(
+        "train-student-without-weights",
+        TRAIN + " --student {bad}",
+        "--student",
+        bad=copy("student", drop("*.safetensors")),
+    ),
+    case(
+        "train-student-truncated-weights",
+        TRAIN + " --student {bad}",
+        "--student",
+        "model.safetensors",
+        bad=copy("student", truncate("model.safetensors")),
+    ),
     case("train-student-other-tokenizer", TRAIN + " --student {other_tokenizer_student}", "--student", "tokenizer"),
-    case("train-student-other-tokenizer-allowed", TRAIN + " --student {other_tokenizer_student} --allow-tokenizer-mismatch",
-         "--student", "cannot help"),
+    case(
+        "train-student-other-tokenizer-allowed",
+        TRAIN + " --student {other_tokenizer_student} --allow-tokenizer-mismatch",
+        "--student",
+        "cannot help",
+    ),
     case("train-student-is-a-run", TRAIN + " --student {run}", "--student", "final"),
     case("train-student-vocabulary-too-small", TRAIN + " --student {narrow_student}", "--student", "300"),
     # ---- train: the cache
     case("train-cache-missing", TRAIN + " --cache {tmp}/absent.zarr", "absent.zarr", "does not exist"),
     case("train-cache-is-file", TRAIN + " --cache {data}", "--cache"),
     case("train-cache-plain-directory", TRAIN + " --cache {bad}", "--cache", bad=folder(**{"a.txt": "x"})),
-    case("train-cache-other-tool-store", TRAIN + " --cache {bad}", "--cache", "not a moekd teacher cache", bad=other_zarr),
+    case(
+        "train-cache-other-tool-store", TRAIN + " --cache {bad}", "--cache", "not a moekd teacher cache", bad=other_zarr
+    ),
     case("train-cache-unfinished", TRAIN + " --cache {unfinished}", "--cache", "incomplete"),
-    case("train-cache-corrupted", TRAIN + " --cache {bad}", "--cache", "topk_ids", bad=copy("cache", flip_byte("topk_ids/c/*/*/*"))),
-    case("train-cache-newer-schema", TRAIN + " --cache {bad}", "--cache", "upgrade moekd",
-         bad=copy("cache", store_meta(set_key("schema_version", "2.0")))),
+    case(
+        "train-cache-corrupted",
+        TRAIN + " --cache {bad}",
+        "--cache",
+        "topk_ids",
+        bad=copy("cache", flip_byte("topk_ids/c/*/*/*")),
+    ),
+    case(
+        "train-cache-newer-schema",
+        TRAIN + " --cache {bad}",
+        "--cache",
+        "upgrade moekd",
+        bad=copy("cache", store_meta(set_key("schema_version", "2.0"))),
+    ),
     # ---- train: run directories and --resume
     case("train-out-is-file", TRAIN, "--out", out=text("x", "run")),
     case("train-out-parent-is-file", TRAIN + " --out {data}/run", "--out"),
@@ -494,7 +713,13 @@ CASES = [
     case("train-resume-not-a-checkpoint", TRAIN + " --resume {tmp}", "--resume"),
     case("train-resume-model-only-checkpoint", TRAIN + " --resume {run}/final", "--resume", "training_state.pt"),
     # ---- train --data
-    case("train-data-bad-row", SFT + " --data {bad}", "--data", "'response'", bad=jsonl({"instruction": "x", "response": 1})),
+    case(
+        "train-data-bad-row",
+        SFT + " --data {bad}",
+        "--data",
+        "'response'",
+        bad=jsonl({"instruction": "x", "response": 1}),
+    ),
     case("train-data-empty", SFT + " --data {bad}", "--data", bad=text("")),
     case("train-data-max-len", SFT + " --max-len 50", "--max-len"),
     case("train-data-chat-template-absent", SFT + " --chat-template", "--chat-template"),
@@ -510,15 +735,31 @@ CASES = [
     case("eval-model-plain-directory", EVAL + " --model {bad}", "--model", "config.json", bad=folder(**{"a.txt": "x"})),
     case("eval-model-is-a-store", EVAL + " --model {cache}", "--model"),
     case("eval-model-is-a-run", EVAL + " --model {run}", "--model", "final"),
-    case("eval-model-without-tokenizer", EVAL + " --model {bad}", "--model", "tokenizer",
-         bad=copy("student", drop("tokenizer*", "special_tokens_map.json"))),
+    case(
+        "eval-model-without-tokenizer",
+        EVAL + " --model {bad}",
+        "--model",
+        "tokenizer",
+        bad=copy("student", drop("tokenizer*", "special_tokens_map.json")),
+    ),
     case("eval-model-without-weights", EVAL + " --model {bad}", "--model", bad=copy("student", drop("*.safetensors"))),
-    case("eval-model-truncated-weights", EVAL + " --model {bad}", "--model", "model.safetensors",
-         bad=copy("student", truncate("model.safetensors"))),
+    case(
+        "eval-model-truncated-weights",
+        EVAL + " --model {bad}",
+        "--model",
+        "model.safetensors",
+        bad=copy("student", truncate("model.safetensors")),
+    ),
     case("eval-model-tokenizer-too-large", EVAL + " --model {narrow_student}", "--model", "300", "row 0"),
     case("eval-model-tokenizer-without-eos", EVAL + " --model {bad}", "--model", "eos", bad=copy("student", NO_EOS)),
     case("eval-data-missing", EVAL + " --data {tmp}/absent.jsonl", "--data", "absent.jsonl"),
-    case("eval-data-empty-references", EVAL + " --data {bad}", "--data", "'response'", bad=jsonl({"instruction": "x", "response": []})),
+    case(
+        "eval-data-empty-references",
+        EVAL + " --data {bad}",
+        "--data",
+        "'response'",
+        bad=jsonl({"instruction": "x", "response": []}),
+    ),
     case("eval-data-empty", EVAL + " --data {bad}", "--data", bad=text("")),
     case("eval-seeds-not-numbers", EVAL + " --seeds ten", "--seeds"),
     case("eval-seeds-repeated", EVAL + " --seeds 1,1", "--seeds"),
@@ -557,10 +798,21 @@ VERIFY_PROBLEMS = [
     case("verify-file", "cache verify {data}", "zarr.json is missing"),
     case("verify-plain-directory", "cache verify {bad}", "zarr.json is missing", bad=folder(**{"a.txt": "x"})),
     case("verify-other-tool-store", "cache verify {bad}", "not a moekd teacher cache", bad=other_zarr),
-    case("verify-newer-schema", "cache verify {bad}", "upgrade moekd", bad=copy("cache", store_meta(set_key("schema_version", "2.0")))),
+    case(
+        "verify-newer-schema",
+        "cache verify {bad}",
+        "upgrade moekd",
+        bad=copy("cache", store_meta(set_key("schema_version", "2.0"))),
+    ),
     case("verify-unfinished", "cache verify {unfinished}", "incomplete build"),
     case("verify-torn-metadata", "cache verify {bad}", "not valid JSON", bad=copy("cache", truncate("zarr.json"))),
-    case("verify-corrupted", "cache verify {bad}", "topk_ids", "checksum mismatch", bad=copy("cache", flip_byte("topk_ids/c/*/*/*"))),
+    case(
+        "verify-corrupted",
+        "cache verify {bad}",
+        "topk_ids",
+        "checksum mismatch",
+        bad=copy("cache", flip_byte("topk_ids/c/*/*/*")),
+    ),
 ]
 
 
@@ -585,11 +837,12 @@ def interrupted_build(argv: list[str]) -> None:
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory, tokenizer, tokenizer_dir, make_teacher, data_file) -> dict:
     """Paths of the shared inputs; the cases only read them (test_shared_inputs_are_untouched)."""
-    from moekd.data.tokenizer import train_tokenizer
-    from moekd.tiny_models import make_tiny_model, tiny_config
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    from moekd.data.tokenizer import train_tokenizer
+    from moekd.tiny_models import make_tiny_model, tiny_config
 
     root = tmp_path_factory.mktemp("bad_inputs")
 
@@ -604,7 +857,9 @@ def fx(tmp_path_factory, tokenizer, tokenizer_dir, make_teacher, data_file) -> d
         return root / name
 
     paths = {
-        "data": data_file, "tokenizer": tokenizer_dir, "teacher": make_teacher("mixtral"),
+        "data": data_file,
+        "tokenizer": tokenizer_dir,
+        "teacher": make_teacher("mixtral"),
         "dense_teacher": make_teacher("llama"),
         # the issue's case: without tokenizer files transformers builds a 1-token Qwen2 tokenizer
         "qwen_no_tokenizer": model_with(None, len(tokenizer), "qwen_no_tokenizer", "qwen2_moe"),
@@ -625,19 +880,24 @@ def fx(tmp_path_factory, tokenizer, tokenizer_dir, make_teacher, data_file) -> d
     AutoTokenizer.from_pretrained(str(paths["qwen_no_tokenizer"])).save_pretrained(str(paths["qwen_one_token"]))
     unknown_only = Tokenizer(WordLevel({"<unk>": 0, "<eos>": 1}, unk_token="<unk>"))
     PreTrainedTokenizerFast(tokenizer_object=unknown_only, unk_token="<unk>", eos_token="<eos>").save_pretrained(
-        str(paths["unk_tokenizer"]))
+        str(paths["unk_tokenizer"])
+    )
     make_tiny_model("llama", tokenizer, paths["student"], seed=3, hidden=32)
     other = train_tokenizer([f"{w} {w}{w} other words, other text {i}" for i, w in enumerate("abcdefghij" * 20)], 300)
     make_tiny_model("llama", other, paths["other_tokenizer_student"], seed=3, hidden=32)
     formatted = {name: str(path) for name, path in paths.items()}
     code, output = run_cli(shlex.split(BUILD.format(**{**formatted, "out": paths["cache"]})))
     assert code == 0, output
-    code, output = run_cli(shlex.split(BUILD.format(**{**formatted, "out": paths["gate_cache"]}) + " --router-probs full"))
+    code, output = run_cli(
+        shlex.split(BUILD.format(**{**formatted, "out": paths["gate_cache"]}) + " --router-probs full")
+    )
     assert code == 0, output
     make_tiny_model("mixtral", tokenizer, paths["moe_student"], seed=3, hidden=32, layers=2, experts=4)
     make_tiny_model("mixtral", tokenizer, paths["wide_moe_student"], seed=3, hidden=32, layers=2, experts=16)
     interrupted_build(shlex.split(BUILD.format(**{**formatted, "out": paths["unfinished"]})))
-    code, output = run_cli(shlex.split(TRAIN.format(**{**formatted, "out": paths["run"]}) + " --save-every 1 --eval-every 0"))
+    code, output = run_cli(
+        shlex.split(TRAIN.format(**{**formatted, "out": paths["run"]}) + " --save-every 1 --eval-every 0")
+    )
     assert code == 0, output
     return paths
 
@@ -719,15 +979,31 @@ def test_verify_reports_what_is_wrong_with_a_store(c: Case, fx, shared_snapshot,
 
 def test_the_table_covers_every_command():
     commands = {" ".join(p.values[0].command.split()[:2]) for p in CASES}
-    for command in ("cache build", "cache info", "cache verify", "cache finalize", "cache push", "cache pull", "cache pack",
-                    "routing stats", "sar train", "train --cache", "train --data", "eval --model", "data synth",
-                    "demo --quick"):
+    for command in (
+        "cache build",
+        "cache info",
+        "cache verify",
+        "cache finalize",
+        "cache push",
+        "cache pull",
+        "cache pack",
+        "routing stats",
+        "sar train",
+        "train --cache",
+        "train --data",
+        "eval --model",
+        "data synth",
+        "demo --quick",
+    ):
         assert command in commands, command
     assert len(CASES) >= 50 and len({p.id for p in CASES}) == len(CASES)
 
 
-SUBPROCESS_CASES = [("build-teacher-without-tokenizer", "moekd"), ("train-resume-other-runs-checkpoint", "python -m moekd"),
-                    ("build-k-not-a-number", "moekd")]
+SUBPROCESS_CASES = [
+    ("build-teacher-without-tokenizer", "moekd"),
+    ("train-resume-other-runs-checkpoint", "python -m moekd"),
+    ("build-k-not-a-number", "moekd"),
+]
 
 
 @pytest.mark.parametrize("case_id, launcher", SUBPROCESS_CASES)

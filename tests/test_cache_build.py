@@ -24,8 +24,17 @@ ARRAYS = ("input_ids", "target_positions", "topk_ids", "topk_logprobs", "tail_lo
 
 
 def options(teacher, data, out, **kw) -> BuildOptions:
-    base = dict(teacher=str(teacher), data=str(data), out=str(out), k=16, max_prompt_len=96, max_len=128,
-                batch_tokens=512, positions_per_shard=256, device="cpu")
+    base = dict(
+        teacher=str(teacher),
+        data=str(data),
+        out=str(out),
+        k=16,
+        max_prompt_len=96,
+        max_len=128,
+        batch_tokens=512,
+        positions_per_shard=256,
+        device="cpu",
+    )
     base.update(kw)
     return BuildOptions(**base)
 
@@ -92,7 +101,9 @@ def test_cached_distributions_match_full_teacher_forward(family, make_teacher, d
         assert torch.all(outside <= stored[:, -1] + MAX_ABS_ERROR + 2e-5)
         tail = torch.log1p(-expected.gather(1, ids).exp().sum(1))
         # the tail is quantised like every log-prob (exact before rounding)
-        np.testing.assert_allclose(ex.tail_logprob[:, 0], tail, rtol=0, atol=reader.meta.encoding.max_abs_error_nats + 2e-5)
+        np.testing.assert_allclose(
+            ex.tail_logprob[:, 0], tail, rtol=0, atol=reader.meta.encoding.max_abs_error_nats + 2e-5
+        )
     # the next-token the data holds is one of the teacher's candidates at least sometimes: a shifted
     # alignment would put input_ids[t] there instead, which the checks above already exclude
 
@@ -111,14 +122,37 @@ def test_metadata_and_info(mixtral_cache, tokenizer):
 def test_resume_after_sigkill_is_identical(make_teacher, data_file, tmp_path):
     teacher = make_teacher("mixtral")
     out = tmp_path / "killed.zarr"
-    args = [sys.executable, "-m", "moekd", "cache", "build", "--teacher", str(teacher), "--data", str(data_file),
-            "--out", str(out), "--k", "16", "--max-prompt-len", "96", "--max-len", "128", "--batch-tokens", "128",
-            "--positions-per-shard", "256", "--device", "cpu"]
+    args = [
+        sys.executable,
+        "-m",
+        "moekd",
+        "cache",
+        "build",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data_file),
+        "--out",
+        str(out),
+        "--k",
+        "16",
+        "--max-prompt-len",
+        "96",
+        "--max-len",
+        "128",
+        "--batch-tokens",
+        "128",
+        "--positions-per-shard",
+        "256",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed_planning = killed_with_units = False
     for wait_for_units in (0, 2):  # once while planning, once between/inside units
-        proc = subprocess.Popen(args + (["--resume"] if out.exists() else []), env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            args + (["--resume"] if out.exists() else []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         units = out / BUILD_DIR / "units"
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -143,7 +177,7 @@ def test_resume_after_sigkill_is_identical(make_teacher, data_file, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     done, total = map(int, re.search(r"units\s+(\d+)/(\d+)", resumed.stderr).groups())
     assert 0 < done < total, "the resumed build redid every unit"
-    reference = args[:args.index("--out") + 1] + [str(tmp_path / "reference.zarr")] + args[args.index("--out") + 2:]
+    reference = args[: args.index("--out") + 1] + [str(tmp_path / "reference.zarr")] + args[args.index("--out") + 2 :]
     subprocess.run(reference, env=env, check=True, capture_output=True)
     resumed, reference = read_all(out), read_all(tmp_path / "reference.zarr")
     for name in ARRAYS:
@@ -166,7 +200,9 @@ def test_resume_refuses_other_settings_and_overwrite_rules(make_teacher, data_fi
     interrupted_build(options(teacher, data_file, out2))
     with pytest.raises(MoekdError, match="unfinished build .* --resume"):
         build_cache(options(teacher, data_file, out2))
-    with pytest.raises(MoekdError, match=r"other settings \(.*k: 16 in the store, 8 now; max_len: 128 in the store, 100 now"):
+    with pytest.raises(
+        MoekdError, match=r"other settings \(.*k: 16 in the store, 8 now; max_len: 128 in the store, 100 now"
+    ):
         build_cache(options(teacher, data_file, out2, resume=True, k=8, max_len=100))
     build_cache(options(teacher, data_file, out2, overwrite=True))
     assert CacheReader(out2).meta.build.status == "complete"
@@ -241,7 +277,9 @@ def test_reader_from_object_storage_url(mixtral_cache):
 )
 def test_bad_input(change, message, make_teacher, data_file, tmp_path):
     with pytest.raises(MoekdError, match=message):
-        build_cache(options(**{"teacher": make_teacher("mixtral"), "data": data_file, "out": tmp_path / "c.zarr", **change}))
+        build_cache(
+            options(**{"teacher": make_teacher("mixtral"), "data": data_file, "out": tmp_path / "c.zarr", **change})
+        )
     assert not (tmp_path / "c.zarr").exists() or not (tmp_path / "c.zarr" / "zarr.json").exists()
 
 

@@ -19,8 +19,10 @@ V, D, TEACHER_D = 40, 8, 12
 def student_problem(positions, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(positions, D, generator=g, dtype=torch.float64)
-    head = OutputLayer(0.8 * torch.randn(V, D, generator=g, dtype=torch.float64),
-                       0.3 * torch.randn(V, generator=g, dtype=torch.float64))
+    head = OutputLayer(
+        0.8 * torch.randn(V, D, generator=g, dtype=torch.float64),
+        0.3 * torch.randn(V, generator=g, dtype=torch.float64),
+    )
     labels = torch.randint(V, (positions,), generator=g)
     return hidden.to(dtype), OutputLayer(head.weight.to(dtype), head.bias.to(dtype)), labels, g
 
@@ -28,7 +30,9 @@ def student_problem(positions, seed, dtype):
 def sampled_batch(positions=13, samples=2, width=6, seed=0, dtype=torch.float32):
     """Draw-like targets: unique ids per (position, sample) with positive weights, two padding slots (id 0, weight 0)."""
     hidden, head, labels, g = student_problem(positions, seed, dtype)
-    ids = torch.stack([torch.randperm(V, generator=g)[:width] for _ in range(positions * samples)]).view(positions, samples, width)
+    ids = torch.stack([torch.randperm(V, generator=g)[:width] for _ in range(positions * samples)]).view(
+        positions, samples, width
+    )
     weights = torch.rand(positions, samples, width, generator=g, dtype=torch.float64) + 0.05
     weights[..., -2:] = 0.0
     ids[..., -2:] = 0
@@ -57,7 +61,11 @@ def reference(hidden, head, batch, o, per_sample_kd):
     logits = logits if logits.dtype == torch.float64 else logits.float()
     kd = per_sample_kd(logits).mean()
     ce = F.cross_entropy(logits, batch["labels"])
-    terms = {"loss": (1 - o.ce_weight) * kd + o.ce_weight * ce, "kd_loss": kd, "ce_loss": ce} if o.ce_weight else {"loss": kd}
+    terms = (
+        {"loss": (1 - o.ce_weight) * kd + o.ce_weight * ce, "kd_loss": kd, "ce_loss": ce}
+        if o.ce_weight
+        else {"loss": kd}
+    )
     grads = torch.autograd.grad(terms["loss"], (hidden, head.weight, head.bias))
     return {key: value.detach() for key, value in terms.items()}, grads
 
@@ -67,10 +75,18 @@ def reference(hidden, head, batch, o, per_sample_kd):
 def test_sampled_chunked_equals_the_estimate_on_full_logits(temperature, ce_weight):
     """SampledObjective = sampled_kd_loss on full logits, with padding slots, uneven chunks, CE shared (T = 1) or not."""
     o = options("fkl", ce_weight=ce_weight, temperature=temperature)
-    for dtype, tolerance in ((torch.float32, dict(rtol=2e-5, atol=2e-6)), (torch.float64, dict(rtol=1e-10, atol=1e-12))):
+    for dtype, tolerance in (
+        (torch.float32, dict(rtol=2e-5, atol=2e-6)),
+        (torch.float64, dict(rtol=1e-10, atol=1e-12)),
+    ):
         hidden, head, batch = sampled_batch(dtype=dtype)
-        expected = reference(hidden, head, batch, o, lambda logits: sampled_kd_loss(
-            logits, batch["sampled_ids"], batch["sampled_weights"], temperature))
+        expected = reference(
+            hidden,
+            head,
+            batch,
+            o,
+            lambda logits: sampled_kd_loss(logits, batch["sampled_ids"], batch["sampled_weights"], temperature),
+        )
         assert_same(chunked(hidden, head, batch, o, chunk=5), expected, **tolerance)
 
 
@@ -79,12 +95,13 @@ def test_sampled_losses_with_weights_p_are_the_dense_cross_entropy():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(6, V, generator=g, dtype=torch.float64)
     teacher = torch.log_softmax(2 * torch.randn(6, V, generator=g, dtype=torch.float64), -1)
-    kd, ce, grad = sampled_losses_(logits.clone(), torch.arange(V).expand(6, 1, V), teacher.exp().unsqueeze(1),
-                                   None, 1.0, 0.0, True)
+    kd, ce, grad = sampled_losses_(
+        logits.clone(), torch.arange(V).expand(6, 1, V), teacher.exp().unsqueeze(1), None, 1.0, 0.0, True
+    )
     entropy = -(teacher.exp() * teacher).sum(-1)
     torch.testing.assert_close(kd[:, 0], dense_kd_loss(logits, teacher) + entropy)
     leaf = logits.clone().requires_grad_()
-    expected, = torch.autograd.grad(dense_kd_loss(leaf, teacher).sum(), leaf)
+    (expected,) = torch.autograd.grad(dense_kd_loss(leaf, teacher).sum(), leaf)
     torch.testing.assert_close(grad, expected)
     assert ce is None
 
@@ -95,11 +112,21 @@ def test_hidden_chunked_equals_the_dense_loss_of_the_teachers_logits(kind):
     M = 2 samples, mixed with CE, in float64 to rounding."""
     for temperature in (1.0, 2.5):
         o = options(kind, ce_weight=0.3, temperature=temperature)
-        for dtype, tolerance in ((torch.float32, dict(rtol=2e-5, atol=2e-6)), (torch.float64, dict(rtol=1e-10, atol=1e-12))):
+        for dtype, tolerance in (
+            (torch.float32, dict(rtol=2e-5, atol=2e-6)),
+            (torch.float64, dict(rtol=1e-10, atol=1e-12)),
+        ):
             hidden, head, batch, weight = hidden_batch(dtype=dtype)
             teacher = [F.linear(batch["hidden_states"][:, m], weight) for m in range(2)]
-            expected = reference(hidden, head, batch, o, lambda logits: torch.stack(
-                [dense_kd_loss(logits, torch.log_softmax(t, -1), kind, temperature) for t in teacher], 1))
+            expected = reference(
+                hidden,
+                head,
+                batch,
+                o,
+                lambda logits: torch.stack(
+                    [dense_kd_loss(logits, torch.log_softmax(t, -1), kind, temperature) for t in teacher], 1
+                ),
+            )
             assert_same(chunked(hidden, head, batch, o, chunk=5, teacher_layer=weight), expected, **tolerance)
 
 
@@ -115,14 +142,23 @@ def test_hidden_loss_is_bit_for_bit_the_loss_of_a_bfloat16_teachers_own_logits()
         for temperature in (1.0, 2.0):
             expected = dense_kd_loss(student, torch.log_softmax(own_logits.float(), -1), kind, temperature)
             for rows in (slice(0, 9), slice(2, 7)):
-                kd, _, _ = exact_losses_(student[rows].clone(), teacher_hidden[rows].float(), weight, None, 1.0, 0.0,
-                                         False, kind, temperature)
+                kd, _, _ = exact_losses_(
+                    student[rows].clone(),
+                    teacher_hidden[rows].float(),
+                    weight,
+                    None,
+                    1.0,
+                    0.0,
+                    False,
+                    kind,
+                    temperature,
+                )
                 assert torch.equal(kd[:, 0], expected[rows])
 
 
 def test_a_larger_student_vocabulary_gives_the_extra_ids_teacher_probability_zero():
     logp = teacher_logprobs(torch.randn(3, TEACHER_D), torch.randn(V - 4, TEACHER_D), V)
-    assert logp.shape == (3, V) and torch.isneginf(logp[:, V - 4:]).all()
+    assert logp.shape == (3, V) and torch.isneginf(logp[:, V - 4 :]).all()
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3))
     hidden, head, batch, weight = hidden_batch(teacher_vocab=V - 4)
     terms, grads = chunked(hidden, head, batch, options("fkl"), chunk=4, teacher_layer=weight)

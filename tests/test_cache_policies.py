@@ -25,8 +25,11 @@ def test_ka_samples_are_stored_apart_and_recompute_exactly(make_teacher, data_fi
     teacher = make_teacher("mixtral")
     out = tmp_path / "ka.zarr"
     # batch_tokens=1 runs every example alone, so a single-example recomputation is bit-identical
-    build_cache(options(teacher, data_file, out, policy="ka", policy_params={"m": 2, "ka_lambda": 0.5}, seed=7,
-                        batch_tokens=1, k=8))
+    build_cache(
+        options(
+            teacher, data_file, out, policy="ka", policy_params={"m": 2, "ka_lambda": 0.5}, seed=7, batch_tokens=1, k=8
+        )
+    )
     reader = CacheReader(out)
     meta = reader.meta
     assert meta.policy.name == "ka" and meta.policy.samples == 2 and meta.policy.stochastic
@@ -57,7 +60,9 @@ def test_ka_samples_are_stored_apart_and_recompute_exactly(make_teacher, data_fi
 
 def test_deterministic_policy_refuses_several_samples(make_teacher, data_file, tmp_path):
     with pytest.raises(MoekdError, match="--m 2 with --policy all: the policy is deterministic"):
-        build_cache(options(make_teacher("mixtral"), data_file, tmp_path / "c.zarr", policy="all", policy_params={"m": 2}))
+        build_cache(
+            options(make_teacher("mixtral"), data_file, tmp_path / "c.zarr", policy="all", policy_params={"m": 2})
+        )
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
@@ -74,7 +79,11 @@ def test_stored_full_gates_equal_router_probabilities(family, make_teacher, data
         with torch.no_grad():
             out_ = model(torch.from_numpy(ex.input_ids[None]).long(), output_router_logits=True)
         logits = torch.stack([layer.float() for layer in out_.router_logits], dim=1)  # [T, L, N]
-        probs = torch.softmax(logits, -1) if family != "deepseek_v3" else logits.sigmoid() / logits.sigmoid().sum(-1, keepdim=True)
+        probs = (
+            torch.softmax(logits, -1)
+            if family != "deepseek_v3"
+            else logits.sigmoid() / logits.sigmoid().sum(-1, keepdim=True)
+        )
         expected = probs[torch.from_numpy(ex.target_positions).long()].numpy()
         np.testing.assert_allclose(ex.extra["gate_probs"][:, 0].astype(np.float32), expected, atol=1e-3, rtol=2e-3)
     assert verify_store(str(out), deep=True).ok

@@ -29,11 +29,15 @@ def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert all(kl > 0 for kl in sar["kl_original_trained"].values())
     assert (work / "sar" / "router.safetensors").exists() and "SAR" in result.output
     # MoE to MoE: B-Distill's differences are taken against logit KD of the same MoE student initialisations
-    assert rows["MoE B-Distill"]["load_cv"]["vs_reference"]["n"] == 2 and "vs_reference" not in rows["MoE KD"]["load_cv"]
+    assert (
+        rows["MoE B-Distill"]["load_cv"]["vs_reference"]["n"] == 2 and "vs_reference" not in rows["MoE KD"]["load_cv"]
+    )
     for replicate in (*rows["MoE KD"]["replicates"].values(), *rows["MoE B-Distill"]["replicates"].values()):
         assert replicate["load_cv"] >= 0 and replicate["gate_entropy"] > 0 and replicate["heldout_kd"] > 0
     bd = read_metrics(work / "students" / "MoE-B-Distill" / "seed-0")[-1]
-    assert "mc_loss" in bd and "tau/0" in bd and "mc_loss" not in read_metrics(work / "students" / "MoE-KD" / "seed-0")[-1]
+    assert (
+        "mc_loss" in bd and "tau/0" in bd and "mc_loss" not in read_metrics(work / "students" / "MoE-KD" / "seed-0")[-1]
+    )
     assert set(results["teacher"]) == {"native", "all"} and results["teacher"]["all"]["kl"] > 0
     # different training seeds give different students (initialisation and batch order)
     sft = rows["SFT"]["replicates"]

@@ -3,7 +3,6 @@ interrupt + resume, verify, and the refusals."""
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 
 from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
-from moekd.cache_builder.sparsify import DRAW_STREAM, SampledEncoder, draw_tokens, encoding_flags
+from moekd.cache_builder.sparsify import SampledEncoder, draw_tokens, encoding_flags
 from moekd.encoding import FP8_MAX, HIDDEN_RELATIVE_ERROR, decode_hidden, encode_hidden, sampled_estimate
 from moekd.errors import MoekdError
 from moekd.store.verify import store_info, verify_store
@@ -49,8 +48,9 @@ def test_sampled_estimate_is_unbiased(proposal_temp):
     out = encoder.encode(logits, seeds, positions)
     assert (out["sampled_counts"].sum(-1) == draws).all()
     stored = {name: torch.from_numpy(value) for name, value in out.items()}
-    estimate = sampled_estimate(stored["sampled_counts"], draws, proposal_temp, stored.get("sampled_logprobs"),
-                                stored.get("proposal_logz")).numpy()
+    estimate = sampled_estimate(
+        stored["sampled_counts"], draws, proposal_temp, stored.get("sampled_logprobs"), stored.get("proposal_logz")
+    ).numpy()
     dense = np.zeros((rows, vocab))
     np.add.at(dense, (np.arange(rows)[:, None], out["sampled_ids"]), estimate)
     p = torch.softmax(logits[0].double(), -1).numpy()
@@ -84,7 +84,7 @@ def test_draw_tokens_packs_unique_ascending_ids():
     ids, counts = draw_tokens(logprobs, uniforms, 1.0)
     real = counts[0] > 0
     assert counts.sum() == 5 and torch.all(ids[0][real].diff() > 0) and torch.all(ids[0][~real] == 0)
-    assert torch.all(real[:int(real.sum())])  # left-packed
+    assert torch.all(real[: int(real.sum())])  # left-packed
     # a zero-probability id is never drawn
     ids, counts = draw_tokens(torch.tensor([[0.0, -math.inf, 0.0]]), torch.rand(1, 1000, dtype=torch.float64), 1.0)
     assert 1 not in ids[0][counts[0] > 0].tolist()
@@ -175,9 +175,9 @@ def test_hidden_states_are_the_teachers_and_give_its_logits(make_teacher, data_f
         assert torch.equal(torch.nn.functional.linear(stored, weight), logits)
 
 
-
-def test_training_loss_of_a_hidden_cache_is_the_dense_loss_of_the_teachers_own_logits(make_teacher, data_file, tmp_path,
-                                                                                     student):
+def test_training_loss_of_a_hidden_cache_is_the_dense_loss_of_the_teachers_own_logits(
+    make_teacher, data_file, tmp_path, student
+):
     """The trainer's objective on a batch of a hidden bf16 cache of a bfloat16 teacher: the full-vocabulary
     divergence of the student's logits from the teacher's own forward (any kind, T != 1), values and gradients."""
     from transformers import AutoModelForCausalLM
@@ -199,7 +199,9 @@ def test_training_loss_of_a_hidden_cache_is_the_dense_loss_of_the_teachers_own_l
     for kind, temperature in (("fkl", 1.0), ("jsd", 2.0)):
         learner = Student(AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32))
         o = train_options(student, tmp_path / "run", out, loss=kind, temperature=temperature, loss_chunk=7)
-        batch_loss(learner, batch, o, torch.device("cpu"), source.teacher_output_layer(torch.device("cpu")))["loss"].backward()
+        batch_loss(learner, batch, o, torch.device("cpu"), source.teacher_output_layer(torch.device("cpu")))[
+            "loss"
+        ].backward()
         cached = [p.grad.clone() for p in learner.parameters()]
         learner.zero_grad()
         logits = learner.lm(batch["input_ids"]).logits.flatten(0, 1)[batch["rows"]]
@@ -214,19 +216,33 @@ def test_training_loss_of_a_hidden_cache_is_the_dense_loss_of_the_teachers_own_l
 def test_hidden_refuses_teachers_whose_logits_are_not_linear(tokenizer, data_file, tmp_path):
     from transformers import AutoModelForCausalLM, GraniteMoeConfig
 
-    config = GraniteMoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                              logits_scaling=4.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = GraniteMoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        logits_scaling=4.0,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "granite"))
     tokenizer.save_pretrained(str(tmp_path / "granite"))
-    with pytest.raises(MoekdError, match=r"--encoding hidden: teacher GraniteMoeForCausalLM does not qualify: .*logits_scaling"):
+    with pytest.raises(
+        MoekdError, match=r"--encoding hidden: teacher GraniteMoeForCausalLM does not qualify: .*logits_scaling"
+    ):
         build_cache(options(tmp_path / "granite", data_file, tmp_path / "c.zarr", encoding="hidden"))
     # the same teacher is fine for the sparse encodings
     build_cache(options(tmp_path / "granite", data_file, tmp_path / "s.zarr", encoding="sampled", draws=8))
     assert verify_store(str(tmp_path / "s.zarr"), deep=True).ok
 
 
-def test_hidden_refuses_a_model_that_changes_its_logits_after_the_output_layer(make_teacher, data_file, tmp_path, monkeypatch):
+def test_hidden_refuses_a_model_that_changes_its_logits_after_the_output_layer(
+    make_teacher, data_file, tmp_path, monkeypatch
+):
     """Whatever the config says, the build checks that the model's logits are its output layer's."""
     import transformers
 
@@ -342,8 +358,19 @@ def student(tmp_path_factory, tokenizer):
 def train_options(student, out, cache, **kw):
     from moekd.distill.train import TrainOptions
 
-    base = dict(student=str(student), out=str(out), cache=str(cache), lr=3e-3, batch_tokens=1024, max_steps=4,
-                eval_every=0, save_every=0, workers=0, device="cpu", eval_fraction=0.1)
+    base = dict(
+        student=str(student),
+        out=str(out),
+        cache=str(cache),
+        lr=3e-3,
+        batch_tokens=1024,
+        max_steps=4,
+        eval_every=0,
+        save_every=0,
+        workers=0,
+        device="cpu",
+        eval_fraction=0.1,
+    )
     return TrainOptions(**{**base, **kw})
 
 
@@ -362,8 +389,8 @@ def test_sampled_kd_loss_is_the_cross_entropy_of_its_weights():
         entropy = -(tempered.exp() * tempered).sum(-1)
         reference = dense_kd_loss(student, teacher_logp, "fkl", temperature) + entropy
         torch.testing.assert_close(loss, reference)
-        grad, = torch.autograd.grad(loss.sum(), student)
-        ref_grad, = torch.autograd.grad(reference.sum(), student)
+        (grad,) = torch.autograd.grad(loss.sum(), student)
+        (ref_grad,) = torch.autograd.grad(reference.sum(), student)
         torch.testing.assert_close(grad, ref_grad)
 
 
@@ -375,14 +402,16 @@ def test_sampled_kd_gradient_is_unbiased_for_the_forward_kl_gradient():
 
     vocab, draws, rows = 40, 8, 4000
     teacher = zipf_logits(vocab, 1)
-    out = SampledEncoder(draws, 1.0, vocab).encode(teacher.expand(rows, vocab), torch.arange(rows), torch.zeros(rows, dtype=torch.int64))
+    out = SampledEncoder(draws, 1.0, vocab).encode(
+        teacher.expand(rows, vocab), torch.arange(rows), torch.zeros(rows, dtype=torch.int64)
+    )
     student = torch.randn(1, vocab, generator=torch.Generator().manual_seed(1), dtype=torch.float64).expand(rows, vocab)
     student = student.clone().requires_grad_(True)
     weights = torch.from_numpy(out["sampled_counts"]).double() / draws
     loss = sampled_kd_loss(student, torch.from_numpy(out["sampled_ids"]).unsqueeze(1), weights.unsqueeze(1))
-    per_draw, = torch.autograd.grad(loss.sum(), student)
+    (per_draw,) = torch.autograd.grad(loss.sum(), student)
     exact = student[:1].detach().requires_grad_(True)
-    ref, = torch.autograd.grad(dense_kd_loss(exact, torch.log_softmax(teacher.double(), -1)).sum(), exact)
+    (ref,) = torch.autograd.grad(dense_kd_loss(exact, torch.log_softmax(teacher.double(), -1)).sum(), exact)
     mean, stderr = per_draw.mean(0), per_draw.std(0) / rows**0.5
     assert torch.all((mean - ref[0]).abs() <= 5 * stderr + 1e-12)
 

@@ -17,7 +17,6 @@ from moekd.eval.evaluate import evaluate, generations_path, load_eval_examples, 
 from moekd.eval.generate import generate_responses, load_model
 from moekd.eval.rouge import rouge_l
 
-
 # ---------------------------------------------------------------- ROUGE-L
 
 
@@ -134,7 +133,9 @@ def test_responses_are_cut_at_eos(tokenizer):
 
 def test_copying_the_reference_scores_100(make_teacher, synth_dir, monkeypatch, tokenizer):
     examples = load_eval_examples(synth_dir / "test.jsonl")
-    reference_of = {tuple(prompt_ids(tokenizer, format_prompt(ex.record), False)): ex.record.response for ex in examples}
+    reference_of = {
+        tuple(prompt_ids(tokenizer, format_prompt(ex.record), False)): ex.record.response for ex in examples
+    }
 
     def copy_reference(model, tokenizer, prompts, seed, *args, **kwargs):
         return [reference_of[tuple(p)] for p in prompts]
@@ -162,7 +163,9 @@ def test_evaluate_writes_report_and_generations(make_teacher, synth_dir, tmp_pat
         assert row["prompt"].endswith("### Response:\n")
         assert row["rougeL"] == pytest.approx(rouge_l(row["generation"], row["reference"]))
     for scores in report.datasets:
-        per_seed = [np.mean([r["rougeL"] for r in rows if r["dataset"] == scores.data and r["seed"] == s]) for s in (10, 20)]
+        per_seed = [
+            np.mean([r["rougeL"] for r in rows if r["dataset"] == scores.data and r["seed"] == s]) for s in (10, 20)
+        ]
         assert list(scores.per_seed.values()) == pytest.approx(per_seed)
         assert scores.mean == pytest.approx(np.mean(per_seed)) and scores.std == pytest.approx(np.std(per_seed))
 
@@ -172,8 +175,10 @@ def test_evaluate_writes_report_and_generations(make_teacher, synth_dir, tmp_pat
 
 def test_several_references_per_record(tmp_path):
     path = tmp_path / "multi.jsonl"
-    rows = [{"instruction": "Name a colour.", "input": "", "output": ["red", "blue"]},
-            {"instruction": "Name a fruit.", "input": "", "output": "plum"}]
+    rows = [
+        {"instruction": "Name a colour.", "input": "", "output": ["red", "blue"]},
+        {"instruction": "Name a fruit.", "input": "", "output": "plum"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = load_eval_examples(path)
     assert [ex.references for ex in examples] == [["red", "blue"], ["plum"]]
@@ -201,9 +206,23 @@ def test_bad_input_names_the_flag(make_teacher, synth_dir, tmp_path):
 
 def test_cli_eval(make_teacher, synth_dir, tmp_path):
     out = tmp_path / "eval.json"
-    args = ["eval", "--model", str(make_teacher("mixtral")), "--data", str(synth_dir / "test.jsonl"),
-            "--data", str(synth_dir / "valid.jsonl"), "--seeds", "10,20", "--max-new-tokens", "4", "--limit", "3",
-            "--json", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(make_teacher("mixtral")),
+        "--data",
+        str(synth_dir / "test.jsonl"),
+        "--data",
+        str(synth_dir / "valid.jsonl"),
+        "--seeds",
+        "10,20",
+        "--max-new-tokens",
+        "4",
+        "--limit",
+        "3",
+        "--json",
+        str(out),
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "ROUGE-L" in result.output and "mean" in result.output

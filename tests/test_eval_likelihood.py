@@ -95,9 +95,12 @@ def test_generation_under_a_policy_routes_every_decoding_step(loud_teacher, synt
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = load_model(loud_teacher, "cpu")
-    prompts = [prompt_ids(tokenizer, format_prompt(ex.record), False) for ex in load_eval_examples(synth_dir / "test.jsonl", 6)]
-    routed = generate_responses(model, tokenizer, prompts, 0, 12, batch_size=3, greedy=True,
-                                routing=RouterController(model, make_policy("all")))
+    prompts = [
+        prompt_ids(tokenizer, format_prompt(ex.record), False) for ex in load_eval_examples(synth_dir / "test.jsonl", 6)
+    ]
+    routed = generate_responses(
+        model, tokenizer, prompts, 0, 12, batch_size=3, greedy=True, routing=RouterController(model, make_policy("all"))
+    )
     k_equal_n = AutoModelForCausalLM.from_pretrained(str(loud_teacher), num_experts_per_tok=8).eval()
     assert routed == generate_responses(k_equal_n, tokenizer, prompts, 0, 12, batch_size=3, greedy=True)
     assert routed != generate_responses(model, tokenizer, prompts, 0, 12, batch_size=3, greedy=True)
@@ -108,7 +111,9 @@ def test_stochastic_policy_draws_per_data_row(loud_teacher, synth_dir):
     ka = make_policy("ka", ka_lambda=1.0)
     first = evaluate(teacher, [data], rouge=False, nll=True, policy=ka, device="cpu", batch_size=4).datasets[0].nll
     regrouped = evaluate(teacher, [data], rouge=False, nll=True, policy=ka, device="cpu", batch_size=5).datasets[0].nll
-    other_seed = evaluate(teacher, [data], rouge=False, nll=True, policy=ka, routing_seed=1, device="cpu").datasets[0].nll
+    other_seed = (
+        evaluate(teacher, [data], rouge=False, nll=True, policy=ka, routing_seed=1, device="cpu").datasets[0].nll
+    )
     assert first == pytest.approx(regrouped, rel=1e-6) and first != pytest.approx(other_seed, rel=1e-6)
 
 
@@ -125,23 +130,55 @@ def test_errors_name_the_flag(make_teacher, synth_dir, tmp_path, tokenizer):
     make_tiny_model("llama", other, tmp_path / "other")
     with pytest.raises(MoekdError, match="--teacher: .* another tokenizer"):
         evaluate(make_teacher("llama"), [data], rouge=False, teacher=tmp_path / "other")
-    result = CliRunner().invoke(app, ["eval", "--model", str(make_teacher("mixtral")), "--data", str(data), "--experts", "4"])
+    result = CliRunner().invoke(
+        app, ["eval", "--model", str(make_teacher("mixtral")), "--data", str(data), "--experts", "4"]
+    )
     assert isinstance(result.exception, MoekdError) and "need --policy" in str(result.exception)
 
 
 def test_cli_teacher_forced_scores(make_teacher, synth_dir, tmp_path):
     out = tmp_path / "forced.json"
-    result = CliRunner().invoke(app, [
-        "eval", "--model", str(make_teacher("llama")), "--data", str(synth_dir / "test.jsonl"), "--no-rouge",
-        "--teacher", str(make_teacher("mixtral")), "--json", str(out), "--device", "cpu",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(make_teacher("llama")),
+            "--data",
+            str(synth_dir / "test.jsonl"),
+            "--no-rouge",
+            "--teacher",
+            str(make_teacher("mixtral")),
+            "--json",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "KL from teacher" in result.output
     (scores,) = json.loads(out.read_text())["datasets"]
     assert scores["nll"] > 0 and scores["kl_from_teacher"] > 0 and scores["response_positions"] > 0
-    routed = CliRunner().invoke(app, [
-        "eval", "--model", str(make_teacher("mixtral")), "--data", str(synth_dir / "test.jsonl"), "--seeds", "10",
-        "--max-new-tokens", "4", "--policy", "topk", "--experts", "4", "--nll", "--device", "cpu",
-    ])
+    routed = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(make_teacher("mixtral")),
+            "--data",
+            str(synth_dir / "test.jsonl"),
+            "--seeds",
+            "10",
+            "--max-new-tokens",
+            "4",
+            "--policy",
+            "topk",
+            "--experts",
+            "4",
+            "--nll",
+            "--device",
+            "cpu",
+        ],
+    )
     assert routed.exit_code == 0, routed.output
     assert "ROUGE-L" in routed.output and "NLL" in routed.output

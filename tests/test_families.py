@@ -67,11 +67,15 @@ def family_dir(tmp_path_factory, byte_tokenizer):
         if family.model_type not in built:
             out = tmp_path_factory.mktemp(f"family_{family.model_type}")
             try:
-                make_tiny_family_model(family.model_type, vocab_size=len(byte_tokenizer), seed=1, out_dir=out,
-                                       tokenizer=byte_tokenizer)
+                make_tiny_family_model(
+                    family.model_type, vocab_size=len(byte_tokenizer), seed=1, out_dir=out, tokenizer=byte_tokenizer
+                )
                 built[family.model_type] = (out, None)
-            except Exception as e:  # noqa: BLE001
-                built[family.model_type] = (None, f"{family.model_type} does not build small on CPU: {type(e).__name__}: {e}")
+            except Exception as e:
+                built[family.model_type] = (
+                    None,
+                    f"{family.model_type} does not build small on CPU: {type(e).__name__}: {e}",
+                )
         out, reason = built[family.model_type]
         if reason:
             pytest.skip(reason)
@@ -110,8 +114,10 @@ def adapters_or_refusal(model, policy_name):
         with pytest.raises(MoekdError, match=f"router class {name} is not supported"):
             RouterController(model, make_policy(policy_name, m=1), capture_gates=policy_name == "topk")
         what = "gate capture" if policy_name == "topk" else f"--policy {policy_name}"
-        pytest.skip(f"{model.config.model_type}: {name} fits no known router computation ({unsupported[0].reason}); {what} is refused naming "
-                    "the class, as checked")
+        pytest.skip(
+            f"{model.config.model_type}: {name} fits no known router computation ({unsupported[0].reason}); {what} is refused naming "
+            "the class, as checked"
+        )
     return infos
 
 
@@ -127,7 +133,8 @@ def record_selections(info, store):
     return [
         info.module.register_forward_hook(lambda m, a, out: logits.update(last=out)),
         info.target.register_forward_pre_hook(
-            lambda m, a, k: store.update({info.name: (logits["last"], *adapter.read_call(a, k))}), with_kwargs=True),
+            lambda m, a, k: store.update({info.name: (logits["last"], *adapter.read_call(a, k))}), with_kwargs=True
+        ),
     ]
 
 
@@ -170,18 +177,24 @@ def native_reference(path, model, top_k: int, normalise: bool):
         text.norm_topk_prob = True
     try:
         native = load(path, config)
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"{family}: the family does not build with top-k = {top_k}: {type(e).__name__}: {str(e).splitlines()[0]}")
+    except Exception as e:
+        pytest.skip(
+            f"{family}: the family does not build with top-k = {top_k}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        )
     if normalise and not all(i.adapter.normalise for i in recognise_routers(native)):
-        pytest.skip(f"{family}: its native weighting does not renormalise, and no config flag makes it, so the "
-                    "renormalised weights have no native counterpart")
+        pytest.skip(
+            f"{family}: its native weighting does not renormalise, and no config flag makes it, so the "
+            "renormalised weights have no native counterpart"
+        )
     return native
 
 
 def assert_same_routing(got, expected):
     (logits, dense), (native_logits, native_dense) = got, expected
     for layer, (ours, theirs) in enumerate(zip(dense, native_dense)):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4, msg=lambda m, layer=layer: f"MoE layer {layer}: {m}")
+        torch.testing.assert_close(
+            ours, theirs, atol=1e-5, rtol=1e-4, msg=lambda m, layer=layer: f"MoE layer {layer}: {m}"
+        )
     torch.testing.assert_close(logits, native_logits, atol=1e-4, rtol=1e-3)
 
 
@@ -277,8 +290,15 @@ def test_generate_with_kv_cache_under_ka(family, family_dir, byte_tokenizer):
     ids, mask = batch(rows=2, length=6, seed=5)
     ctrl = RouterController(model, make_policy("ka", m=1, ka_lambda=0.5), capture_gates=True)
     with torch.no_grad(), ctrl.active(row_seeds=[5, 6]):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
-                             use_cache=True, pad_token_id=byte_tokenizer.pad_token_id)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=byte_tokenizer.pad_token_id,
+        )
     assert out.shape == (2, 9)
     last_step = ctrl.activated_experts()
     assert all(a.shape[0] == 2 and a.sum(dim=-1).eq(ctrl.num_experts - 1).all() for a in last_step)
@@ -336,10 +356,15 @@ def test_routing_families_command_reports_kind_policies_and_why_not():
     assert result.exit_code == 0, result.output
     reports = {r["model_type"]: r for r in json.loads(result.stdout)}
     assert reports["mixtral"]["supported"] and reports["mixtral"]["policies"] == ["topk", "all", "ka", "topp", "mc"]
-    assert reports["mixtral"]["kind"] == "softmax" and reports["mixtral"]["weighting"] == "selected scores, renormalised"
+    assert (
+        reports["mixtral"]["kind"] == "softmax" and reports["mixtral"]["weighting"] == "selected scores, renormalised"
+    )
     assert not reports["phimoe"]["supported"] and reports["phimoe"]["policies"] == ["topk"]
     assert "no known function of the selected experts' scores" in reports["phimoe"]["reason"]
     markdown = CliRunner().invoke(app, ["routing", "families", "--family", "mixtral", "--markdown"])
-    assert "| mixtral | MixtralTopKRouter | softmax |" in markdown.stdout and "1 / 1 MoE causal-LM families" in markdown.stdout
+    assert (
+        "| mixtral | MixtralTopKRouter | softmax |" in markdown.stdout
+        and "1 / 1 MoE causal-LM families" in markdown.stdout
+    )
     bad = CliRunner().invoke(app, ["routing", "families", "--family", "bert"])
     assert bad.exit_code != 0 and "--family: bert is not an MoE causal-LM model type" in str(bad.exception)

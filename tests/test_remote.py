@@ -197,8 +197,17 @@ def test_train_reads_a_cache_from_s3_and_from_a_zip(cache, s3, tokenizer, tmp_pa
     url = "s3://team/train/run.zarr"
     copy_store(str(cache), url, destination_options=s3)
     pack_store(str(cache), tmp_path / "run.zip")
-    common = dict(student=str(student), lr=3e-3, batch_tokens=1024, max_steps=2, eval_every=0, save_every=0,
-                  workers=1, device="cpu", eval_fraction=0.1)
+    common = dict(
+        student=str(student),
+        lr=3e-3,
+        batch_tokens=1024,
+        max_steps=2,
+        eval_every=0,
+        save_every=0,
+        workers=1,
+        device="cpu",
+        eval_fraction=0.1,
+    )
     remote = train(TrainOptions(out=str(tmp_path / "s3"), cache=url, storage_options=s3, **common))
     packed = train(TrainOptions(out=str(tmp_path / "zip"), cache=str(tmp_path / "run.zip"), **common))
     local = train(TrainOptions(out=str(tmp_path / "local"), cache=str(cache), **common))

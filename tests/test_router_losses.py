@@ -14,7 +14,14 @@ from moekd.distill.loader import BatchDataset, BatchOrder, held_out_split, make_
 from moekd.distill.metrics import read_metrics
 from moekd.distill.objective import batch_loss
 from moekd.distill.router_losses import (
-    TAU_RANGE, coverage_kl, entropy_aware_kl, load_cv, mc_draws, mc_exploration_loss, router_objective, tempered,
+    TAU_RANGE,
+    coverage_kl,
+    entropy_aware_kl,
+    load_cv,
+    mc_draws,
+    mc_exploration_loss,
+    router_objective,
+    tempered,
 )
 from moekd.distill.sources import CacheSource
 from moekd.distill.student import Student
@@ -26,8 +33,17 @@ from moekd.tiny_models import MOE_FAMILIES, make_tiny_model
 
 
 def build(teacher, data, out, **kw) -> Path:
-    base = dict(teacher=str(teacher), data=str(data), out=str(out), k=16, max_prompt_len=96, max_len=128,
-                batch_tokens=512, positions_per_shard=256, device="cpu")
+    base = dict(
+        teacher=str(teacher),
+        data=str(data),
+        out=str(out),
+        k=16,
+        max_prompt_len=96,
+        max_len=128,
+        batch_tokens=512,
+        positions_per_shard=256,
+        device="cpu",
+    )
     build_cache(BuildOptions(**{**base, **kw}))
     return out
 
@@ -47,8 +63,14 @@ def half_data(tmp_path_factory, data_file) -> Path:
 @pytest.fixture(scope="module")
 def gate_cache(tmp_path_factory, teacher, half_data):
     """Monte-Carlo routing with M = 2 samples and every teacher gate stored (3 MoE layers x 8 experts)."""
-    return build(teacher, half_data, tmp_path_factory.mktemp("bd") / "full.zarr", policy="mc", policy_params={"m": 2},
-                 router_probs="full")
+    return build(
+        teacher,
+        half_data,
+        tmp_path_factory.mktemp("bd") / "full.zarr",
+        policy="mc",
+        policy_params={"m": 2},
+        router_probs="full",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +87,19 @@ def moe_student(tmp_path_factory, tokenizer) -> Path:
 
 
 def options(student, out, **kw) -> TrainOptions:
-    base = dict(student=str(student), out=str(out), lr=3e-3, batch_tokens=1024, max_steps=3, eval_every=0,
-                save_every=0, workers=0, device="cpu", eval_fraction=0.1, router_loss="bdistill")
+    base = dict(
+        student=str(student),
+        out=str(out),
+        lr=3e-3,
+        batch_tokens=1024,
+        max_steps=3,
+        eval_every=0,
+        save_every=0,
+        workers=0,
+        device="cpu",
+        eval_fraction=0.1,
+        router_loss="bdistill",
+    )
     return TrainOptions(**{**base, **kw})
 
 
@@ -125,12 +158,15 @@ def test_draws_depend_only_on_seed_epoch_and_example():
     """An example's uniforms are the same in any batch (resume, held-out, any number of ranks)."""
     targets = GateTargets([(0, 0), (1, 1)], 4, expert_map("group", 4, 2), draws=3, seed=0)
     together = targets.uniforms([7, 9], np.array([2, 5]), epoch=1, samples=2)
-    assert together.shape == (3, 7, 2, 2) and 0 < together.min() and together.max() <= 1
+    assert together.shape == (3, 7, 2, 2) and together.min() > 0 and together.max() <= 1
     assert together[:, 2:].equal(targets.uniforms([9], np.array([5]), epoch=1, samples=2))
     assert together[:, :2].equal(targets.uniforms([7], np.array([2]), epoch=1, samples=2))
     other_seed = GateTargets([(0, 0), (1, 1)], 4, expert_map("group", 4, 2), draws=3, seed=1)
-    for other in (other_seed.uniforms([7], np.array([2]), 1, 2), targets.uniforms([7], np.array([2]), 2, 2),
-                  targets.uniforms([8], np.array([2]), 1, 2)):
+    for other in (
+        other_seed.uniforms([7], np.array([2]), 1, 2),
+        targets.uniforms([7], np.array([2]), 2, 2),
+        targets.uniforms([8], np.array([2]), 1, 2),
+    ):
         assert not together[:, :2].equal(other)
 
 
@@ -186,10 +222,12 @@ def test_layer_maps_on_uneven_layer_counts():
     student, teacher = [f"s{i}" for i in range(3)], [f"t{i}" for i in range(5)]
     assert parse_layer_map("auto", student, teacher) == [(0, 0), (1, 2), (2, 4)]
     assert parse_layer_map("2:1, 0:4", student, teacher) == [(0, 4), (2, 1)]
-    for spec, message in [("0:0,3:1", "student MoE layer 3 does not exist; the student has 3 MoE layers"),
-                          ("0:5", "teacher MoE layer 5 \\(for student layer 0\\) is not in the cache"),
-                          ("1:0,1:2", "student MoE layer 1 \\(s1\\) is mapped twice"),
-                          ("0-1", "'0-1' is neither auto nor student:teacher pairs")]:
+    for spec, message in [
+        ("0:0,3:1", "student MoE layer 3 does not exist; the student has 3 MoE layers"),
+        ("0:5", "teacher MoE layer 5 \\(for student layer 0\\) is not in the cache"),
+        ("1:0,1:2", "student MoE layer 1 \\(s1\\) is mapped twice"),
+        ("0-1", "'0-1' is neither auto nor student:teacher pairs"),
+    ]:
         with pytest.raises(MoekdError, match=f"--layer-map: {message}"):
             parse_layer_map(spec, student, teacher)
 
@@ -203,8 +241,11 @@ def test_expert_maps_on_uneven_expert_counts():
     np.testing.assert_allclose(strided / strided.sum(), np.array([0.05, 0.15, 0.25]) / 0.45, rtol=1e-6)
     assert expert_map("group", 8, 4).sum(0).tolist() == [2, 2, 2, 2]
     assert torch.equal(expert_map("stride", 4, 4), torch.eye(4))
-    with pytest.raises(MoekdError, match="--expert-map group: the student has 8 experts per layer, more than the teacher's 4; "
-                                         "student expert 4 would get no teacher expert"):
+    with pytest.raises(
+        MoekdError,
+        match="--expert-map group: the student has 8 experts per layer, more than the teacher's 4; "
+        "student expert 4 would get no teacher expert",
+    ):
         expert_map("group", 4, 8)
 
 
@@ -213,15 +254,24 @@ def test_top_r_gates_spread_the_rest_evenly_and_targets_follow_the_maps():
     ids = np.array([[[[4, 1], [0, 5]]]], dtype=np.uint16)
     probs = np.array([[[[0.5, 0.3], [0.6, 0.4]]]], dtype=np.float16)
     rest = np.array([[[0.2, 0.0]]], dtype=np.float32)
-    dense = dense_gates({"gate_ids": torch.from_numpy(ids.astype(np.int64)), "gate_probs": torch.from_numpy(probs),
-                         "gate_rest": torch.from_numpy(rest)}, 6)
+    dense = dense_gates(
+        {
+            "gate_ids": torch.from_numpy(ids.astype(np.int64)),
+            "gate_probs": torch.from_numpy(probs),
+            "gate_rest": torch.from_numpy(rest),
+        },
+        6,
+    )
     np.testing.assert_allclose(dense[0, 0, 0], [0.05, 0.3, 0.05, 0.05, 0.5, 0.05], atol=1e-3)
     np.testing.assert_allclose(dense[0, 0, 1], [0.6, 0, 0, 0, 0, 0.4], atol=1e-3)
     assert torch.allclose(dense.sum(-1), torch.ones(1, 1, 2))  # float16 storage renormalised
     arrays = {"gate_ids": ids, "gate_probs": probs, "gate_rest": rest}
+
     # student layer 0 <- teacher layer 1, student layer 1 <- teacher layer 0; 6 experts onto 3 groups {0,1}, {2,3}, {4,5}
     def targets(pairs, kind, n_student, arrays):
-        return GateTargets(pairs, 6, expert_map(kind, 6, n_student), 2, 0)(arrays, [0], np.array([1]), 0)["teacher_gates"]
+        return GateTargets(pairs, 6, expert_map(kind, 6, n_student), 2, 0)(arrays, [0], np.array([1]), 0)[
+            "teacher_gates"
+        ]
 
     grouped = targets([(0, 1), (1, 0)], "group", 3, arrays)
     np.testing.assert_allclose(grouped[0, 0], [[0.6, 0.0, 0.4], [0.35, 0.1, 0.55]], atol=1e-3)
@@ -229,9 +279,16 @@ def test_top_r_gates_spread_the_rest_evenly_and_targets_follow_the_maps():
     strided = targets([(0, 1), (1, 0)], "stride", 3, arrays)
     np.testing.assert_allclose(strided[0, 0], [[1.0, 0, 0], np.array([0.05, 0.05, 0.5]) / 0.6], atol=1e-3)
     # a stride target whose kept experts carry no mass is uniform
-    empty = targets([(0, 0)], "stride", 2,  # keeps teacher experts 0 and 3
-        {"gate_ids": np.array([[[[1, 5]]]], dtype=np.uint16), "gate_probs": np.array([[[[0.5, 0.5]]]], dtype=np.float16),
-         "gate_rest": np.array([[[0.0]]], dtype=np.float32)})
+    empty = targets(
+        [(0, 0)],
+        "stride",
+        2,  # keeps teacher experts 0 and 3
+        {
+            "gate_ids": np.array([[[[1, 5]]]], dtype=np.uint16),
+            "gate_probs": np.array([[[[0.5, 0.5]]]], dtype=np.float16),
+            "gate_rest": np.array([[[0.0]]], dtype=np.float32),
+        },
+    )
     np.testing.assert_allclose(empty[0, 0, 0], [0.5, 0.5])
 
 
@@ -246,7 +303,7 @@ def test_router_logits_are_taken_at_the_target_positions_of_the_padded_batch(gat
         width = batch["input_ids"].shape[1]
         assert (batch["lengths"] < width).any()  # the batch holds padding
         for b, length in enumerate(batch["lengths"].tolist()):
-            alone = model(input_ids=batch["input_ids"][b:b + 1, :length], output_router_logits=True).router_logits
+            alone = model(input_ids=batch["input_ids"][b : b + 1, :length], output_router_logits=True).router_logits
             mine = rows[(rows // width) == b]
             assert len(mine) > 0
             for layer in range(2):
@@ -254,12 +311,16 @@ def test_router_logits_are_taken_at_the_target_positions_of_the_padded_batch(gat
 
 
 def test_batch_objective_adds_the_weighted_router_terms_and_gradients_reach_routers_and_tau(gate_cache, moe_student):
-    o, model, routing, batch = first_batch(gate_cache, moe_student, ce_weight=0.2, router_aux_coef=0.01,
-                                           expert_weight=0.3, coverage_weight=0.4)
+    o, model, routing, batch = first_batch(
+        gate_cache, moe_student, ce_weight=0.2, router_aux_coef=0.01, expert_weight=0.3, coverage_weight=0.4
+    )
     model.train()
     terms = batch_loss(Student(model, router_terms=routing), batch, o, torch.device("cpu"))
-    expected = terms["logit_loss"] + 0.3 * (terms["mc_loss"] + 0.4 * terms["coverage_loss"] + terms["router_loss"]) \
+    expected = (
+        terms["logit_loss"]
+        + 0.3 * (terms["mc_loss"] + 0.4 * terms["coverage_loss"] + terms["router_loss"])
         + 0.01 * terms["aux_loss"]
+    )
     torch.testing.assert_close(terms["loss"], expected)
     assert torch.isclose(terms["logit_loss"], 0.8 * terms["kd_loss"] + 0.2 * terms["ce_loss"])
     assert {"gate_entropy/0", "load_cv/1", "gate_kl/1", "tau/0", "tau/1"} <= set(terms)
@@ -317,8 +378,16 @@ def test_tau_is_clamped_after_every_step(gate_cache, moe_student, tmp_path):
 
 
 def test_bdistill_resumes_to_identical_metrics(gate_cache, moe_student, tmp_path, interrupt_at_step):
-    kw = dict(cache=str(gate_cache), samples="random", grad_accum=2, max_steps=4, save_every=2, eval_every=2, warmup=2,
-              router_aux_coef=0.01)
+    kw = dict(
+        cache=str(gate_cache),
+        samples="random",
+        grad_accum=2,
+        max_steps=4,
+        save_every=2,
+        eval_every=2,
+        warmup=2,
+        router_aux_coef=0.01,
+    )
     train(options(moe_student, tmp_path / "whole", **kw))
     interrupt_at_step(4, lambda: train(options(moe_student, tmp_path / "cut", **kw)))
     resumed = train(options(moe_student, tmp_path / "cut", resume="auto", workers=1, **kw))
@@ -337,8 +406,17 @@ def test_every_supported_student_family_trains_with_bdistill(family, top_cache, 
     student = tmp_path / family
     make_tiny_model(family, tokenizer, student, seed=6, hidden=32, layers=2, experts=4)
     aux = 0.0 if family == "deepseek_v3" else 0.01
-    summary = train(options(student, tmp_path / "run", cache=str(top_cache), max_steps=2, router_aux_coef=aux,
-                            router_layers="last", loss="rkl"))
+    summary = train(
+        options(
+            student,
+            tmp_path / "run",
+            cache=str(top_cache),
+            max_steps=2,
+            router_aux_coef=aux,
+            router_layers="last",
+            loss="rkl",
+        )
+    )
     records = read_metrics(tmp_path / "run")
     assert summary.eval_loss < summary.eval_loss_start
     assert "tau/1" in records[-1] and "tau/0" not in records[-1] and np.isfinite(records[-1]["router_loss"])
@@ -355,8 +433,11 @@ def test_family_aux_loss_alone_is_added_over_the_non_padding_tokens(gate_cache, 
     torch.testing.assert_close(terms["aux_loss"], load_balancing_loss_func(logits, 4, 2, mask))
     assert not torch.isclose(terms["aux_loss"], load_balancing_loss_func(logits, 4, 2, None))  # padding left out
     torch.testing.assert_close(terms["loss"], terms["logit_loss"] + 0.05 * terms["aux_loss"])
-    summary = train(options(moe_student, tmp_path / "run", cache=str(gate_cache), router_loss="none", router_aux_coef=0.05,
-                            max_steps=2))
+    summary = train(
+        options(
+            moe_student, tmp_path / "run", cache=str(gate_cache), router_loss="none", router_aux_coef=0.05, max_steps=2
+        )
+    )
     assert summary.steps == 2 and "aux_loss" in read_metrics(tmp_path / "run")[-1]
 
 
@@ -365,11 +446,49 @@ def test_cli_takes_every_router_flag(gate_cache, moe_student, tmp_path):
 
     from moekd.cli import app
 
-    args = ["train", "--cache", str(gate_cache), "--student", str(moe_student), "--out", str(tmp_path / "run"),
-            "--max-steps", "1", "--batch-tokens", "1024", "--eval-every", "0", "--save-every", "0", "--workers", "0",
-            "--device", "cpu", "--router-loss", "bdistill", "--expert-weight", "0.2", "--mc-draws", "2", "--mc-alpha", "0.7",
-            "--coverage-weight", "0.3", "--router-beta", "0.05", "--router-tau-init", "0.9", "--router-layers", "all",
-            "--layer-map", "0:2,1:0", "--expert-map", "stride", "--router-aux-coef", "0.02"]
+    args = [
+        "train",
+        "--cache",
+        str(gate_cache),
+        "--student",
+        str(moe_student),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "1",
+        "--batch-tokens",
+        "1024",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--router-loss",
+        "bdistill",
+        "--expert-weight",
+        "0.2",
+        "--mc-draws",
+        "2",
+        "--mc-alpha",
+        "0.7",
+        "--coverage-weight",
+        "0.3",
+        "--router-beta",
+        "0.05",
+        "--router-tau-init",
+        "0.9",
+        "--router-layers",
+        "all",
+        "--layer-map",
+        "0:2,1:0",
+        "--expert-map",
+        "stride",
+        "--router-aux-coef",
+        "0.02",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     record = read_metrics(tmp_path / "run")[-1]
@@ -383,8 +502,10 @@ def test_store_without_gates_is_refused(teacher, data_file, moe_student, tmp_pat
     few = tmp_path / "few.jsonl"
     few.write_text("".join(data_file.read_text().splitlines(keepends=True)[:4]))
     plain = build(teacher, few, tmp_path / "plain.zarr")
-    with pytest.raises(MoekdError, match="stores no teacher gate distributions; rebuild it with `moekd cache build ... "
-                                         "--router-probs full`"):
+    with pytest.raises(
+        MoekdError,
+        match="stores no teacher gate distributions; rebuild it with `moekd cache build ... --router-probs full`",
+    ):
         train(options(moe_student, tmp_path / "run", cache=str(plain)))
 
 
@@ -397,18 +518,24 @@ def test_dense_student_is_refused(gate_cache, tokenizer, tmp_path):
         train(options(dense, tmp_path / "run2", cache=str(gate_cache), router_loss="none", router_aux_coef=0.1))
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(mc_alpha=0.0), "--mc-alpha must be in \\(0, 1\\]"),
-    (dict(mc_alpha=1.5), "--mc-alpha must be in \\(0, 1\\]"),
-    (dict(mc_draws=0), "--mc-draws must be at least 1"),
-    (dict(router_loss="sar"), "--router-loss must be one of none, bdistill"),
-    (dict(router_tau_init=2.0), "--router-tau-init must be in \\[0.5, 1.5\\]"),
-    (dict(router_layers="first"), "--router-layers must be all or last"),
-    (dict(expert_map="random"), "--expert-map must be one of group, stride"),
-    (dict(expert_weight=-1.0), "--expert-weight must be a finite number >= 0"),
-    (dict(layer_map="0:0,2:1"), "--layer-map: student MoE layer 2 does not exist; the student has 2 MoE layers"),
-    (dict(layer_map="1:3"), "--layer-map: teacher MoE layer 3 \\(for student layer 1\\) is not in the cache, which stores 3"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(mc_alpha=0.0), "--mc-alpha must be in \\(0, 1\\]"),
+        (dict(mc_alpha=1.5), "--mc-alpha must be in \\(0, 1\\]"),
+        (dict(mc_draws=0), "--mc-draws must be at least 1"),
+        (dict(router_loss="sar"), "--router-loss must be one of none, bdistill"),
+        (dict(router_tau_init=2.0), "--router-tau-init must be in \\[0.5, 1.5\\]"),
+        (dict(router_layers="first"), "--router-layers must be all or last"),
+        (dict(expert_map="random"), "--expert-map must be one of group, stride"),
+        (dict(expert_weight=-1.0), "--expert-weight must be a finite number >= 0"),
+        (dict(layer_map="0:0,2:1"), "--layer-map: student MoE layer 2 does not exist; the student has 2 MoE layers"),
+        (
+            dict(layer_map="1:3"),
+            "--layer-map: teacher MoE layer 3 \\(for student layer 1\\) is not in the cache, which stores 3",
+        ),
+    ],
+)
 def test_bad_router_options_are_refused(gate_cache, moe_student, tmp_path, change, message):
     with pytest.raises(MoekdError, match=message):
         train(options(moe_student, tmp_path / "run", cache=str(gate_cache), **change))
@@ -419,9 +546,13 @@ def test_bdistill_needs_a_cache_and_fitting_experts(gate_cache, data_file, token
         train(options("x", tmp_path / "a", data=str(data_file), loss="ce"))
     wide = tmp_path / "wide"
     make_tiny_model("qwen3_moe", tokenizer, wide, hidden=32, layers=2, experts=16)
-    with pytest.raises(MoekdError, match="student has 16 experts per layer, more than the teacher's 8; student expert 8"):
+    with pytest.raises(
+        MoekdError, match="student has 16 experts per layer, more than the teacher's 8; student expert 8"
+    ):
         train(options(wide, tmp_path / "b", cache=str(gate_cache)))
     deepseek = tmp_path / "deepseek"
     make_tiny_model("deepseek_v3", tokenizer, deepseek, hidden=32, layers=2, experts=4)
-    with pytest.raises(MoekdError, match="--router-aux-coef: DeepseekV3ForCausalLM has no auxiliary load-balancing loss"):
+    with pytest.raises(
+        MoekdError, match="--router-aux-coef: DeepseekV3ForCausalLM has no auxiliary load-balancing loss"
+    ):
         train(options(deepseek, tmp_path / "c", cache=str(gate_cache), router_aux_coef=0.1))

@@ -52,7 +52,12 @@ def test_a_router_is_recognised_by_its_computation(normalise):
     model = TinyMoE(normalise=normalise)
     (info,) = recognise_routers(model)
     adapter = info.adapter
-    assert (adapter.score, adapter.normalise, adapter.scale_name, adapter.scale) == ("sigmoid", normalise, "scaling", 1.7)
+    assert (adapter.score, adapter.normalise, adapter.scale_name, adapter.scale) == (
+        "sigmoid",
+        normalise,
+        "scaling",
+        1.7,
+    )
     assert (adapter.num_experts, adapter.top_k, adapter.layout) == (6, 2, "triple")
     assert info.quirks == ("selection bias bias_for_choice (native top-k only)",)
     logits = torch.randn(5, 6)
@@ -88,10 +93,14 @@ def test_gemma4_per_expert_scale_is_frozen_and_norm_scale_trainable():
 
 def test_gate_adapter_errors_name_the_router():
     router = ScaledSigmoidRouter()
-    with pytest.raises(MoekdError, match="ScaledSigmoidRouter was not recognised yet: call moekd.routers.recognise_routers"):
+    with pytest.raises(
+        MoekdError, match="ScaledSigmoidRouter was not recognised yet: call moekd.routers.recognise_routers"
+    ):
         gate_adapter(router)
     infos = recognise_routers(make_tiny_family_model("phimoe"))
-    with pytest.raises(MoekdError, match="router class PhimoeTopKRouter is not supported: its weights are no known function"):
+    with pytest.raises(
+        MoekdError, match="router class PhimoeTopKRouter is not supported: its weights are no known function"
+    ):
         gate_adapter(infos[0].module)
     with pytest.raises(MoekdError, match="PhimoeTopKRouter is not supported"):
         gate_parameters(infos[0].module)

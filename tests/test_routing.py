@@ -22,17 +22,6 @@ from moekd.tiny_models import MOE_FAMILIES
 SOFTMAX_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
-@pytest.fixture(scope="module")
-def load(make_teacher):
-    from transformers import AutoModelForCausalLM
-
-    def load_model(family, **overrides):
-        model = AutoModelForCausalLM.from_pretrained(str(make_teacher(family)), **overrides)
-        return model.eval()
-
-    return load_model
-
-
 def batch(rows=2, length=12, seed=0, vocab=300):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (rows, length), generator=gen)
@@ -166,7 +155,9 @@ def test_unknown_router_computation_is_named():
     model = ModelWithUnknownRouter()
     ctrl = RouterController(model, make_policy("topk"))
     assert ctrl.router_class == "SquaredLogitsRouter" and ctrl.moe_layers == ["router"]
-    with pytest.raises(MoekdError, match="router class SquaredLogitsRouter is not supported: its weights are no known function"):
+    with pytest.raises(
+        MoekdError, match="router class SquaredLogitsRouter is not supported: its weights are no known function"
+    ):
         RouterController(model, make_policy("all"))
     with pytest.raises(MoekdError, match="capturing gate distributions: router class SquaredLogitsRouter"):
         RouterController(model, make_policy("topk"), capture_gates=True)
@@ -199,8 +190,8 @@ def test_describe_rebuilds_the_policy():
     policy = make_policy("ka", m=4, ka_lambda=0.1)
     assert (policy.name, policy.samples, policy.stochastic) == ("ka", 4, True)
     assert policy.describe() == {"ka_lambda": 0.1, "ka_drop": 1}
-    for policy in (policy, make_policy("topp", top_p=0.8), make_policy("mc", m=3), make_policy("all"), make_policy("topk")):
-        assert make_policy(policy.name, m=policy.samples, **policy.describe()) == policy
+    for p in (policy, make_policy("topp", top_p=0.8), make_policy("mc", m=3), make_policy("all"), make_policy("topk")):
+        assert make_policy(p.name, m=p.samples, **p.describe()) == p
 
 
 # ---------------------------------------------------------------- policy definitions against explicit computations
@@ -403,7 +394,11 @@ def test_generate_with_kv_cache_uses_absolute_positions(make_teacher, tokenizer)
     ctrl = RouterController(model, policy, capture_gates=True)
     with torch.no_grad(), ctrl.active(row_seeds=[5]):
         seq = model.generate(
-            prompt, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+            prompt,
+            attention_mask=mask,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
     last_step = ctrl.activated_experts()

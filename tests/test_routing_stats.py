@@ -100,7 +100,16 @@ def test_routing_stats_command(make_teacher, data_file, tmp_path):
 
     from moekd.cli import app
 
-    args = ["routing", "stats", "--teacher", str(make_teacher("olmoe")), "--data", str(data_file), "--max-examples", "8"]
+    args = [
+        "routing",
+        "stats",
+        "--teacher",
+        str(make_teacher("olmoe")),
+        "--data",
+        str(data_file),
+        "--max-examples",
+        "8",
+    ]
     table = CliRunner().invoke(app, args + ["--plot", str(tmp_path / "r.png")])
     assert table.exit_code == 0, table.output
     assert "model.layers.1.mlp.gate" in table.output and (tmp_path / "r.png").stat().st_size > 0
@@ -109,5 +118,7 @@ def test_routing_stats_command(make_teacher, data_file, tmp_path):
     assert stats["policy"] == "ka" and len(stats["layers"]) == 2
     for layer in stats["layers"]:
         assert abs(layer["activated_mass"] + layer["dormant_mass"] - 1) < 1e-5
-    dense = CliRunner().invoke(app, ["routing", "stats", "--teacher", str(make_teacher("llama")), "--data", str(data_file)])
+    dense = CliRunner().invoke(
+        app, ["routing", "stats", "--teacher", str(make_teacher("llama")), "--data", str(data_file)]
+    )
     assert "has no MoE routers" in str(dense.exception)

@@ -14,11 +14,18 @@ from moekd.errors import MoekdError
 from moekd.routers import find_routers, frozen_router_tensors
 from moekd.sar.objective import balance_terms, cv_squared, student_divergence, teacher_divergence
 from moekd.sar.options import run_dir, student_dir
-from moekd.sar.router_file import file_sha256, read_router_file, recognised_routers, router_gate_parameters, write_router_file
+from moekd.sar.router_file import (
+    file_sha256,
+    read_router_file,
+    recognised_routers,
+    router_gate_parameters,
+    write_router_file,
+)
 from moekd.sar.train import RouterTrainer, SarOptions, train_router
 from moekd.store.verify import verify_store
 from moekd.tiny_models import MOE_FAMILIES, make_tiny_family_model, make_tiny_model
-from tests.test_cache_build import interrupted_build, options as build_options
+from tests.test_cache_build import interrupted_build
+from tests.test_cache_build import options as build_options
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +44,20 @@ def student(tmp_path_factory, tokenizer):
 
 
 def sar_options(teacher, student, data, out, **kw) -> SarOptions:
-    base = dict(teacher=str(teacher), student=str(student), data=str(data), out=str(out), steps=3, lr=3e-2,
-                batch_tokens=512, max_prompt_len=96, max_len=128, max_new_tokens=12, device="cpu", save_every=0)
+    base = dict(
+        teacher=str(teacher),
+        student=str(student),
+        data=str(data),
+        out=str(out),
+        steps=3,
+        lr=3e-2,
+        batch_tokens=512,
+        max_prompt_len=96,
+        max_len=128,
+        max_new_tokens=12,
+        device="cpu",
+        save_every=0,
+    )
     return SarOptions(**{**base, **kw})
 
 
@@ -56,7 +75,9 @@ def _load(path):
 
 
 def _checksums(model) -> dict[str, str]:
-    return {name: hashlib.sha256(t.detach().float().numpy().tobytes()).hexdigest() for name, t in model.state_dict().items()}
+    return {
+        name: hashlib.sha256(t.detach().float().numpy().tobytes()).hexdigest() for name, t in model.state_dict().items()
+    }
 
 
 def _all_experts_natively(model):
@@ -92,8 +113,9 @@ def test_only_router_parameters_change_and_the_student_stays(family, make_teache
 
 def test_co_trained_student_changes_and_is_saved_beside_the_router_file(make_teacher, student, data, tmp_path):
     out = tmp_path / "router.safetensors"
-    trainer = RouterTrainer(sar_options(make_teacher("mixtral"), student, data, out, steps=2, co_train_student=True,
-                                        student_lr=1e-3))
+    trainer = RouterTrainer(
+        sar_options(make_teacher("mixtral"), student, data, out, steps=2, co_train_student=True, student_lr=1e-3)
+    )
     before = _checksums(trainer.student)
     summary = trainer.train()
     assert summary.student_out == str(student_dir(out)) == str(tmp_path / "router.student")
@@ -108,7 +130,9 @@ def test_co_trained_student_changes_and_is_saved_beside_the_router_file(make_tea
 @pytest.mark.parametrize("responses", ["data", "student"])
 def test_teacher_loss_falls(kld, responses, make_teacher, student, data, tmp_path):
     out = tmp_path / "r.safetensors"
-    s = train_router(sar_options(make_teacher("mixtral"), student, data, out, teacher_kld=kld, responses=responses, steps=4))
+    s = train_router(
+        sar_options(make_teacher("mixtral"), student, data, out, teacher_kld=kld, responses=responses, steps=4)
+    )
     assert s.loss_end < s.loss_start
     meta = read_router_file(out)[1]
     assert (meta.loss_start, meta.loss_end, meta.steps) == (s.loss_start, s.loss_end, 4)
@@ -120,8 +144,9 @@ def test_teacher_loss_falls(kld, responses, make_teacher, student, data, tmp_pat
 def test_gradient_checkpointing_trains_the_same_routers(make_teacher, student, data, tmp_path):
     teacher = make_teacher("qwen3_moe")
     plain = train_router(sar_options(teacher, student, data, tmp_path / "a.safetensors", steps=1))
-    checkpointed = train_router(sar_options(teacher, student, data, tmp_path / "b.safetensors", steps=1,
-                                            gradient_checkpointing=True))
+    checkpointed = train_router(
+        sar_options(teacher, student, data, tmp_path / "b.safetensors", steps=1, gradient_checkpointing=True)
+    )
     assert checkpointed.loss_end == pytest.approx(plain.loss_end, rel=1e-5)
     a, b = read_router_file(tmp_path / "a.safetensors")[0], read_router_file(tmp_path / "b.safetensors")[0]
     for name in a:
@@ -129,8 +154,9 @@ def test_gradient_checkpointing_trains_the_same_routers(make_teacher, student, d
 
 
 def test_bfloat16_teacher_trains_float32_router_weights(make_teacher, student, data, tmp_path):
-    trainer = RouterTrainer(sar_options(make_teacher("mixtral"), student, data, tmp_path / "r.safetensors", steps=1,
-                                        dtype="bfloat16"))
+    trainer = RouterTrainer(
+        sar_options(make_teacher("mixtral"), student, data, tmp_path / "r.safetensors", steps=1, dtype="bfloat16")
+    )
     routers = trainer.routers
     assert all(p.dtype == torch.float32 and p.requires_grad for p in routers.values())
     others = [p for n, p in trainer.teacher.named_parameters() if n not in routers]
@@ -143,7 +169,9 @@ def test_bfloat16_teacher_trains_float32_router_weights(make_teacher, student, d
 def test_unsupported_router_class_is_refused(tokenizer, student, data, tmp_path):
     teacher = tmp_path / "phimoe"  # no known router computation fits its sparsemixer weights
     make_tiny_family_model("phimoe", vocab_size=len(tokenizer), seed=1, out_dir=teacher, tokenizer=tokenizer)
-    with pytest.raises(MoekdError, match="--teacher: router class PhimoeTopKRouter is not supported by SAR: its weights"):
+    with pytest.raises(
+        MoekdError, match="--teacher: router class PhimoeTopKRouter is not supported by SAR: its weights"
+    ):
         RouterTrainer(sar_options(teacher, student, data, tmp_path / "r.safetensors"))
 
 
@@ -155,8 +183,12 @@ def test_divergences_equal_their_definitions():
     teacher, student = torch.randn(7, 50, generator=g) * 3, torch.randn(7, 50, generator=g) * 3
     p = torch.softmax(teacher.double(), -1).numpy()
     q = torch.softmax(student.double(), -1).numpy()
-    np.testing.assert_allclose(teacher_divergence(teacher, student, "reverse").numpy(), (p * np.log(p / q)).sum(-1), rtol=1e-5)
-    np.testing.assert_allclose(teacher_divergence(teacher, student, "forward").numpy(), -(q * np.log(p)).sum(-1), rtol=1e-5)
+    np.testing.assert_allclose(
+        teacher_divergence(teacher, student, "reverse").numpy(), (p * np.log(p / q)).sum(-1), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        teacher_divergence(teacher, student, "forward").numpy(), -(q * np.log(p)).sum(-1), rtol=1e-5
+    )
     np.testing.assert_allclose(student_divergence(student, teacher).numpy(), (q * np.log(q / p)).sum(-1), rtol=1e-5)
 
 
@@ -204,8 +236,8 @@ def test_trainer_loss_equals_an_independent_all_expert_computation(make_teacher,
 
 
 def test_router_file_round_trips_and_is_refused_for_another_teacher(router_file, make_teacher, tmp_path):
-    from moekd.sar.router_file import check_router_file, load_router_file
     from moekd.models import checkpoint_sha256
+    from moekd.sar.router_file import check_router_file, load_router_file
 
     tensors, meta = read_router_file(router_file)
     copy = tmp_path / "copy.safetensors"
@@ -296,15 +328,21 @@ def test_resume_of_a_sar_build_refuses_another_router_file(router_file, make_tea
     other = tmp_path / "other.safetensors"
     write_router_file(other, {k: v * 2 for k, v in tensors.items()}, meta)
     with pytest.raises(MoekdError, match=r"other settings \(router_sha256: "):
-        build_cache(build_options(teacher, data, out, policy="sar", router=str(other), positions_per_shard=128, resume=True))
-    build_cache(build_options(teacher, data, out, policy="sar", router=str(router_file), positions_per_shard=128, resume=True))
+        build_cache(
+            build_options(teacher, data, out, policy="sar", router=str(other), positions_per_shard=128, resume=True)
+        )
+    build_cache(
+        build_options(teacher, data, out, policy="sar", router=str(router_file), positions_per_shard=128, resume=True)
+    )
     assert CacheReader(out).meta.build.status == "complete"
 
 
 # ---------------------------------------------------------------- resume
 
 
-def test_interrupted_run_resumes_to_the_same_router_and_student(make_teacher, student, data, tmp_path, interrupt_at_step):
+def test_interrupted_run_resumes_to_the_same_router_and_student(
+    make_teacher, student, data, tmp_path, interrupt_at_step
+):
     kw = dict(steps=4, save_every=2, co_train_student=True, student_lr=1e-3, responses="student")
     teacher = make_teacher("mixtral")
     whole = train_router(sar_options(teacher, student, data, tmp_path / "whole.safetensors", **kw))
@@ -326,11 +364,14 @@ def test_interrupted_run_resumes_to_the_same_router_and_student(make_teacher, st
     assert [r["step"] for r in resumed_metrics] == [r["step"] for r in whole_metrics] == [1, 2, 3, 4]
     for got, expected in zip(resumed_metrics, whole_metrics):
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    (a, meta_a), (b, meta_b) = read_router_file(tmp_path / "whole.safetensors"), read_router_file(cut)
+    (a, _), (b, meta_b) = read_router_file(tmp_path / "whole.safetensors"), read_router_file(cut)
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-6, atol=1e-6)
     assert meta_b.loss_start == whole.loss_start and meta_b.loss_end == pytest.approx(whole.loss_end, rel=1e-6)
-    got, expected = _load(student_dir(cut)).state_dict(), _load(student_dir(tmp_path / "whole.safetensors")).state_dict()
+    got, expected = (
+        _load(student_dir(cut)).state_dict(),
+        _load(student_dir(tmp_path / "whole.safetensors")).state_dict(),
+    )
     for n in expected:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-6, atol=1e-6)
     with pytest.raises(MoekdError, match="already exists"):
@@ -354,7 +395,18 @@ def test_routing_stats_compare_reports_the_kl_to_the_trained_routers(router_file
     from moekd.cli import app
 
     teacher = make_teacher("mixtral")
-    args = ["routing", "stats", "--teacher", str(teacher), "--data", str(data), "--max-examples", "6", "--policy", "all"]
+    args = [
+        "routing",
+        "stats",
+        "--teacher",
+        str(teacher),
+        "--data",
+        str(data),
+        "--max-examples",
+        "6",
+        "--policy",
+        "all",
+    ]
     result = CliRunner().invoke(app, args + ["--compare", str(router_file), "--json"])
     assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)
@@ -376,8 +428,12 @@ def test_routing_stats_compare_reports_the_kl_to_the_trained_routers(router_file
     for ex in examples:
         ids = torch.from_numpy(ex.input_ids[None].astype(np.int64))
         with torch.no_grad():
-            g = torch.softmax(original(ids, output_router_logits=True).router_logits[0].double(), -1)[ex.target_positions]
-            t = torch.softmax(trained(ids, output_router_logits=True).router_logits[0].double(), -1)[ex.target_positions]
+            g = torch.softmax(original(ids, output_router_logits=True).router_logits[0].double(), -1)[
+                ex.target_positions
+            ]
+            t = torch.softmax(trained(ids, output_router_logits=True).router_logits[0].double(), -1)[
+                ex.target_positions
+            ]
         total += float((g * (g.log() - t.log())).sum())
         tokens += len(ex.target_positions)
     assert kls[0] == pytest.approx(total / tokens, rel=1e-3)
@@ -385,7 +441,9 @@ def test_routing_stats_compare_reports_the_kl_to_the_trained_routers(router_file
     # the teacher's own routers in a router file: nothing moved
     tensors, meta = read_router_file(router_file)
     same = tmp_path / "same.safetensors"
-    write_router_file(same, {n: p.detach() for n, p in router_gate_parameters(recognised_routers(_load(teacher))).items()}, meta)
+    write_router_file(
+        same, {n: p.detach() for n, p in router_gate_parameters(recognised_routers(_load(teacher))).items()}, meta
+    )
     unchanged = json.loads(CliRunner().invoke(app, args + ["--compare", str(same), "--json"]).stdout)
     assert all(layer["kl_to_trained"] == 0 for layer in unchanged["layers"])
     table = CliRunner().invoke(app, args + ["--compare", str(router_file)])
@@ -403,30 +461,78 @@ def test_cli_sar_train_then_sar_cache(make_teacher, student, data, tmp_path):
     from moekd.cli import app
 
     teacher, out = make_teacher("olmoe"), tmp_path / "router.safetensors"
-    args = ["sar", "train", "--teacher", str(teacher), "--student", str(student), "--data", str(data), "--out", str(out),
-            "--steps", "1", "--lr", "1e-3", "--batch-tokens", "512", "--max-prompt-len", "96", "--max-len", "128",
-            "--device", "cpu", "--save-every", "0"]
+    args = [
+        "sar",
+        "train",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--lr",
+        "1e-3",
+        "--batch-tokens",
+        "512",
+        "--max-prompt-len",
+        "96",
+        "--max-len",
+        "128",
+        "--device",
+        "cpu",
+        "--save-every",
+        "0",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "trained the routers for 1 steps" in result.output and out.exists()
-    built = CliRunner().invoke(app, ["cache", "build", "--teacher", str(teacher), "--data", str(data), "--out",
-                                     str(tmp_path / "sar.zarr"), "--policy", "sar", "--router", str(out), "--k", "8",
-                                     "--max-prompt-len", "96", "--max-len", "128", "--device", "cpu"])
+    built = CliRunner().invoke(
+        app,
+        [
+            "cache",
+            "build",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "sar.zarr"),
+            "--policy",
+            "sar",
+            "--router",
+            str(out),
+            "--k",
+            "8",
+            "--max-prompt-len",
+            "96",
+            "--max-len",
+            "128",
+            "--device",
+            "cpu",
+        ],
+    )
     assert built.exit_code == 0, built.output
     assert CacheReader(tmp_path / "sar.zarr").meta.policy.router.sha256 == file_sha256(out)
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(beta=-0.1), "--beta must be >= 0"),
-    (dict(lr=0.0), r"--lr must be > 0"),
-    (dict(lr=-1e-3), r"--lr must be > 0"),
-    (dict(teacher_kld="jsd"), "--teacher-kld must be one of reverse, forward"),
-    (dict(responses="mixed"), "--responses must be one of data, student"),
-    (dict(student_lr=1e-4), "--student-lr applies only with --co-train-student"),
-    (dict(out="router.pt"), "give it the .safetensors suffix"),
-    (dict(dtype="float16"), "--dtype float16"),
-    (dict(steps=0), "--steps must be positive"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(beta=-0.1), "--beta must be >= 0"),
+        (dict(lr=0.0), r"--lr must be > 0"),
+        (dict(lr=-1e-3), r"--lr must be > 0"),
+        (dict(teacher_kld="jsd"), "--teacher-kld must be one of reverse, forward"),
+        (dict(responses="mixed"), "--responses must be one of data, student"),
+        (dict(student_lr=1e-4), "--student-lr applies only with --co-train-student"),
+        (dict(out="router.pt"), "give it the .safetensors suffix"),
+        (dict(dtype="float16"), "--dtype float16"),
+        (dict(steps=0), "--steps must be positive"),
+    ],
+)
 def test_bad_options_are_refused(change, message, make_teacher, student, data, tmp_path):
     o = sar_options(make_teacher("mixtral"), student, data, tmp_path / "r.safetensors")
     with pytest.raises(MoekdError, match=message):
@@ -441,8 +547,11 @@ def test_dense_teacher_and_foreign_student_tokenizer_are_refused(make_teacher, s
     other = train_tokenizer(["a few words of text for another tokenizer"] * 4, vocab_size=300)
     foreign = tmp_path / "foreign"
     make_tiny_model("llama", other, foreign, hidden=32)
-    with pytest.raises(MoekdError, match=r"--student: the student's tokenizer .* differs from the teacher's .*"
-                                         r"token-to-id mapping differs.*use a student built with the teacher's tokenizer"):
+    with pytest.raises(
+        MoekdError,
+        match=r"--student: the student's tokenizer .* differs from the teacher's .*"
+        r"token-to-id mapping differs.*use a student built with the teacher's tokenizer",
+    ):
         RouterTrainer(sar_options(make_teacher("mixtral"), foreign, data, tmp_path / "b.safetensors"))
 
 
@@ -453,9 +562,13 @@ def test_cache_build_router_flags_are_checked(router_file, make_teacher, data, t
     with pytest.raises(MoekdError, match="--router applies only to --policy sar, not --policy all"):
         build_cache(build_options(teacher, data, tmp_path / "b.zarr", policy="all", router=str(router_file)))
     with pytest.raises(MoekdError, match="was trained for another teacher"):
-        build_cache(build_options(make_teacher("qwen2_moe"), data, tmp_path / "c.zarr", policy="sar", router=str(router_file)))
+        build_cache(
+            build_options(make_teacher("qwen2_moe"), data, tmp_path / "c.zarr", policy="sar", router=str(router_file))
+        )
     with pytest.raises(MoekdError, match="is dense"):
-        build_cache(build_options(make_teacher("llama"), data, tmp_path / "d.zarr", policy="sar", router=str(router_file)))
+        build_cache(
+            build_options(make_teacher("llama"), data, tmp_path / "d.zarr", policy="sar", router=str(router_file))
+        )
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(router_file.read_bytes()[:40])
     with pytest.raises(MoekdError, match="truncated or damaged"):

@@ -40,7 +40,17 @@ def cli_args(teacher, data, out) -> list[str]:
 
 
 def torchrun(nproc: int, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "moekd", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "moekd",
+        *args,
+    ]
 
 
 @pytest.fixture
@@ -71,7 +81,9 @@ def assert_same_arrays(path: Path, reference: Path) -> None:
     for name in b.meta.layout.arrays:
         np.testing.assert_array_equal(a.group[name][:], b.group[name][:], err_msg=name)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["files"] == json.loads((reference / "manifest.json").read_text())["files"]  # byte for byte, file by file
+    assert (
+        manifest["files"] == json.loads((reference / "manifest.json").read_text())["files"]
+    )  # byte for byte, file by file
 
 
 def test_two_ranks_build_the_store_of_one_and_report_once(reference, make_teacher, data_file, tmp_path):
@@ -99,12 +111,17 @@ def _rank_pid(agent: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_leaves_its_units_unmarked_and_resume_redoes_only_those(reference, make_teacher, data_file,
-                                                                              tmp_path, one_thread):
+def test_a_killed_rank_leaves_its_units_unmarked_and_resume_redoes_only_those(
+    reference, make_teacher, data_file, tmp_path, one_thread
+):
     ref, ref_summary = reference
     out = tmp_path / "killed.zarr"
-    agent = subprocess.Popen(torchrun(2, cli_args(make_teacher("mixtral"), data_file, out)), env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    agent = subprocess.Popen(
+        torchrun(2, cli_args(make_teacher("mixtral"), data_file, out)),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     killed = False
     try:
         deadline = time.time() + 200
@@ -135,7 +152,10 @@ def test_shard_jobs_in_any_order_then_finalize(reference, make_teacher, data_fil
     ref, ref_summary = reference
     teacher, out = make_teacher("mixtral"), tmp_path / "sharded.zarr"
     second = build_cache(options(teacher, data_file, out, shard="1/2"))  # plans the store, writes odd units
-    assert second.units_done == ref_summary.units_total // 2 and second.units_missing == second.units_total - second.units_done
+    assert (
+        second.units_done == ref_summary.units_total // 2
+        and second.units_missing == second.units_total - second.units_done
+    )
     early = CliRunner().invoke(app, ["cache", "finalize", str(out)])
     assert isinstance(early.exception, MoekdError) and "unfinished shards 0/2" in str(early.exception)
     assert "--shard I/2" in str(early.exception) and store_state(out) == "unfinished"
@@ -179,11 +199,14 @@ def test_a_plan_is_published_once_and_others_join_it(reference, make_teacher, da
             CacheWriter._plan = real_plan
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(shard="2/2"), "--shard: '2/2' is not I/N with 0 <= I < N"),
-    (dict(shard="a/b"), "--shard: 'a/b' is not I/N"),
-    (dict(shard="0/2", overwrite=True), "--shard and --overwrite exclude each other"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(shard="2/2"), "--shard: '2/2' is not I/N with 0 <= I < N"),
+        (dict(shard="a/b"), "--shard: 'a/b' is not I/N"),
+        (dict(shard="0/2", overwrite=True), "--shard and --overwrite exclude each other"),
+    ],
+)
 def test_bad_shard_flags(change, message, make_teacher, data_file, tmp_path):
     with pytest.raises(MoekdError, match=re.escape(message)):
         build_cache(options(make_teacher("mixtral"), data_file, tmp_path / "c.zarr", **change))

@@ -20,8 +20,18 @@ from moekd.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.timeout(300)
 
-FLAGS = dict(lr=3e-3, batch_tokens=200, grad_accum=2, max_steps=6, eval_every=3, save_every=3, workers=0,
-             device="cpu", eval_fraction=0.1, warmup=2)
+FLAGS = dict(
+    lr=3e-3,
+    batch_tokens=200,
+    grad_accum=2,
+    max_steps=6,
+    eval_every=3,
+    save_every=3,
+    workers=0,
+    device="cpu",
+    eval_fraction=0.1,
+    warmup=2,
+)
 CLI_FIELDS = {"instruction": None, "context": None, "response": None}  # what the CLI passes when no field flag is given
 
 
@@ -41,7 +51,9 @@ def one_process(student, cache, out, **kw):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun rank
     try:
-        return train(TrainOptions(student=str(student), out=str(out), cache=str(cache), fields=CLI_FIELDS, **{**FLAGS, **kw}))
+        return train(
+            TrainOptions(student=str(student), out=str(out), cache=str(cache), fields=CLI_FIELDS, **{**FLAGS, **kw})
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -60,17 +72,29 @@ def assert_same_trajectory(a: dict, b: dict) -> None:
 def test_ddp_matches_one_process_writes_once_and_resumes_on_one_rank(cache, student, tmp_path):
     reader = CacheReader(cache)
     train_idx, _ = held_out_split(len(reader), FLAGS["eval_fraction"])
-    order = BatchOrder(train_idx, reader.example_lengths(), reader.position_offsets[:-1] // reader.meta.layout.positions_per_shard, FLAGS["batch_tokens"], 0)
-    first = order.epoch(0)[:FLAGS["max_steps"] * FLAGS["grad_accum"]]
-    assert any(len(b) == 1 for b in first), "no batch leaves a rank with an empty share: the zero-backward path goes untested"
+    order = BatchOrder(
+        train_idx,
+        reader.example_lengths(),
+        reader.position_offsets[:-1] // reader.meta.layout.positions_per_shard,
+        FLAGS["batch_tokens"],
+        0,
+    )
+    first = order.epoch(0)[: FLAGS["max_steps"] * FLAGS["grad_accum"]]
+    assert any(len(b) == 1 for b in first), (
+        "no batch leaves a rank with an empty share: the zero-backward path goes untested"
+    )
 
     reference = one_process(student, cache, tmp_path / "one")
     args = ["train", "--cache", str(cache), "--student", str(student), "--out", str(tmp_path / "two")]
     for key, value in FLAGS.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "moekd", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=240)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moekd", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert " ".join(run.stderr.split()).count("trained 6 steps") == 1  # one summary, from rank 0
     two = tmp_path / "two"
@@ -94,8 +118,19 @@ def gate_cache(tmp_path_factory, make_teacher, data_file):
     from moekd.cache_builder.build import BuildOptions, build_cache
 
     out = tmp_path_factory.mktemp("ddp_gates") / "gates.zarr"
-    build_cache(BuildOptions(teacher=str(make_teacher("mixtral")), data=str(data_file), out=str(out), k=16,
-                             max_prompt_len=96, max_len=128, batch_tokens=512, device="cpu", router_probs="full"))
+    build_cache(
+        BuildOptions(
+            teacher=str(make_teacher("mixtral")),
+            data=str(data_file),
+            out=str(out),
+            k=16,
+            max_prompt_len=96,
+            max_len=128,
+            batch_tokens=512,
+            device="cpu",
+            router_probs="full",
+        )
+    )
     return out
 
 
@@ -107,13 +142,32 @@ def test_ddp_bdistill_matches_one_process(gate_cache, tokenizer, tmp_path):
     make_tiny_model("mixtral", tokenizer, student, seed=3, hidden=32, layers=2, experts=2)
     bd = dict(router_loss="bdistill", coverage_weight=0.0, expert_weight=0.5, router_beta=0.5)
     one_process(student, gate_cache, tmp_path / "one", **bd)
-    args = ["train", "--cache", str(gate_cache), "--student", str(student), "--out", str(tmp_path / "two"),
-            "--router-loss", "bdistill", "--coverage-weight", "0", "--expert-weight", "0.5", "--router-beta", "0.5"]
+    args = [
+        "train",
+        "--cache",
+        str(gate_cache),
+        "--student",
+        str(student),
+        "--out",
+        str(tmp_path / "two"),
+        "--router-loss",
+        "bdistill",
+        "--coverage-weight",
+        "0",
+        "--expert-weight",
+        "0.5",
+        "--router-beta",
+        "0.5",
+    ]
     for key, value in FLAGS.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "moekd", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=240)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moekd", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in two] == list(range(7))

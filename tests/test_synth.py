@@ -40,7 +40,10 @@ def test_splits_are_disjoint_and_families_balanced(suite):
 
 
 def test_test_split_does_not_depend_on_train_size():
-    assert generate_suite(0, n_train=10, n_valid=5, n_test=40)["test"] == generate_suite(0, n_train=300, n_valid=5, n_test=40)["test"]
+    assert (
+        generate_suite(0, n_train=10, n_valid=5, n_test=40)["test"]
+        == generate_suite(0, n_train=300, n_valid=5, n_test=40)["test"]
+    )
 
 
 def test_records_are_short(suite):
@@ -90,7 +93,23 @@ def test_too_many_records_or_negative_counts_are_errors():
 
 
 def test_cli_synth(tmp_path):
-    result = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path), "--seed", "1", "--n-train", "32", "--n-valid", "16", "--n-test", "16"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "data",
+            "synth",
+            "--out",
+            str(tmp_path),
+            "--seed",
+            "1",
+            "--n-train",
+            "32",
+            "--n-valid",
+            "16",
+            "--n-test",
+            "16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "arithmetic" in result.output
     assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 32

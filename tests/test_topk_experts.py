@@ -13,7 +13,7 @@ from moekd.cli import app
 from moekd.errors import MoekdError
 from moekd.tiny_models import MOE_FAMILIES
 from tests.test_cache_build import options, read_all
-from tests.test_routing import batch, block_io, expert_outputs, hook_counts, load, run  # noqa: F401 (fixture)
+from tests.test_routing import batch, block_io, expert_outputs, hook_counts, run
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -86,15 +86,39 @@ def test_errors_name_the_flag(load):
 def test_cache_build_records_k_and_native_k_gives_the_topk_store(make_teacher, data_file, tmp_path):
     teacher = make_teacher("mixtral")
     build_cache(options(teacher, data_file, tmp_path / "topk.zarr"))
-    result = CliRunner().invoke(app, [
-        "cache", "build", "--teacher", str(teacher), "--data", str(data_file), "--out", str(tmp_path / "k2.zarr"),
-        "--experts", "2", "--k", "16", "--max-prompt-len", "96", "--max-len", "128", "--batch-tokens", "512",
-        "--positions-per-shard", "256", "--device", "cpu",
-    ])
+    result = CliRunner().invoke(
+        app,
+        [
+            "cache",
+            "build",
+            "--teacher",
+            str(teacher),
+            "--data",
+            str(data_file),
+            "--out",
+            str(tmp_path / "k2.zarr"),
+            "--experts",
+            "2",
+            "--k",
+            "16",
+            "--max-prompt-len",
+            "96",
+            "--max-len",
+            "128",
+            "--batch-tokens",
+            "512",
+            "--positions-per-shard",
+            "256",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     build_cache(options(teacher, data_file, tmp_path / "k4.zarr", policy_params={"experts": 4}))
     assert CacheReader(tmp_path / "k2.zarr").meta.policy.params == {"experts": 2}
     assert CacheReader(tmp_path / "k4.zarr").meta.policy.params == {"experts": 4}
     native, k2, k4 = (read_all(tmp_path / f"{n}.zarr") for n in ("topk", "k2", "k4"))
     assert all(np.array_equal(native[name], k2[name]) for name in native)
-    assert not np.array_equal(native["topk_ids"], k4["topk_ids"]) or not np.array_equal(native["topk_logprobs"], k4["topk_logprobs"])
+    assert not np.array_equal(native["topk_ids"], k4["topk_ids"]) or not np.array_equal(
+        native["topk_logprobs"], k4["topk_logprobs"]
+    )

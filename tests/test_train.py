@@ -14,16 +14,25 @@ from moekd.cache_builder.build import BuildOptions, build_cache
 from moekd.distill import objective as objective_module
 from moekd.distill.checkpoint import is_complete
 from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader
-from moekd.distill.sources import CacheSource
 from moekd.distill.metrics import read_metrics
+from moekd.distill.sources import CacheSource
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.tiny_models import make_tiny_model, tiny_config
 
 
 def build(teacher, data, out, **kw) -> Path:
-    base = dict(teacher=str(teacher), data=str(data), out=str(out), k=16, max_prompt_len=96, max_len=128,
-                batch_tokens=512, positions_per_shard=256, device="cpu")
+    base = dict(
+        teacher=str(teacher),
+        data=str(data),
+        out=str(out),
+        k=16,
+        max_prompt_len=96,
+        max_len=128,
+        batch_tokens=512,
+        positions_per_shard=256,
+        device="cpu",
+    )
     build_cache(BuildOptions(**{**base, **kw}))
     return out
 
@@ -47,8 +56,18 @@ def student(tmp_path_factory, tokenizer) -> Path:
 
 
 def options(student, out, **kw) -> TrainOptions:
-    base = dict(student=str(student), out=str(out), lr=3e-3, batch_tokens=1024, max_steps=6, eval_every=3,
-                save_every=3, workers=0, device="cpu", eval_fraction=0.1)
+    base = dict(
+        student=str(student),
+        out=str(out),
+        lr=3e-3,
+        batch_tokens=1024,
+        max_steps=6,
+        eval_every=3,
+        save_every=3,
+        workers=0,
+        device="cpu",
+        eval_fraction=0.1,
+    )
     return TrainOptions(**{**base, **kw})
 
 
@@ -83,8 +102,10 @@ def test_loader_position_restores_the_same_order_and_workers_read_the_same_batch
     order = BatchOrder(train_idx, source.lengths, source.shards, 1024, seed=0, epochs=3)
     full = [(e, b, tuple(x)) for e, b, x in order]
     n0 = len(order.epoch(0))
-    resumed = BatchOrder(train_idx, source.lengths, source.shards, 1024, seed=0, start=LoaderPosition(0, n0 - 2), epochs=3)
-    assert [(e, b, tuple(x)) for e, b, x in resumed] == full[n0 - 2:]
+    resumed = BatchOrder(
+        train_idx, source.lengths, source.shards, 1024, seed=0, start=LoaderPosition(0, n0 - 2), epochs=3
+    )
+    assert [(e, b, tuple(x)) for e, b, x in resumed] == full[n0 - 2 :]
     # batches stay inside one position shard apart from examples straddling a boundary
     assert np.mean([len(set(source.shards[list(x)])) == 1 for _, _, x in full]) > 0.5
 
@@ -127,8 +148,17 @@ def test_kd_training_lowers_held_out_loss_and_writes_checkpoints(kd_run):
 
 
 def test_interrupted_run_resumes_to_identical_metrics(cache, student, tmp_path, interrupt_at_step):
-    kw = dict(cache=str(cache), samples="random", grad_accum=2, max_steps=5, save_every=2, eval_every=2, schedule="cosine", warmup=2,
-              loss_chunk=96)  # several chunks per batch
+    kw = dict(
+        cache=str(cache),
+        samples="random",
+        grad_accum=2,
+        max_steps=5,
+        save_every=2,
+        eval_every=2,
+        schedule="cosine",
+        warmup=2,
+        loss_chunk=96,
+    )  # several chunks per batch
     train(options(student, tmp_path / "whole", **kw))
 
     interrupt_at_step(4, lambda: train(options(student, tmp_path / "cut", **kw)))
@@ -137,14 +167,27 @@ def test_interrupted_run_resumes_to_identical_metrics(cache, student, tmp_path, 
     assert resumed.resumed_from.endswith("step-000002")
 
     def losses(name):
-        return [(r["step"], r.get("loss"), r.get("eval_loss"), r["lr"], r["tokens"]) for r in read_metrics(tmp_path / name)]
+        return [
+            (r["step"], r.get("loss"), r.get("eval_loss"), r["lr"], r["tokens"]) for r in read_metrics(tmp_path / name)
+        ]
 
     assert losses("cut") == losses("whole")
 
 
 def test_sft_from_data_lowers_loss(student, data_file, tmp_path):
-    summary = train(options(student, tmp_path / "sft", data=str(data_file), loss="ce", max_prompt_len=96, max_len=128,
-                            max_steps=4, eval_every=0, save_every=0))
+    summary = train(
+        options(
+            student,
+            tmp_path / "sft",
+            data=str(data_file),
+            loss="ce",
+            max_prompt_len=96,
+            max_len=128,
+            max_steps=4,
+            eval_every=0,
+            save_every=0,
+        )
+    )
     assert summary.eval_loss < summary.eval_loss_start
     assert is_complete(tmp_path / "sft" / "final")
 
@@ -152,8 +195,11 @@ def test_sft_from_data_lowers_loss(student, data_file, tmp_path):
 def test_moe_student_trains_from_the_cache_with_mixed_objective(cache, tokenizer, tmp_path):
     moe = tmp_path / "qwen3_moe"
     make_tiny_model("qwen3_moe", tokenizer, moe, seed=4, hidden=32, experts=4)
-    summary = train(options(moe, tmp_path / "run", cache=str(cache), loss="jsd", ce_weight=0.3, max_steps=3,
-                            eval_every=0, save_every=0))
+    summary = train(
+        options(
+            moe, tmp_path / "run", cache=str(cache), loss="jsd", ce_weight=0.3, max_steps=3, eval_every=0, save_every=0
+        )
+    )
     last = read_metrics(tmp_path / "run")[-1]
     assert summary.eval_loss < summary.eval_loss_start
     assert np.isclose(last["loss"], 0.7 * last["kd_loss"] + 0.3 * last["ce_loss"])
@@ -164,9 +210,29 @@ def test_cli_train(cache, student, tmp_path):
 
     from moekd.cli import app
 
-    args = ["train", "--cache", str(cache), "--student", str(student), "--out", str(tmp_path / "run"), "--max-steps", "2",
-            "--lr", "3e-3", "--batch-tokens", "1024", "--eval-every", "0", "--save-every", "0", "--workers", "0",
-            "--device", "cpu"]
+    args = [
+        "train",
+        "--cache",
+        str(cache),
+        "--student",
+        str(student),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "2",
+        "--lr",
+        "3e-3",
+        "--batch-tokens",
+        "1024",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "trained 2 steps" in result.output and is_complete(tmp_path / "run" / "final")
@@ -175,8 +241,10 @@ def test_cli_train(cache, student, tmp_path):
 
 
 def test_training_code_never_imports_the_teacher_side():
-    code = ("import sys, moekd.cli, moekd.distill.train; "
-            "print([m for m in sys.modules if m.startswith('moekd.cache_builder')])")
+    code = (
+        "import sys, moekd.cli, moekd.distill.train; "
+        "print([m for m in sys.modules if m.startswith('moekd.cache_builder')])"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -187,8 +255,12 @@ def test_training_code_never_imports_the_teacher_side():
 def test_nan_loss_stops_naming_step_and_examples_and_keeps_last_checkpoint(cache, student, tmp_path, monkeypatch):
     real, calls = objective_module.sparse_losses_, []
 
-    def nan_from_third_step(logits, topk_ids, topk_logprobs, tail_logprob, labels, kd_weight, ce_weight, need_grad, *rest):
-        kd, ce, grad = real(logits, topk_ids, topk_logprobs, tail_logprob, labels, kd_weight, ce_weight, need_grad, *rest)
+    def nan_from_third_step(
+        logits, topk_ids, topk_logprobs, tail_logprob, labels, kd_weight, ce_weight, need_grad, *rest
+    ):
+        kd, ce, grad = real(
+            logits, topk_ids, topk_logprobs, tail_logprob, labels, kd_weight, ce_weight, need_grad, *rest
+        )
         if need_grad:  # a training step, not an evaluation
             calls.append(1)
             if len(calls) >= 3:
@@ -196,7 +268,9 @@ def test_nan_loss_stops_naming_step_and_examples_and_keeps_last_checkpoint(cache
         return kd, ce, grad
 
     monkeypatch.setattr(objective_module, "sparse_losses_", nan_from_third_step)
-    with pytest.raises(MoekdError, match=r"step 3: the loss is nan on batch \d+ of epoch 0 \(examples \[\d+.*step-000002"):
+    with pytest.raises(
+        MoekdError, match=r"step 3: the loss is nan on batch \d+ of epoch 0 \(examples \[\d+.*step-000002"
+    ):
         train(options(student, tmp_path / "run", cache=str(cache), save_every=2, eval_every=0))
     assert is_complete(tmp_path / "run" / "step-000002") and not (tmp_path / "run" / "step-000003").exists()
     assert not (tmp_path / "run" / "final").exists()
@@ -246,8 +320,11 @@ def test_tokenizer_mismatch_names_both_and_how_they_differ(cache, tokenizer, tmp
     other = train_tokenizer(["a few words of text for another tokenizer"] * 4, vocab_size=300)
     foreign = tmp_path / "foreign"
     make_tiny_model("llama", other, foreign, hidden=32)
-    with pytest.raises(MoekdError, match=rf"student's tokenizer \({foreign}\) differs from the cache's \(.*teacher\): "
-                                          r"size \d+ vs 400; token-to-id mapping differs .*cannot help"):
+    with pytest.raises(
+        MoekdError,
+        match=rf"student's tokenizer \({foreign}\) differs from the cache's \(.*teacher\): "
+        r"size \d+ vs 400; token-to-id mapping differs .*cannot help",
+    ):
         train(options(foreign, tmp_path / "a", cache=str(cache), allow_tokenizer_mismatch=True))
 
     renamed = tmp_path / "renamed"
@@ -257,8 +334,17 @@ def test_tokenizer_mismatch_names_both_and_how_they_differ(cache, tokenizer, tmp
     (renamed / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(MoekdError, match="same token-to-id mapping.*pass --allow-tokenizer-mismatch"):
         train(options(renamed, tmp_path / "b", cache=str(cache)))
-    summary = train(options(renamed, tmp_path / "c", cache=str(cache), allow_tokenizer_mismatch=True, max_steps=1,
-                            eval_fraction=0, save_every=0))
+    summary = train(
+        options(
+            renamed,
+            tmp_path / "c",
+            cache=str(cache),
+            allow_tokenizer_mismatch=True,
+            max_steps=1,
+            eval_fraction=0,
+            save_every=0,
+        )
+    )
     assert summary.steps == 1
 
 
@@ -268,19 +354,24 @@ def test_student_vocabulary_smaller_than_the_cache_is_refused(cache, tokenizer, 
     small = tmp_path / "small"
     AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=200)).save_pretrained(str(small))
     tokenizer.save_pretrained(str(small))
-    with pytest.raises(MoekdError, match="output layer has 200 entries, fewer than the teacher's 400, and the cache holds token id"):
+    with pytest.raises(
+        MoekdError, match="output layer has 200 entries, fewer than the teacher's 400, and the cache holds token id"
+    ):
         train(options(small, tmp_path / "run", cache=str(cache)))
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(data="x.jsonl"), "exactly one of --cache"),
-    (dict(cache=None, data="x.jsonl"), "--loss fkl needs teacher distributions"),
-    (dict(ce_weight=1.5), "--ce-weight must be in"),
-    (dict(max_steps=3, epochs=1), "one of --max-steps and --epochs"),
-    (dict(batch_tokens=64), "--batch-tokens 64 is below the longest training example"),
-    (dict(samples="all"), "--samples must be mean or random"),
-    (dict(loss_chunk=0), "--loss-chunk must be positive"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(data="x.jsonl"), "exactly one of --cache"),
+        (dict(cache=None, data="x.jsonl"), "--loss fkl needs teacher distributions"),
+        (dict(ce_weight=1.5), "--ce-weight must be in"),
+        (dict(max_steps=3, epochs=1), "one of --max-steps and --epochs"),
+        (dict(batch_tokens=64), "--batch-tokens 64 is below the longest training example"),
+        (dict(samples="all"), "--samples must be mean or random"),
+        (dict(loss_chunk=0), "--loss-chunk must be positive"),
+    ],
+)
 def test_bad_options_are_refused(cache, student, tmp_path, change, message):
     with pytest.raises(MoekdError, match=message):
         train(options(student, tmp_path / "run", **{"cache": str(cache), **change}))

@@ -34,7 +34,13 @@ from moekd.data.records import load_records
 from moekd.distributed import Ranks
 from moekd.errors import MoekdError
 from moekd.models import (
-    check_tokenizer_fits, checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype,
+    check_tokenizer_fits,
+    checkpoint_sha256,
+    load_causal_lm,
+    load_tokenizer,
+    output_vocab_size,
+    resolve_device,
+    resolve_dtype,
 )
 from moekd.sar.router_file import file_sha256, load_router_file, read_router_file
 from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, examples_overlapping
@@ -69,7 +75,9 @@ class BuildOptions:
     positions_per_shard: int = POSITIONS_PER_SHARD
     router_probs: str = "none"
     router: str | None = None  # --policy sar: the router file of `moekd sar train`
-    shard: str | None = None  # "i/n": this job writes units i, i+n, i+2n, ... of the store; `moekd cache finalize` commits it
+    shard: str | None = (
+        None  # "i/n": this job writes units i, i+n, i+2n, ... of the store; `moekd cache finalize` commits it
+    )
 
 
 @dataclass
@@ -102,7 +110,9 @@ def _check_options(o: BuildOptions) -> dict:
     if o.batch_tokens < 1:
         raise MoekdError(f"--batch-tokens must be positive, got {o.batch_tokens}")
     if o.positions_per_shard < 1 or o.positions_per_shard % min(POSITIONS_PER_CHUNK, o.positions_per_shard):
-        raise MoekdError(f"--positions-per-shard must be a positive multiple of {POSITIONS_PER_CHUNK} (or smaller than it)")
+        raise MoekdError(
+            f"--positions-per-shard must be a positive multiple of {POSITIONS_PER_CHUNK} (or smaller than it)"
+        )
     if o.resume and o.overwrite:
         raise MoekdError("--resume and --overwrite exclude each other")
     if not 0 <= o.seed < 2**63:
@@ -114,8 +124,10 @@ def _check_options(o: BuildOptions) -> dict:
     if not re.fullmatch(r"none|full|top-[0-9]+", o.router_probs):
         raise MoekdError(f"--router-probs: {o.router_probs!r} is not none, full or top-R (e.g. top-4)")
     if o.shard is not None and o.overwrite:
-        raise MoekdError("--shard and --overwrite exclude each other: one job would delete the others' work; "
-                         "remove the old store once before starting the jobs, or build to a new --out")
+        raise MoekdError(
+            "--shard and --overwrite exclude each other: one job would delete the others' work; "
+            "remove the old store once before starting the jobs, or build to a new --out"
+        )
     parse_shard(o.shard)
     return flags
 
@@ -125,7 +137,9 @@ def gate_experts_kept(router_probs: str, num_experts: int | None) -> int | None:
     if router_probs == "none":
         return None
     if num_experts is None:
-        raise MoekdError(f"--router-probs {router_probs} needs an MoE teacher; this one has no routers (use --router-probs none)")
+        raise MoekdError(
+            f"--router-probs {router_probs} needs an MoE teacher; this one has no routers (use --router-probs none)"
+        )
     if router_probs == "full":
         return num_experts
     r = router_probs.removeprefix("top-")
@@ -149,9 +163,15 @@ def example_tables(examples) -> ExampleTables:
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
-        TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-        console=console, transient=False,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
 
 
@@ -163,7 +183,9 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
         read_router_file(o.router)  # a missing or damaged file is refused before the teacher loads
     ranks = Ranks.from_env()
     if ranks.world > 1 and o.shard:
-        raise MoekdError("--shard is for independent jobs; under torchrun the ranks already share the units out (drop --shard)")
+        raise MoekdError(
+            "--shard is for independent jobs; under torchrun the ranks already share the units out (drop --shard)"
+        )
     console = console if console is not None and ranks.main else Console(stderr=True, quiet=True)
     ranks.start("gloo")  # only objects and counters travel between ranks: gloo serves CPU and GPU builds alike
     try:
@@ -181,18 +203,36 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
     tokenizer_flag = "--tokenizer" if o.tokenizer else "--teacher"
     tokenizer = load_tokenizer(o.tokenizer or o.teacher, tokenizer_flag)
     loaded = load_records(o.data, o.fields, o.skip_invalid)
-    report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
-                              o.chat_template, o.skip_invalid)
+    report = tokenize_records(
+        loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len, o.chat_template, o.skip_invalid
+    )
     tables = example_tables(report.examples)
     weights_sha256 = checkpoint_sha256(o.teacher)
     router_sha256 = file_sha256(o.router) if o.router else None
-    settings = resume_settings(o, policy, flags, tokenizer, loaded, tables, device, dtype, weights_sha256, router_sha256)
-    summary = partial(BuildSummary, out=str(out), examples=len(report.examples), positions=len(tables.target_positions),
-                      samples=policy.samples, truncated_responses=report.truncated_responses, ranks=ranks.world, shard=o.shard)
+    settings = resume_settings(
+        o, policy, flags, tokenizer, loaded, tables, device, dtype, weights_sha256, router_sha256
+    )
+    summary = partial(
+        BuildSummary,
+        out=str(out),
+        examples=len(report.examples),
+        positions=len(tables.target_positions),
+        samples=policy.samples,
+        truncated_responses=report.truncated_responses,
+        ranks=ranks.world,
+        shard=o.shard,
+    )
     if ranks.share(lambda: o.resume and _complete_with(out, settings)):
-        return summary(skipped={**loaded.skipped, **report.skipped}, units_done=0, units_total=0, units_missing=0,
-                       teacher_tokens=0, teacher_seconds=0.0, wall_seconds=time.perf_counter() - started,
-                       already_complete=True)
+        return summary(
+            skipped={**loaded.skipped, **report.skipped},
+            units_done=0,
+            units_total=0,
+            units_missing=0,
+            teacher_tokens=0,
+            teacher_seconds=0.0,
+            wall_seconds=time.perf_counter() - started,
+            already_complete=True,
+        )
     model = load_causal_lm(o.teacher, dtype, device)
     check_tokenizer_fits(tokenizer, model, tokenizer_flag)
     router = load_router_file(model, o.router, o.teacher, weights_sha256) if o.router else None
@@ -200,23 +240,51 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
     encoder = make_encoder(o.encoding, flags, model, vocab)
     controller = RouterController(model, policy, capture_gates=o.router_probs != "none")
     gate_r = gate_experts_kept(o.router_probs, controller.num_experts)
-    meta = describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loaded, report, tables, device, dtype,
-                          weights_sha256, router)
+    meta = describe_store(
+        o,
+        model,
+        tokenizer,
+        controller,
+        policy,
+        encoder,
+        gate_r,
+        loaded,
+        report,
+        tables,
+        device,
+        dtype,
+        weights_sha256,
+        router,
+    )
     shards = shard[1] if shard else None
     planned: list[CacheWriter] = []
-    ranks.share(lambda: planned.append(CacheWriter.open(out, meta, settings, tables, o.resume, o.overwrite, shards,
-                                                        encoder.fixed_arrays())))
+    ranks.share(
+        lambda: planned.append(
+            CacheWriter.open(out, meta, settings, tables, o.resume, o.overwrite, shards, encoder.fixed_arrays())
+        )
+    )
     # the other ranks open rank 0's plan, checking it against their own settings (their data, teacher, versions)
     writer = planned[0] if ranks.main else _join_plan(out, settings)
     work = split_units(writer, ranks, shard)
-    runner = UnitRunner(model, controller, tables, policy.samples, encoder, meta.layout.arrays, o.seed,
-                        tokenizer.pad_token_id, o.batch_tokens, gate_r)
+    runner = UnitRunner(
+        model,
+        controller,
+        tables,
+        policy.samples,
+        encoder,
+        meta.layout.arrays,
+        o.seed,
+        tokenizer.pad_token_id,
+        o.batch_tokens,
+        gate_r,
+    )
     total_tokens = sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in work.everyone)
     teacher_seconds, done_tokens = 0.0, 0
     progress_tokens, ranks_done = ranks.counter("build/tokens"), ranks.counter("build/ranks-done")
     with _progress(console) as progress:
-        task = progress.add_task("teacher" if ranks.world == 1 else f"teacher x {ranks.world} ranks",
-                                 total=max(total_tokens, 1), rate="-")
+        task = progress.add_task(
+            "teacher" if ranks.world == 1 else f"teacher x {ranks.world} ranks", total=max(total_tokens, 1), rate="-"
+        )
         clock = time.perf_counter()
 
         def show(everyone: int) -> None:
@@ -233,7 +301,9 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
             arrays = runner.run(unit, on_batch)
             seconds = time.perf_counter() - t0
             teacher_seconds += seconds
-            writer.write_unit(unit, arrays, {"tokens": done_tokens - tokens0, "seconds": round(seconds, 3), "by": work.by})
+            writer.write_unit(
+                unit, arrays, {"tokens": done_tokens - tokens0, "seconds": round(seconds, 3), "by": work.by}
+            )
         ranks_done.add(1)
         ranks_done.wait_until(ranks.world, on_poll=lambda _: show(progress_tokens.value()))
     per_rank = ranks.gather((len(work.mine), done_tokens, teacher_seconds))
@@ -243,9 +313,13 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
     elif ranks.main:
         writer.finalize(time.perf_counter() - started)
     return summary(
-        skipped=meta.dataset.skipped, units_done=sum(r[0] for r in per_rank), units_total=len(writer.units),
-        units_missing=units_missing, teacher_tokens=sum(r[1] for r in per_rank),
-        teacher_seconds=max(r[2] for r in per_rank), wall_seconds=time.perf_counter() - started,
+        skipped=meta.dataset.skipped,
+        units_done=sum(r[0] for r in per_rank),
+        units_total=len(writer.units),
+        units_missing=units_missing,
+        teacher_tokens=sum(r[1] for r in per_rank),
+        teacher_seconds=max(r[2] for r in per_rank),
+        wall_seconds=time.perf_counter() - started,
     )
 
 
@@ -264,10 +338,14 @@ def _complete_with(out: Path, settings: dict) -> bool:
         return False
     recorded = recorded_settings(out)
     if recorded is None:
-        raise MoekdError(f"--resume: {out} is complete but was made by a moekd that did not record its build settings, "
-                         "so they cannot be compared; use it as it is, or pass --overwrite to rebuild it")
+        raise MoekdError(
+            f"--resume: {out} is complete but was made by a moekd that did not record its build settings, "
+            "so they cannot be compared; use it as it is, or pass --overwrite to rebuild it"
+        )
     differ = settings_differences(recorded, settings)
     if differ:
-        raise MoekdError(f"--resume: the complete cache at {out} was built with other settings ({'; '.join(differ)}); "
-                         "rerun with the store's settings, choose another --out, or pass --overwrite to rebuild it")
+        raise MoekdError(
+            f"--resume: the complete cache at {out} was built with other settings ({'; '.join(differ)}); "
+            "rerun with the store's settings, choose another --out, or pass --overwrite to rebuild it"
+        )
     return True

@@ -12,7 +12,14 @@ from moekd.cache_builder.policies import SEED_DERIVATION
 from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.models import output_vocab_size
 from moekd.schemas.cache import (
-    BuildInfo, CacheMetadata, DatasetInfo, GateInfo, LayoutInfo, PolicyInfo, TeacherInfo, TokenizerInfo,
+    BuildInfo,
+    CacheMetadata,
+    DatasetInfo,
+    GateInfo,
+    LayoutInfo,
+    PolicyInfo,
+    TeacherInfo,
+    TokenizerInfo,
 )
 from moekd.schemas.router import RouterFileRef
 from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
@@ -24,61 +31,118 @@ GATE_DEFINITION = (
 )
 
 
-def describe_store(o, model, tokenizer, controller, policy, encoder, gate_r, loaded, report, tables, device, dtype,
-                   weights_sha256: str | None, router: RouterFileRef | None = None) -> CacheMetadata:
+def describe_store(
+    o,
+    model,
+    tokenizer,
+    controller,
+    policy,
+    encoder,
+    gate_r,
+    loaded,
+    report,
+    tables,
+    device,
+    dtype,
+    weights_sha256: str | None,
+    router: RouterFileRef | None = None,
+) -> CacheMetadata:
     """Metadata of the store a build with options `o` is about to write (status: building);
     `router` is the loaded router file of --policy sar."""
     samples, num_positions = policy.samples, len(tables.target_positions)
-    arrays = array_specs(len(report.examples), len(tables.input_ids), num_positions, samples, encoder.info,
-                         output_vocab_size(model))
+    arrays = array_specs(
+        len(report.examples), len(tables.input_ids), num_positions, samples, encoder.info, output_vocab_size(model)
+    )
     gates = None
     if gate_r:
         extra = gate_specs(num_positions, samples, len(controller.moe_layers), controller.num_experts, gate_r)
         arrays.update(extra)
         gates = GateInfo(
-            mode="full" if gate_r == controller.num_experts else "top", r=gate_r, num_experts=controller.num_experts,
-            layers=controller.moe_layers, definition=GATE_DEFINITION.format(g=controller.gate_definition), arrays=sorted(extra),
+            mode="full" if gate_r == controller.num_experts else "top",
+            r=gate_r,
+            num_experts=controller.num_experts,
+            layers=controller.moe_layers,
+            definition=GATE_DEFINITION.format(g=controller.gate_definition),
+            arrays=sorted(extra),
         )
     return CacheMetadata(
         teacher=TeacherInfo(
-            name_or_path=str(o.teacher), architecture=type(model).__name__, model_type=model.config.model_type,
-            revision=getattr(model.config, "_commit_hash", None), weights_sha256=weights_sha256,
-            vocab_size=output_vocab_size(model), dtype=str(dtype).removeprefix("torch."),
-            moe_layers=controller.moe_layers, router_class=controller.router_class,
-            num_experts=controller.num_experts, experts_per_token=controller.top_k,
+            name_or_path=str(o.teacher),
+            architecture=type(model).__name__,
+            model_type=model.config.model_type,
+            revision=getattr(model.config, "_commit_hash", None),
+            weights_sha256=weights_sha256,
+            vocab_size=output_vocab_size(model),
+            dtype=str(dtype).removeprefix("torch."),
+            moe_layers=controller.moe_layers,
+            router_class=controller.router_class,
+            num_experts=controller.num_experts,
+            experts_per_token=controller.top_k,
         ),
         tokenizer=TokenizerInfo(
-            name_or_path=str(o.tokenizer or o.teacher), size=len(tokenizer), **tokenizer_fingerprint(tokenizer),
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            name_or_path=str(o.tokenizer or o.teacher),
+            size=len(tokenizer),
+            **tokenizer_fingerprint(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
         ),
         policy=PolicyInfo(
-            name=policy.name, samples=samples, stochastic=policy.stochastic, params=policy.describe(), seed=o.seed,
-            seed_derivation=SEED_DERIVATION, router=router,
+            name=policy.name,
+            samples=samples,
+            stochastic=policy.stochastic,
+            params=policy.describe(),
+            seed=o.seed,
+            seed_derivation=SEED_DERIVATION,
+            router=router,
         ),
         encoding=encoder.info,
         dataset=DatasetInfo(
-            source=str(o.data), format=loaded.format, fingerprint_sha256=loaded.fingerprint(),
-            fields=asdict(loaded.fields), template="chat" if o.chat_template else "dolly",
-            max_prompt_len=o.max_prompt_len, max_len=o.max_len,
-            rows_read=len(loaded.records) + sum(loaded.skipped.values()), examples=len(report.examples),
-            skipped={**loaded.skipped, **report.skipped}, truncated_responses=report.truncated_responses,
+            source=str(o.data),
+            format=loaded.format,
+            fingerprint_sha256=loaded.fingerprint(),
+            fields=asdict(loaded.fields),
+            template="chat" if o.chat_template else "dolly",
+            max_prompt_len=o.max_prompt_len,
+            max_len=o.max_len,
+            rows_read=len(loaded.records) + sum(loaded.skipped.values()),
+            examples=len(report.examples),
+            skipped={**loaded.skipped, **report.skipped},
+            truncated_responses=report.truncated_responses,
         ),
         layout=LayoutInfo(
-            num_examples=len(report.examples), num_tokens=len(tables.input_ids), num_positions=num_positions,
-            num_samples=samples, positions_per_chunk=min(POSITIONS_PER_CHUNK, o.positions_per_shard),
-            positions_per_shard=o.positions_per_shard, arrays=arrays,
+            num_examples=len(report.examples),
+            num_tokens=len(tables.input_ids),
+            num_positions=num_positions,
+            num_samples=samples,
+            positions_per_chunk=min(POSITIONS_PER_CHUNK, o.positions_per_shard),
+            positions_per_shard=o.positions_per_shard,
+            arrays=arrays,
         ),
         build=BuildInfo(
-            status="building", created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            units=-(-num_positions // o.positions_per_shard), batch_tokens=o.batch_tokens,
-            device=str(device), versions=_versions(),
+            status="building",
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            units=-(-num_positions // o.positions_per_shard),
+            batch_tokens=o.batch_tokens,
+            device=str(device),
+            versions=_versions(),
         ),
         gates=gates,
     )
 
 
-def resume_settings(o, policy, encoding_flags: dict, tokenizer, loaded, tables: ExampleTables, device, dtype,
-                    weights_sha256: str | None, router_sha256: str | None = None) -> dict:
+def resume_settings(
+    o,
+    policy,
+    encoding_flags: dict,
+    tokenizer,
+    loaded,
+    tables: ExampleTables,
+    device,
+    dtype,
+    weights_sha256: str | None,
+    router_sha256: str | None = None,
+) -> dict:
     """Everything that determines the store's content: a resumed build must match it field by field.
     Computed before the teacher is loaded, so that a complete store is recognised without loading it."""
     import transformers
@@ -90,13 +154,23 @@ def resume_settings(o, policy, encoding_flags: dict, tokenizer, loaded, tables: 
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "teacher_weights_sha256": weights_sha256 or str(o.teacher),
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"], "data_fingerprint": loaded.fingerprint(),
-        "fields": asdict(loaded.fields), "template": "chat" if o.chat_template else "dolly",
-        "max_prompt_len": o.max_prompt_len, "max_len": o.max_len, "skip_invalid": o.skip_invalid, "policy": policy.name,
-        "policy_params": policy.describe(), "samples": policy.samples, "seed": o.seed,
-        "dtype": str(dtype).removeprefix("torch."), "batch_tokens": o.batch_tokens,
-        "positions_per_shard": o.positions_per_shard, "router_probs": o.router_probs,
-        "encoding": o.encoding, **encoding_flags,
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"],
+        "data_fingerprint": loaded.fingerprint(),
+        "fields": asdict(loaded.fields),
+        "template": "chat" if o.chat_template else "dolly",
+        "max_prompt_len": o.max_prompt_len,
+        "max_len": o.max_len,
+        "skip_invalid": o.skip_invalid,
+        "policy": policy.name,
+        "policy_params": policy.describe(),
+        "samples": policy.samples,
+        "seed": o.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_tokens": o.batch_tokens,
+        "positions_per_shard": o.positions_per_shard,
+        "router_probs": o.router_probs,
+        "encoding": o.encoding,
+        **encoding_flags,
         # --policy sar: another router file is another teacher
         **({"router_sha256": router_sha256} if router_sha256 else {}),
     }
@@ -106,4 +180,9 @@ def _versions() -> dict[str, str]:
     import transformers
     import zarr
 
-    return {"moekd": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "zarr": zarr.__version__}
+    return {
+        "moekd": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "zarr": zarr.__version__,
+    }

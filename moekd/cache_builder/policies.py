@@ -207,8 +207,12 @@ def make_policy(
     """The policy `name` with its parameters checked; parameters left as None take the defaults."""
     if name not in POLICY_NAMES:
         raise MoekdError(f"--policy: unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
-    owners = {"--ka-lambda": (ka_lambda, "ka"), "--ka-drop": (ka_drop, "ka"), "--top-p": (top_p, "topp"),
-              "--experts": (experts, "topk")}
+    owners = {
+        "--ka-lambda": (ka_lambda, "ka"),
+        "--ka-drop": (ka_drop, "ka"),
+        "--top-p": (top_p, "topp"),
+        "--experts": (experts, "topk"),
+    }
     for flag, (value, owner) in owners.items():
         if value is not None and name != owner:
             raise MoekdError(f"{flag} applies only to --policy {owner}, not --policy {name}; drop it")
@@ -244,5 +248,7 @@ def make_policy(
     if not 0.0 <= ka_lambda <= 1.0:
         raise MoekdError(f"--ka-lambda must be in [0, 1] (probability of sampling the kept experts), got {ka_lambda}")
     if ka_drop < 1:
-        raise MoekdError(f"--ka-drop must be at least 1 (experts dropped per token), got {ka_drop}; to keep every expert use --policy all")
+        raise MoekdError(
+            f"--ka-drop must be at least 1 (experts dropped per token), got {ka_drop}; to keep every expert use --policy all"
+        )
     return KnowledgeAugmentation(samples=m or 2, ka_lambda=float(ka_lambda), ka_drop=int(ka_drop))

@@ -47,17 +47,23 @@ class RouterController:
         self.router_class = ", ".join(sorted({type(r).__name__ for r in self._routers})) or None
         sizes = {(a.num_experts, a.top_k) for a in self._adapters if a is not None}
         if capture_gates and len({n for n, _ in sizes}) > 1:
-            raise MoekdError(f"capturing gate distributions: the MoE layers have different expert counts "
-                             f"{sorted({n for n, _ in sizes})}; use --router-probs none")
+            raise MoekdError(
+                f"capturing gate distributions: the MoE layers have different expert counts "
+                f"{sorted({n for n, _ in sizes})}; use --router-probs none"
+            )
         self.num_experts, self.top_k = min(sizes) if sizes else (None, None)
         self.rewrites = not (native and self.policy.is_native(self.top_k))
         unsupported = {type(i.module).__name__: i.reason for i in infos if i.adapter is None}
         if unsupported and (self.rewrites or capture_gates):
             what = what if self.rewrites else "capturing gate distributions"
             name, reason = next(iter(unsupported.items()))
-            raise MoekdError(f"{what}: router class {name} is not supported: {reason}; use --policy topk without gate capture")
+            raise MoekdError(
+                f"{what}: router class {name} is not supported: {reason}; use --policy topk without gate capture"
+            )
         if native and self.rewrites and self.policy.experts > self.num_experts:
-            raise MoekdError(f"{what}: the teacher has only {self.num_experts} experts per layer; use --experts 1..{self.num_experts}")
+            raise MoekdError(
+                f"{what}: the teacher has only {self.num_experts} experts per layer; use --experts 1..{self.num_experts}"
+            )
         kinds = sorted({a.describe()["g"] for a in self._adapters if a is not None})
         self.gate_definition = " / ".join(kinds) or None
         drop = getattr(self.policy, "ka_drop", 0)

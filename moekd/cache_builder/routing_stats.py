@@ -29,7 +29,13 @@ from moekd.cache_builder.policies import RoutingPolicy, derive_seed
 from moekd.cache_builder.routing import RouterController
 from moekd.data.prompts import TokenizedExample
 from moekd.errors import MoekdError
-from moekd.sar.router_file import check_router_file, read_router_file, recognised_routers, router_gate_parameters, swapped_routers
+from moekd.sar.router_file import (
+    check_router_file,
+    read_router_file,
+    recognised_routers,
+    router_gate_parameters,
+    swapped_routers,
+)
 
 
 @dataclass
@@ -112,24 +118,36 @@ def compute_routing_stats(
     stats = []
     for layer, name in enumerate(ctrl.moe_layers):
         load = counts[layer] / counts[layer].sum()
-        stats.append(LayerRoutingStats(
-            layer=name,
-            activated_mass=mass[layer] / tokens,
-            dormant_mass=1.0 - mass[layer] / tokens,
-            mean_activated=active[layer] / tokens,
-            load=load.tolist(),
-            load_cv=float(load.std() / load.mean()),
-            gate_entropy=entropy[layer] / tokens,
-            kl_to_trained=kl[layer] / tokens if compare is not None else None,
-        ))
-    return RoutingStats(ctrl.policy.name, scope, tokens, ctrl.router_class, ctrl.num_experts, ctrl.top_k, stats,
-                        compare_name if compare is not None else None)
+        stats.append(
+            LayerRoutingStats(
+                layer=name,
+                activated_mass=mass[layer] / tokens,
+                dormant_mass=1.0 - mass[layer] / tokens,
+                mean_activated=active[layer] / tokens,
+                load=load.tolist(),
+                load_cv=float(load.std() / load.mean()),
+                gate_entropy=entropy[layer] / tokens,
+                kl_to_trained=kl[layer] / tokens if compare is not None else None,
+            )
+        )
+    return RoutingStats(
+        ctrl.policy.name,
+        scope,
+        tokens,
+        ctrl.router_class,
+        ctrl.num_experts,
+        ctrl.top_k,
+        stats,
+        compare_name if compare is not None else None,
+    )
 
 
 def _check_policy(policy: RoutingPolicy | None) -> None:
     if policy is not None and policy.name == "sar":
-        raise MoekdError("--policy sar: routing stats measures the teacher's own routers; to measure a SAR router "
-                         "against them use --policy all --compare router.safetensors")
+        raise MoekdError(
+            "--policy sar: routing stats measures the teacher's own routers; to measure a SAR router "
+            "against them use --policy all --compare router.safetensors"
+        )
 
 
 def _check_scope(scope: str) -> None:
@@ -172,9 +190,16 @@ def routing_stats_for_files(
     """Load a teacher checkpoint (and `tokenizer`, when it is not in the teacher's directory) and a data file,
     and compute routing statistics on the first examples, prompted as `cache build` prompts them;
     `compare`: a router file of `moekd sar train` for this teacher, compared layer by layer."""
-    from moekd.models import check_tokenizer_fits, checkpoint_sha256, load_causal_lm, load_tokenizer, resolve_device, resolve_dtype
     from moekd.data.prompts import tokenize_records
     from moekd.data.records import load_records
+    from moekd.models import (
+        check_tokenizer_fits,
+        checkpoint_sha256,
+        load_causal_lm,
+        load_tokenizer,
+        resolve_device,
+        resolve_dtype,
+    )
 
     _check_scope(scope)
     if max_examples < 1:
@@ -190,15 +215,29 @@ def routing_stats_for_files(
     loaded_tokenizer = load_tokenizer(tokenizer or teacher, tokenizer_flag)
     loaded = load_records(data, fields, skip_invalid)
     report = tokenize_records(
-        loaded.records[:max_examples], loaded.source_index[:max_examples], loaded_tokenizer, max_prompt_len, max_len,
-        chat_template, skip_invalid,
+        loaded.records[:max_examples],
+        loaded.source_index[:max_examples],
+        loaded_tokenizer,
+        max_prompt_len,
+        max_len,
+        chat_template,
+        skip_invalid,
     )
     model = load_causal_lm(teacher, resolve_dtype(dtype, resolved), resolved)
     check_tokenizer_fits(loaded_tokenizer, model, tokenizer_flag)
     if trained is not None:
         check_router_file(trained[1], model, str(teacher), checkpoint_sha256(teacher), compare, "--compare")
-    return compute_routing_stats(model, report.examples, policy, loaded_tokenizer.pad_token_id, batch_size, seed, scope,
-                                 trained[0] if trained else None, str(compare) if compare else None)
+    return compute_routing_stats(
+        model,
+        report.examples,
+        policy,
+        loaded_tokenizer.pad_token_id,
+        batch_size,
+        seed,
+        scope,
+        trained[0] if trained else None,
+        str(compare) if compare else None,
+    )
 
 
 def render_table(stats: RoutingStats):
@@ -210,7 +249,11 @@ def render_table(stats: RoutingStats):
         f"{stats.tokens} {stats.scope} tokens",
         caption="activated/other: mean gate mass of the activated/other experts; experts: activated per token; "
         "load CV: coefficient of variation of the expert load; entropy: gate entropy in nats"
-        + (f"; KL: mean KL(original || trained gates) in nats, trained = {stats.trained_routers}" if stats.trained_routers else ""),
+        + (
+            f"; KL: mean KL(original || trained gates) in nats, trained = {stats.trained_routers}"
+            if stats.trained_routers
+            else ""
+        ),
     )
     table.add_column("layer", no_wrap=True)
     columns = ("activated", "other", "experts", "load CV", "entropy") + (("KL",) if stats.trained_routers else ())
@@ -219,8 +262,13 @@ def render_table(stats: RoutingStats):
     for s in stats.layers:
         kl = (f"{s.kl_to_trained:.3g}",) if stats.trained_routers else ()
         table.add_row(
-            s.layer, f"{s.activated_mass:.3f}", f"{s.dormant_mass:.3f}", f"{s.mean_activated:.2f}",
-            f"{s.load_cv:.3f}", f"{s.gate_entropy:.3f}", *kl,
+            s.layer,
+            f"{s.activated_mass:.3f}",
+            f"{s.dormant_mass:.3f}",
+            f"{s.mean_activated:.2f}",
+            f"{s.load_cv:.3f}",
+            f"{s.gate_entropy:.3f}",
+            *kl,
         )
     return table
 

@@ -37,23 +37,37 @@ def pad_batch(tables: ExampleTables, batch: list[int], pad_id: int) -> tuple[tor
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     targets = torch.zeros((len(batch), width), dtype=torch.bool)
     for row, (e, n) in enumerate(zip(batch, lengths)):
-        input_ids[row, :n] = torch.from_numpy(tables.input_ids[tables.token_offsets[e]:tables.token_offsets[e + 1]])
+        input_ids[row, :n] = torch.from_numpy(tables.input_ids[tables.token_offsets[e] : tables.token_offsets[e + 1]])
         attention[row, :n] = 1
-        targets[row, int(tables.prompt_len[e]) - 1:n - 1] = True
+        targets[row, int(tables.prompt_len[e]) - 1 : n - 1] = True
     return input_ids, attention, targets
 
 
 class UnitRunner:
     """Teacher passes for the examples of one unit, M samples each, encoded for the store (sparsify.py)."""
 
-    def __init__(self, model, controller, tables: ExampleTables, samples: int, encoder, specs: dict[str, ArraySpec],
-                 seed: int, pad_id: int, batch_tokens: int, gate_r: int | None = None):
+    def __init__(
+        self,
+        model,
+        controller,
+        tables: ExampleTables,
+        samples: int,
+        encoder,
+        specs: dict[str, ArraySpec],
+        seed: int,
+        pad_id: int,
+        batch_tokens: int,
+        gate_r: int | None = None,
+    ):
         self.model, self.controller, self.encoder, self.gate_r = model, controller, encoder, gate_r
         self.tables, self.samples, self.seed = tables, samples, seed
         self.pad_id, self.batch_tokens = pad_id, batch_tokens
         # the teacher's arrays of the store, filled position by position
-        self.specs = {name: spec for name, spec in specs.items()
-                      if spec.dims[:2] == ["position", "sample"] and not name.startswith("gate_")}
+        self.specs = {
+            name: spec
+            for name, spec in specs.items()
+            if spec.dims[:2] == ["position", "sample"] and not name.startswith("gate_")
+        }
         self.lengths = np.diff(tables.token_offsets)
         self.device = next(model.parameters()).device
         self.slices_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -69,13 +83,15 @@ class UnitRunner:
         span = int(t.position_offsets[examples.stop]) - first
         arrays = {name: np.zeros((span, *spec.shape[1:]), spec.dtype) for name, spec in self.specs.items()}
         if self.gate_r:
-            gates = np.zeros((span, self.samples, len(self.controller.moe_layers), self.controller.num_experts), np.float32)
+            gates = np.zeros(
+                (span, self.samples, len(self.controller.moe_layers), self.controller.num_experts), np.float32
+            )
         with self.encoder.capturing():
             for batch in length_batches(examples, self.lengths, self.batch_tokens):
                 input_ids, attention, targets = (x.to(self.device) for x in pad_batch(t, batch, self.pad_id))
-                rows = np.concatenate([
-                    np.arange(t.position_offsets[e], t.position_offsets[e + 1]) - first for e in batch
-                ])
+                rows = np.concatenate(
+                    [np.arange(t.position_offsets[e], t.position_offsets[e + 1]) - first for e in batch]
+                )
                 where = targets.nonzero()  # (batch row, position) of each stored position, in row-major order
                 # The lm_head runs on the target positions only (a boolean `logits_to_keep` returns their
                 # logits flattened, in row-major order); prompt logits would be thrown away.
@@ -83,12 +99,16 @@ class UnitRunner:
                 for m in range(self.samples):
                     seeds = [derive_seed(self.seed, int(t.source_index[e]), m) for e in batch]
                     with self.controller.active(row_seeds=seeds):
-                        logits = self.model(input_ids=input_ids, attention_mask=attention, use_cache=False, **keep).logits
+                        logits = self.model(
+                            input_ids=input_ids, attention_mask=attention, use_cache=False, **keep
+                        ).logits
                     logits = logits if logits.dim() == 2 else logits[targets]
                     if not torch.isfinite(logits.float().amax(dim=-1)).all():
                         rows_bad = sorted({int(t.source_index[e]) for e in batch})
-                        raise MoekdError(f"the teacher produced non-finite logits in a batch of data rows {rows_bad[:10]} "
-                                         f"(sample {m}); try --dtype float32 or bfloat16 instead of float16")
+                        raise MoekdError(
+                            f"the teacher produced non-finite logits in a batch of data rows {rows_bad[:10]} "
+                            f"(sample {m}); try --dtype float32 or bfloat16 instead of float16"
+                        )
                     row_seeds = torch.tensor(seeds, dtype=torch.int64)[where[:, 0].cpu()]
                     encoded = self.encoder.encode(logits, row_seeds, where[:, 1].cpu(), targets)
                     for name, value in encoded.items():
@@ -99,7 +119,7 @@ class UnitRunner:
                     on_batch(int(attention.sum()))
         lo, hi = unit.start - first, unit.stop - first
         arrays = {name: value[lo:hi] for name, value in arrays.items()}
-        arrays["target_positions"] = t.target_positions[unit.start:unit.stop]
+        arrays["target_positions"] = t.target_positions[unit.start : unit.stop]
         if self.gate_r:
             arrays.update(encode_gates(gates[lo:hi], self.gate_r))
         return arrays
@@ -112,4 +132,8 @@ def encode_gates(gates: np.ndarray, r: int) -> dict[str, np.ndarray]:
     order = np.argsort(-gates, axis=-1, kind="stable")[..., :r]
     top = np.take_along_axis(gates, order, axis=-1)
     rest = np.clip(1.0 - top.astype(np.float64).sum(-1), 0.0, 1.0)
-    return {"gate_ids": order.astype(np.uint16), "gate_probs": top.astype(np.float16), "gate_rest": rest.astype(np.float32)}
+    return {
+        "gate_ids": order.astype(np.uint16),
+        "gate_probs": top.astype(np.float16),
+        "gate_rest": rest.astype(np.float32),
+    }

@@ -40,8 +40,9 @@ LOGIT_TRANSFORMS = {
     "logit_scale": "multiplies its logits by logit_scale (Cohere, Cohere2, Cohere2-MoE style)",
     "logits_scaling": "divides its logits by logits_scaling (Granite, GraniteMoE style)",
 }
-LINEAR_FAMILIES = ("Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, gpt-oss, Llama, Mistral, Qwen2/3 "
-                   "(tied or untied heads)")
+LINEAR_FAMILIES = (
+    "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3, gpt-oss, Llama, Mistral, Qwen2/3 (tied or untied heads)"
+)
 
 
 @torch.no_grad()
@@ -59,7 +60,9 @@ def sparse_next_token(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def draw_tokens(logprobs: torch.Tensor, uniforms: torch.Tensor, proposal_temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_tokens(
+    logprobs: torch.Tensor, uniforms: torch.Tensor, proposal_temp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unique ids [N, n] (ascending, left-packed, padding 0) and counts [N, n] of n draws per row with
     replacement from r = softmax(t * logprobs), by inverting r's float64 CDF at uniforms [N, n] in (0, 1)."""
     log_r = torch.log_softmax(proposal_temp * logprobs.double(), dim=-1)
@@ -87,41 +90,51 @@ class Encoder:
 
 
 class TopkEncoder(Encoder):
-
     def __init__(self, k: int, scale: float = TOPK_SCALE):
         self.k, self.scale = k, scale
         self.info = TopkEncoding(
-            k=k, logprob_codec="u16_steps_sorted_ids", scale=scale, max_abs_error_nats=0.5 / scale,
+            k=k,
+            logprob_codec="u16_steps_sorted_ids",
+            scale=scale,
+            max_abs_error_nats=0.5 / scale,
             max_gap_nats=(MAX_STEPS - 1) / scale,
             normalisation="log_softmax over the teacher's full output vocabulary at temperature 1, in float32",
             tail="tail = log of the probability mass outside the top-k (exact, from the full distribution)",
         )
 
-    def encode(self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, targets=None) -> dict[str, np.ndarray]:
+    def encode(
+        self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, targets=None
+    ) -> dict[str, np.ndarray]:
         ids, logprobs, tail = sparse_next_token(logits, self.k)
         return encode_topk(ids.cpu().numpy(), logprobs.cpu().numpy(), tail.cpu().numpy(), self.scale)
 
 
 class SampledEncoder(Encoder):
-
     def __init__(self, draws: int, proposal_temp: float, vocab_size: int):
         self.draws, self.proposal_temp = draws, proposal_temp
         self.width = min(draws, vocab_size)
         importance = proposal_temp != 1.0
         self.info = SampledEncoding(
-            draws=draws, proposal_temp=proposal_temp, width=self.width, importance_weights=importance,
+            draws=draws,
+            proposal_temp=proposal_temp,
+            width=self.width,
+            importance_weights=importance,
             draw_derivation=DRAW_DERIVATION,
-            estimate=("p_hat_i = c_i / n estimates the teacher at temperature 1/t; at temperature 1 it is "
-                      "c_i / n * exp((1 - t) * sampled_logprobs_i + proposal_logz) (unbiased: E[p_hat] = p)"),
+            estimate=(
+                "p_hat_i = c_i / n estimates the teacher at temperature 1/t; at temperature 1 it is "
+                "c_i / n * exp((1 - t) * sampled_logprobs_i + proposal_logz) (unbiased: E[p_hat] = p)"
+            ),
         )
 
-    def encode(self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, targets=None) -> dict[str, np.ndarray]:
+    def encode(
+        self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, targets=None
+    ) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"sampled_ids": [], "sampled_counts": [], "sampled_logprobs": [], "proposal_logz": []}
         for rows in torch.arange(len(logits)).split(SAMPLING_ROWS):
             logprobs = torch.log_softmax(logits[rows.to(logits.device)].float(), dim=-1)
             uniforms = token_uniforms(seeds[rows], DRAW_STREAM, positions[rows, None], self.draws)
             ids, counts = draw_tokens(logprobs, uniforms, self.proposal_temp)
-            ids, counts = ids[:, :self.width], counts[:, :self.width]
+            ids, counts = ids[:, : self.width], counts[:, : self.width]
             out["sampled_ids"].append(ids.cpu().numpy().astype(np.int32))
             out["sampled_counts"].append(counts.cpu().numpy().astype(count_dtype(self.draws)))
             if self.info.importance_weights:
@@ -136,19 +149,21 @@ class HiddenEncoder(Encoder):
     """The teacher's final (normed) hidden state at each stored position: the input of its output layer,
     captured by a forward hook, checked to give the model's logits exactly."""
 
-
     def __init__(self, model, hidden_dtype: str):
         head = output_layer(model)
         self.head, self.hidden_dtype = head, hidden_dtype
         self.weight_bits = tensor_bits(head.weight)
         self.info = HiddenEncoding(
-            hidden_dtype=hidden_dtype, hidden_size=head.weight.shape[1],
+            hidden_dtype=hidden_dtype,
+            hidden_size=head.weight.shape[1],
             output_layer_dtype=str(head.weight.dtype).removeprefix("torch."),
             output_layer_sha256=hashlib.sha256(self.weight_bits.tobytes()).hexdigest(),
-            definition=("logits = hidden_states @ output_layer.T, computed in output_layer_dtype: exactly the teacher's "
-                        "logits at temperature 1 when hidden_dtype holds the teacher's states without rounding (bf16 for a "
-                        "bfloat16 teacher, fp32 for a float32 one); bf16 rounds a float32 teacher's to 8 significant "
-                        "bits, fp8 to 4"),
+            definition=(
+                "logits = hidden_states @ output_layer.T, computed in output_layer_dtype: exactly the teacher's "
+                "logits at temperature 1 when hidden_dtype holds the teacher's states without rounding (bf16 for a "
+                "bfloat16 teacher, fp32 for a float32 one); bf16 rounds a float32 teacher's to 8 significant "
+                "bits, fp8 to 4"
+            ),
         )
         self._captured: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -167,13 +182,17 @@ class HiddenEncoder(Encoder):
     def _capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._captured = (args[0], output)
 
-    def encode(self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, targets=None) -> dict[str, np.ndarray]:
+    def encode(
+        self, logits: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor, targets=None
+    ) -> dict[str, np.ndarray]:
         hidden, head_out = self._captured
         if hidden.dim() == 3:  # the model computed logits everywhere: keep the stored positions
             hidden, head_out = hidden[targets], head_out[targets]
         if not torch.equal(head_out.to(logits.dtype), logits):
-            raise MoekdError("--encoding hidden: the teacher changes its logits after the output layer, so they are "
-                             f"not hidden @ W.T; use --encoding topk or sampled (linear heads: {LINEAR_FAMILIES})")
+            raise MoekdError(
+                "--encoding hidden: the teacher changes its logits after the output layer, so they are "
+                f"not hidden @ W.T; use --encoding topk or sampled (linear heads: {LINEAR_FAMILIES})"
+            )
         return encode_hidden(hidden, self.hidden_dtype)
 
 
@@ -192,20 +211,38 @@ def output_layer(model) -> nn.Linear:
                 if value is not None and value != 1:
                     why = f"it {what} ({field} = {value})"
     if why:
-        raise MoekdError(f"--encoding hidden: teacher {type(model).__name__} does not qualify: {why}; logits must be "
-                         f"hidden @ W.T exactly (qualify: {LINEAR_FAMILIES}); use --encoding topk or sampled")
+        raise MoekdError(
+            f"--encoding hidden: teacher {type(model).__name__} does not qualify: {why}; logits must be "
+            f"hidden @ W.T exactly (qualify: {LINEAR_FAMILIES}); use --encoding topk or sampled"
+        )
     return head
 
 
-ENCODING_FLAGS = {"topk": ("--k", "--logprob-scale"), "sampled": ("--draws", "--proposal-temp"), "hidden": ("--hidden-dtype",)}
+ENCODING_FLAGS = {
+    "topk": ("--k", "--logprob-scale"),
+    "sampled": ("--draws", "--proposal-temp"),
+    "hidden": ("--hidden-dtype",),
+}
 
 
-def encoding_flags(encoding: str, k: int | None, draws: int | None, proposal_temp: float | None,
-                   hidden_dtype: str | None, logprob_scale: float | None = None) -> dict:
+def encoding_flags(
+    encoding: str,
+    k: int | None,
+    draws: int | None,
+    proposal_temp: float | None,
+    hidden_dtype: str | None,
+    logprob_scale: float | None = None,
+) -> dict:
     """The checked flags of `--encoding`, defaults filled in; flags of another encoding are refused."""
     if encoding not in ENCODING_FLAGS:
         raise MoekdError(f"--encoding: {encoding!r} is not topk, sampled or hidden")
-    given = {"--k": k, "--logprob-scale": logprob_scale, "--draws": draws, "--proposal-temp": proposal_temp, "--hidden-dtype": hidden_dtype}
+    given = {
+        "--k": k,
+        "--logprob-scale": logprob_scale,
+        "--draws": draws,
+        "--proposal-temp": proposal_temp,
+        "--hidden-dtype": hidden_dtype,
+    }
     for flag, value in given.items():
         if value is not None and flag not in ENCODING_FLAGS[encoding]:
             owner = next(name for name, flags in ENCODING_FLAGS.items() if flag in flags)

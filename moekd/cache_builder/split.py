@@ -42,6 +42,6 @@ def split_units(writer: CacheWriter, ranks: Ranks, shard: tuple[int, int] | None
         i, n = shard
         mine = writer.pending_units([u for u in writer.units if u.index % n == i])
         return Work(mine, mine, f"shard {i}/{n}")
-    checked = [u.index for u in writer.pending_units(writer.units[ranks.rank::ranks.world])]
+    checked = [u.index for u in writer.pending_units(writer.units[ranks.rank :: ranks.world])]
     everyone = [writer.units[i] for i in sorted(i for found in ranks.gather(checked) for i in found)]
-    return Work(everyone[ranks.rank::ranks.world], everyone, str(ranks))
+    return Work(everyone[ranks.rank :: ranks.world], everyone, str(ranks))

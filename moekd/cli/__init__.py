@@ -28,5 +28,7 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/]: finished units and checkpoints are kept; rerun with --resume to continue")
+        console.print(
+            "[bold red]interrupted[/]: finished units and checkpoints are kept; rerun with --resume to continue"
+        )
         sys.exit(130)

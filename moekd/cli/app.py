@@ -14,7 +14,9 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Build, inspect and verify teacher caches.", no_args_is_help=True)
 routing_app = typer.Typer(help="Inspect a teacher's MoE routing.", no_args_is_help=True)
 data_app = typer.Typer(help="Built-in instruction data.", no_args_is_help=True)
-sar_app = typer.Typer(help="Student-Aware Router: train the teacher's routers with the student's feedback.", no_args_is_help=True)
+sar_app = typer.Typer(
+    help="Student-Aware Router: train the teacher's routers with the student's feedback.", no_args_is_help=True
+)
 app.add_typer(cache_app, name="cache")
 app.add_typer(routing_app, name="routing")
 app.add_typer(data_app, name="data")

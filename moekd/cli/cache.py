@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -13,39 +12,84 @@ from moekd.cli.app import cache_app, console
 
 @cache_app.command("build")
 def cache_build(
-    teacher: str = typer.Option(..., help="Teacher checkpoint: a local Hugging Face directory (or a hub id when online)."),
-    data: Path = typer.Option(..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."),
+    teacher: str = typer.Option(
+        ..., help="Teacher checkpoint: a local Hugging Face directory (or a hub id when online)."
+    ),
+    data: Path = typer.Option(
+        ..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."
+    ),
     out: Path = typer.Option(..., help="Store to write, e.g. run.zarr."),
-    policy: str = typer.Option("topk", help="Teacher routing policy: topk, all, ka, topp, mc, sar (all experts under the routers of --router)."),
-    router: Optional[Path] = typer.Option(None, help="sar: the router file of `moekd sar train` (checked against the teacher)."),
-    m: Optional[int] = typer.Option(None, "--m", help="Teacher samples per example (stochastic policies; ka default 2)."),
-    ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts instead of taking the top ones (default 0.05)."),
-    ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
-    top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach."),
-    experts: Optional[int] = typer.Option(None, help="topk: activate the K experts with the largest gates, renormalised (default: the router's own k; K = N is the same as --policy all)."),
-    encoding: str = typer.Option("topk", help="What is stored per position and sample: topk (k largest + tail), sampled (random-sampling KD draws) or hidden (final hidden state + the output layer once: exact)."),
-    k: Optional[int] = typer.Option(None, help="topk: teacher token ids stored per position and sample, plus a tail bucket (default 64)."),
-    logprob_scale: Optional[float] = typer.Option(None, help="topk: log-prob quantisation steps per nat; error 1/(2 x scale) nat (default 256)."),
-    draws: Optional[int] = typer.Option(None, help="sampled: token ids drawn with replacement per position and sample (default 32)."),
-    proposal_temp: Optional[float] = typer.Option(None, help="sampled: draw from p^t renormalised (default 1); t != 1 also stores what importance weights need."),
-    hidden_dtype: Optional[str] = typer.Option(None, help="hidden: bf16 (default), fp8 (e4m3, one scale per row) or fp32 (exact for a float32 teacher)."),
-    max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens; longer rows are an error (or skipped with --skip-invalid)."),
-    max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated and counted."),
-    dtype: str = typer.Option("auto", help="Teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."),
+    policy: str = typer.Option(
+        "topk", help="Teacher routing policy: topk, all, ka, topp, mc, sar (all experts under the routers of --router)."
+    ),
+    router: Path | None = typer.Option(
+        None, help="sar: the router file of `moekd sar train` (checked against the teacher)."
+    ),
+    m: int | None = typer.Option(None, "--m", help="Teacher samples per example (stochastic policies; ka default 2)."),
+    ka_lambda: float | None = typer.Option(
+        None, help="ka: probability of sampling the kept experts instead of taking the top ones (default 0.05)."
+    ),
+    ka_drop: int | None = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
+    top_p: float | None = typer.Option(None, help="topp: gate mass the selected experts must reach."),
+    experts: int | None = typer.Option(
+        None,
+        help="topk: activate the K experts with the largest gates, renormalised (default: the router's own k; K = N is the same as --policy all).",
+    ),
+    encoding: str = typer.Option(
+        "topk",
+        help="What is stored per position and sample: topk (k largest + tail), sampled (random-sampling KD draws) or hidden (final hidden state + the output layer once: exact).",
+    ),
+    k: int | None = typer.Option(
+        None, help="topk: teacher token ids stored per position and sample, plus a tail bucket (default 64)."
+    ),
+    logprob_scale: float | None = typer.Option(
+        None, help="topk: log-prob quantisation steps per nat; error 1/(2 x scale) nat (default 256)."
+    ),
+    draws: int | None = typer.Option(
+        None, help="sampled: token ids drawn with replacement per position and sample (default 32)."
+    ),
+    proposal_temp: float | None = typer.Option(
+        None, help="sampled: draw from p^t renormalised (default 1); t != 1 also stores what importance weights need."
+    ),
+    hidden_dtype: str | None = typer.Option(
+        None, help="hidden: bf16 (default), fp8 (e4m3, one scale per row) or fp32 (exact for a float32 teacher)."
+    ),
+    max_prompt_len: int = typer.Option(
+        256, help="Longest prompt in tokens; longer rows are an error (or skipped with --skip-invalid)."
+    ),
+    max_len: int = typer.Option(
+        512, help="Longest prompt+response in tokens; longer responses are truncated and counted."
+    ),
+    dtype: str = typer.Option(
+        "auto", help="Teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."
+    ),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     batch_tokens: int = typer.Option(8192, help="Padded tokens per teacher forward."),
     seed: int = typer.Option(0, help="Base seed; each (example, sample) draws from its own seed derived from it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an unfinished build (same settings required), or start one if there is none."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an unfinished build (same settings required), or start one if there is none."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template instead of the Dolly template."),
-    instruction_field: Optional[str] = typer.Option(None, help="Field holding the instruction (default: instruction)."),
-    context_field: Optional[str] = typer.Option(None, help="Field holding the context (default: context or input; '' for none)."),
-    response_field: Optional[str] = typer.Option(None, help="Field holding the response (default: response or output)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Leave out bad or over-long rows (counted in the summary) instead of stopping."),
+    tokenizer: str | None = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
+    chat_template: bool = typer.Option(
+        False, "--chat-template", help="Build prompts with the tokenizer's chat template instead of the Dolly template."
+    ),
+    instruction_field: str | None = typer.Option(None, help="Field holding the instruction (default: instruction)."),
+    context_field: str | None = typer.Option(
+        None, help="Field holding the context (default: context or input; '' for none)."
+    ),
+    response_field: str | None = typer.Option(None, help="Field holding the response (default: response or output)."),
+    skip_invalid: bool = typer.Option(
+        False, "--skip-invalid", help="Leave out bad or over-long rows (counted in the summary) instead of stopping."
+    ),
     positions_per_shard: int = typer.Option(65536, help="Stored positions per shard file, the unit of resumable work."),
-    router_probs: str = typer.Option("none", help="Also store each MoE layer's gate distribution: none, full, or top-R (R largest + rest mass)."),
-    shard: Optional[str] = typer.Option(None, help="I/N: this job writes the I-th of N shares of the units (job arrays; same flags in every job); then run `moekd cache finalize`."),
+    router_probs: str = typer.Option(
+        "none", help="Also store each MoE layer's gate distribution: none, full, or top-R (R largest + rest mass)."
+    ),
+    shard: str | None = typer.Option(
+        None,
+        help="I/N: this job writes the I-th of N shares of the units (job arrays; same flags in every job); then run `moekd cache finalize`.",
+    ),
 ) -> None:
     """Run the teacher once per example and sample and write its sparse distributions to a Zarr store.
 
@@ -63,19 +107,41 @@ def cache_build(
 
     params = {"m": m, "ka_lambda": ka_lambda, "ka_drop": ka_drop, "top_p": top_p, "experts": experts}
     options = BuildOptions(
-        teacher=teacher, data=str(data), out=str(out), policy=policy,
+        teacher=teacher,
+        data=str(data),
+        out=str(out),
+        policy=policy,
         policy_params={key: value for key, value in params.items() if value is not None},
-        encoding=encoding, k=k, logprob_scale=logprob_scale, draws=draws, proposal_temp=proposal_temp, hidden_dtype=hidden_dtype, max_prompt_len=max_prompt_len, max_len=max_len, dtype=dtype, device=device, batch_tokens=batch_tokens,
-        seed=seed, resume=resume, overwrite=overwrite, tokenizer=tokenizer, chat_template=chat_template,
+        encoding=encoding,
+        k=k,
+        logprob_scale=logprob_scale,
+        draws=draws,
+        proposal_temp=proposal_temp,
+        hidden_dtype=hidden_dtype,
+        max_prompt_len=max_prompt_len,
+        max_len=max_len,
+        dtype=dtype,
+        device=device,
+        batch_tokens=batch_tokens,
+        seed=seed,
+        resume=resume,
+        overwrite=overwrite,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
-        skip_invalid=skip_invalid, positions_per_shard=positions_per_shard, router_probs=router_probs, shard=shard,
+        skip_invalid=skip_invalid,
+        positions_per_shard=positions_per_shard,
+        router_probs=router_probs,
+        shard=shard,
         router=str(router) if router else None,
     )
     s = build_cache(options, console=Console(stderr=True))
     if not Ranks.from_env().main:
         return  # rank 0 prints the job's summary
     if s.already_complete:
-        console.print(f"[green]already complete[/] {s.out}: built with the same settings; nothing to do", highlight=False)
+        console.print(
+            f"[green]already complete[/] {s.out}: built with the same settings; nothing to do", highlight=False
+        )
         return
     ranks = f" by {s.ranks} ranks" if s.ranks > 1 else ""
     what = f"shard {s.shard} of {s.out}" if s.shard else f"wrote {s.out}"
@@ -87,13 +153,19 @@ def cache_build(
         highlight=False,
     )
     if s.shard:
-        left = (f"{s.units_missing} unit(s) of other shards are still unwritten: run `moekd cache finalize {s.out}` "
-                "once every shard is done" if s.units_missing else f"every unit is written: run `moekd cache finalize {s.out}`")
+        left = (
+            f"{s.units_missing} unit(s) of other shards are still unwritten: run `moekd cache finalize {s.out}` "
+            "once every shard is done"
+            if s.units_missing
+            else f"every unit is written: run `moekd cache finalize {s.out}`"
+        )
         console.print(left, highlight=False)
 
 
 @cache_app.command("finalize")
-def cache_finalize(store: Path = typer.Argument(..., help="Store whose units were written by `cache build --shard I/N` jobs.")) -> None:
+def cache_finalize(
+    store: Path = typer.Argument(..., help="Store whose units were written by `cache build --shard I/N` jobs."),
+) -> None:
     """Commit a store built by --shard jobs: check every unit, write the manifest, mark it complete.
 
     Names the shards whose units are missing, so that only those are rerun.
@@ -109,7 +181,8 @@ def cache_finalize(store: Path = typer.Argument(..., help="Store whose units wer
     console.print(
         f"[green]finalized[/] {store}: {meta.layout.num_examples} examples, {meta.layout.num_positions} positions x "
         f"{meta.layout.num_samples} sample(s) in {stats['units']} units; {stats['tokens']:,} teacher tokens over "
-        f"{stats['seconds']:,.1f} teacher-seconds (all jobs)", highlight=False,
+        f"{stats['seconds']:,.1f} teacher-seconds (all jobs)",
+        highlight=False,
     )
 
 
@@ -120,7 +193,7 @@ OPTIONS_HELP = """fsspec options for a URL as JSON, e.g. '{"anon": true}' or '{"
 @cache_app.command("info")
 def cache_info(
     store: str = typer.Argument(..., help=STORE_HELP),
-    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP),
 ) -> None:
     """Summarise a store: metadata, examples, stored positions, sizes (from its manifest).
 
@@ -138,8 +211,12 @@ def cache_info(
         ("status", meta.build.status),
         ("schema", meta.schema_version),
         ("teacher", f"{meta.teacher.name_or_path} ({meta.teacher.architecture}, vocab {meta.teacher.vocab_size})"),
-        ("experts", f"{meta.teacher.num_experts} per layer, top-{meta.teacher.experts_per_token}, {len(meta.teacher.moe_layers)} MoE layers"
-         if meta.teacher.num_experts else "dense teacher"),
+        (
+            "experts",
+            f"{meta.teacher.num_experts} per layer, top-{meta.teacher.experts_per_token}, {len(meta.teacher.moe_layers)} MoE layers"
+            if meta.teacher.num_experts
+            else "dense teacher",
+        ),
         ("policy", f"{meta.policy.name} {meta.policy.params} M={meta.policy.samples} seed={meta.policy.seed}"),
         ("encoding", describe_encoding(meta.encoding)),
         ("dataset", f"{meta.dataset.source} ({meta.dataset.format}, {meta.dataset.template} template)"),
@@ -154,9 +231,12 @@ def cache_info(
         rows += [
             ("size", f"{info['bytes_total']:,} B"),
             ("bytes per position", f"{info['bytes_per_position']:.1f}"),
-            ("bytes per position-sample", f"{info['distribution_bytes_per_position_sample']:.1f} ({meta.encoding.kind} arrays)"
-             + (f" + {info['output_layer_bytes']:,} B once (output layer)" if info["output_layer_bytes"] else "")
-             + (f" + {info['gate_bytes_per_position_sample']:.1f} (gates)" if meta.gates else "")),
+            (
+                "bytes per position-sample",
+                f"{info['distribution_bytes_per_position_sample']:.1f} ({meta.encoding.kind} arrays)"
+                + (f" + {info['output_layer_bytes']:,} B once (output layer)" if info["output_layer_bytes"] else "")
+                + (f" + {info['gate_bytes_per_position_sample']:.1f} (gates)" if meta.gates else ""),
+            ),
         ]
     rows.append(("built", f"{meta.build.created_at} -> {meta.build.completed_at} on {meta.build.device}"))
     for name, size in info["bytes_per_array"].items():
@@ -168,19 +248,23 @@ def cache_info(
 
 def describe_encoding(encoding) -> str:
     if encoding.kind == "topk_tail":
-        return f"topk: top-{encoding.k} + tail, {encoding.logprob_codec} (max error {encoding.max_abs_error_nats:.5f} nat)"
+        return (
+            f"topk: top-{encoding.k} + tail, {encoding.logprob_codec} (max error {encoding.max_abs_error_nats:.5f} nat)"
+        )
     if encoding.kind == "sampled":
         weights = ", importance weights stored" if encoding.importance_weights else ""
         return f"sampled: {encoding.draws} draws from p^{encoding.proposal_temp:g}, unique ids + counts{weights}"
-    return (f"hidden: {encoding.hidden_dtype} hidden states (d = {encoding.hidden_size}) + output layer "
-            f"({encoding.output_layer_dtype}, sha256 {encoding.output_layer_sha256[:12]})")
+    return (
+        f"hidden: {encoding.hidden_dtype} hidden states (d = {encoding.hidden_size}) + output layer "
+        f"({encoding.output_layer_dtype}, sha256 {encoding.output_layer_sha256[:12]})"
+    )
 
 
 @cache_app.command("verify")
 def cache_verify(
     store: str = typer.Argument(..., help=STORE_HELP),
     deep: bool = typer.Option(False, "--deep", help="Also decode every value and check its range."),
-    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP),
 ) -> None:
     """Check schema, structure and per-file checksums (and, with --deep, every value). Exit 1 on any problem.
 
@@ -204,7 +288,7 @@ def cache_verify(
 def cache_push(
     store: str = typer.Argument(..., help="Complete store to copy (a directory, .zip or URL)."),
     url: str = typer.Argument(..., help="Destination URL, e.g. s3://bucket/run.zarr (or a directory)."),
-    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP + " Applies to every URL given."),
+    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP + " Applies to every URL given."),
     jobs: int = typer.Option(8, help="Files transferred in parallel."),
 ) -> None:
     """Copy a complete store to object storage, each file checked against the manifest on arrival.
@@ -221,7 +305,7 @@ def cache_push(
 def cache_pull(
     url: str = typer.Argument(..., help="Complete store to copy, e.g. s3://bucket/run.zarr or https://host/run.zarr."),
     directory: str = typer.Argument(..., help="Local directory to copy it into (new, empty, or an interrupted pull)."),
-    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP),
     jobs: int = typer.Option(8, help="Files transferred in parallel."),
 ) -> None:
     """Copy a complete store from a URL into a local directory, checksum-verified; an interrupted pull resumes.
@@ -231,22 +315,32 @@ def cache_pull(
     _copy(url, directory, storage_options, jobs, "pull")
 
 
-def _copy(source: str, destination: str, storage_options: Optional[str], jobs: int, verb: str) -> None:
+def _copy(source: str, destination: str, storage_options: str | None, jobs: int, verb: str) -> None:
     from moekd.store.location import is_url, parse_storage_options
     from moekd.store.transfer import copy_store
 
     options = parse_storage_options(storage_options)
-    r = copy_store(source, destination, options if is_url(source) else None, options if is_url(destination) else None,
-                   jobs=jobs, verb=verb, console=Console(stderr=True))
-    console.print(f"[green]{verb}ed[/] {source} -> {destination}: {r.files} files verified against the manifest; "
-                  f"{r.copied} copied ({r.bytes_copied:,} B), {r.kept} already there", highlight=False)
+    r = copy_store(
+        source,
+        destination,
+        options if is_url(source) else None,
+        options if is_url(destination) else None,
+        jobs=jobs,
+        verb=verb,
+        console=Console(stderr=True),
+    )
+    console.print(
+        f"[green]{verb}ed[/] {source} -> {destination}: {r.files} files verified against the manifest; "
+        f"{r.copied} copied ({r.bytes_copied:,} B), {r.kept} already there",
+        highlight=False,
+    )
 
 
 @cache_app.command("pack")
 def cache_pack(
     store: str = typer.Argument(..., help="Complete store to pack (a directory or URL)."),
     out: Path = typer.Argument(..., help="The .zip to write (a Zarr zip store)."),
-    storage_options: Optional[str] = typer.Option(None, help=OPTIONS_HELP),
+    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP),
 ) -> None:
     """Pack a complete store into one .zip that CacheReader, `cache verify` and `train --cache` open directly.
 
@@ -256,5 +350,7 @@ def cache_pack(
     from moekd.store.transfer import pack_store
 
     r = pack_store(store, out, parse_storage_options(storage_options), console=Console(stderr=True))
-    console.print(f"[green]packed[/] {store} -> {out}: {r.files} files ({r.bytes_copied:,} B) verified against the manifest",
-                  highlight=False)
+    console.print(
+        f"[green]packed[/] {store} -> {out}: {r.files} files ({r.bytes_copied:,} B) verified against the manifest",
+        highlight=False,
+    )

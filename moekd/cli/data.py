@@ -12,7 +12,9 @@ from moekd.cli.app import data_app
 
 @data_app.command("synth")
 def data_synth(
-    out: Path = typer.Option(..., help="Directory to write train.jsonl, valid.jsonl, test.jsonl and synth_info.json into."),
+    out: Path = typer.Option(
+        ..., help="Directory to write train.jsonl, valid.jsonl, test.jsonl and synth_info.json into."
+    ),
     seed: int = typer.Option(0, help="Generator seed; the same seed writes byte-identical files."),
     n_train: int = typer.Option(2000, help="Records in train.jsonl (families balanced)."),
     n_valid: int = typer.Option(200, help="Records in valid.jsonl."),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -13,9 +12,15 @@ from moekd.cli.app import app, console
 
 @app.command("demo")
 def demo(
-    workdir: Optional[Path] = typer.Option(None, help="Where the stages write (default: moekd-demo, or moekd-demo-quick with --quick)."),
-    quick: bool = typer.Option(False, "--quick", help="A few-minute miniature of the pipeline (a smoke test; its numbers mean little)."),
-    jobs: int = typer.Option(2, help="Processes that build caches, train and evaluate side by side (the numbers do not depend on it)."),
+    workdir: Path | None = typer.Option(
+        None, help="Where the stages write (default: moekd-demo, or moekd-demo-quick with --quick)."
+    ),
+    quick: bool = typer.Option(
+        False, "--quick", help="A few-minute miniature of the pipeline (a smoke test; its numbers mean little)."
+    ),
+    jobs: int = typer.Option(
+        2, help="Processes that build caches, train and evaluate side by side (the numbers do not depend on it)."
+    ),
 ) -> None:
     """Run the whole pipeline on the built-in suite: teacher, SAR routers, caches (topk, all, ka, sar), SFT and KD students per training seed, MoE students (logit KD, Balanced Distillation), eval.
 
@@ -31,5 +36,7 @@ def demo(
         wide.print(routing)
     if results.get("sar"):
         moved = ", ".join(f"{layer} {kl:.3g}" for layer, kl in results["sar"]["kl_original_trained"].items())
-        console.print(f"SAR routers, mean KL(original || trained gates) per MoE layer on the test split: {moved}", highlight=False)
+        console.print(
+            f"SAR routers, mean KL(original || trained gates) per MoE layer on the test split: {moved}", highlight=False
+        )
     console.print(f"results: {workdir / 'results.json'}, chart: {workdir / 'results.png'}", highlight=False)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -14,29 +13,46 @@ from moekd.cli.app import routing_app
 @routing_app.command("stats")
 def routing_stats(
     teacher: str = typer.Option(..., help="Teacher checkpoint directory (Hugging Face MoE causal LM)."),
-    data: Path = typer.Option(..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."),
-    policy: str = typer.Option("topk", help="Routing policy to measure: topk, all, ka, topp, mc (with --compare, both runs use it)."),
-    ka_lambda: Optional[float] = typer.Option(None, help="ka: probability of sampling the kept experts (default 0.05)."),
-    ka_drop: Optional[int] = typer.Option(None, help="ka: experts left out per token and layer (default 1)."),
-    top_p: Optional[float] = typer.Option(None, help="topp: gate mass the selected experts must reach (default 0.9)."),
-    experts: Optional[int] = typer.Option(None, help="topk: activate the K experts with the largest gates (default: the router's own k)."),
+    data: Path = typer.Option(
+        ..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."
+    ),
+    policy: str = typer.Option(
+        "topk", help="Routing policy to measure: topk, all, ka, topp, mc (with --compare, both runs use it)."
+    ),
+    ka_lambda: float | None = typer.Option(None, help="ka: probability of sampling the kept experts (default 0.05)."),
+    ka_drop: int | None = typer.Option(None, help="ka: experts left out per token and layer (default 1)."),
+    top_p: float | None = typer.Option(None, help="topp: gate mass the selected experts must reach (default 0.9)."),
+    experts: int | None = typer.Option(
+        None, help="topk: activate the K experts with the largest gates (default: the router's own k)."
+    ),
     scope: str = typer.Option("response", help="Tokens counted: response (the positions the cache stores) or all."),
     max_examples: int = typer.Option(64, help="Examples read from the start of --data."),
     batch_size: int = typer.Option(8, help="Examples per teacher forward."),
     max_prompt_len: int = typer.Option(256, help="Longest prompt in tokens."),
     max_len: int = typer.Option(512, help="Longest prompt+response in tokens; longer responses are truncated."),
-    seed: int = typer.Option(0, help="Base seed of the stochastic policies (derived per example like cache build, sample 0)."),
+    seed: int = typer.Option(
+        0, help="Base seed of the stochastic policies (derived per example like cache build, sample 0)."
+    ),
     dtype: str = typer.Option("auto", help="Teacher dtype: auto, float32, bfloat16, float16."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    compare: Optional[Path] = typer.Option(None, help="A router file of `moekd sar train` for this teacher: adds each layer's mean KL(original || trained gate distribution)."),
-    plot: Optional[Path] = typer.Option(None, help="Also save a per-layer plot (PNG) here."),
+    compare: Path | None = typer.Option(
+        None,
+        help="A router file of `moekd sar train` for this teacher: adds each layer's mean KL(original || trained gate distribution).",
+    ),
+    plot: Path | None = typer.Option(None, help="Also save a per-layer plot (PNG) here."),
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON on stdout instead of a table."),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Build prompts with the tokenizer's chat template, as cache build does."),
-    instruction_field: Optional[str] = typer.Option(None, help="Field holding the instruction (default: instruction)."),
-    context_field: Optional[str] = typer.Option(None, help="Field holding the context (default: context or input; '' for none)."),
-    response_field: Optional[str] = typer.Option(None, help="Field holding the response (default: response or output)."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Leave out bad or over-long rows instead of stopping."),
+    tokenizer: str | None = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
+    chat_template: bool = typer.Option(
+        False, "--chat-template", help="Build prompts with the tokenizer's chat template, as cache build does."
+    ),
+    instruction_field: str | None = typer.Option(None, help="Field holding the instruction (default: instruction)."),
+    context_field: str | None = typer.Option(
+        None, help="Field holding the context (default: context or input; '' for none)."
+    ),
+    response_field: str | None = typer.Option(None, help="Field holding the response (default: response or output)."),
+    skip_invalid: bool = typer.Option(
+        False, "--skip-invalid", help="Leave out bad or over-long rows instead of stopping."
+    ),
 ) -> None:
     """Per MoE layer: gate mass of the activated and non-activated experts, expert load CV, gate entropy.
 
@@ -58,10 +74,22 @@ def routing_stats(
         check_output_file(plot, "--plot")
     chosen = make_policy(policy, ka_lambda=ka_lambda, ka_drop=ka_drop, top_p=top_p, experts=experts)
     stats = routing_stats_for_files(
-        teacher, data, chosen, max_examples=max_examples, batch_size=batch_size, max_prompt_len=max_prompt_len,
-        max_len=max_len, seed=seed, scope=scope, device=device, dtype=dtype, tokenizer=tokenizer,
+        teacher,
+        data,
+        chosen,
+        max_examples=max_examples,
+        batch_size=batch_size,
+        max_prompt_len=max_prompt_len,
+        max_len=max_len,
+        seed=seed,
+        scope=scope,
+        device=device,
+        dtype=dtype,
+        tokenizer=tokenizer,
         fields={"instruction": instruction_field, "context": context_field, "response": response_field},
-        skip_invalid=skip_invalid, chat_template=chat_template, compare=compare,
+        skip_invalid=skip_invalid,
+        chat_template=chat_template,
+        compare=compare,
     )
     if plot is not None:
         plot_stats(stats, plot)
@@ -73,7 +101,7 @@ def routing_stats(
 
 @routing_app.command("families")
 def routing_families(
-    family: Optional[list[str]] = typer.Option(None, help="Only this model type (repeatable); default: every MoE family."),
+    family: list[str] | None = typer.Option(None, help="Only this model type (repeatable); default: every MoE family."),
     markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown (the README's) instead."),
     as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON on stdout instead of a table."),
 ) -> None:

@@ -29,7 +29,9 @@ def format_prompt(record: Record, tokenizer=None, chat_template: bool = False) -
     """The prompt text for a record: Dolly template, or the tokenizer's chat template."""
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
-            raise MoekdError("--chat-template: the tokenizer has no chat template; drop the flag to use the Dolly template")
+            raise MoekdError(
+                "--chat-template: the tokenizer has no chat template; drop the flag to use the Dolly template"
+            )
         content = record.instruction if not record.context else f"{record.instruction}\n\n{record.context}"
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True

@@ -97,7 +97,9 @@ def read_rows(path: str | Path) -> tuple[list[dict], str]:
         if type(e).__module__.startswith("pyarrow"):
             raise MoekdError(f"--data: {path} is not a readable Parquet file: {e}") from None
         raise
-    raise MoekdError(f"--data: {path} has unknown extension {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk directory")
+    raise MoekdError(
+        f"--data: {path} has unknown extension {suffix!r}; use .jsonl, .json, .parquet or a save_to_disk directory"
+    )
 
 
 def detect_fields(rows: list[dict], override: dict[str, str | None] | None = None) -> FieldMap:
@@ -163,7 +165,10 @@ def row_problem(row: object, fmap: FieldMap, reference_lists: bool = False) -> t
         if not isinstance(value, str):
             return f"non_string_{name}", f"field {name!r} must be a string, got {type(value).__name__}"
     if fmap.context and row.get(fmap.context) is not None and not isinstance(row[fmap.context], str):
-        return f"non_string_{fmap.context}", f"field {fmap.context!r} must be a string, got {type(row[fmap.context]).__name__}"
+        return (
+            f"non_string_{fmap.context}",
+            f"field {fmap.context!r} must be a string, got {type(row[fmap.context]).__name__}",
+        )
     if not response.strip():
         return f"empty_{fmap.response}", f"field {fmap.response!r} is empty"
     if not row[fmap.instruction].strip():

@@ -27,19 +27,78 @@ SPLITS = ("test", "valid", "train")  # generation order; the file names are <spl
 MAX_DRAWS = 2000  # attempts to find a record not yet used before a family counts as exhausted
 
 NAMES = [
-    "Ada", "Bram", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kira", "Lev", "Mia",
-    "Nell", "Omar", "Pia", "Quin", "Rosa", "Sam", "Tess", "Uma", "Vik", "Wren", "Yara", "Zane",
+    "Ada",
+    "Bram",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jun",
+    "Kira",
+    "Lev",
+    "Mia",
+    "Nell",
+    "Omar",
+    "Pia",
+    "Quin",
+    "Rosa",
+    "Sam",
+    "Tess",
+    "Uma",
+    "Vik",
+    "Wren",
+    "Yara",
+    "Zane",
 ]
-ITEMS = ["apples", "pears", "plums", "limes", "books", "marbles", "stamps", "shells", "pencils", "cards", "coins", "eggs"]
+ITEMS = [
+    "apples",
+    "pears",
+    "plums",
+    "limes",
+    "books",
+    "marbles",
+    "stamps",
+    "shells",
+    "pencils",
+    "cards",
+    "coins",
+    "eggs",
+]
 ANIMALS = ["cat", "dog", "horse", "fox", "owl", "goat", "mouse", "tiger", "whale", "duck", "frog", "bear"]
 FRUITS = ["apple", "pear", "plum", "grape", "lemon", "mango", "peach", "melon", "cherry", "banana", "kiwi", "lime"]
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "pink", "brown", "grey", "gold"]
 TOOLS = ["hammer", "spoon", "ladder", "brush", "rope", "kettle", "shovel", "needle", "bucket", "lamp", "saw", "drill"]
 CATEGORIES = {"animals": ANIMALS, "fruits": FRUITS, "colours": COLOURS, "tools": TOOLS}
-WORDS = ANIMALS + FRUITS + TOOLS + [
-    "garden", "window", "river", "silver", "pocket", "candle", "planet", "forest", "bridge", "pencil",
-    "rocket", "button", "castle", "jacket", "island", "market", "winter", "summer", "basket", "dragon",
-]
+WORDS = (
+    ANIMALS
+    + FRUITS
+    + TOOLS
+    + [
+        "garden",
+        "window",
+        "river",
+        "silver",
+        "pocket",
+        "candle",
+        "planet",
+        "forest",
+        "bridge",
+        "pencil",
+        "rocket",
+        "button",
+        "castle",
+        "jacket",
+        "island",
+        "market",
+        "winter",
+        "summer",
+        "basket",
+        "dragon",
+    ]
+)
 CITIES = ["Oslo", "Lima", "Cairo", "Quito", "Perth", "Delhi", "Tokyo", "Rome", "Paris", "Dakar", "Hanoi", "Bern"]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 PLACES = ["in the park", "by the river", "at the station", "near the school", "on the hill", "at the market"]
@@ -48,9 +107,15 @@ CREATURES = ["robot", "dragon", "wizard", "giant", "mermaid", "knight", "pirate"
 HOBBIES = ["music", "chess", "gardening", "baking", "poetry", "swimming", "puzzles", "painting", "maps", "jokes"]
 TRAITS = ["brave", "shy", "clever", "cheerful", "grumpy", "curious", "gentle", "noisy", "patient", "lazy"]
 UNITS = [  # (from, to, factor)
-    ("kilometres", "metres", 1000), ("metres", "centimetres", 100), ("hours", "minutes", 60),
-    ("minutes", "seconds", 60), ("kilograms", "grams", 1000), ("days", "hours", 24),
-    ("weeks", "days", 7), ("litres", "millilitres", 1000), ("years", "months", 12),
+    ("kilometres", "metres", 1000),
+    ("metres", "centimetres", 100),
+    ("hours", "minutes", 60),
+    ("minutes", "seconds", 60),
+    ("kilograms", "grams", 1000),
+    ("days", "hours", 24),
+    ("weeks", "days", 7),
+    ("litres", "millilitres", 1000),
+    ("years", "months", 12),
 ]
 
 
@@ -68,28 +133,39 @@ def arithmetic(rng: random.Random) -> tuple[str, str, str]:
     a, b = rng.randint(2, 40), rng.randint(2, 30)
     style = rng.randrange(4)
     if style == 0:
-        return f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", "", f"{name} has {a} + {b} = {a + b} {item}."
+        return (
+            f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?",
+            "",
+            f"{name} has {a} + {b} = {a + b} {item}.",
+        )
     if style == 1:
         a += b  # never negative
         return (
-            f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} are left?", "",
+            f"{name} had {a} {item} and gave {b} of them to a friend. How many {item} are left?",
+            "",
             f"{a} - {b} = {a - b}, so {name} has {a - b} {item} left.",
         )
     if style == 2:
         a, b = a % 9 + 2, b % 9 + 2
-        return f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total? Answer with a number only.", "", f"{a * b}"
+        return (
+            f"There are {a} boxes with {b} {item} in each box. How many {item} are there in total? Answer with a number only.",
+            "",
+            f"{a * b}",
+        )
     return f"What is {a} plus {b}?", "", f"{a} plus {b} is {a + b}."
 
 
 def sort_numbers(rng: random.Random) -> tuple[str, str, str]:
     nums = _numbers(rng)
     context = ", ".join(map(str, nums))
-    instruction, descending = rng.choice([
-        ("Sort the numbers from smallest to largest.", False),
-        ("Put these numbers in increasing order.", False),
-        ("Arrange the numbers in descending order.", True),
-        ("List the numbers from largest to smallest.", True),
-    ])
+    instruction, descending = rng.choice(
+        [
+            ("Sort the numbers from smallest to largest.", False),
+            ("Put these numbers in increasing order.", False),
+            ("Arrange the numbers in descending order.", True),
+            ("List the numbers from largest to smallest.", True),
+        ]
+    )
     return instruction, context, ", ".join(map(str, sorted(nums, reverse=descending)))
 
 
@@ -100,23 +176,37 @@ def reverse_list(rng: random.Random) -> tuple[str, str, str]:
         return "Reverse the order of the words in the list.", " ".join(words), " ".join(reversed(words))
     if style == 1:
         return "Write the list backwards, last item first.", ", ".join(words), ", ".join(reversed(words))
-    return "Which item comes last in the list, and which comes first?", ", ".join(words), f"The last item is {words[-1]} and the first is {words[0]}."
+    return (
+        "Which item comes last in the list, and which comes first?",
+        ", ".join(words),
+        f"The last item is {words[-1]} and the first is {words[0]}.",
+    )
 
 
 def _sentence(rng: random.Random) -> str:
-    return f"{rng.choice(NAMES)} {rng.choice(VERBS)} the {rng.choice(COLOURS)} {rng.choice(TOOLS)} {rng.choice(PLACES)}."
+    return (
+        f"{rng.choice(NAMES)} {rng.choice(VERBS)} the {rng.choice(COLOURS)} {rng.choice(TOOLS)} {rng.choice(PLACES)}."
+    )
 
 
 def rewrite(rng: random.Random) -> tuple[str, str, str]:
     sentence = _sentence(rng)
     style = rng.randrange(3)
     if style == 0:
-        return rng.choice(["Rewrite the sentence in capital letters.", "Convert the text to upper case."]), sentence, sentence.upper()
+        return (
+            rng.choice(["Rewrite the sentence in capital letters.", "Convert the text to upper case."]),
+            sentence,
+            sentence.upper(),
+        )
     if style == 1:
         return "Rewrite the sentence in lower case.", sentence, sentence.lower()
     colour = next(word for word in sentence.split() if word in COLOURS)
     new = rng.choice([c for c in COLOURS if c != colour])
-    return f"Replace the word '{colour}' with '{new}' in the sentence.", sentence, sentence.replace(f" {colour} ", f" {new} ")
+    return (
+        f"Replace the word '{colour}' with '{new}' in the sentence.",
+        sentence,
+        sentence.replace(f" {colour} ", f" {new} "),
+    )
 
 
 def count_letters(rng: random.Random) -> tuple[str, str, str]:
@@ -125,7 +215,11 @@ def count_letters(rng: random.Random) -> tuple[str, str, str]:
     count = phrase.count(letter)
     if rng.random() < 0.5:
         times = "once" if count == 1 else f"{count} times"
-        return f"How many times does the letter '{letter}' appear in '{phrase}'?", "", f"The letter '{letter}' appears {times} in '{phrase}'."
+        return (
+            f"How many times does the letter '{letter}' appear in '{phrase}'?",
+            "",
+            f"The letter '{letter}' appears {times} in '{phrase}'.",
+        )
     return f"Count the letter '{letter}' in the phrase. Give only the number.", phrase, str(count)
 
 
@@ -175,7 +269,13 @@ def paraphrase(rng: random.Random) -> tuple[str, str, str]:
     else:
         source = f"On {day}, {name} sent {n} {item} to a friend in {city}."
         target = f"{name} sent a friend in {city} {n} {item} on {day}."
-    instruction = rng.choice(["Paraphrase the sentence.", "Say the same thing in different words.", "Rewrite the sentence without changing its meaning."])
+    instruction = rng.choice(
+        [
+            "Paraphrase the sentence.",
+            "Say the same thing in different words.",
+            "Rewrite the sentence without changing its meaning.",
+        ]
+    )
     return instruction, source, target
 
 
@@ -185,10 +285,22 @@ def describe_entity(rng: random.Random) -> tuple[str, str, str]:
     context = f"name: {name}; kind: {kind}; colour: {colour}; trait: {trait}; likes: {hobby}"
     style = rng.randrange(3)
     if style == 0:
-        return "Describe the character in one sentence.", context, f"{name} is a {trait} {colour} {kind} who likes {hobby}."
+        return (
+            "Describe the character in one sentence.",
+            context,
+            f"{name} is a {trait} {colour} {kind} who likes {hobby}.",
+        )
     if style == 1:
-        return "Introduce this character in two short sentences.", context, f"Meet {name}, a {colour} {kind}. {name} is {trait} and loves {hobby}."
-    return "Write a short story opening about the character.", context, f"Once upon a time, a {trait} {colour} {kind} named {name} spent every day on {hobby}."
+        return (
+            "Introduce this character in two short sentences.",
+            context,
+            f"Meet {name}, a {colour} {kind}. {name} is {trait} and loves {hobby}.",
+        )
+    return (
+        "Write a short story opening about the character.",
+        context,
+        f"Once upon a time, a {trait} {colour} {kind} named {name} spent every day on {hobby}.",
+    )
 
 
 def compare(rng: random.Random) -> tuple[str, str, str]:
@@ -206,7 +318,11 @@ def weekday(rng: random.Random) -> tuple[str, str, str]:
     day = WEEKDAYS[start]
     if rng.random() < 0.6:
         later = WEEKDAYS[(start + n) % 7]
-        return f"If today is {day}, what day of the week will it be in {n} days?", "", f"In {n} days it will be {later}."
+        return (
+            f"If today is {day}, what day of the week will it be in {n} days?",
+            "",
+            f"In {n} days it will be {later}.",
+        )
     earlier = WEEKDAYS[(start - n) % 7]
     return f"Today is {day}. What day of the week was it {n} days ago?", "", f"{n} days ago it was {earlier}."
 
@@ -221,7 +337,11 @@ def list_extreme(rng: random.Random) -> tuple[str, str, str]:
         return "Find the smallest number in the list.", context, f"The smallest number is {min(nums)}."
     if style == 2:
         return "Give the maximum of these numbers. Answer with the number only.", context, str(max(nums))
-    return "What are the smallest and the largest numbers?", context, f"The smallest is {min(nums)} and the largest is {max(nums)}."
+    return (
+        "What are the smallest and the largest numbers?",
+        context,
+        f"The smallest is {min(nums)} and the largest is {max(nums)}.",
+    )
 
 
 def spell_backwards(rng: random.Random) -> tuple[str, str, str]:
@@ -231,7 +351,11 @@ def spell_backwards(rng: random.Random) -> tuple[str, str, str]:
     if style == 0:
         return f"Spell the word '{word}' backwards.", "", backwards
     if style == 1:
-        return f"Write '{word}' with its letters in reverse order.", "", f"The word '{word}' backwards is '{backwards}'."
+        return (
+            f"Write '{word}' with its letters in reverse order.",
+            "",
+            f"The word '{word}' backwards is '{backwards}'.",
+        )
     if style == 2:
         return f"Spell '{word}' backwards in capital letters.", "", backwards.upper()
     return "Spell the word in the input backwards, letter by letter.", word, " ".join(backwards)
@@ -244,7 +368,11 @@ def classify(rng: random.Random) -> tuple[str, str, str]:
     rng.shuffle(chosen)
     members = [word for word in chosen if word in members]  # in list order
     instruction = rng.choice([f"Which words in the list are {category}?", f"Pick out the {category} from the list."])
-    return instruction, ", ".join(chosen), f"The {category} are {_join(members)}." if len(members) > 1 else f"The only {category[:-1]} is {members[0]}."
+    return (
+        instruction,
+        ", ".join(chosen),
+        f"The {category} are {_join(members)}." if len(members) > 1 else f"The only {category[:-1]} is {members[0]}.",
+    )
 
 
 def first_letters(rng: random.Random) -> tuple[str, str, str]:
@@ -252,14 +380,32 @@ def first_letters(rng: random.Random) -> tuple[str, str, str]:
     context = " ".join(words)
     if rng.random() < 0.5:
         return "Write the first letter of each word.", context, ", ".join(w[0] for w in words)
-    return "Make an acronym from the first letters of the words, in capitals.", context, "".join(w[0] for w in words).upper()
+    return (
+        "Make an acronym from the first letters of the words, in capitals.",
+        context,
+        "".join(w[0] for w in words).upper(),
+    )
 
 
 FAMILIES = {
     f.__name__: f
     for f in (
-        arithmetic, sort_numbers, reverse_list, rewrite, count_letters, count_items, unit_conversion, table_lookup,
-        paraphrase, describe_entity, compare, weekday, list_extreme, spell_backwards, classify, first_letters,
+        arithmetic,
+        sort_numbers,
+        reverse_list,
+        rewrite,
+        count_letters,
+        count_items,
+        unit_conversion,
+        table_lookup,
+        paraphrase,
+        describe_entity,
+        compare,
+        weekday,
+        list_extreme,
+        spell_backwards,
+        classify,
+        first_letters,
     )
 }
 
@@ -298,10 +444,14 @@ def write_suite(out_dir: str | Path, seed: int = 0, n_train: int = 2000, n_valid
 
     Split files of an earlier suite are replaced; other files of those names are never overwritten."""
     out = check_output_dir(out_dir, "--out")
-    theirs = [name for name in (f"{split}.jsonl" for split in SPLITS) if (out / name).exists() and not _ours(out / name)]
+    theirs = [
+        name for name in (f"{split}.jsonl" for split in SPLITS) if (out / name).exists() and not _ours(out / name)
+    ]
     if theirs:
-        raise MoekdError(f"--out: {out} already holds {', '.join(theirs)} not written by moekd data synth; "
-                         "choose another directory (it is never overwritten)")
+        raise MoekdError(
+            f"--out: {out} already holds {', '.join(theirs)} not written by moekd data synth; "
+            "choose another directory (it is never overwritten)"
+        )
     suite = generate_suite(seed, n_train, n_valid, n_test)
     out.mkdir(parents=True, exist_ok=True)
     for split, records in suite.items():

@@ -54,7 +54,9 @@ def tokenizer_differences(tokenizer, size: int, sha256: str, vocab_sha256: str) 
     same_ids = found["vocab_sha256"] == vocab_sha256
     how = [f"size {len(tokenizer)} vs {size}"] if len(tokenizer) != size else []
     if same_ids:
-        how.append(f"same token-to-id mapping but other rules or special tokens (sha256 {found['sha256'][:12]} vs {sha256[:12]})")
+        how.append(
+            f"same token-to-id mapping but other rules or special tokens (sha256 {found['sha256'][:12]} vs {sha256[:12]})"
+        )
     else:
         how.append(f"token-to-id mapping differs (vocab_sha256 {found['vocab_sha256'][:12]} vs {vocab_sha256[:12]})")
     return same_ids, how

@@ -52,7 +52,9 @@ def config_differences(saved: dict, current: dict, ignore: tuple[str, ...]) -> l
     return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-def save_checkpoint(path: Path, model, tokenizer, state: dict | None, step: int, config: dict, ignore: tuple[str, ...]) -> None:
+def save_checkpoint(
+    path: Path, model, tokenizer, state: dict | None, step: int, config: dict, ignore: tuple[str, ...]
+) -> None:
     """Write a checkpoint; `state` None saves the model only (final/). `model` is anything with
     `save_pretrained(directory)`; `tokenizer` None saves none."""
     if path.exists():
@@ -88,7 +90,9 @@ def resume_point(out: Path, config: dict, resume: str | None, ignore: tuple[str,
                 "use the same settings to continue it, or choose another --out"
             )
         if resume is None:
-            raise MoekdError(f"--out {out} already holds this run; pass --resume auto to continue it, or choose another --out")
+            raise MoekdError(
+                f"--out {out} already holds this run; pass --resume auto to continue it, or choose another --out"
+            )
         if is_complete(out / FINAL):
             raise MoekdError(f"--out {out}: this run is finished ({out / FINAL} exists); nothing to resume")
     elif out.exists() and any(out.iterdir()):
@@ -97,7 +101,9 @@ def resume_point(out: Path, config: dict, resume: str | None, ignore: tuple[str,
         return latest_checkpoint(out) if saved is not None else None
     path = Path(resume)
     if not is_complete(path):
-        raise MoekdError(f"--resume {path}: not a complete checkpoint (no {MARKER}); pass a step-XXXXXX directory or auto")
+        raise MoekdError(
+            f"--resume {path}: not a complete checkpoint (no {MARKER}); pass a step-XXXXXX directory or auto"
+        )
     differences = config_differences(load_marker(path)["config"], config, ignore)
     if differences:
         raise MoekdError(f"--resume {path} was trained with another configuration: {'; '.join(differences)}")

@@ -54,7 +54,11 @@ class ChunkLoss(Protocol):
 
 
 def chunked_output_loss(
-    hidden: Tensor, head: OutputLayer, chunk_loss: ChunkLoss, chunk: int, matmul_dtype: torch.dtype | None = None,
+    hidden: Tensor,
+    head: OutputLayer,
+    chunk_loss: ChunkLoss,
+    chunk: int,
+    matmul_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """The sum over chunks of `chunk_loss`'s terms, as float32 scalars (float64 for float64 inputs); "loss" carries the gradient
     to hidden [P, d], head.weight and head.bias (the other terms are detached).
@@ -68,7 +72,9 @@ def chunked_output_loss(
     inputs = (hidden, head.weight, head.bias)
     needs = tuple(t is not None and t.requires_grad and torch.is_grad_enabled() for t in inputs)
     if any(needs):
-        loss, values = _ChunkedOutputLoss.apply(*inputs, head.scale, head.softcap, chunk_loss, chunk, matmul_dtype, needs)
+        loss, values = _ChunkedOutputLoss.apply(
+            *inputs, head.scale, head.softcap, chunk_loss, chunk, matmul_dtype, needs
+        )
     else:
         loss, values, _ = _run_chunks(hidden, head, chunk_loss, chunk, matmul_dtype, needs)
     return {"loss": loss, **{name: values[n] for n, name in enumerate(chunk_loss.terms[1:])}}
@@ -95,15 +101,28 @@ class _ChunkedOutputLoss(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
-def _run_chunks(hidden: Tensor, head: OutputLayer, chunk_loss: ChunkLoss, chunk: int,
-                matmul_dtype: torch.dtype | None, needs: tuple[bool, bool, bool]):
+def _run_chunks(
+    hidden: Tensor,
+    head: OutputLayer,
+    chunk_loss: ChunkLoss,
+    chunk: int,
+    matmul_dtype: torch.dtype | None,
+    needs: tuple[bool, bool, bool],
+):
     """(loss, other term values, (grad_hidden, grad_weight, grad_bias) or Nones) over all chunks."""
     dtype = matmul_dtype or torch.promote_types(hidden.dtype, head.weight.dtype)
-    layer = OutputLayer(head.weight.detach().to(dtype), None if head.bias is None else head.bias.detach().to(dtype),
-                        head.scale, head.softcap)
+    layer = OutputLayer(
+        head.weight.detach().to(dtype),
+        None if head.bias is None else head.bias.detach().to(dtype),
+        head.scale,
+        head.softcap,
+    )
     accumulate = torch.promote_types(head.weight.dtype, torch.float32)
-    grads = [torch.empty_like(hidden) if needs[0] else None, None,  # grad_weight: allocated by the first chunk
-             torch.zeros(head.weight.shape[0], dtype=accumulate, device=hidden.device) if needs[2] else None]
+    grads = [
+        torch.empty_like(hidden) if needs[0] else None,
+        None,  # grad_weight: allocated by the first chunk
+        torch.zeros(head.weight.shape[0], dtype=accumulate, device=hidden.device) if needs[2] else None,
+    ]
     total = torch.zeros(len(chunk_loss.terms), dtype=torch.float64, device=hidden.device)
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk):

@@ -46,16 +46,20 @@ def parse_layer_map(spec: str, student_names: list[str], teacher_names: list[str
     if spec == "auto":
         return uniform_layer_map(len(student_names), len(teacher_names))
     if not re.fullmatch(r"\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*", spec):
-        raise MoekdError(f"--layer-map: {spec!r} is neither auto nor student:teacher pairs such as \"0:0,1:2\"")
+        raise MoekdError(f'--layer-map: {spec!r} is neither auto nor student:teacher pairs such as "0:0,1:2"')
     pairs = [tuple(int(x) for x in pair.split(":")) for pair in spec.split(",")]
     seen = set()
     for s, t in pairs:
         if s >= len(student_names):
-            raise MoekdError(f"--layer-map: student MoE layer {s} does not exist; the student has {len(student_names)} "
-                             f"MoE layers (0..{len(student_names) - 1})")
+            raise MoekdError(
+                f"--layer-map: student MoE layer {s} does not exist; the student has {len(student_names)} "
+                f"MoE layers (0..{len(student_names) - 1})"
+            )
         if t >= len(teacher_names):
-            raise MoekdError(f"--layer-map: teacher MoE layer {t} (for student layer {s}) is not in the cache, which stores "
-                             f"{len(teacher_names)} teacher layers (0..{len(teacher_names) - 1})")
+            raise MoekdError(
+                f"--layer-map: teacher MoE layer {t} (for student layer {s}) is not in the cache, which stores "
+                f"{len(teacher_names)} teacher layers (0..{len(teacher_names) - 1})"
+            )
         if s in seen:
             raise MoekdError(f"--layer-map: student MoE layer {s} ({student_names[s]}) is mapped twice")
         seen.add(s)
@@ -75,7 +79,7 @@ def expert_map(kind: str, teacher_experts: int, student_experts: int) -> torch.T
     starts = np.floor(np.arange(student_experts + 1) * teacher_experts / student_experts).astype(int)
     matrix = torch.zeros(teacher_experts, student_experts)
     for j in range(student_experts):
-        matrix[starts[j]:starts[j + 1] if kind == "group" else starts[j] + 1, j] = 1.0
+        matrix[starts[j] : starts[j + 1] if kind == "group" else starts[j] + 1, j] = 1.0
     return matrix
 
 
@@ -102,8 +106,10 @@ class GateTargets:
 
     def __call__(self, arrays: dict[str, np.ndarray], examples: list[int], positions: np.ndarray, epoch: int) -> dict:
         wide = {"gate_ids": np.int64}  # torch has few uint16 ops
-        chosen = {name: torch.from_numpy(a.take(self.teacher_layers, axis=2).astype(wide.get(name, np.float32)))
-                  for name, a in arrays.items()}
+        chosen = {
+            name: torch.from_numpy(a.take(self.teacher_layers, axis=2).astype(wide.get(name, np.float32)))
+            for name, a in arrays.items()
+        }
         mapped = dense_gates(chosen, self.teacher_experts) @ self.matrix
         total = mapped.sum(-1, keepdim=True)
         uniform = torch.full_like(mapped, 1.0 / mapped.shape[-1])
@@ -114,6 +120,8 @@ class GateTargets:
         """[K, P, M, L] uniforms drawn per example from (seed, epoch, example): the same whatever the batch
         (resume, held-out evaluation, any number of ranks). The stream differs from --samples random's."""
         shape = (self.draws, samples, len(self.pairs))
-        parts = [np.random.default_rng([self.seed, epoch, e, MC_STREAM]).random((n, *shape), dtype=np.float32)
-                 for e, n in zip(examples, positions)]
+        parts = [
+            np.random.default_rng([self.seed, epoch, e, MC_STREAM]).random((n, *shape), dtype=np.float32)
+            for e, n in zip(examples, positions)
+        ]
         return torch.from_numpy(1.0 - np.concatenate(parts)).permute(1, 0, 2, 3).contiguous()

@@ -64,16 +64,17 @@ def pack(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> list[list
     return batches
 
 
-def plan_epoch(indices: np.ndarray, lengths: np.ndarray, shards: np.ndarray, batch_tokens: int,
-               seed: int, epoch: int) -> list[list[int]]:
+def plan_epoch(
+    indices: np.ndarray, lengths: np.ndarray, shards: np.ndarray, batch_tokens: int, seed: int, epoch: int
+) -> list[list[int]]:
     """The batches of one epoch, in order (see the module docstring)."""
     rng = np.random.default_rng([seed, epoch])
     shuffled = indices[np.lexsort((rng.random(len(indices)), shards[indices]))]  # grouped by shard, random within
     batches = []
     for members in np.split(shuffled, np.flatnonzero(np.diff(shards[shuffled])) + 1):
         for w in range(0, len(members), LENGTH_WINDOW):
-            window = members[w:w + LENGTH_WINDOW]
-            members[w:w + LENGTH_WINDOW] = window[np.argsort(-lengths[window], kind="stable")]
+            window = members[w : w + LENGTH_WINDOW]
+            members[w : w + LENGTH_WINDOW] = window[np.argsort(-lengths[window], kind="stable")]
         batches += pack(members, lengths, batch_tokens)
     return [batches[i] for i in rng.permutation(len(batches))]
 
@@ -81,11 +82,21 @@ def plan_epoch(indices: np.ndarray, lengths: np.ndarray, shards: np.ndarray, bat
 class BatchOrder:
     """Iterates (epoch, batch index, example indices) from `start`, over `epochs` epochs or forever."""
 
-    def __init__(self, indices: np.ndarray, lengths: np.ndarray, shards: np.ndarray, batch_tokens: int,
-                 seed: int, start: LoaderPosition = LoaderPosition(0, 0), epochs: int | None = None):
+    def __init__(
+        self,
+        indices: np.ndarray,
+        lengths: np.ndarray,
+        shards: np.ndarray,
+        batch_tokens: int,
+        seed: int,
+        start: LoaderPosition = LoaderPosition(0, 0),
+        epochs: int | None = None,
+    ):
         longest = int(lengths[indices].max())
         if batch_tokens < longest:
-            raise MoekdError(f"--batch-tokens {batch_tokens} is below the longest training example ({longest} tokens); raise it")
+            raise MoekdError(
+                f"--batch-tokens {batch_tokens} is below the longest training example ({longest} tokens); raise it"
+            )
         self.indices, self.lengths, self.shards = indices, lengths, shards
         self.batch_tokens, self.seed, self.start, self.epochs = batch_tokens, seed, start, epochs
 
@@ -122,15 +133,20 @@ class BatchDataset(Dataset):
     def __getitem__(self, item: tuple[int, int, list[int]]) -> dict:
         epoch, index, examples = item[0], item[1], list(item[2])
         if not examples:  # a rank's share of a batch with fewer examples than ranks (see parallel.py)
-            return {"examples": torch.zeros(0, dtype=torch.long), "rows": torch.zeros(0, dtype=torch.long),
-                    "epoch": epoch, "batch": index, "tokens": 0}
+            return {
+                "examples": torch.zeros(0, dtype=torch.long),
+                "rows": torch.zeros(0, dtype=torch.long),
+                "epoch": epoch,
+                "batch": index,
+                "tokens": 0,
+            }
         data = self.source.read(examples)
         counts, positions = data["token_counts"], data["position_counts"]
         width = int(counts.max())
         input_ids = np.full((len(examples), width), self.pad_id, dtype=np.int64)
         row_of_position = np.repeat(np.arange(len(examples)), positions)
         for row, chunk in enumerate(np.split(data["input_ids"], np.cumsum(counts)[:-1])):
-            input_ids[row, :len(chunk)] = chunk
+            input_ids[row, : len(chunk)] = chunk
         t = data["target_positions"].astype(np.int64)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
@@ -146,13 +162,18 @@ class BatchDataset(Dataset):
             teacher = data["teacher"]
             per_sample = {**teacher, **{name: data[name] for name in self.source.gate_arrays}}  # [P, M, ...] each
             if self.samples == "random" and self.source.samples > 1:
-                drawn = np.array([np.random.default_rng([self.seed, epoch, e]).integers(self.source.samples) for e in examples])
+                drawn = np.array(
+                    [np.random.default_rng([self.seed, epoch, e]).integers(self.source.samples) for e in examples]
+                )
                 at, pick = np.arange(len(row_of_position)), drawn[row_of_position]
                 per_sample = {name: a[at, pick][:, None] for name, a in per_sample.items()}
             batch.update({name: torch.from_numpy(np.ascontiguousarray(per_sample[name])) for name in teacher})
             if self.gate_targets is not None:
-                batch.update(self.gate_targets({name: per_sample[name] for name in self.source.gate_arrays},
-                                               examples, positions, epoch))
+                batch.update(
+                    self.gate_targets(
+                        {name: per_sample[name] for name in self.source.gate_arrays}, examples, positions, epoch
+                    )
+                )
         return batch
 
 
@@ -163,6 +184,11 @@ def _as_is(batch):
 def make_loader(dataset: BatchDataset, order, workers: int, prefetch: int = 4) -> DataLoader:
     """Batches of `order` (an iterable of (epoch, index, examples)) read by `workers` processes."""
     return DataLoader(
-        dataset, sampler=order, batch_size=None, collate_fn=_as_is, num_workers=workers,
-        prefetch_factor=prefetch if workers else None, persistent_workers=False,
+        dataset,
+        sampler=order,
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=workers,
+        prefetch_factor=prefetch if workers else None,
+        persistent_workers=False,
     )

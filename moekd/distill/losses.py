@@ -103,7 +103,9 @@ def sparse_kd_loss(
     return _divergence(teacher.logp, student_logq, kind, skew_lambda, jsd_beta).masked_fill(teacher.absent, 0.0)
 
 
-def student_bucket_logprobs(student_logits: Tensor, topk_ids: Tensor, stored: Tensor, temperature: float = 1.0) -> Tensor:
+def student_bucket_logprobs(
+    student_logits: Tensor, topk_ids: Tensor, stored: Tensor, temperature: float = 1.0
+) -> Tensor:
     """The student's log-probs [P, M, k+1] over each sample's buckets: the stored ids (-inf at padded
     slots, stored [P, M, k] False) and the tail, from logits [P, V] divided by the temperature."""
     slots = _Slots(topk_ids.long().flatten(1), stored.flatten(1))
@@ -142,7 +144,9 @@ def sparse_losses_(
             slots = _Slots(topk_ids.long().flatten(1), teacher.stored.flatten(1))
             shared = labels is not None and temperature == 1.0
             if shared:  # the labels join the stored ids as extra slots: one pass for KD and CE
-                slots = _Slots(torch.cat([slots.ids, labels.long().unsqueeze(1)], 1), F.pad(slots.valid, (0, 1), value=True))
+                slots = _Slots(
+                    torch.cat([slots.ids, labels.long().unsqueeze(1)], 1), F.pad(slots.valid, (0, 1), value=True)
+                )
             if temperature == 1.0:
                 tempered = logits
             elif labels is None:
@@ -156,7 +160,9 @@ def sparse_losses_(
             if shared:
                 ce = log_z - at_ids[:, -1]
         if labels is not None and ce is None:
-            slots = _Slots(labels.long().unsqueeze(1), torch.ones(len(labels), 1, dtype=torch.bool, device=labels.device))
+            slots = _Slots(
+                labels.long().unsqueeze(1), torch.ones(len(labels), 1, dtype=torch.bool, device=labels.device)
+            )
             passes.append((1.0, slots, *_logits_at_ids_and_rest_(logits, slots.ids, slots.valid)))
             at_ids, lse_rest = _track(passes[-1], need_grad)
             ce = torch.logaddexp(lse_rest, at_ids[:, 0]) - at_ids[:, 0]
@@ -179,7 +185,9 @@ class _LogitsAtIdsAndRest(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, ids: Tensor, valid: Tensor, temperature: float):
         z = torch.empty(logits.shape, dtype=_compute_dtype(logits.dtype), device=logits.device).copy_(logits)
-        at_ids, lse_rest, rest, rest_sum = _logits_at_ids_and_rest_(z.div_(temperature) if temperature != 1 else z, ids, valid)
+        at_ids, lse_rest, rest, rest_sum = _logits_at_ids_and_rest_(
+            z.div_(temperature) if temperature != 1 else z, ids, valid
+        )
         ctx.save_for_backward(rest, rest_sum, ids)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
         return at_ids, lse_rest
@@ -244,13 +252,17 @@ def _student_log_probs(at_ids: Tensor, lse_rest: Tensor, slots: _Slots, stored: 
 
     # Tail of sample m: the rest plus the distinct ids (of any slot: other samples', labels) it does not hold.
     held = torch.zeros(rows, samples, n, dtype=torch.bool, device=stored.device)  # [p, m, group]
-    held.view(rows, -1).scatter_reduce_(1, torch.arange(samples, device=stored.device).repeat_interleave(k) * n
-                                        + slots.group[:, :samples * k], stored.view(rows, -1), reduce="amax")
+    held.view(rows, -1).scatter_reduce_(
+        1,
+        torch.arange(samples, device=stored.device).repeat_interleave(k) * n + slots.group[:, : samples * k],
+        stored.view(rows, -1),
+        reduce="amax",
+    )
     others = torch.bmm((~held).double(), by_group.unsqueeze(2)).squeeze(2)  # [P, M]
     tail_logq = _log(rest.unsqueeze(1) + others) + (shift - log_z).unsqueeze(1)  # -inf when the ids cover V
 
     log_z = log_z.to(at_ids.dtype)
-    stored_logq = (at_ids[:, :samples * k] - log_z.unsqueeze(1)).view(rows, samples, k).masked_fill(~stored, -math.inf)
+    stored_logq = (at_ids[:, : samples * k] - log_z.unsqueeze(1)).view(rows, samples, k).masked_fill(~stored, -math.inf)
     return log_z, torch.cat([stored_logq, tail_logq.to(at_ids.dtype).unsqueeze(-1)], dim=-1)
 
 
@@ -340,12 +352,12 @@ def exact_losses_(
             teacher = teacher_logprobs(teacher_hidden[:, m], teacher_weight, logits.shape[1])
             kd_m = dense_kd_loss(student, teacher, kind, temperature, skew_lambda, jsd_beta)
             if need_grad:
-                g, = torch.autograd.grad(kd_m.sum() * kd_weight, student)
+                (g,) = torch.autograd.grad(kd_m.sum() * kd_weight, student)
                 grad = g if grad is None else grad.add_(g)
             kd.append(kd_m.detach())
         ce = None if labels is None else F.cross_entropy(student, labels.long(), reduction="none")
         if need_grad and ce is not None:
-            g, = torch.autograd.grad(ce.sum() * ce_weight, student)
+            (g,) = torch.autograd.grad(ce.sum() * ce_weight, student)
             grad = g if grad is None else grad.add_(g)
     return torch.stack(kd, dim=1), _detached(ce), grad
 
@@ -368,7 +380,9 @@ def reduce_kd_loss(per_sample: Tensor, mask: Tensor, sample_index: Tensor | None
     inf or NaN without reaching the value or the gradient.
     """
     if per_sample.dim() != 2 or mask.shape != per_sample.shape[:1]:
-        raise ValueError(f"mask: expected shape [P] = [{per_sample.shape[0]}] for a [P, M] loss, got {list(mask.shape)}")
+        raise ValueError(
+            f"mask: expected shape [P] = [{per_sample.shape[0]}] for a [P, M] loss, got {list(mask.shape)}"
+        )
     if sample_index is None:
         per_position = per_sample.mean(dim=1)
     else:
@@ -448,12 +462,20 @@ def _check_sparse_shapes(student_logits: Tensor, topk_ids: Tensor, topk_logprobs
         raise ValueError(f"student_logits: expected shape [P, V], got {list(student_logits.shape)}")
     num_positions, vocab_size = student_logits.shape
     if topk_ids.dim() != 3 or topk_ids.shape[0] != num_positions or topk_ids.dtype.is_floating_point:
-        raise ValueError(f"topk_ids: expected integer ids [P={num_positions}, M, k], got {topk_ids.dtype} {list(topk_ids.shape)}")
+        raise ValueError(
+            f"topk_ids: expected integer ids [P={num_positions}, M, k], got {topk_ids.dtype} {list(topk_ids.shape)}"
+        )
     if topk_ids.shape[-1] > vocab_size:
         raise ValueError(f"topk_ids: k = {topk_ids.shape[-1]} exceeds the vocabulary size {vocab_size}")
     if topk_logprobs.shape != topk_ids.shape:
-        raise ValueError(f"topk_logprobs: expected the shape of topk_ids {list(topk_ids.shape)}, got {list(topk_logprobs.shape)}")
+        raise ValueError(
+            f"topk_logprobs: expected the shape of topk_ids {list(topk_ids.shape)}, got {list(topk_logprobs.shape)}"
+        )
     if tail_logprob.shape != topk_ids.shape[:2]:
-        raise ValueError(f"tail_logprob: expected shape [P, M] = {list(topk_ids.shape[:2])}, got {list(tail_logprob.shape)}")
-    if topk_ids.numel() and not (0 <= int(topk_ids.min()) and int(topk_ids.max()) < vocab_size):
-        raise ValueError(f"topk_ids: ids must lie in [0, {vocab_size}), got {int(topk_ids.min())}..{int(topk_ids.max())}")
+        raise ValueError(
+            f"tail_logprob: expected shape [P, M] = {list(topk_ids.shape[:2])}, got {list(tail_logprob.shape)}"
+        )
+    if topk_ids.numel() and not (int(topk_ids.min()) >= 0 and int(topk_ids.max()) < vocab_size):
+        raise ValueError(
+            f"topk_ids: ids must lie in [0, {vocab_size}), got {int(topk_ids.min())}..{int(topk_ids.max())}"
+        )

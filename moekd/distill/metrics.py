@@ -10,8 +10,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-COLUMNS = ("step", "epoch", "loss", "kd_loss", "ce_loss", "eval_loss", "eval_kd_loss", "eval_ce_loss",
-           "lr", "grad_norm", "tokens", "tokens_per_s")
+COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "kd_loss",
+    "ce_loss",
+    "eval_loss",
+    "eval_kd_loss",
+    "eval_ce_loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+)
 
 
 class MetricsLog:
@@ -69,7 +81,13 @@ def read_metrics(out: str | Path) -> list[dict]:
 
 def progress_bar(console: Console, label: str = "train") -> Progress:
     return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[rate]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=console,
     )

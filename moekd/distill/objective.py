@@ -28,12 +28,13 @@ import torch
 
 from moekd.distill.chunked import OutputLayer, chunked_output_loss
 from moekd.distill.losses import exact_losses_, sparse_losses_
-from moekd.distill.sampled_losses import sampled_losses_
 from moekd.distill.options import TrainOptions
+from moekd.distill.sampled_losses import sampled_losses_
 
 
-def batch_loss(student, batch: dict, o: TrainOptions, device: torch.device,
-               teacher_layer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def batch_loss(
+    student, batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """loss (and kd_loss, ce_loss when mixed; logit_loss and the router terms with router terms): means over
     the batch's target positions.
 
@@ -54,17 +55,30 @@ def batch_loss(student, batch: dict, o: TrainOptions, device: torch.device,
     return {**terms, **router, "logit_loss": terms["loss"], "loss": terms["loss"] + router["loss"]}
 
 
-def output_terms(hidden: torch.Tensor, head: OutputLayer, batch: dict, o: TrainOptions,
-                 device: torch.device, teacher_layer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def output_terms(
+    hidden: torch.Tensor,
+    head: OutputLayer,
+    batch: dict,
+    o: TrainOptions,
+    device: torch.device,
+    teacher_layer: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """The objective's terms from the final hidden states [P, d] of the batch's target positions."""
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else None  # what autocast would run the lm_head in
-    return chunked_output_loss(hidden, head, cache_objective(batch, o, device, teacher_layer), o.loss_chunk,
-                               matmul_dtype)
+    return chunked_output_loss(
+        hidden, head, cache_objective(batch, o, device, teacher_layer), o.loss_chunk, matmul_dtype
+    )
 
 
 @torch.no_grad()
-def held_out_loss(student, batches, o: TrainOptions, device, combine=lambda sums, positions: (sums, positions),
-                  teacher_layer: torch.Tensor | None = None) -> dict[str, float]:
+def held_out_loss(
+    student,
+    batches,
+    o: TrainOptions,
+    device,
+    combine=lambda sums, positions: (sums, positions),
+    teacher_layer: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Held-out loss terms, averaged over all held-out target positions (all teacher samples).
     `combine` adds up the sums of all ranks, each of which evaluated its share of the batches."""
     student.eval()
@@ -103,8 +117,9 @@ class _Objective:
         if self.teacher is None:
             kd, ce, grad = sparse_losses_(logits, None, None, None, labels, kd_weight, ce_weight, need_grad)
         else:
-            kd, ce, grad = self._losses(logits, tuple(t[rows] for t in self.teacher), labels, kd_weight, ce_weight,
-                                        need_grad)
+            kd, ce, grad = self._losses(
+                logits, tuple(t[rows] for t in self.teacher), labels, kd_weight, ce_weight, need_grad
+            )
         kd_mean = kd.double().sum() * self.kd_scale if kd is not None else 0.0  # this chunk's share of the means
         ce_mean = ce.double().sum() * self.ce_scale if ce is not None else 0.0
         values = [(1 - w) * kd_mean + w * ce_mean] + ([kd_mean, ce_mean] if len(self.terms) == 3 else [])
@@ -118,8 +133,9 @@ class SparseObjective(_Objective):
 
     def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
         o = self.o
-        return sparse_losses_(logits, *teacher, labels, kd_weight, ce_weight, need_grad,
-                              o.loss, o.temperature, o.skew_lambda, o.jsd_beta)
+        return sparse_losses_(
+            logits, *teacher, labels, kd_weight, ce_weight, need_grad, o.loss, o.temperature, o.skew_lambda, o.jsd_beta
+        )
 
 
 class SampledObjective(_Objective):
@@ -144,8 +160,19 @@ class ExactObjective(_Objective):
 
     def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
         o = self.o
-        return exact_losses_(logits, *teacher, self.weight, labels, kd_weight, ce_weight, need_grad,
-                             o.loss, o.temperature, o.skew_lambda, o.jsd_beta)
+        return exact_losses_(
+            logits,
+            *teacher,
+            self.weight,
+            labels,
+            kd_weight,
+            ce_weight,
+            need_grad,
+            o.loss,
+            o.temperature,
+            o.skew_lambda,
+            o.jsd_beta,
+        )
 
 
 def cache_objective(batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor | None = None):
@@ -154,7 +181,9 @@ def cache_objective(batch: dict, o: TrainOptions, device: torch.device, teacher_
         return SampledObjective(batch, o, device)
     if o.loss != "ce" and "hidden_states" in batch:
         if teacher_layer is None:
-            raise ValueError("teacher_layer: a batch of a hidden cache needs the teacher's output layer "
-                             "(CacheSource.teacher_output_layer)")
+            raise ValueError(
+                "teacher_layer: a batch of a hidden cache needs the teacher's output layer "
+                "(CacheSource.teacher_output_layer)"
+            )
         return ExactObjective(batch, o, device, teacher_layer)
     return SparseObjective(batch, o, device)

@@ -78,13 +78,18 @@ def check_options(o: TrainOptions) -> None:
         raise MoekdError(f"--loss must be one of {', '.join(LOSSES)}, got {o.loss!r}")
     if o.data is not None and o.loss != "ce":
         raise MoekdError(f"--loss {o.loss} needs teacher distributions: pass --cache, or use --loss ce with --data")
-    data_only = {"--chat-template": o.chat_template, "--skip-invalid": o.skip_invalid,
-                 **{f"--{name}-field": value is not None for name, value in o.fields.items()}}
+    data_only = {
+        "--chat-template": o.chat_template,
+        "--skip-invalid": o.skip_invalid,
+        **{f"--{name}-field": value is not None for name, value in o.fields.items()},
+    }
     for flag, given in data_only.items():
         if o.cache is not None and given:
             raise MoekdError(f"{flag} applies to --data only: a cache's prompts were made when it was built; drop it")
     if o.data is not None and o.allow_tokenizer_mismatch:
-        raise MoekdError("--allow-tokenizer-mismatch applies to --cache only (there is no cache tokenizer to match); drop it")
+        raise MoekdError(
+            "--allow-tokenizer-mismatch applies to --cache only (there is no cache tokenizer to match); drop it"
+        )
     if not 0 <= o.ce_weight <= 1:
         raise MoekdError(f"--ce-weight must be in [0, 1] (objective (1-w)·KD + w·CE), got {o.ce_weight}")
     if o.loss == "ce" and o.ce_weight:
@@ -92,7 +97,9 @@ def check_options(o: TrainOptions) -> None:
     if not (math.isfinite(o.temperature) and o.temperature > 0):
         raise MoekdError(f"--temperature must be > 0, got {o.temperature}")
     if not 0 < o.skew_lambda < 1 or not 0 < o.jsd_beta < 1:
-        raise MoekdError(f"--skew-lambda and --jsd-beta must lie strictly between 0 and 1, got {o.skew_lambda}, {o.jsd_beta}")
+        raise MoekdError(
+            f"--skew-lambda and --jsd-beta must lie strictly between 0 and 1, got {o.skew_lambda}, {o.jsd_beta}"
+        )
     if o.samples not in ("mean", "random"):
         raise MoekdError(f"--samples must be mean or random, got {o.samples!r}")
     if o.schedule not in ("constant", "cosine"):
@@ -102,13 +109,25 @@ def check_options(o: TrainOptions) -> None:
         raise MoekdError("pass one of --max-steps and --epochs, not both")
     if not 0 <= o.seed < 2**63:
         raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
-    positive = {"--lr": o.lr, "--batch-tokens": o.batch_tokens, "--loss-chunk": o.loss_chunk, "--grad-accum": o.grad_accum,
-                "--max-grad-norm": o.max_grad_norm, "--max-steps": o.max_steps, "--epochs": o.epochs}
+    positive = {
+        "--lr": o.lr,
+        "--batch-tokens": o.batch_tokens,
+        "--loss-chunk": o.loss_chunk,
+        "--grad-accum": o.grad_accum,
+        "--max-grad-norm": o.max_grad_norm,
+        "--max-steps": o.max_steps,
+        "--epochs": o.epochs,
+    }
     for flag, value in positive.items():
         if value is not None and not value > 0:
             raise MoekdError(f"{flag} must be positive, got {value}")
-    non_negative = {"--weight-decay": o.weight_decay, "--warmup": o.warmup, "--eval-every": o.eval_every,
-                    "--save-every": o.save_every, "--workers": o.workers}
+    non_negative = {
+        "--weight-decay": o.weight_decay,
+        "--warmup": o.warmup,
+        "--eval-every": o.eval_every,
+        "--save-every": o.save_every,
+        "--workers": o.workers,
+    }
     for flag, value in non_negative.items():
         if not value >= 0:  # NaN too
             raise MoekdError(f"{flag} must be >= 0, got {value}")
@@ -119,20 +138,30 @@ def _check_router_options(o: TrainOptions) -> None:
     if o.router_loss not in ROUTER_LOSSES:
         raise MoekdError(f"--router-loss must be one of {', '.join(ROUTER_LOSSES)}, got {o.router_loss!r}")
     if o.router_loss != "none" and o.cache is None:
-        raise MoekdError(f"--router-loss {o.router_loss} needs the teacher's gate distributions: pass --cache of a store built "
-                         "with --router-probs full or top-R")
+        raise MoekdError(
+            f"--router-loss {o.router_loss} needs the teacher's gate distributions: pass --cache of a store built "
+            "with --router-probs full or top-R"
+        )
     if o.mc_draws < 1:
         raise MoekdError(f"--mc-draws must be at least 1, got {o.mc_draws}")
     if not 0 < o.mc_alpha <= 1:
-        raise MoekdError(f"--mc-alpha must be in (0, 1] (the factor a drawn expert's probability is suppressed by), got {o.mc_alpha}")
+        raise MoekdError(
+            f"--mc-alpha must be in (0, 1] (the factor a drawn expert's probability is suppressed by), got {o.mc_alpha}"
+        )
     if not TAU_RANGE[0] <= o.router_tau_init <= TAU_RANGE[1]:
-        raise MoekdError(f"--router-tau-init must be in [{TAU_RANGE[0]}, {TAU_RANGE[1]}], the range τ is clamped to, "
-                         f"got {o.router_tau_init}")
+        raise MoekdError(
+            f"--router-tau-init must be in [{TAU_RANGE[0]}, {TAU_RANGE[1]}], the range τ is clamped to, "
+            f"got {o.router_tau_init}"
+        )
     if o.router_layers not in ("all", "last"):
         raise MoekdError(f"--router-layers must be all or last, got {o.router_layers!r}")
     if o.expert_map not in EXPERT_MAPS:
         raise MoekdError(f"--expert-map must be one of {', '.join(EXPERT_MAPS)}, got {o.expert_map!r}")
-    for flag, value in {"--expert-weight": o.expert_weight, "--coverage-weight": o.coverage_weight,
-                        "--router-beta": o.router_beta, "--router-aux-coef": o.router_aux_coef}.items():
+    for flag, value in {
+        "--expert-weight": o.expert_weight,
+        "--coverage-weight": o.coverage_weight,
+        "--router-beta": o.router_beta,
+        "--router-aux-coef": o.router_aux_coef,
+    }.items():
         if not (math.isfinite(value) and value >= 0):
             raise MoekdError(f"{flag} must be a finite number >= 0, got {value}")

@@ -26,7 +26,7 @@ class RankShare:
 
     def __iter__(self):
         for epoch, index, examples in self.order:
-            yield epoch, index, list(examples)[self.ranks.rank::self.ranks.world]
+            yield epoch, index, list(examples)[self.ranks.rank :: self.ranks.world]
 
 
 def wrap(model, ranks: Ranks, device: torch.device):

@@ -125,13 +125,16 @@ class RouterObjective(nn.Module):
     def forward(self, router_logits: tuple[torch.Tensor, ...], batch: dict, training: bool) -> dict[str, torch.Tensor]:
         """{"loss": what to add to the logit objective, the terms, per-layer statistics}."""
         if len(router_logits) != len(self.routers):  # entry s must be the s-th router's logits
-            raise RuntimeError(f"the student returned router logits of {len(router_logits)} layers for {len(self.routers)} routers")
+            raise RuntimeError(
+                f"the student returned router logits of {len(router_logits)} layers for {len(self.routers)} routers"
+            )
         terms: dict[str, torch.Tensor] = {}
         total = router_logits[0].new_zeros((), dtype=torch.float32)
         if self.student_layers:
             terms.update(self._balanced_distillation(router_logits, batch, training))
             total = total + self.o.expert_weight * (
-                terms["mc_loss"] + self.o.coverage_weight * terms["coverage_loss"] + terms["router_loss"])
+                terms["mc_loss"] + self.o.coverage_weight * terms["coverage_loss"] + terms["router_loss"]
+            )
         if self.aux_loss is not None:
             terms["aux_loss"] = self.aux_loss(router_logits, batch)
             total = total + self.o.router_aux_coef * terms["aux_loss"]
@@ -142,8 +145,13 @@ class RouterObjective(nn.Module):
         rows = batch["rows"].to(device)
         p = batch["teacher_gates"].to(device)  # [P, M, L, N]
         # router logits are [B*W, N] over the padded batch; rows = b*W + t picks the target positions
-        q = torch.stack([adapter.gate_probs(router, router_logits[s][rows].float())
-                         for s, (router, adapter) in ((s, self.routers[s]) for s in self.student_layers)], dim=1)
+        q = torch.stack(
+            [
+                adapter.gate_probs(router, router_logits[s][rows].float())
+                for s, (router, adapter) in ((s, self.routers[s]) for s in self.student_layers)
+            ],
+            dim=1,
+        )
         log_q = q.clamp_min(TINY).log()
         experts, weights = mc_draws(p, batch["mc_uniforms"].to(device), self.o.mc_alpha)
         mc = mc_exploration_loss(log_q.unsqueeze(1), experts, weights).mean((0, 1))
@@ -151,11 +159,13 @@ class RouterObjective(nn.Module):
         router = entropy_aware_kl(p, tempered(log_q, self.tau.to(device)[:, None]), self.o.router_beta)
         terms = {"mc_loss": mc.mean(), "coverage_loss": coverage.mean(), "router_loss": router.mean()}
         with torch.no_grad():
-            stats = torch.stack([
-                -(q * log_q).sum(-1).mean(0),
-                load_cv(q, self.routers[self.student_layers[0]][1].top_k),
-                (torch.special.xlogy(p, p) - p * log_q.unsqueeze(1)).sum(-1).mean((0, 1)),
-            ])
+            stats = torch.stack(
+                [
+                    -(q * log_q).sum(-1).mean(0),
+                    load_cv(q, self.routers[self.student_layers[0]][1].top_k),
+                    (torch.special.xlogy(p, p) - p * log_q.unsqueeze(1)).sum(-1).mean((0, 1)),
+                ]
+            )
         for i, s in enumerate(self.student_layers):
             terms.update({f"{stat}/{s}": stats[k, i] for k, stat in enumerate(LAYER_STATS)})
             if training:
@@ -169,8 +179,10 @@ class FamilyAuxLoss:
     def __init__(self, model, num_experts: int, top_k: int):
         self.fn = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
         if self.fn is None:
-            raise MoekdError(f"--router-aux-coef: {type(model).__name__} has no auxiliary load-balancing loss in transformers "
-                             "(DeepSeek-V3-style models balance with a correction bias instead); use --router-aux-coef 0")
+            raise MoekdError(
+                f"--router-aux-coef: {type(model).__name__} has no auxiliary load-balancing loss in transformers "
+                "(DeepSeek-V3-style models balance with a correction bias instead); use --router-aux-coef 0"
+            )
         self.num_experts, self.top_k = num_experts, top_k
 
     def __call__(self, router_logits, batch: dict) -> torch.Tensor:
@@ -187,23 +199,30 @@ def router_objective(o, model, gates) -> tuple[RouterObjective | None, GateTarge
     flag = "--router-loss bdistill" if o.router_loss != "none" else "--router-aux-coef"
     infos = recognise_routers(model)  # forward order, the order of router_logits
     if not infos:
-        raise MoekdError(f"{flag} needs an MoE student: {type(model).__name__} ({o.student}) has no router modules; "
-                         "use an MoE student, or train this one without router terms")
+        raise MoekdError(
+            f"{flag} needs an MoE student: {type(model).__name__} ({o.student}) has no router modules; "
+            "use an MoE student, or train this one without router terms"
+        )
     for info in infos:
         if info.adapter is None:
-            raise MoekdError(f"{flag}: the student's router {info.name} ({type(info.module).__name__}) is not supported: "
-                             f"{info.reason}")
+            raise MoekdError(
+                f"{flag}: the student's router {info.name} ({type(info.module).__name__}) is not supported: "
+                f"{info.reason}"
+            )
     widths = sorted({info.adapter.num_experts for info in infos})
     if len(widths) > 1:
-        raise MoekdError(f"{flag}: the student's MoE layers have different expert counts ({widths}); "
-                         "one expert map cannot fit them all")
+        raise MoekdError(
+            f"{flag}: the student's MoE layers have different expert counts ({widths}); "
+            "one expert map cannot fit them all"
+        )
     pairs = targets = None
     if o.router_loss == "bdistill":
         pairs = parse_layer_map(o.layer_map, [info.name for info in infos], gates.layers)
         if o.router_layers == "last":
             pairs = pairs[-1:]
-        targets = GateTargets(pairs, gates.num_experts, expert_map(o.expert_map, gates.num_experts, widths[0]),
-                              o.mc_draws, o.seed)
+        targets = GateTargets(
+            pairs, gates.num_experts, expert_map(o.expert_map, gates.num_experts, widths[0]), o.mc_draws, o.seed
+        )
     aux = FamilyAuxLoss(model, widths[0], infos[0].adapter.top_k) if o.router_aux_coef else None
     routers = [(info.module, info.adapter) for info in infos]
     return RouterObjective(o, routers, pairs, aux), targets

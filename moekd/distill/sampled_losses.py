@@ -20,7 +20,7 @@ from torch import Tensor
 
 SAMPLED_BIASED = {
     "rkl": "reverse KL sums q·log(q/p) over the student's support and log p is not linear in p, so draws from p "
-           "give no unbiased estimate of it",
+    "give no unbiased estimate of it",
     "skl": "skew KL takes log(λp + (1-λ)q), not linear in p, so its estimate from draws is biased",
     "srkl": "skew reverse KL takes log((1-λ)p + λq), not linear in p, so its estimate from draws is biased",
     "jsd": "JSD takes log(βp + (1-β)q), not linear in p, so its estimate from draws is biased",
@@ -28,8 +28,9 @@ SAMPLED_BIASED = {
 }
 
 
-def sampled_kd_loss(student_logits: Tensor, sampled_ids: Tensor, sampled_weights: Tensor,
-                    temperature: float = 1.0) -> Tensor:
+def sampled_kd_loss(
+    student_logits: Tensor, sampled_ids: Tensor, sampled_weights: Tensor, temperature: float = 1.0
+) -> Tensor:
     """Per-(position, sample) estimate [P, M] of the cross-entropy -sum_v p_v log q_v from sampled ids.
 
     student_logits [P, V]; sampled_ids [P, M, S] (int); sampled_weights [P, M, S]: the unbiased
@@ -37,11 +38,15 @@ def sampled_kd_loss(student_logits: Tensor, sampled_ids: Tensor, sampled_weights
     temperature.
     """
     if student_logits.dim() != 2 or sampled_ids.dim() != 3 or sampled_ids.shape[0] != student_logits.shape[0]:
-        raise ValueError(f"sampled_ids: expected [P={student_logits.shape[0]}, M, S] for logits [P, V], "
-                         f"got {list(sampled_ids.shape)}")
+        raise ValueError(
+            f"sampled_ids: expected [P={student_logits.shape[0]}, M, S] for logits [P, V], "
+            f"got {list(sampled_ids.shape)}"
+        )
     if sampled_weights.shape != sampled_ids.shape:
-        raise ValueError(f"sampled_weights: expected the shape of sampled_ids {list(sampled_ids.shape)}, "
-                         f"got {list(sampled_weights.shape)}")
+        raise ValueError(
+            f"sampled_weights: expected the shape of sampled_ids {list(sampled_ids.shape)}, "
+            f"got {list(sampled_weights.shape)}"
+        )
     logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
     logq = torch.log_softmax(logits / temperature, dim=-1)
     ids = sampled_ids.long()
@@ -78,17 +83,22 @@ def sampled_losses_(
         if shared:
             ids = torch.cat([ids, labels.long().unsqueeze(1)], 1)
             grad_weights = torch.cat([grad_weights, torch.full_like(weights[:, :1], ce_weight)], 1)
-        tempered = logits if temperature == 1.0 else logits / temperature if labels is not None else logits.div_(temperature)
+        tempered = (
+            logits if temperature == 1.0 else logits / temperature if labels is not None else logits.div_(temperature)
+        )
         nll, grad = _weighted_nll_(tempered, ids, grad_weights if need_grad else None)
-        kd = (weights * nll[:, :samples * width]).view(rows, samples, width).sum(dim=-1)
+        kd = (weights * nll[:, : samples * width]).view(rows, samples, width).sum(dim=-1)
         if grad is not None and temperature != 1.0:
             grad.div_(temperature)
         if shared:
             ce = nll[:, -1]
     if labels is not None and ce is None:
         ids = labels.long().unsqueeze(1)
-        nll, ce_grad = _weighted_nll_(logits, ids, torch.full(ids.shape, ce_weight, dtype=logits.dtype, device=logits.device)
-                                      if need_grad else None)
+        nll, ce_grad = _weighted_nll_(
+            logits,
+            ids,
+            torch.full(ids.shape, ce_weight, dtype=logits.dtype, device=logits.device) if need_grad else None,
+        )
         ce = nll[:, 0]
         grad = ce_grad if grad is None else grad.add_(ce_grad)
     return kd, ce, grad

@@ -82,7 +82,9 @@ class CacheSource:
             "token_counts": self.lengths[examples],
             "position_counts": np.diff(self.position_offsets)[examples],
             # the store's alignment convention: positions prompt_len-1 .. L-2, each predicting the next token
-            "target_positions": np.concatenate([np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]),
+            "target_positions": np.concatenate(
+                [np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]
+            ),
             "teacher": self._teacher(decode_teacher(self.encoding, arrays)),  # [P, M, ...] arrays
         }
 
@@ -97,8 +99,14 @@ class CacheSource:
         if self.encoding.kind != "sampled":
             return decoded
         e, stored = self.encoding, {name: torch.from_numpy(value) for name, value in decoded.items()}
-        weights = sampled_estimate(stored["sampled_counts"], e.draws, e.proposal_temp, stored.get("sampled_logprobs"),
-                                   stored.get("proposal_logz"), self.temperature)
+        weights = sampled_estimate(
+            stored["sampled_counts"],
+            e.draws,
+            e.proposal_temp,
+            stored.get("sampled_logprobs"),
+            stored.get("proposal_logz"),
+            self.temperature,
+        )
         return {"sampled_ids": decoded["sampled_ids"], "sampled_weights": weights.numpy()}
 
 
@@ -131,28 +139,34 @@ class TokenizedSource:
         }
 
 
-
 def verify_cache(o: TrainOptions) -> None:
     """Refuse a --cache that fails `moekd cache verify` (structure and per-file checksums)."""
     report = verify_store(o.cache, storage_options=o.storage_options)
     if not report.ok:
-        shown = "; ".join(report.problems[:3]) + (f" (+{len(report.problems) - 3} more)" if len(report.problems) > 3 else "")
-        raise MoekdError(f"--cache {o.cache} fails verification: {shown}. Run `moekd cache verify {o.cache}` for details")
+        shown = "; ".join(report.problems[:3]) + (
+            f" (+{len(report.problems) - 3} more)" if len(report.problems) > 3 else ""
+        )
+        raise MoekdError(
+            f"--cache {o.cache} fails verification: {shown}. Run `moekd cache verify {o.cache}` for details"
+        )
 
 
 def open_source(o: TrainOptions, tokenizer, console: Console):
     """The example source and a hash identifying its content (a --cache is verified first with `verify_cache`)."""
     if o.data is not None:
         loaded = load_records(o.data, o.fields, o.skip_invalid)
-        report = tokenize_records(loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len,
-                                  o.chat_template, o.skip_invalid)
+        report = tokenize_records(
+            loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len, o.chat_template, o.skip_invalid
+        )
         return TokenizedSource(report.examples), loaded.fingerprint()
     reader = CacheReader(o.cache, o.storage_options)
     if len(reader) == 0:
         raise MoekdError(f"--cache {o.cache} holds no examples")
     if o.router_loss != "none" and reader.meta.gates is None:
-        raise MoekdError(f"--router-loss {o.router_loss}: --cache {o.cache} stores no teacher gate distributions; rebuild it "
-                         "with `moekd cache build ... --router-probs full` (or top-R for many experts)")
+        raise MoekdError(
+            f"--router-loss {o.router_loss}: --cache {o.cache} stores no teacher gate distributions; rebuild it "
+            "with `moekd cache build ... --router-probs full` (or top-R for many experts)"
+        )
     _check_tokenizer(tokenizer, reader.meta.tokenizer, o, console)
     check_loss_fits_cache(o, reader.meta.encoding)
     return CacheSource(reader, o.temperature, gates=o.router_loss != "none"), reader.meta.build.manifest_sha256
@@ -163,14 +177,18 @@ def check_loss_fits_cache(o: TrainOptions, encoding) -> None:
     if encoding.kind != "sampled":
         return
     if o.loss in SAMPLED_BIASED:
-        raise MoekdError(f"--loss {o.loss}: --cache {o.cache} holds sampled teacher tokens, and {SAMPLED_BIASED[o.loss]}; "
-                         "use --loss fkl, or a topk or hidden cache")
+        raise MoekdError(
+            f"--loss {o.loss}: --cache {o.cache} holds sampled teacher tokens, and {SAMPLED_BIASED[o.loss]}; "
+            "use --loss fkl, or a topk or hidden cache"
+        )
     t = encoding.proposal_temp
     if o.loss != "ce" and estimable_temperature(o.temperature, t) is None:
         temperatures = "1" if t == 1.0 else f"1 or {1 / t:g}"
-        raise MoekdError(f"--temperature {o.temperature:g}: --cache {o.cache} holds draws from p^{t:g}, which estimate the "
-                         f"teacher without bias at temperature {temperatures} only; use that, or rebuild the cache with "
-                         f"--proposal-temp {1 / o.temperature:g}")
+        raise MoekdError(
+            f"--temperature {o.temperature:g}: --cache {o.cache} holds draws from p^{t:g}, which estimate the "
+            f"teacher without bias at temperature {temperatures} only; use that, or rebuild the cache with "
+            f"--proposal-temp {1 / o.temperature:g}"
+        )
 
 
 def _check_tokenizer(tokenizer, stored, o: TrainOptions, console: Console) -> None:
@@ -181,8 +199,11 @@ def _check_tokenizer(tokenizer, stored, o: TrainOptions, console: Console) -> No
     if same_ids and o.allow_tokenizer_mismatch:
         console.print(f"[yellow]warning:[/] {what}; training anyway (--allow-tokenizer-mismatch)", highlight=False)
         return
-    hint = ("pass --allow-tokenizer-mismatch to train anyway: the ids mean the same tokens" if same_ids else
-            "--allow-tokenizer-mismatch cannot help, the ids mean different tokens: use a student built with the cache's tokenizer")
+    hint = (
+        "pass --allow-tokenizer-mismatch to train anyway: the ids mean the same tokens"
+        if same_ids
+        else "--allow-tokenizer-mismatch cannot help, the ids mean different tokens: use a student built with the cache's tokenizer"
+    )
     raise MoekdError(f"--student: {what}; {hint}")
 
 
@@ -191,16 +212,20 @@ def check_vocabulary(model, source, student: str) -> None:
     if isinstance(source, TokenizedSource):
         largest = max(int(e.input_ids.max()) for e in source.examples)
         if largest >= vocab:
-            raise MoekdError(f"--student {student}: its output layer has {vocab} entries but the data holds token id {largest}")
+            raise MoekdError(
+                f"--student {student}: its output layer has {vocab} entries but the data holds token id {largest}"
+            )
         return
     reader = source.reader
     teacher_vocab = reader.meta.teacher.vocab_size
     if vocab >= teacher_vocab:
         return
     if reader.meta.encoding.kind == "hidden":
-        raise MoekdError(f"--student {student}: its output layer has {vocab} entries, fewer than the teacher's {teacher_vocab}, "
-                         "over all of which a hidden-state cache gives the teacher's distribution; use a student whose "
-                         "output layer has at least as many entries")
+        raise MoekdError(
+            f"--student {student}: its output layer has {vocab} entries, fewer than the teacher's {teacher_vocab}, "
+            "over all of which a hidden-state cache gives the teacher's distribution; use a student whose "
+            "output layer has at least as many entries"
+        )
     largest = max(reader.largest_stored_id(), int(reader.group["input_ids"][:].max()))
     if largest >= vocab:
         raise MoekdError(

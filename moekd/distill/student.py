@@ -52,8 +52,12 @@ def output_layer_of(model) -> OutputLayer:
     config = model.config.get_text_config()
     logit_scale = getattr(config, "logit_scale", None) or 1.0
     logits_scaling = getattr(config, "logits_scaling", None) or 1.0
-    return OutputLayer(head.weight, head.bias, float(logit_scale) / float(logits_scaling),
-                       getattr(config, "final_logit_softcapping", None))
+    return OutputLayer(
+        head.weight,
+        head.bias,
+        float(logit_scale) / float(logits_scaling),
+        getattr(config, "final_logit_softcapping", None),
+    )
 
 
 def check_output_layer(model, flag: str) -> None:
@@ -61,8 +65,10 @@ def check_output_layer(model, flag: str) -> None:
     name = type(model).__name__
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or model.base_model is model:
-        raise MoekdError(f"{flag}: {name} has no linear output layer on top of a base model; moekd trains causal LMs "
-                         "whose logits are lm_head(final hidden state)")
+        raise MoekdError(
+            f"{flag}: {name} has no linear output layer on top of a base model; moekd trains causal LMs "
+            "whose logits are lm_head(final hidden state)"
+        )
     layer = output_layer_of(model)
     device = head.weight.device
     probe = torch.arange(min(PROBE_TOKENS, head.weight.shape[0]), device=device).unsqueeze(0)
@@ -74,7 +80,11 @@ def check_output_layer(model, flag: str) -> None:
     model.train(training)
     tolerance = (1e-4 if head.weight.dtype == torch.float32 else 2e-2) * (1 + expected.abs().max().item())
     if actual.shape != expected.shape or (actual - expected).abs().max().item() > tolerance:
-        gap = "a different shape" if actual.shape != expected.shape else f"up to {(actual - expected).abs().max().item():.3g} apart"
+        gap = (
+            "a different shape"
+            if actual.shape != expected.shape
+            else f"up to {(actual - expected).abs().max().item():.3g} apart"
+        )
         raise MoekdError(
             f"{flag}: {name} computes its logits in a way moekd does not reproduce (lm_head of the final hidden state, "
             f"with the logit scaling or soft-capping of its config): the two are {gap} on a probe. "

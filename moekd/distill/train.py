@@ -26,7 +26,13 @@ from rich.console import Console
 
 from moekd import __version__
 from moekd.distill.checkpoint import (
-    FINAL, RUN_CONFIG, latest_checkpoint, load_state, resume_point, save_checkpoint, step_dir,
+    FINAL,
+    RUN_CONFIG,
+    latest_checkpoint,
+    load_state,
+    resume_point,
+    save_checkpoint,
+    step_dir,
 )
 from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader, pack
 from moekd.distill.metrics import MetricsLog, progress_bar
@@ -83,9 +89,16 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
     order = BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed)
     epochs = None if o.max_steps else (o.epochs or 1)
     total_steps = o.max_steps or -(-sum(len(order.epoch(e)) for e in range(epochs)) // o.grad_accum)
-    config = {**{k: v for k, v in asdict(o).items() if k not in NOT_RECORDED}, "epochs": epochs, "source_sha256": source_sha, "total_steps": total_steps,
-              "train_examples": len(train_idx), "eval_examples": len(eval_idx), "moekd_version": __version__,
-              "world_size": ranks.world}
+    config = {
+        **{k: v for k, v in asdict(o).items() if k not in NOT_RECORDED},
+        "epochs": epochs,
+        "source_sha256": source_sha,
+        "total_steps": total_steps,
+        "train_examples": len(train_idx),
+        "eval_examples": len(eval_idx),
+        "moekd_version": __version__,
+        "world_size": ranks.world,
+    }
     out = Path(o.out)
     # decided by rank 0 before anything is written, then the same for every rank
     resume_from = ranks.share(lambda: resume_point(out, config, o.resume, RUN_ONLY))
@@ -111,20 +124,35 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / RUN_CONFIG, json.dumps(config, indent=2, default=str).encode())
-        log = MetricsLog(out, keep_until_step=step if resume_from else -1, extra_columns=routing.columns if routing else ())
+        log = MetricsLog(
+            out, keep_until_step=step if resume_from else -1, extra_columns=routing.columns if routing else ()
+        )
     write = log.write if log else lambda record: None
 
     pad_id = tokenizer.pad_token_id
-    train_batches = iter(make_loader(
-        BatchDataset(source, pad_id, o.samples, o.seed, gate_targets),
-        RankShare(BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed, start=position, epochs=epochs), ranks),
-        o.workers,
-    ))
-    eval_order = [(0, b, ex) for b, ex in enumerate(pack(eval_idx[np.argsort(-source.lengths[eval_idx], kind="stable")],
-                                                         source.lengths, o.batch_tokens))]
+    train_batches = iter(
+        make_loader(
+            BatchDataset(source, pad_id, o.samples, o.seed, gate_targets),
+            RankShare(
+                BatchOrder(
+                    train_idx, source.lengths, source.shards, o.batch_tokens, o.seed, start=position, epochs=epochs
+                ),
+                ranks,
+            ),
+            o.workers,
+        )
+    )
+    eval_order = [
+        (0, b, ex)
+        for b, ex in enumerate(
+            pack(eval_idx[np.argsort(-source.lengths[eval_idx], kind="stable")], source.lengths, o.batch_tokens)
+        )
+    ]
 
     def evaluate() -> dict[str, float]:
-        batches = make_loader(BatchDataset(source, pad_id, "mean", o.seed, gate_targets), RankShare(eval_order, ranks), o.workers)
+        batches = make_loader(
+            BatchDataset(source, pad_id, "mean", o.seed, gate_targets), RankShare(eval_order, ranks), o.workers
+        )
         return held_out_loss(student, batches, o, device, partial(combined, ranks), teacher_layer)
 
     eval_start = None
@@ -139,16 +167,24 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
             if not micro:
                 break
             lr = scheduler.get_last_lr()[0]
-            terms, grad_norm, batch_tokens = _optimizer_step(forward, optimizer, micro, o, device, step + 1, out, ranks, pad_id,
-                                                                teacher_layer)
+            terms, grad_norm, batch_tokens = _optimizer_step(
+                forward, optimizer, micro, o, device, step + 1, out, ranks, pad_id, teacher_layer
+            )
             scheduler.step()
             step += 1
             tokens += batch_tokens
             session_tokens += batch_tokens
             position = LoaderPosition(micro[-1]["epoch"], micro[-1]["batch"] + 1)
             rate = session_tokens / max(time.perf_counter() - clock, 1e-9)
-            record = {"step": step, "epoch": micro[-1]["epoch"], **terms, "lr": lr, "grad_norm": grad_norm,
-                      "tokens": tokens, "tokens_per_s": rate}
+            record = {
+                "step": step,
+                "epoch": micro[-1]["epoch"],
+                **terms,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens,
+                "tokens_per_s": rate,
+            }
             if eval_order and ((o.eval_every and step % o.eval_every == 0) or step == total_steps):
                 record.update(evaluate())
             write(record)
@@ -161,18 +197,30 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
         log.close()
     elapsed = time.perf_counter() - clock
     return TrainSummary(
-        out=str(out), steps=step, tokens=tokens, loss=record.get("loss"),
-        eval_loss_start=eval_start["eval_loss"] if eval_start else None, eval_loss=record.get("eval_loss"),
-        resumed_from=str(resume_from) if resume_from else None, final_dir=str(out / FINAL),
-        wall_seconds=time.perf_counter() - started, tokens_per_second=session_tokens / max(elapsed, 1e-9),
+        out=str(out),
+        steps=step,
+        tokens=tokens,
+        loss=record.get("loss"),
+        eval_loss_start=eval_start["eval_loss"] if eval_start else None,
+        eval_loss=record.get("eval_loss"),
+        resumed_from=str(resume_from) if resume_from else None,
+        final_dir=str(out / FINAL),
+        wall_seconds=time.perf_counter() - started,
+        tokens_per_second=session_tokens / max(elapsed, 1e-9),
     )
 
 
 def _training_state(optimizer, scheduler, device, step: int, tokens: int, position: LoaderPosition, routing) -> dict:
     return {
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        "step": step, "tokens": tokens, "position": asdict(position),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        },
+        "step": step,
+        "tokens": tokens,
+        "position": asdict(position),
         "router": routing.state_dict() if routing is not None else None,  # the learned τ
     }
 
@@ -199,9 +247,18 @@ def lr_factor(step: int, warmup: int, total_steps: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-
-def _optimizer_step(model, optimizer, micro: list[dict], o: TrainOptions, device, step: int, out: Path,
-                    ranks: Ranks, pad_id: int, teacher_layer: torch.Tensor | None):
+def _optimizer_step(
+    model,
+    optimizer,
+    micro: list[dict],
+    o: TrainOptions,
+    device,
+    step: int,
+    out: Path,
+    ranks: Ranks,
+    pad_id: int,
+    teacher_layer: torch.Tensor | None,
+):
     """One update over the micro-batches, weighted by their target positions (= one big batch, over all ranks).
     Returns the loss terms, the gradient norm and the step's tokens (all ranks)."""
     model.train()
@@ -241,5 +298,3 @@ def _diverged(what: str, step: int, batch: dict, out: Path) -> MoekdError:
         f"(examples {batch['examples'].tolist()}); training stopped and {kept}. "
         "Lower --lr, raise --warmup, or check the student's weights"
     )
-
-

@@ -118,7 +118,11 @@ def evaluate(
 ) -> EvalReport:
     """ROUGE-L of `model_dir`'s sampled responses on each dataset, per seed and as mean/std over seeds;
     with `nll` its teacher-forced response NLL, with `teacher` also the exact KL from that teacher."""
-    for flag, value in (("--max-new-tokens", max_new_tokens), ("--max-prompt-len", max_prompt_len), ("--batch-size", batch_size)):
+    for flag, value in (
+        ("--max-new-tokens", max_new_tokens),
+        ("--max-prompt-len", max_prompt_len),
+        ("--batch-size", batch_size),
+    ):
         if value < 1:
             raise MoekdError(f"{flag} must be at least 1, got {value}")
     if limit is not None and limit < 1:
@@ -157,25 +161,46 @@ def evaluate(
         row_seeds = [derive_seed(routing_seed, ex.row, 0) for ex in examples] if routing and policy.stochastic else None
         per_seed = {}
         for seed in seeds if rouge else ():
-            responses = generate_responses(model, tokenizer, ids, seed, max_new_tokens, batch_size,
-                                           routing=routing, row_seeds=row_seeds)
+            responses = generate_responses(
+                model, tokenizer, ids, seed, max_new_tokens, batch_size, routing=routing, row_seeds=row_seeds
+            )
             rouge_scores = [rouge_l(response, ex.references) for response, ex in zip(responses, examples)]
             per_seed[seed] = float(np.mean(rouge_scores))
             for ex, prompt, response, score in zip(examples, prompts, responses, rouge_scores):
                 reference_text = ex.references[0] if len(ex.references) == 1 else ex.references
                 generations.append(
-                    {"dataset": name, "index": ex.row, "seed": seed, "prompt": prompt,
-                     "reference": reference_text, "generation": response, "rougeL": score}
+                    {
+                        "dataset": name,
+                        "index": ex.row,
+                        "seed": seed,
+                        "prompt": prompt,
+                        "reference": reference_text,
+                        "generation": response,
+                        "rougeL": score,
+                    }
                 )
             if log:
                 log(f"{name} seed {seed}: ROUGE-L {per_seed[seed]:.2f} over {len(examples)} prompts")
         values = list(per_seed.values())
-        dataset = DatasetScores(name, len(examples), per_seed, float(np.mean(values)) if values else None,
-                                float(np.std(values)) if values else None)
+        dataset = DatasetScores(
+            name,
+            len(examples),
+            per_seed,
+            float(np.mean(values)) if values else None,
+            float(np.std(values)) if values else None,
+        )
         if nll or teacher:
-            tokenized = tokenize_records([ex.record for ex in examples], [ex.row for ex in examples], tokenizer,
-                                         max_prompt_len, max_len, chat_template).examples
-            forced = response_scores(model, tokenized, tokenizer.pad_token_id, batch_size, reference, routing, row_seeds)
+            tokenized = tokenize_records(
+                [ex.record for ex in examples],
+                [ex.row for ex in examples],
+                tokenizer,
+                max_prompt_len,
+                max_len,
+                chat_template,
+            ).examples
+            forced = response_scores(
+                model, tokenized, tokenizer.pad_token_id, batch_size, reference, routing, row_seeds
+            )
             dataset.nll, dataset.kl_from_teacher = forced["nll"], forced["kl_from_teacher"]
             dataset.response_positions = forced["positions"]
             if log:
@@ -184,11 +209,21 @@ def evaluate(
         scores.append(dataset)
 
     settings = {
-        **SAMPLING, "max_new_tokens": max_new_tokens, "max_prompt_len": max_prompt_len, "batch_size": batch_size,
-        "seeds": list(seeds) if rouge else [], "limit": limit, "device": device, "chat_template": chat_template,
-        "metric": "rougeL_fmeasure_x100_stemmed_max_over_references" if rouge else None, "std_ddof": 0,
+        **SAMPLING,
+        "max_new_tokens": max_new_tokens,
+        "max_prompt_len": max_prompt_len,
+        "batch_size": batch_size,
+        "seeds": list(seeds) if rouge else [],
+        "limit": limit,
+        "device": device,
+        "chat_template": chat_template,
+        "metric": "rougeL_fmeasure_x100_stemmed_max_over_references" if rouge else None,
+        "std_ddof": 0,
         "teacher_forced": "response NLL and KL(teacher || model) in nats per response token, first reference"
-        if nll or teacher else None, "max_len": max_len, "teacher": str(teacher) if teacher else None,
+        if nll or teacher
+        else None,
+        "max_len": max_len,
+        "teacher": str(teacher) if teacher else None,
         "policy": None if policy is None else {"name": policy.name, "params": policy.describe(), "seed": routing_seed},
     }
     return EvalReport(str(model_dir), settings, scores, generations)
@@ -210,8 +245,10 @@ def _reference_teacher(teacher: str | Path, device: str, model, tokenizer):
     if tokenizer_fingerprint(reference_tokenizer)["vocab_sha256"] != tokenizer_fingerprint(tokenizer)["vocab_sha256"]:
         raise MoekdError(f"--teacher: {teacher} has another tokenizer than --model; the KL needs the same token ids")
     if output_vocab_size(reference) != output_vocab_size(model):
-        raise MoekdError(f"--teacher: {teacher} has {output_vocab_size(reference)} output tokens, --model "
-                         f"{output_vocab_size(model)}; the KL needs the same vocabulary")
+        raise MoekdError(
+            f"--teacher: {teacher} has {output_vocab_size(reference)} output tokens, --model "
+            f"{output_vocab_size(model)}; the KL needs the same vocabulary"
+        )
     return reference
 
 

@@ -61,10 +61,13 @@ def generate_responses(
     generates, with one seed per prompt in `row_seeds` for a stochastic policy.
     """
     eos = eos_token_ids(model, tokenizer)
-    continuations = sample_continuations(model, tokenizer, prompts, seed, max_new_tokens, batch_size, greedy, routing,
-                                         row_seeds)
-    return [tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=True).strip()
-            for ids in continuations]
+    continuations = sample_continuations(
+        model, tokenizer, prompts, seed, max_new_tokens, batch_size, greedy, routing, row_seeds
+    )
+    return [
+        tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=True).strip()
+        for ids in continuations
+    ]
 
 
 def sample_continuations(

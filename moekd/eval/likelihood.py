@@ -23,7 +23,9 @@ from moekd.data.prompts import TokenizedExample
 
 
 @torch.no_grad()
-def response_log_probs(model, tables, batch: list[int], pad_id: int, routing=None, row_seeds=None) -> tuple[torch.Tensor, torch.Tensor]:
+def response_log_probs(
+    model, tables, batch: list[int], pad_id: int, routing=None, row_seeds=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 log-softmax [P_b, V] at the batch's response positions (row-major), and the tokens they predict [P_b]."""
     input_ids, attention, targets = pad_batch(tables, batch, pad_id)
     device = next(model.parameters()).device
@@ -60,5 +62,8 @@ def response_scores(
             log_p, _ = response_log_probs(teacher, tables, batch, pad_id)
             p_t = log_p.exp()
             kl += float(torch.where(p_t > 0, p_t * (log_p - log_q), 0.0).sum())  # 0 log 0 = 0
-    return {"nll": nll / positions, "kl_from_teacher": kl / positions if teacher is not None else None,
-            "positions": positions}
+    return {
+        "nll": nll / positions,
+        "kl_from_teacher": kl / positions if teacher is not None else None,
+        "positions": positions,
+    }

@@ -29,7 +29,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from moekd.distill.losses import dense_kd_loss
 from moekd.routers import RouterInfo
@@ -86,8 +86,9 @@ class RouterRecorder:
         for layer, info in enumerate(self.infos):
             handles.append(info.module.register_forward_hook(self._router_hook(layer), prepend=True))
             if info.target is not None:
-                handles.append(info.target.register_forward_pre_hook(self._target_hook(layer), prepend=True,
-                                                                     with_kwargs=True))
+                handles.append(
+                    info.target.register_forward_pre_hook(self._target_hook(layer), prepend=True, with_kwargs=True)
+                )
         try:
             yield self
         finally:
@@ -122,13 +123,18 @@ class RouterRecorder:
         return hook
 
 
-def teacher_loss(teacher_logits: Tensor, student_logits: Tensor, recorder: RouterRecorder, counted: Tensor,
-                 kind: str, beta: float) -> dict[str, Tensor]:
+def teacher_loss(
+    teacher_logits: Tensor, student_logits: Tensor, recorder: RouterRecorder, counted: Tensor, kind: str, beta: float
+) -> dict[str, Tensor]:
     """The teacher's loss and its terms: loss = divergence + beta * (importance_cv2 + load_cv2), the
     CV² terms summed over the MoE layers; `counted` [B*T] marks the non-padding tokens."""
     divergence = teacher_divergence(teacher_logits, student_logits, kind).mean()
     terms = [balance_terms(g, i, counted) for g, i in zip(recorder.gates, recorder.native_index)]
     importance = torch.stack([t[0] for t in terms]).sum()
     load = torch.stack([t[1] for t in terms]).sum()
-    return {"loss": divergence + beta * (importance + load), "divergence": divergence,
-            "importance_cv2": importance, "load_cv2": load}
+    return {
+        "loss": divergence + beta * (importance + load),
+        "divergence": divergence,
+        "importance_cv2": importance,
+        "load_cv2": load,
+    }

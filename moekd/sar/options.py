@@ -58,7 +58,9 @@ def student_dir(out: str | Path) -> Path:
 
 def check_options(o: SarOptions) -> None:
     if Path(o.out).suffix != ".safetensors":
-        raise MoekdError(f"--out {o.out}: the router file is safetensors; give it the .safetensors suffix (e.g. router.safetensors)")
+        raise MoekdError(
+            f"--out {o.out}: the router file is safetensors; give it the .safetensors suffix (e.g. router.safetensors)"
+        )
     if Path(o.out).exists():
         raise MoekdError(f"--out {o.out} already exists (a finished run); choose another --out or delete it")
     if o.teacher_kld not in TEACHER_KLDS:
@@ -74,12 +76,18 @@ def check_options(o: SarOptions) -> None:
     if o.student_lr is not None and not (math.isfinite(o.student_lr) and o.student_lr > 0):
         raise MoekdError(f"--student-lr must be > 0, got {o.student_lr}")
     if o.dtype == "float16":
-        raise MoekdError("--dtype float16: training the routers needs bfloat16 or float32 (float16 gradients underflow "
-                         "without loss scaling); use --dtype bfloat16")
+        raise MoekdError(
+            "--dtype float16: training the routers needs bfloat16 or float32 (float16 gradients underflow "
+            "without loss scaling); use --dtype bfloat16"
+        )
     if not 0 <= o.seed < 2**63:
         raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
-    positive = {"--steps": o.steps, "--batch-tokens": o.batch_tokens, "--max-grad-norm": o.max_grad_norm,
-                "--max-new-tokens": o.max_new_tokens}
+    positive = {
+        "--steps": o.steps,
+        "--batch-tokens": o.batch_tokens,
+        "--max-grad-norm": o.max_grad_norm,
+        "--max-new-tokens": o.max_new_tokens,
+    }
     for flag, value in positive.items():
         if not value > 0:
             raise MoekdError(f"{flag} must be positive, got {value}")

@@ -37,13 +37,19 @@ def recognised_routers(model: nn.Module, flag: str = "--teacher") -> list[Router
     a one-line error for a dense model, a router no known computation fits, or one with nothing to train."""
     infos = recognise_routers(model)
     if not infos:
-        raise MoekdError(f"{flag}: {type(model).__name__} is dense (no MoE routers); SAR trains the routers of an MoE teacher")
+        raise MoekdError(
+            f"{flag}: {type(model).__name__} is dense (no MoE routers); SAR trains the routers of an MoE teacher"
+        )
     for info in infos:
         if info.adapter is None:
-            raise MoekdError(f"{flag}: router class {type(info.module).__name__} is not supported by SAR: {info.reason}")
+            raise MoekdError(
+                f"{flag}: router class {type(info.module).__name__} is not supported by SAR: {info.reason}"
+            )
         if not info.gate_parameter_names:
-            raise MoekdError(f"{flag}: router {info.name} ({type(info.module).__name__}): its gate distribution depends "
-                             "on no parameter, so SAR has nothing to train")
+            raise MoekdError(
+                f"{flag}: router {info.name} ({type(info.module).__name__}): its gate distribution depends "
+                "on no parameter, so SAR has nothing to train"
+            )
     return infos
 
 
@@ -52,14 +58,20 @@ def router_gate_parameters(infos: list[RouterInfo]) -> dict[str, nn.Parameter]:
     return {f"{info.name}.{local}": param for info in infos for local, param in gate_parameters(info.module)}
 
 
-def describe_teacher(model: nn.Module, infos: list[RouterInfo], teacher: str, weights_sha256: str | None) -> RouterTeacher:
+def describe_teacher(
+    model: nn.Module, infos: list[RouterInfo], teacher: str, weights_sha256: str | None
+) -> RouterTeacher:
     """The teacher as a router file names it; `weights_sha256` is `checkpoint_sha256(teacher)`."""
     sizes = {(info.adapter.num_experts, info.adapter.top_k) for info in infos}
     num_experts, top_k = min(sizes)  # as RouterController reports them
     return RouterTeacher(
-        name_or_path=str(teacher), weights_sha256=weights_sha256, architecture=type(model).__name__,
+        name_or_path=str(teacher),
+        weights_sha256=weights_sha256,
+        architecture=type(model).__name__,
         router_class=", ".join(sorted({type(info.module).__name__ for info in infos})),
-        moe_layers=[info.name for info in infos], num_experts=num_experts, experts_per_token=top_k,
+        moe_layers=[info.name for info in infos],
+        num_experts=num_experts,
+        experts_per_token=top_k,
     )
 
 
@@ -78,8 +90,11 @@ def write_router_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(partial),
-              metadata={METADATA_KEY: meta.model_dump_json()})
+    save_file(
+        {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()},
+        str(partial),
+        metadata={METADATA_KEY: meta.model_dump_json()},
+    )
     with open(partial, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(partial, path)
@@ -95,27 +110,41 @@ def read_router_file(path: str | Path, flag: str = "--router") -> tuple[dict[str
     try:
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError) as e:
-        raise MoekdError(f"{flag} {path}: not a readable safetensors file, truncated or damaged ({e}); "
-                         "copy it again or rerun `moekd sar train`") from None
+        raise MoekdError(
+            f"{flag} {path}: not a readable safetensors file, truncated or damaged ({e}); "
+            "copy it again or rerun `moekd sar train`"
+        ) from None
     if METADATA_KEY not in header:
-        raise MoekdError(f"{flag} {path}: a safetensors file without moekd metadata, not a router file of `moekd sar train`")
+        raise MoekdError(
+            f"{flag} {path}: a safetensors file without moekd metadata, not a router file of `moekd sar train`"
+        )
     try:
         raw = json.loads(header[METADATA_KEY])
         if raw.get("format") != ROUTER_FORMAT:
             raise ValueError(f"format {raw.get('format')!r}")
         meta = RouterFileMeta.model_validate(raw)
     except (ValueError, ValidationError) as e:
-        raise MoekdError(f"{flag} {path}: its moekd metadata is not that of a SAR router file ({str(e).splitlines()[0]})") from None
+        raise MoekdError(
+            f"{flag} {path}: its moekd metadata is not that of a SAR router file ({str(e).splitlines()[0]})"
+        ) from None
     stored = {name: list(t.shape) for name, t in tensors.items()}
     if stored != meta.parameters:
-        raise MoekdError(f"{flag} {path}: its tensors do not match its own metadata (damaged file); rerun `moekd sar train`")
+        raise MoekdError(
+            f"{flag} {path}: its tensors do not match its own metadata (damaged file); rerun `moekd sar train`"
+        )
     return tensors, meta
 
 
-def check_router_file(meta: RouterFileMeta, model: nn.Module, teacher: str, weights_sha256: str | None,
-                      path: str | Path, flag: str = "--router") -> dict[str, nn.Parameter]:
+def check_router_file(
+    meta: RouterFileMeta,
+    model: nn.Module,
+    teacher: str,
+    weights_sha256: str | None,
+    path: str | Path,
+    flag: str = "--router",
+) -> dict[str, nn.Parameter]:
     """Refuse a router file trained for another teacher, naming what differs; the teacher's router
     parameters the file's tensors go to, by name."""
     where = f"{flag} {path}"
@@ -123,7 +152,9 @@ def check_router_file(meta: RouterFileMeta, model: nn.Module, teacher: str, weig
         raise MoekdError(f"{where}: the teacher {teacher} is dense (no MoE routers) and cannot take a router file")
     infos = recognised_routers(model, "--teacher")
     ours, theirs = describe_teacher(model, infos, teacher, weights_sha256), meta.teacher
-    if ours.weights_sha256 != theirs.weights_sha256 or (ours.weights_sha256 is None and ours.name_or_path != theirs.name_or_path):
+    if ours.weights_sha256 != theirs.weights_sha256 or (
+        ours.weights_sha256 is None and ours.name_or_path != theirs.name_or_path
+    ):
         raise MoekdError(
             f"{where} was trained for another teacher: {theirs.name_or_path} (weights sha256 {str(theirs.weights_sha256)[:12]}), "
             f"not {teacher} (weights sha256 {str(ours.weights_sha256)[:12]}); use the router file trained for this teacher"
@@ -138,12 +169,15 @@ def check_router_file(meta: RouterFileMeta, model: nn.Module, teacher: str, weig
         if name not in shapes:
             raise MoekdError(f"{where}: the file holds {name}, which is not a router parameter of the teacher")
         if shapes[name] != meta.parameters[name]:
-            raise MoekdError(f"{where}: {name} has shape {meta.parameters[name]} in the file but {shapes[name]} in the teacher")
+            raise MoekdError(
+                f"{where}: {name} has shape {meta.parameters[name]} in the file but {shapes[name]} in the teacher"
+            )
     return params
 
 
-def load_router_file(model: nn.Module, path: str | Path, teacher: str, weights_sha256: str | None,
-                     flag: str = "--router") -> RouterFileRef:
+def load_router_file(
+    model: nn.Module, path: str | Path, teacher: str, weights_sha256: str | None, flag: str = "--router"
+) -> RouterFileRef:
     """Check a router file against the teacher (checkpoint `teacher`, `checkpoint_sha256` = weights_sha256)
     and copy its weights into the teacher's routers, in the parameters' dtype (a bfloat16 teacher
     rounds them to bfloat16)."""

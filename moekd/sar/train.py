@@ -47,7 +47,14 @@ from moekd.distill.metrics import MetricsLog, progress_bar
 from moekd.distill.sources import TokenizedSource
 from moekd.errors import MoekdError
 from moekd.eval.generate import sample_continuations
-from moekd.models import checkpoint_sha256, load_causal_lm, load_tokenizer, output_vocab_size, resolve_device, resolve_dtype
+from moekd.models import (
+    checkpoint_sha256,
+    load_causal_lm,
+    load_tokenizer,
+    output_vocab_size,
+    resolve_device,
+    resolve_dtype,
+)
 from moekd.sar.objective import RouterRecorder, student_divergence, teacher_loss
 from moekd.sar.options import DEFAULT_STUDENT_LR, RUN_ONLY, SarOptions, check_options, run_dir, student_dir
 from moekd.sar.router_file import describe_teacher, recognised_routers, router_gate_parameters, write_router_file
@@ -56,8 +63,20 @@ from moekd.store.writer import atomic_write
 
 __all__ = ["SarOptions", "SarSummary", "RouterTrainer", "train_router"]
 
-COLUMNS = ("step", "epoch", "loss", "divergence", "importance_cv2", "load_cv2", "student_loss", "lr", "grad_norm",
-           "student_grad_norm", "tokens", "tokens_per_s")
+COLUMNS = (
+    "step",
+    "epoch",
+    "loss",
+    "divergence",
+    "importance_cv2",
+    "load_cv2",
+    "student_loss",
+    "lr",
+    "grad_norm",
+    "student_grad_norm",
+    "tokens",
+    "tokens_per_s",
+)
 ROUTER_CHECKPOINT = "router.safetensors"
 
 
@@ -100,9 +119,9 @@ def pad_sequences(sequences: list[np.ndarray], prompt_lens: list[int], pad_id: i
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
     targets = torch.zeros((len(sequences), width), dtype=torch.bool)
     for row, (seq, p) in enumerate(zip(sequences, prompt_lens)):
-        input_ids[row, :len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-        attention[row, :len(seq)] = 1
-        targets[row, p - 1:len(seq) - 1] = True
+        input_ids[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+        attention[row, : len(seq)] = 1
+        targets[row, p - 1 : len(seq) - 1] = True
     return input_ids, attention, targets
 
 
@@ -115,7 +134,10 @@ class _Checkpoint:
     def save_pretrained(self, path: str) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.routers.items()}, str(Path(path) / ROUTER_CHECKPOINT))
+        save_file(
+            {k: v.detach().float().cpu().contiguous() for k, v in self.routers.items()},
+            str(Path(path) / ROUTER_CHECKPOINT),
+        )
         if self.student is not None:
             self.student.save_pretrained(str(Path(path) / "student"))
             self.student_tokenizer.save_pretrained(str(Path(path) / "student"))
@@ -133,13 +155,26 @@ class RouterTrainer:
         self.student_tokenizer = load_tokenizer(o.student, "--student")
         self._check_tokenizers()
         loaded = load_records(o.data, o.fields, o.skip_invalid)
-        report = tokenize_records(loaded.records, loaded.source_index, self.tokenizer, o.max_prompt_len, o.max_len,
-                                  o.chat_template, o.skip_invalid)
+        report = tokenize_records(
+            loaded.records,
+            loaded.source_index,
+            self.tokenizer,
+            o.max_prompt_len,
+            o.max_len,
+            o.chat_template,
+            o.skip_invalid,
+        )
         self.source = TokenizedSource(report.examples)
         self.teacher_sha256, self.student_sha256 = checkpoint_sha256(o.teacher), checkpoint_sha256(o.student)
-        self.config = {**asdict(o), "student_lr": self.student_lr, "data_fingerprint": loaded.fingerprint(),
-                       "teacher_sha256": self.teacher_sha256, "student_sha256": self.student_sha256,
-                       "dtype": str(self.dtype).removeprefix("torch."), "moekd_version": __version__}
+        self.config = {
+            **asdict(o),
+            "student_lr": self.student_lr,
+            "data_fingerprint": loaded.fingerprint(),
+            "teacher_sha256": self.teacher_sha256,
+            "student_sha256": self.student_sha256,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "moekd_version": __version__,
+        }
         self.run = run_dir(o.out)
         self.resume_from = resume_point(self.run, self.config, o.resume, RUN_ONLY)
 
@@ -155,11 +190,16 @@ class RouterTrainer:
         self.vocab = len(self.tokenizer)
         for flag, model in (("--teacher", self.teacher), ("--student", self.student)):
             if output_vocab_size(model) < self.vocab:
-                raise MoekdError(f"{flag}: its output layer has {output_vocab_size(model)} entries, fewer than the "
-                                 f"{self.vocab} tokens of the teacher's tokenizer")
+                raise MoekdError(
+                    f"{flag}: its output layer has {output_vocab_size(model)} entries, fewer than the "
+                    f"{self.vocab} tokens of the teacher's tokenizer"
+                )
         self.router_optimizer = torch.optim.AdamW(self.routers.values(), lr=o.lr, weight_decay=0.0)
-        self.student_optimizer = (torch.optim.AdamW(self.student.parameters(), lr=self.student_lr, weight_decay=0.0)
-                                  if o.co_train_student else None)
+        self.student_optimizer = (
+            torch.optim.AdamW(self.student.parameters(), lr=self.student_lr, weight_decay=0.0)
+            if o.co_train_student
+            else None
+        )
         self.step, self.tokens, self.position, self.loss_start = 0, 0, LoaderPosition(0, 0), None
         if self.resume_from is not None:
             self._restore(load_state(self.resume_from))
@@ -173,16 +213,22 @@ class RouterTrainer:
     def _check_tokenizers(self) -> None:
         """The losses compare the two distributions id by id: the token-to-id mappings must be the same."""
         reference = tokenizer_fingerprint(self.tokenizer)
-        same_ids, how = tokenizer_differences(self.student_tokenizer, len(self.tokenizer), reference["sha256"],
-                                              reference["vocab_sha256"])
+        same_ids, how = tokenizer_differences(
+            self.student_tokenizer, len(self.tokenizer), reference["sha256"], reference["vocab_sha256"]
+        )
         if not how:
             return
         what = f"the student's tokenizer ({self.o.student}) differs from the teacher's ({self.o.teacher}): {'; '.join(how)}"
         if not same_ids:
-            raise MoekdError(f"--student: {what}; SAR compares the two distributions token by token, so use a student "
-                             "built with the teacher's tokenizer")
-        self.console.print(f"[yellow]warning:[/] {what}; the ids mean the same tokens, the data is tokenized with the "
-                           "teacher's tokenizer", highlight=False)
+            raise MoekdError(
+                f"--student: {what}; SAR compares the two distributions token by token, so use a student "
+                "built with the teacher's tokenizer"
+            )
+        self.console.print(
+            f"[yellow]warning:[/] {what}; the ids mean the same tokens, the data is tokenized with the "
+            "teacher's tokenizer",
+            highlight=False,
+        )
 
     def _prepare_teacher(self, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
         """Freeze the teacher but the routers' gate parameters `params` (made float32 master copies);
@@ -220,19 +266,29 @@ class RouterTrainer:
         if self.o.responses == "data":
             sequences = [ex.input_ids for ex in chosen]
         else:  # the student answers the prompts (temperature 1, top_k 0, top_p 1, as in eval)
-            prompts = [ex.input_ids[:ex.prompt_len].tolist() for ex in chosen]
+            prompts = [ex.input_ids[: ex.prompt_len].tolist() for ex in chosen]
             room = self.o.max_len - min(prompt_lens)
             self.student.eval()
-            answers = sample_continuations(self.student, self.student_tokenizer, prompts, seed,
-                                           min(self.o.max_new_tokens, room), batch_size=len(prompts))
-            sequences = [np.asarray(p + a[:self.o.max_len - len(p)]) for p, a in zip(prompts, answers)]
+            answers = sample_continuations(
+                self.student,
+                self.student_tokenizer,
+                prompts,
+                seed,
+                min(self.o.max_new_tokens, room),
+                batch_size=len(prompts),
+            )
+            sequences = [np.asarray(p + a[: self.o.max_len - len(p)]) for p, a in zip(prompts, answers)]
         input_ids, attention, targets = pad_sequences(sequences, prompt_lens, self.tokenizer.pad_token_id)
-        return Batch(input_ids.to(self.device), attention.to(self.device), targets.to(self.device), examples, epoch, index)
+        return Batch(
+            input_ids.to(self.device), attention.to(self.device), targets.to(self.device), examples, epoch, index
+        )
 
     def _logits(self, model, b: Batch) -> torch.Tensor:
         """Logits [P, V] at the response positions, over the teacher tokenizer's V ids."""
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention, use_cache=False, logits_to_keep=b.targets).logits
-        return (logits if logits.dim() == 2 else logits[b.targets])[:, :self.vocab]
+        logits = model(
+            input_ids=b.input_ids, attention_mask=b.attention, use_cache=False, logits_to_keep=b.targets
+        ).logits
+        return (logits if logits.dim() == 2 else logits[b.targets])[:, : self.vocab]
 
     def _student_logits(self, b: Batch) -> torch.Tensor:
         self.student.eval()
@@ -244,8 +300,9 @@ class RouterTrainer:
         with self.controller.active(), self.recorder.recording(), torch.set_grad_enabled(backward):
             with self._autocast():
                 logits = self._logits(self.teacher, b)
-            terms = teacher_loss(logits, student_logits, self.recorder, b.attention.flatten().bool(),
-                                 self.o.teacher_kld, self.o.beta)
+            terms = teacher_loss(
+                logits, student_logits, self.recorder, b.attention.flatten().bool(), self.o.teacher_kld, self.o.beta
+            )
             if not torch.isfinite(terms["loss"]):
                 raise self._diverged(f"the teacher loss is {terms['loss'].item()}", b)
             if backward:  # inside the routing context: checkpointed layers replay with all experts
@@ -325,18 +382,29 @@ class RouterTrainer:
         student_out = self._save_outputs(loss_end, elapsed)
         log.close()
         return SarSummary(
-            out=o.out, steps=self.step, tokens=self.tokens, loss_start=self.loss_start, loss_end=loss_end,
-            resumed_from=str(self.resume_from) if self.resume_from else None, student_out=student_out,
-            wall_seconds=time.perf_counter() - started, tokens_per_second=session_tokens / max(elapsed, 1e-9),
+            out=o.out,
+            steps=self.step,
+            tokens=self.tokens,
+            loss_start=self.loss_start,
+            loss_end=loss_end,
+            resumed_from=str(self.resume_from) if self.resume_from else None,
+            student_out=student_out,
+            wall_seconds=time.perf_counter() - started,
+            tokens_per_second=session_tokens / max(elapsed, 1e-9),
         )
 
     def _save_checkpoint(self) -> None:
         state = {
             "router_optimizer": self.router_optimizer.state_dict(),
             "student_optimizer": self.student_optimizer.state_dict() if self.student_optimizer else None,
-            "step": self.step, "tokens": self.tokens, "position": asdict(self.position), "loss_start": self.loss_start,
+            "step": self.step,
+            "tokens": self.tokens,
+            "position": asdict(self.position),
+            "loss_start": self.loss_start,
         }
-        content = _Checkpoint(self.routers, *((self.student, self.student_tokenizer) if self.o.co_train_student else ()))
+        content = _Checkpoint(
+            self.routers, *((self.student, self.student_tokenizer) if self.o.co_train_student else ())
+        )
         save_checkpoint(step_dir(self.run, self.step), content, None, state, self.step, self.config, RUN_ONLY)
 
     def _save_outputs(self, loss_end: float, train_seconds: float) -> str | None:
@@ -352,9 +420,14 @@ class RouterTrainer:
         meta = RouterFileMeta(
             teacher=self.teacher_info,
             parameters={name: list(p.shape) for name, p in self.routers.items()},
-            student=RouterStudent(name_or_path=str(o.student), weights_sha256=self.student_sha256,
-                                  co_trained=o.co_train_student),
-            steps=self.step, settings=settings, loss_start=self.loss_start, loss_end=loss_end, train_seconds=train_seconds,
+            student=RouterStudent(
+                name_or_path=str(o.student), weights_sha256=self.student_sha256, co_trained=o.co_train_student
+            ),
+            steps=self.step,
+            settings=settings,
+            loss_start=self.loss_start,
+            loss_end=loss_end,
+            train_seconds=train_seconds,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             versions={"moekd": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         )
@@ -373,7 +446,9 @@ def _checkpoint_decoder_layers(model) -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise MoekdError(f"--gradient-checkpointing: {type(model).__name__} does not support activation checkpointing; drop the flag")
+        raise MoekdError(
+            f"--gradient-checkpointing: {type(model).__name__} does not support activation checkpointing; drop the flag"
+        )
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:

@@ -49,7 +49,11 @@ def parse_metadata(raw: object, where: str) -> CacheMetadata:
             if len(unknown) == len(e.errors()):
                 return CacheMetadata.model_validate(_without(raw, unknown))
         fields = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
-        newer = f" (the store was written by a newer moekd, schema {version}: upgrade moekd to read it)" if minor > ours_minor else ""
+        newer = (
+            f" (the store was written by a newer moekd, schema {version}: upgrade moekd to read it)"
+            if minor > ours_minor
+            else ""
+        )
         raise MoekdError(f"{where}: metadata does not match schema {SCHEMA_VERSION}: {fields}{newer}") from None
 
 

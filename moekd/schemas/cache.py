@@ -11,7 +11,7 @@ stores of 1.0 (`topk_tail` only) read unchanged. 1.2 added `policy.router` (the 
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -31,14 +31,14 @@ class TeacherInfo(Strict):
     name_or_path: str
     architecture: str = Field(description="Model class, e.g. MixtralForCausalLM")
     model_type: str
-    revision: Optional[str] = Field(None, description="Hub commit, when loaded from a hub id")
-    weights_sha256: Optional[str] = Field(None, description="sha256 over the checkpoint's weight files, sorted by name")
+    revision: str | None = Field(None, description="Hub commit, when loaded from a hub id")
+    weights_sha256: str | None = Field(None, description="sha256 over the checkpoint's weight files, sorted by name")
     vocab_size: int = Field(gt=0, description="Size of the teacher's output layer; stored ids are below it")
     dtype: str = Field(description="Dtype the teacher ran in")
     moe_layers: list[str] = Field(description="Module names of the routers, in depth order; empty for a dense teacher")
-    router_class: Optional[str] = None
-    num_experts: Optional[int] = None
-    experts_per_token: Optional[int] = None
+    router_class: str | None = None
+    num_experts: int | None = None
+    experts_per_token: int | None = None
 
 
 class TokenizerInfo(Strict):
@@ -47,8 +47,8 @@ class TokenizerInfo(Strict):
     vocab_sha256: str = Field(description="sha256 of the token-to-id mapping")
     sha256: str = Field(description="sha256 of the whole tokenizer: mapping, rules and special tokens")
     eos_token_id: int
-    pad_token_id: Optional[int] = None
-    bos_token_id: Optional[int] = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
 
 
 class PolicyInfo(Strict):
@@ -58,20 +58,24 @@ class PolicyInfo(Strict):
     params: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
     seed: int
     seed_derivation: str = Field(description="How the seed of each (example, sample) is derived from `seed`")
-    router: Optional[RouterFileRef] = Field(None, description="--policy sar: the trained router file the teacher ran with")
+    router: RouterFileRef | None = Field(None, description="--policy sar: the trained router file the teacher ran with")
 
 
 class TopkEncoding(Strict):
     kind: Literal["topk_tail"] = "topk_tail"
     k: int = Field(gt=0, description="Teacher token ids stored per position and sample")
     logprob_codec: Literal["u16_gap_delta", "u16_steps_sorted_ids"] = Field(
-        "u16_gap_delta", description="u16_steps_sorted_ids (1.1): ids ascending and delta-coded, log-probs and tail as "
-                                     "uint16 steps below 0 (65535: -inf); u16_gap_delta (1.0): ids in rank order, "
-                                     "float32 top-1, uint16 gaps below it delta-coded along k, float32 tail")
+        "u16_gap_delta",
+        description="u16_steps_sorted_ids (1.1): ids ascending and delta-coded, log-probs and tail as "
+        "uint16 steps below 0 (65535: -inf); u16_gap_delta (1.0): ids in rank order, "
+        "float32 top-1, uint16 gaps below it delta-coded along k, float32 tail",
+    )
     scale: float = Field(gt=0, description="Quantisation steps per nat of the stored log-probs")
     max_abs_error_nats: float = Field(description="Largest decoding error of a stored log-prob within max_gap_nats")
-    max_gap_nats: float = Field(description="Log-probs further than this below their reference (0, or the top-1 for "
-                                            "u16_gap_delta) are clamped there")
+    max_gap_nats: float = Field(
+        description="Log-probs further than this below their reference (0, or the top-1 for "
+        "u16_gap_delta) are clamped there"
+    )
     normalisation: str
     tail: str
 
@@ -79,10 +83,16 @@ class TopkEncoding(Strict):
 class SampledEncoding(Strict):
     kind: Literal["sampled"] = "sampled"
     draws: int = Field(ge=1, le=65535, description="n: token ids drawn with replacement per position and sample")
-    proposal_temp: float = Field(gt=0, description="t: the draws come from r = p^t / Z_t, p the teacher at temperature 1")
-    width: int = Field(gt=0, description="Slots per position and sample: min(draws, vocabulary); unused slots are padding")
-    importance_weights: bool = Field(description="True when t != 1: sampled_logprobs (log p of each id) and proposal_logz "
-                                                 "(log Z_t) are stored for the weights p/r")
+    proposal_temp: float = Field(
+        gt=0, description="t: the draws come from r = p^t / Z_t, p the teacher at temperature 1"
+    )
+    width: int = Field(
+        gt=0, description="Slots per position and sample: min(draws, vocabulary); unused slots are padding"
+    )
+    importance_weights: bool = Field(
+        description="True when t != 1: sampled_logprobs (log p of each id) and proposal_logz "
+        "(log Z_t) are stored for the weights p/r"
+    )
     draw_derivation: str
     estimate: str
 
@@ -91,15 +101,17 @@ class HiddenEncoding(Strict):
     kind: Literal["hidden"] = "hidden"
     hidden_dtype: Literal["bf16", "fp8", "fp32"] = Field(
         description="bf16: uint16 bit patterns; fp8: uint8 bit patterns of float8 e4m3fn, each row divided by "
-                    "hidden_scale; fp32: float32")
+        "hidden_scale; fp32: float32"
+    )
     hidden_size: int = Field(gt=0, description="d: width of the teacher's final hidden state")
     output_layer_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        description="Dtype of the stored output layer and of the logits computed from it (bfloat16 as uint16 bits)")
+        description="Dtype of the stored output layer and of the logits computed from it (bfloat16 as uint16 bits)"
+    )
     output_layer_sha256: str = Field(description="sha256 of the output_layer array's bytes (C order, as stored)")
     definition: str
 
 
-EncodingInfo = Annotated[Union[TopkEncoding, SampledEncoding, HiddenEncoding], Field(discriminator="kind")]
+EncodingInfo = Annotated[TopkEncoding | SampledEncoding | HiddenEncoding, Field(discriminator="kind")]
 
 
 class AlignmentInfo(Strict):
@@ -111,13 +123,15 @@ class DatasetInfo(Strict):
     source: str
     format: str
     fingerprint_sha256: str = Field(description="sha256 of the records' content after field mapping")
-    fields: dict[str, Optional[str]]
+    fields: dict[str, str | None]
     template: Literal["dolly", "chat"]
     max_prompt_len: int
     max_len: int
     rows_read: int
     examples: int
-    skipped: dict[str, int] = Field(default_factory=dict, description="Rows left out (only with --skip-invalid), by reason")
+    skipped: dict[str, int] = Field(
+        default_factory=dict, description="Rows left out (only with --skip-invalid), by reason"
+    )
     truncated_responses: int
 
 
@@ -149,12 +163,12 @@ class LayoutInfo(Strict):
 class BuildInfo(Strict):
     status: Literal["building", "complete"]
     created_at: str
-    completed_at: Optional[str] = None
-    wall_seconds: Optional[float] = None
+    completed_at: str | None = None
+    wall_seconds: float | None = None
     units: int = Field(description="Independently written and resumable pieces (one per position shard)")
     batch_tokens: int
     device: str
-    manifest_sha256: Optional[str] = Field(None, description="sha256 of manifest.json (per-file checksums)")
+    manifest_sha256: str | None = Field(None, description="sha256 of manifest.json (per-file checksums)")
     versions: dict[str, str]
 
 
@@ -169,4 +183,4 @@ class CacheMetadata(Strict):
     dataset: DatasetInfo
     layout: LayoutInfo
     build: BuildInfo
-    gates: Optional[GateInfo] = Field(None, description="Teacher gate distributions, when stored (--router-probs)")
+    gates: GateInfo | None = Field(None, description="Teacher gate distributions, when stored (--router-probs)")

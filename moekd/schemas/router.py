@@ -6,7 +6,7 @@ with `--policy sar` copies it into its own metadata (`policy.router`), with the 
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 
@@ -20,7 +20,9 @@ Setting = float | int | str | bool | None
 
 class RouterTeacher(Strict):
     name_or_path: str
-    weights_sha256: Optional[str] = Field(None, description="sha256 of the teacher checkpoint the routers were trained from (untrained routers)")
+    weights_sha256: str | None = Field(
+        None, description="sha256 of the teacher checkpoint the routers were trained from (untrained routers)"
+    )
     architecture: str
     router_class: str
     moe_layers: list[str] = Field(description="Router module names, in depth order")
@@ -30,8 +32,12 @@ class RouterTeacher(Strict):
 
 class RouterStudent(Strict):
     name_or_path: str
-    weights_sha256: Optional[str] = Field(None, description="sha256 of the student checkpoint whose feedback trained the routers")
-    co_trained: bool = Field(description="The student was trained too (--co-train-student) and saved beside the router file")
+    weights_sha256: str | None = Field(
+        None, description="sha256 of the student checkpoint whose feedback trained the routers"
+    )
+    co_trained: bool = Field(
+        description="The student was trained too (--co-train-student) and saved beside the router file"
+    )
 
 
 class RouterFileMeta(Strict):
@@ -44,7 +50,9 @@ class RouterFileMeta(Strict):
     settings: dict[str, Setting] = Field(description="The `moekd sar train` settings of the run")
     loss_start: float = Field(description="Teacher loss on the probe batch before the first update")
     loss_end: float = Field(description="Teacher loss on the probe batch after the last update")
-    train_seconds: Optional[float] = Field(None, description="Wall time of the training steps (the last session, if resumed)")
+    train_seconds: float | None = Field(
+        None, description="Wall time of the training steps (the last session, if resumed)"
+    )
     created_at: str
     versions: dict[str, str]
 

@@ -41,8 +41,15 @@ MANIFEST = "manifest.json"  # per-file sha256 of a complete store
 ROOT_META = "zarr.json"
 
 
-def array_specs(num_examples: int, num_tokens: int, num_positions: int, samples: int, encoding: EncodingInfo,
-                vocab_size: int, extra: dict[str, ArraySpec] | None = None) -> dict[str, ArraySpec]:
+def array_specs(
+    num_examples: int,
+    num_tokens: int,
+    num_positions: int,
+    samples: int,
+    encoding: EncodingInfo,
+    vocab_size: int,
+    extra: dict[str, ArraySpec] | None = None,
+) -> dict[str, ArraySpec]:
     """Every array of a store with these sizes; `extra` adds position arrays (first dim P)."""
     E, T, P = num_examples, num_tokens, num_positions
     specs = {
@@ -89,8 +96,11 @@ def encoding_specs(encoding: EncodingInfo, num_positions: int, samples: int, voc
         return specs
     assert isinstance(encoding, HiddenEncoding)
     d = encoding.hidden_size
-    specs = {"hidden_states": ArraySpec(shape=[P, M, d], dtype=HIDDEN_STORED_DTYPE[encoding.hidden_dtype],
-                                        dims=[*per_sample, "hidden"])}
+    specs = {
+        "hidden_states": ArraySpec(
+            shape=[P, M, d], dtype=HIDDEN_STORED_DTYPE[encoding.hidden_dtype], dims=[*per_sample, "hidden"]
+        )
+    }
     if encoding.hidden_dtype == "fp8":
         specs["hidden_scale"] = ArraySpec(shape=[P, M], dtype="float32", dims=per_sample)
     stored = {"bfloat16": "uint16"}.get(encoding.output_layer_dtype, encoding.output_layer_dtype)
@@ -106,7 +116,9 @@ def gate_specs(num_positions: int, samples: int, layers: int, num_experts: int, 
     """Gate-distribution arrays: all N experts when r == N, else the r largest plus the rest mass."""
     P, M, L = num_positions, samples, layers
     if r == num_experts:
-        return {"gate_probs": ArraySpec(shape=[P, M, L, r], dtype="float16", dims=["position", "sample", "layer", "expert"])}
+        return {
+            "gate_probs": ArraySpec(shape=[P, M, L, r], dtype="float16", dims=["position", "sample", "layer", "expert"])
+        }
     return {
         "gate_ids": ArraySpec(shape=[P, M, L, r], dtype="uint16", dims=["position", "sample", "layer", "rank"]),
         "gate_probs": ArraySpec(shape=[P, M, L, r], dtype="float16", dims=["position", "sample", "layer", "rank"]),

@@ -35,16 +35,20 @@ def parse_storage_options(text: str | None, flag: str = "--storage-options") -> 
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise MoekdError(f"{flag}: not valid JSON ({e.msg} at character {e.pos}); "
-                         """pass an object such as '{"anon": true}'""") from None
+        raise MoekdError(
+            f"{flag}: not valid JSON ({e.msg} at character {e.pos}); "
+            """pass an object such as '{"anon": true}'"""
+        ) from None
     if not isinstance(value, dict):
         raise MoekdError(f"{flag}: must be a JSON object of fsspec options, got {type(value).__name__}")
     return value
 
 
 def _missing_backend(location: str, e: ImportError) -> MoekdError:
-    return MoekdError(f"cache {location}: the fsspec backend for this URL is not installed ({e}); "
-                      "install it, e.g. `pip install s3fs` for s3://, `aiohttp` for http(s)://, `gcsfs` for gs://")
+    return MoekdError(
+        f"cache {location}: the fsspec backend for this URL is not installed ({e}); "
+        "install it, e.g. `pip install s3fs` for s3://, `aiohttp` for http(s)://, `gcsfs` for gs://"
+    )
 
 
 def _zip_url(location: str, storage_options: dict | None) -> tuple[str, dict]:
@@ -71,8 +75,9 @@ def open_group(location: str | Path, storage_options: dict | None = None):
         raise MoekdError(f"cache {location} is not a readable Zarr v3 group ({e})") from None
 
 
-def open_files(location: str | Path, storage_options: dict | None = None,
-               must_exist: bool = True) -> tuple[fsspec.AbstractFileSystem, str]:
+def open_files(
+    location: str | Path, storage_options: dict | None = None, must_exist: bool = True
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, root) for reading the store's files as `fs.cat_file(f"{root}/{name}")`; with
     `must_exist`, a clear error when nothing is there (where the filesystem can tell: not over HTTP)."""
     location = str(location)

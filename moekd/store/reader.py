@@ -1,12 +1,12 @@
 """Reading a complete store, from a local path, a packed .zip or an fsspec URL (s3://, gs://, http(s)://, ...).
 
-    from moekd import CacheReader
-    r = CacheReader("run.zarr")
-    ex = r[0]   # input_ids [L], target_positions [P], and what the store's encoding holds:
-                # topk:    topk_ids [P,M,k], topk_logprobs [P,M,k], tail_logprob [P,M]
-                # sampled: sampled_ids [P,M,S], sampled_counts [P,M,S] (+ sampled_logprobs, proposal_logz when t != 1)
-                # hidden:  hidden_states [P,M,d] (float32); r.output_layer() [V,d]
-    r.sparse_distribution(0, 100)   # ids and (estimated) probabilities, for topk and sampled stores
+from moekd import CacheReader
+r = CacheReader("run.zarr")
+ex = r[0]   # input_ids [L], target_positions [P], and what the store's encoding holds:
+            # topk:    topk_ids [P,M,k], topk_logprobs [P,M,k], tail_logprob [P,M]
+            # sampled: sampled_ids [P,M,S], sampled_counts [P,M,S] (+ sampled_logprobs, proposal_logz when t != 1)
+            # hidden:  hidden_states [P,M,d] (float32); r.output_layer() [V,d]
+r.sparse_distribution(0, 100)   # ids and (estimated) probabilities, for topk and sampled stores
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekd.encoding import decode_hidden, decode_logprobs, decode_topk, estimable_temperature, sampled_estimate, tensor_from_bits
+from moekd.encoding import (
+    decode_hidden,
+    decode_logprobs,
+    decode_topk,
+    estimable_temperature,
+    sampled_estimate,
+    tensor_from_bits,
+)
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import CacheMetadata, EncodingInfo, HiddenEncoding, SampledEncoding, TopkEncoding
@@ -66,8 +73,11 @@ def teacher_arrays(encoding: EncodingInfo) -> list[str]:
 def decode_teacher(encoding: EncodingInfo, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The decoded teacher arrays (CacheExample's names) from the stored ones (`teacher_arrays`)."""
     if isinstance(encoding, TopkEncoding) and encoding.logprob_codec == "u16_gap_delta":  # schema 1.0
-        return {"topk_ids": raw["topk_ids"], "topk_logprobs": decode_logprobs(raw["top1_logprob"], raw["topk_gaps"]),
-                "tail_logprob": raw["tail_logprob"]}
+        return {
+            "topk_ids": raw["topk_ids"],
+            "topk_logprobs": decode_logprobs(raw["top1_logprob"], raw["topk_gaps"]),
+            "tail_logprob": raw["tail_logprob"],
+        }
     if isinstance(encoding, TopkEncoding):
         ids, logprobs, tail = decode_topk(raw["topk_ids"], raw["topk_steps"], raw["tail_steps"], encoding.scale)
         return {"topk_ids": ids, "topk_logprobs": logprobs, "tail_logprob": tail}
@@ -76,7 +86,9 @@ def decode_teacher(encoding: EncodingInfo, raw: dict[str, np.ndarray]) -> dict[s
         if encoding.importance_weights:
             out.update(sampled_logprobs=raw["sampled_logprobs"], proposal_logz=raw["proposal_logz"])
         return out
-    return {"hidden_states": decode_hidden(raw["hidden_states"], encoding.hidden_dtype, raw.get("hidden_scale")).numpy()}
+    return {
+        "hidden_states": decode_hidden(raw["hidden_states"], encoding.hidden_dtype, raw.get("hidden_scale")).numpy()
+    }
 
 
 class CacheReader:
@@ -98,7 +110,8 @@ class CacheReader:
         self.source_index = self.group["example_source_index"][:]
         self.teacher_names = teacher_arrays(self.meta.encoding)
         self.extra_names = sorted(
-            name for name, spec in self.meta.layout.arrays.items()
+            name
+            for name, spec in self.meta.layout.arrays.items()
             if spec.dims[0] == "position" and name not in self.teacher_names and name != "target_positions"
         )
 
@@ -119,7 +132,9 @@ class CacheReader:
 
     def read_positions(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Decoded position arrays for stored positions [start, stop), in one read per array."""
-        raw = {name: self.group[name][start:stop] for name in (*self.teacher_names, "target_positions", *self.extra_names)}
+        raw = {
+            name: self.group[name][start:stop] for name in (*self.teacher_names, "target_positions", *self.extra_names)
+        }
         out = {"target_positions": raw["target_positions"], **decode_teacher(self.encoding, raw)}
         out.update({name: raw[name] for name in self.extra_names})
         return out
@@ -131,7 +146,7 @@ class CacheReader:
             raise MoekdError(f"cache {self.location}: a hidden store covers the whole vocabulary, it names no ids")
         step, largest = self.meta.layout.positions_per_shard, -1
         for start in range(0, self.num_positions, step):
-            ids = self.group[name][start:start + step]
+            ids = self.group[name][start : start + step]
             if name == "topk_ids" and self.encoding.logprob_codec == "u16_steps_sorted_ids":
                 ids = ids.sum(axis=-1, dtype=np.int64)  # delta-coded ascending ids: the last one, per row
             largest = max(largest, int(ids.max(initial=-1)))
@@ -141,14 +156,18 @@ class CacheReader:
         """The teacher's output layer W [V, d] in its own dtype (hidden stores): logits = h @ W.T. Refused
         unless its bytes have the sha256 the store recorded when it was built."""
         if not isinstance(self.encoding, HiddenEncoding):
-            raise MoekdError(f"cache {self.location}: only --encoding hidden stores the output layer "
-                             f"(this one is {self.encoding.kind})")
+            raise MoekdError(
+                f"cache {self.location}: only --encoding hidden stores the output layer "
+                f"(this one is {self.encoding.kind})"
+            )
         stored = self.group["output_layer"][:]
         digest = hashlib.sha256(np.ascontiguousarray(stored).tobytes()).hexdigest()
         if digest != self.encoding.output_layer_sha256:
-            raise MoekdError(f"cache {self.location}: output_layer has sha256 {digest[:12]}..., not the "
-                             f"{self.encoding.output_layer_sha256[:12]}... recorded at build: the stored teacher output "
-                             "layer was changed or damaged; rebuild the cache")
+            raise MoekdError(
+                f"cache {self.location}: output_layer has sha256 {digest[:12]}..., not the "
+                f"{self.encoding.output_layer_sha256[:12]}... recorded at build: the stored teacher output "
+                "layer was changed or damaged; rebuild the cache"
+            )
         return tensor_from_bits(stored, self.encoding.output_layer_dtype)
 
     def sparse_distribution(self, start: int, stop: int, temperature: float = 1.0) -> SparseDistribution:
@@ -162,19 +181,33 @@ class CacheReader:
         if isinstance(self.encoding, TopkEncoding):
             buckets = np.concatenate([d["topk_logprobs"], d["tail_logprob"][..., None]], axis=-1).astype(np.float64)
             tempered = torch.log_softmax(torch.from_numpy(buckets) / temperature, dim=-1).exp().numpy()
-            return SparseDistribution(d["topk_ids"], tempered[..., :-1].astype(np.float32),
-                                      tempered[..., -1].astype(np.float32), estimate=False)
+            return SparseDistribution(
+                d["topk_ids"],
+                tempered[..., :-1].astype(np.float32),
+                tempered[..., -1].astype(np.float32),
+                estimate=False,
+            )
         if isinstance(self.encoding, SampledEncoding):
             e = self.encoding
             if estimable_temperature(temperature, e.proposal_temp) is None:
-                raise MoekdError(f"cache {self.location}: draws from p^{e.proposal_temp:g} estimate the teacher without "
-                                 f"bias at temperature 1 or {1 / e.proposal_temp:g} only, not {temperature:g}")
+                raise MoekdError(
+                    f"cache {self.location}: draws from p^{e.proposal_temp:g} estimate the teacher without "
+                    f"bias at temperature 1 or {1 / e.proposal_temp:g} only, not {temperature:g}"
+                )
             weights = {name: torch.from_numpy(d[name]) for name in ("sampled_logprobs", "proposal_logz") if name in d}
-            probs = sampled_estimate(torch.from_numpy(d["sampled_counts"]), e.draws, e.proposal_temp,
-                                     weights.get("sampled_logprobs"), weights.get("proposal_logz"), temperature).numpy()
+            probs = sampled_estimate(
+                torch.from_numpy(d["sampled_counts"]),
+                e.draws,
+                e.proposal_temp,
+                weights.get("sampled_logprobs"),
+                weights.get("proposal_logz"),
+                temperature,
+            ).numpy()
             return SparseDistribution(d["sampled_ids"], probs, None, estimate=True)
-        raise MoekdError(f"cache {self.location} stores hidden states, from which the full distribution follows: "
-                         "use hidden_states with output_layer() instead of a sparse distribution")
+        raise MoekdError(
+            f"cache {self.location} stores hidden states, from which the full distribution follows: "
+            "use hidden_states with output_layer() instead of a sparse distribution"
+        )
 
     def __getitem__(self, i: int) -> CacheExample:
         if not -len(self) <= i < len(self):
@@ -184,8 +217,12 @@ class CacheReader:
         t0, t1 = int(self.token_offsets[i]), int(self.token_offsets[i + 1])
         extra = {name: positions.pop(name) for name in self.extra_names}
         return CacheExample(
-            index=i, source_index=int(self.source_index[i]), input_ids=self.group["input_ids"][t0:t1],
-            prompt_len=int(self.prompt_len[i]), extra=extra, **positions,
+            index=i,
+            source_index=int(self.source_index[i]),
+            input_ids=self.group["input_ids"][t0:t1],
+            prompt_len=int(self.prompt_len[i]),
+            extra=extra,
+            **positions,
         )
 
     def __iter__(self):

@@ -30,7 +30,7 @@ from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.store.layout import MANIFEST, ROOT_META
 from moekd.store.location import file_path, is_url, open_files
-from moekd.store.writer import fsync_dir, atomic_write
+from moekd.store.writer import atomic_write, fsync_dir
 
 BLOCK = 4 << 20
 
@@ -62,12 +62,18 @@ def _open_complete(location: str, storage_options: dict | None, verb: str) -> _S
     except FileNotFoundError:
         raise MoekdError(f"{verb}: {location} has no {ROOT_META}; it is not a moekd cache") from None
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise MoekdError(f"{verb}: {location}/{ROOT_META} is not valid JSON; run `moekd cache verify {location}`") from None
+        raise MoekdError(
+            f"{verb}: {location}/{ROOT_META} is not valid JSON; run `moekd cache verify {location}`"
+        ) from None
     if meta.build.status != "complete":
-        raise MoekdError(f"{verb}: {location} is an unfinished build (status {meta.build.status!r}); only complete caches are copied")
+        raise MoekdError(
+            f"{verb}: {location} is an unfinished build (status {meta.build.status!r}); only complete caches are copied"
+        )
     manifest = fs.cat_file(file_path(root, MANIFEST))
     if hashlib.sha256(manifest).hexdigest() != meta.build.manifest_sha256:
-        raise MoekdError(f"{verb}: {location}/{MANIFEST} does not match the metadata's checksum; run `moekd cache verify {location}`")
+        raise MoekdError(
+            f"{verb}: {location}/{MANIFEST} does not match the metadata's checksum; run `moekd cache verify {location}`"
+        )
     return _Source(fs, root, root_meta, manifest, json.loads(manifest)["files"], meta.build.manifest_sha256)
 
 
@@ -96,17 +102,24 @@ class _Destination:
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 theirs = None
             if theirs != source.manifest_sha256:
-                raise MoekdError(f"{self.verb}: {self.location} already holds another store or other data; "
-                                 "choose another destination (it is never overwritten)")
+                raise MoekdError(
+                    f"{self.verb}: {self.location} already holds another store or other data; "
+                    "choose another destination (it is never overwritten)"
+                )
         if self.local and self.dir.exists():
             if not self.dir.is_dir():
                 raise MoekdError(f"{self.verb}: {self.dir} exists and is not a directory")
             known = {*source.files, MANIFEST, ROOT_META}
-            strangers = [p for p in self.dir.rglob("*") if p.is_file() and p.relative_to(self.dir).as_posix() not in known
-                         and not p.name.startswith(".")]
+            strangers = [
+                p
+                for p in self.dir.rglob("*")
+                if p.is_file() and p.relative_to(self.dir).as_posix() not in known and not p.name.startswith(".")
+            ]
             if strangers:
-                raise MoekdError(f"{self.verb}: {self.dir} holds files that are not part of this store (e.g. {strangers[0]}); "
-                                 "choose an empty or new directory")
+                raise MoekdError(
+                    f"{self.verb}: {self.dir} holds files that are not part of this store (e.g. {strangers[0]}); "
+                    "choose an empty or new directory"
+                )
 
     def intact(self, rel: str, entry: dict) -> bool:
         path = file_path(self.root, rel)
@@ -187,12 +200,26 @@ def _blocks(fs, path: str, advance):
 
 
 def _progress(console: Console | None) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console or Console(stderr=True, quiet=True))
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True, quiet=True),
+    )
 
 
-def copy_store(source: str, destination: str, source_options: dict | None = None, destination_options: dict | None = None,
-               jobs: int = 8, verb: str = "push", console: Console | None = None) -> TransferReport:
+def copy_store(
+    source: str,
+    destination: str,
+    source_options: dict | None = None,
+    destination_options: dict | None = None,
+    jobs: int = 8,
+    verb: str = "push",
+    console: Console | None = None,
+) -> TransferReport:
     """Copy the complete store at `source` to `destination` (see the module docstring)."""
     if jobs < 1:
         raise MoekdError(f"--jobs must be at least 1, got {jobs}")
@@ -211,10 +238,14 @@ def copy_store(source: str, destination: str, source_options: dict | None = None
                     report.kept += 1
                 return
             try:
-                size = dst.write(rel, _blocks(src.fs, file_path(src.root, rel), lambda n: progress.advance(task, n)), entry["sha256"])
+                size = dst.write(
+                    rel, _blocks(src.fs, file_path(src.root, rel), lambda n: progress.advance(task, n)), entry["sha256"]
+                )
             except _Corrupted:
                 with lock:
-                    report.problems.append(f"{rel}: checksum mismatch against the manifest (corrupted at the source or in transit)")
+                    report.problems.append(
+                        f"{rel}: checksum mismatch against the manifest (corrupted at the source or in transit)"
+                    )
                 return
             except FileNotFoundError:
                 with lock:
@@ -231,15 +262,21 @@ def copy_store(source: str, destination: str, source_options: dict | None = None
         finally:  # on Ctrl-C, transfers not yet started are dropped; finished files stay for the resume
             pool.shutdown(wait=True, cancel_futures=True)
     if report.problems:
-        shown = "; ".join(sorted(report.problems)[:5]) + (f" (+{len(report.problems) - 5} more)" if len(report.problems) > 5 else "")
-        raise MoekdError(f"{verb}: {len(report.problems)} file(s) failed: {shown}. {destination} is left without its root "
-                         f"metadata, so it does not read as a store; rerun to resume once the source is intact "
-                         f"(`moekd cache verify {source}`)")
+        shown = "; ".join(sorted(report.problems)[:5]) + (
+            f" (+{len(report.problems) - 5} more)" if len(report.problems) > 5 else ""
+        )
+        raise MoekdError(
+            f"{verb}: {len(report.problems)} file(s) failed: {shown}. {destination} is left without its root "
+            f"metadata, so it does not read as a store; rerun to resume once the source is intact "
+            f"(`moekd cache verify {source}`)"
+        )
     dst.commit(src)
     return report
 
 
-def pack_store(source: str, out: str | Path, source_options: dict | None = None, console: Console | None = None) -> TransferReport:
+def pack_store(
+    source: str, out: str | Path, source_options: dict | None = None, console: Console | None = None
+) -> TransferReport:
     """One uncompressed .zip holding the store's files (a Zarr ZipStore), written whole or not at all."""
     out = Path(out)
     if out.suffix != ".zip":
@@ -251,7 +288,10 @@ def pack_store(source: str, out: str | Path, source_options: dict | None = None,
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         # chunks are compressed already: stored, not deflated, so that readers can seek into members
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf, _progress(console) as progress:
+        with (
+            zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+            _progress(console) as progress,
+        ):
             task = progress.add_task("pack", total=sum(e["size"] for e in src.files.values()))
             for rel, entry in sorted(src.files.items()):
                 h = hashlib.sha256()
@@ -260,7 +300,9 @@ def pack_store(source: str, out: str | Path, source_options: dict | None = None,
                         h.update(block)
                         member.write(block)
                 if h.hexdigest() != entry["sha256"]:
-                    raise MoekdError(f"pack: {rel}: checksum mismatch against the manifest; run `moekd cache verify {source}`")
+                    raise MoekdError(
+                        f"pack: {rel}: checksum mismatch against the manifest; run `moekd cache verify {source}`"
+                    )
                 report.copied += 1
                 report.bytes_copied += entry["size"]
             zf.writestr(MANIFEST, src.manifest)

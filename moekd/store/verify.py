@@ -22,7 +22,6 @@ from moekd.store.location import can_list, file_path, open_files, open_group
 from moekd.store.reader import decode_teacher, teacher_arrays
 
 
-
 @dataclass
 class VerifyReport:
     location: str
@@ -70,7 +69,9 @@ def verify_store(location: str, deep: bool = False, storage_options: dict | None
         report.problems.append(str(e).removeprefix(f"cache {location}: "))
         return report
     if meta.build.status != "complete":
-        report.problems.append(f"incomplete build (status {meta.build.status!r}): resume it with `moekd cache build ... --resume`")
+        report.problems.append(
+            f"incomplete build (status {meta.build.status!r}): resume it with `moekd cache build ... --resume`"
+        )
         return report
     try:
         manifest = read_manifest(fs, root, meta)
@@ -103,7 +104,9 @@ def verify_store(location: str, deep: bool = False, storage_options: dict | None
         if name not in group:
             report.problems.append(f"array {name} is missing")
         elif list(group[name].shape) != spec.shape or str(group[name].dtype) != spec.dtype:
-            report.problems.append(f"array {name}: {group[name].shape} {group[name].dtype}, layout says {spec.shape} {spec.dtype}")
+            report.problems.append(
+                f"array {name}: {group[name].shape} {group[name].dtype}, layout says {spec.shape} {spec.dtype}"
+            )
     if not report.problems and deep:
         _check_values(group, meta, report)
     return report
@@ -114,7 +117,7 @@ def _listing(fs, root: str) -> dict[str, int]:
     found = {}
     for path, info in fs.find(root, detail=True).items():
         if info.get("type", "file") == "file":
-            found[path[len(root):].lstrip("/")] = info.get("size", 0)
+            found[path[len(root) :].lstrip("/")] = info.get("size", 0)
     return found
 
 
@@ -216,7 +219,7 @@ def _check_output_layer(group, encoding, report: VerifyReport) -> None:
     h = hashlib.sha256()
     finite = True
     for start in range(0, layer.shape[0], VOCAB_ROWS_PER_CHUNK):
-        block = layer[start:start + VOCAB_ROWS_PER_CHUNK]
+        block = layer[start : start + VOCAB_ROWS_PER_CHUNK]
         h.update(np.ascontiguousarray(block).tobytes())
         finite = finite and bool(torch.isfinite(tensor_from_bits(block, encoding.output_layer_dtype)).all())
     if h.hexdigest() != encoding.output_layer_sha256:
@@ -250,13 +253,21 @@ def store_info(location: str, storage_options: dict | None = None) -> dict:
     if meta.build.status == "complete":
         manifest = read_manifest(fs, root, meta)
         if manifest is None:
-            raise MoekdError(f"cache {location}: {MANIFEST} does not match the metadata's checksum; run `moekd cache verify`")
+            raise MoekdError(
+                f"cache {location}: {MANIFEST} does not match the metadata's checksum; run `moekd cache verify`"
+            )
         sizes = {rel: entry["size"] for rel, entry in manifest["files"].items()}
     elif can_list(fs):
         sizes = {rel: size for rel, size in _listing(fs, root).items() if not rel.startswith(BUILD_DIR + "/")}
-    info = {"meta": meta, "bytes_total": None, "bytes_per_array": {}, "bytes_per_position": None,
-            "distribution_bytes_per_position_sample": None, "output_layer_bytes": None,
-            "gate_bytes_per_position_sample": None}
+    info = {
+        "meta": meta,
+        "bytes_total": None,
+        "bytes_per_array": {},
+        "bytes_per_position": None,
+        "distribution_bytes_per_position_sample": None,
+        "output_layer_bytes": None,
+        "gate_bytes_per_position_sample": None,
+    }
     if sizes is None:
         return info
     arrays: dict[str, int] = {}
@@ -268,13 +279,15 @@ def store_info(location: str, storage_options: dict | None = None) -> dict:
     positions = meta.layout.num_positions
     position_samples = max(positions * meta.layout.num_samples, 1)
     gates = meta.gates.arrays if meta.gates else []
-    info.update({
-        "bytes_total": total,
-        "bytes_per_array": dict(sorted(arrays.items())),
-        "bytes_per_position": total / max(positions, 1),
-        "distribution_bytes_per_position_sample":
-            sum(arrays.get(name, 0) for name in teacher_arrays(meta.encoding)) / position_samples,
-        "output_layer_bytes": arrays.get("output_layer", 0),
-        "gate_bytes_per_position_sample": sum(arrays.get(name, 0) for name in gates) / position_samples,
-    })
+    info.update(
+        {
+            "bytes_total": total,
+            "bytes_per_array": dict(sorted(arrays.items())),
+            "bytes_per_position": total / max(positions, 1),
+            "distribution_bytes_per_position_sample": sum(arrays.get(name, 0) for name in teacher_arrays(meta.encoding))
+            / position_samples,
+            "output_layer_bytes": arrays.get("output_layer", 0),
+            "gate_bytes_per_position_sample": sum(arrays.get(name, 0) for name in gates) / position_samples,
+        }
+    )
     return info

@@ -113,7 +113,11 @@ def store_state(path: Path) -> str:
         raw = json.loads(root.read_text()).get("attributes", {}).get("moekd") if root.exists() else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raw = None  # torn: the build directory below tells whose it is
-    if isinstance(raw, dict) and raw.get("format") == "moekd-teacher-cache" and raw.get("build", {}).get("status") == "complete":
+    if (
+        isinstance(raw, dict)
+        and raw.get("format") == "moekd-teacher-cache"
+        and raw.get("build", {}).get("status") == "complete"
+    ):
         return "complete"
     if (path / BUILD_DIR / "settings.json").exists():
         return "unfinished"
@@ -127,8 +131,11 @@ def recorded_settings(path: Path) -> dict | None:
 
 
 def settings_differences(old: dict, new: dict) -> list[str]:
-    return [f"{k}: {old.get(k)!r} in the store, {new.get(k)!r} now"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k)!r} in the store, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 def _split(shards: int | None) -> str:
@@ -154,9 +161,17 @@ class CacheWriter:
         self.position_names = position_arrays(meta.layout.arrays)
 
     @classmethod
-    def open(cls, path: str | Path, meta: CacheMetadata, settings: dict, tables: ExampleTables,
-             resume: bool = False, overwrite: bool = False, shards: int | None = None,
-             fixed_arrays: dict[str, np.ndarray] | None = None) -> "CacheWriter":
+    def open(
+        cls,
+        path: str | Path,
+        meta: CacheMetadata,
+        settings: dict,
+        tables: ExampleTables,
+        resume: bool = False,
+        overwrite: bool = False,
+        shards: int | None = None,
+        fixed_arrays: dict[str, np.ndarray] | None = None,
+    ) -> CacheWriter:
         """Plan a new store at `path`, or continue the unfinished one there.
 
         `shards`: the store is built by that many independent `--shard i/n` jobs, which join an
@@ -170,42 +185,63 @@ class CacheWriter:
         if state == "complete" and not overwrite:
             raise MoekdError(f"--out: {path} is a complete cache; pass --overwrite to replace it")
         if state == "unfinished" and not (resume or overwrite or shards):
-            raise MoekdError(f"--out: an unfinished build is at {path}; pass --resume to continue it or --overwrite to start again")
+            raise MoekdError(
+                f"--out: an unfinished build is at {path}; pass --resume to continue it or --overwrite to start again"
+            )
         if state in ("complete", "unfinished") and overwrite:
             _remove_store(path)
             state = "absent"
         if state in ("absent", "empty") and cls._plan(path, meta, settings, tables, shards, fixed_arrays or {}):
             return cls(path, meta)
         if state in ("absent", "empty") and not shards:
-            raise MoekdError(f"--out: another build created {path} meanwhile; run one build per store (or use --shard i/n)")
+            raise MoekdError(
+                f"--out: another build created {path} meanwhile; run one build per store (or use --shard i/n)"
+            )
         return cls.join(path, settings, shards)
 
     @classmethod
-    def planned(cls, path: str | Path) -> "CacheWriter":
+    def planned(cls, path: str | Path) -> CacheWriter:
         """The planned, unfinished store at `path`, as it is."""
         path = Path(path)
         if store_state(path) != "unfinished" or not (path / BUILD_DIR / "init.done").is_file():
-            raise MoekdError(f"{path} is not a planned, unfinished moekd build (no {BUILD_DIR}/init.done: it is complete, "
-                             "not a moekd cache, or its planning by an older moekd was interrupted; pass --overwrite to start again)")
+            raise MoekdError(
+                f"{path} is not a planned, unfinished moekd build (no {BUILD_DIR}/init.done: it is complete, "
+                "not a moekd cache, or its planning by an older moekd was interrupted; pass --overwrite to start again)"
+            )
         stored = json.loads((path / ROOT_META).read_text())["attributes"]["moekd"]
         return cls(path, parse_metadata(stored, str(path)))  # keeps the original creation time
 
     @classmethod
-    def join(cls, path: str | Path, settings: dict, shards: int | None = None) -> "CacheWriter":
+    def join(cls, path: str | Path, settings: dict, shards: int | None = None) -> CacheWriter:
         """The planned, unfinished store at `path`, after checking that it is built with `settings` and split the same way."""
         writer = cls.planned(path)
         differ = settings_differences(json.loads((writer.build_dir / "settings.json").read_text()), settings)
         if differ:
-            raise MoekdError(f"--resume: the unfinished build at {path} used other settings ({'; '.join(differ)}); "
-                             "rerun with the store's settings or pass --overwrite to start again")
+            raise MoekdError(
+                f"--resume: the unfinished build at {path} used other settings ({'; '.join(differ)}); "
+                "rerun with the store's settings or pass --overwrite to start again"
+            )
         if writer.shards != shards:
-            hint = f"run its unfinished shards with --shard I/{writer.shards}" if writer.shards else "continue it with --resume and no --shard"
-            raise MoekdError(f"--shard: the build at {path} is planned {_split(writer.shards)}, not {_split(shards)}; {hint}")
+            hint = (
+                f"run its unfinished shards with --shard I/{writer.shards}"
+                if writer.shards
+                else "continue it with --resume and no --shard"
+            )
+            raise MoekdError(
+                f"--shard: the build at {path} is planned {_split(writer.shards)}, not {_split(shards)}; {hint}"
+            )
         return writer
 
     @classmethod
-    def _plan(cls, path: Path, meta: CacheMetadata, settings: dict, tables: ExampleTables, shards: int | None,
-              fixed_arrays: dict[str, np.ndarray]) -> bool:
+    def _plan(
+        cls,
+        path: Path,
+        meta: CacheMetadata,
+        settings: dict,
+        tables: ExampleTables,
+        shards: int | None,
+        fixed_arrays: dict[str, np.ndarray],
+    ) -> bool:
         """Lay the store out beside `path`, then publish it there by rename; False when another job published first."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +267,9 @@ class CacheWriter:
         fsync_dir(path.parent)
         return True
 
-    def _init(self, settings: dict, tables: ExampleTables, shards: int | None, fixed_arrays: dict[str, np.ndarray]) -> None:
+    def _init(
+        self, settings: dict, tables: ExampleTables, shards: int | None, fixed_arrays: dict[str, np.ndarray]
+    ) -> None:
         atomic_write(self.build_dir / "settings.json", json.dumps(settings, indent=1, sort_keys=True).encode())
         atomic_write(self.build_dir / "split.json", json.dumps({"shards": shards}).encode())
         group = zarr.open_group(str(self.path), mode="a", zarr_format=3)
@@ -240,8 +278,14 @@ class CacheWriter:
         for name, spec in self.meta.layout.arrays.items():
             chunks, shards_shape = chunking(spec, shard)
             group.create_array(
-                name, shape=tuple(spec.shape), dtype=spec.dtype, chunks=chunks, shards=shards_shape,
-                compressors=COMPRESSORS, fill_value=0, config={"write_empty_chunks": True},
+                name,
+                shape=tuple(spec.shape),
+                dtype=spec.dtype,
+                chunks=chunks,
+                shards=shards_shape,
+                compressors=COMPRESSORS,
+                fill_value=0,
+                config={"write_empty_chunks": True},
             )
         values = {
             "input_ids": tables.input_ids,
@@ -265,7 +309,7 @@ class CacheWriter:
 
     def read_unit(self, unit: Unit) -> dict[str, np.ndarray]:
         group = zarr.open_group(str(self.path), mode="r")
-        return {name: group[name][unit.start:unit.stop] for name in self.position_names}
+        return {name: group[name][unit.start : unit.stop] for name in self.position_names}
 
     def pending_units(self, units: list[Unit] | None = None) -> list[Unit]:
         """Those of `units` (default all) without a marker, or whose data no longer matches it (a torn write before a crash)."""
@@ -289,7 +333,7 @@ class CacheWriter:
             expected = (unit.stop - unit.start, *self.meta.layout.arrays[name].shape[1:])
             if value.shape != expected:
                 raise ValueError(f"{name}: shape {value.shape}, layout wants {expected}")
-            group[name][unit.start:unit.stop] = value
+            group[name][unit.start : unit.stop] = value
         marker = {"start": unit.start, "stop": unit.stop, "sha256": hash_arrays(arrays), **(stats or {})}
         atomic_write(self._marker(unit), json.dumps(marker).encode())
 
@@ -310,8 +354,10 @@ class CacheWriter:
         n = self.shards
         if n:
             shards = ", ".join(f"{i}/{n}" for i in sorted({u.index % n for u in missing}))
-            return (f"{len(missing)} of {len(self.units)} units are not written (units {shown}): unfinished shards {shards}; "
-                    f"rerun each with `moekd cache build ... --shard I/{n}` (same flags), then `moekd cache finalize {self.path}`")
+            return (
+                f"{len(missing)} of {len(self.units)} units are not written (units {shown}): unfinished shards {shards}; "
+                f"rerun each with `moekd cache build ... --shard I/{n}` (same flags), then `moekd cache finalize {self.path}`"
+            )
         return f"{len(missing)} of {len(self.units)} units are not written (units {shown}); rerun `moekd cache build ... --resume`"
 
     def finalize(self, wall_seconds: float | None = None) -> CacheMetadata:
@@ -333,12 +379,14 @@ class CacheWriter:
         now = datetime.now(timezone.utc)
         if wall_seconds is None:
             wall_seconds = (now - datetime.fromisoformat(self.meta.build.created_at)).total_seconds()
-        build = self.meta.build.model_copy(update={
-            "status": "complete",
-            "completed_at": now.isoformat(timespec="seconds"),
-            "wall_seconds": round(wall_seconds, 3),
-            "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
-        })
+        build = self.meta.build.model_copy(
+            update={
+                "status": "complete",
+                "completed_at": now.isoformat(timespec="seconds"),
+                "wall_seconds": round(wall_seconds, 3),
+                "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+            }
+        )
         meta = self.meta.model_copy(update={"build": build})
         root_path = self.path / ROOT_META
         root = json.loads(root_path.read_text())
