@@ -201,8 +201,8 @@ def cache_info(
     """
     from rich.table import Table
 
+    from moekd.store.info import store_info
     from moekd.store.location import parse_storage_options
-    from moekd.store.verify import store_info
 
     info = store_info(store, parse_storage_options(storage_options))
     meta = info["meta"]
