@@ -39,7 +39,7 @@ from moekd.cache_builder.runner import length_batches, pad_batch
 from moekd.data.prompts import format_prompt, tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import train_tokenizer
-from moekd.store.verify import store_info
+from moekd.store.info import store_info
 from moekd.tiny_models import tiny_config
 
 DEMO = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"

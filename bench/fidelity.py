@@ -53,7 +53,7 @@ from moekd.distill.sampled_losses import sampled_kd_loss
 from moekd.distill.sources import CacheSource, TokenizedSource
 from moekd.distill.student import Student
 from moekd.distill.train import TrainOptions, train
-from moekd.store.verify import store_info
+from moekd.store.info import store_info
 from moekd.store.writer import store_state
 from moekd.tiny_models import make_tiny_model
 

@@ -51,7 +51,7 @@ from moekd.paths import check_output_dir
 from moekd.sar.options import run_dir as sar_run_dir
 from moekd.sar.router_file import read_router_file
 from moekd.sar.train import SarOptions, train_router
-from moekd.store.verify import store_info
+from moekd.store.info import store_info
 from moekd.store.writer import atomic_write, store_state
 from moekd.tiny_models import make_tiny_model
 

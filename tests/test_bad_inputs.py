@@ -774,6 +774,21 @@ CASES = [
     case("eval-json-parent-is-file", EVAL + " --json {data}/eval.json", "--json"),
     case("eval-device-unknown", EVAL + " --device tpu", "--device"),
     case("eval-chat-template-absent", EVAL + " --chat-template", "--chat-template"),
+    case("eval-sar-without-router", EVAL + " --policy sar", "--policy sar", "--router"),
+    case(
+        "eval-router-with-other-policy",
+        EVAL + " --policy all --router {bad}",
+        "--router",
+        "--policy all",
+        bad=foreign_safetensors,
+    ),
+    case("eval-router-without-policy", EVAL + " --router {bad}", "--router", "--policy sar", bad=foreign_safetensors),
+    case(
+        "eval-router-missing",
+        EVAL + " --policy sar --router {tmp}/absent.safetensors",
+        "--router",
+        "absent.safetensors",
+    ),
     # ---- data synth
     case("synth-n-train-negative", SYNTH + " --n-train=-1", "--n-train"),
     case("synth-n-test-negative", SYNTH + " --n-test=-5", "--n-test"),

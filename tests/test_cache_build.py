@@ -375,3 +375,27 @@ def test_non_finite_teacher_output_is_an_error(tmp_path, tokenizer, data_file):
         build_cache(options(tmp_path / "t", data_file, tmp_path / "c.zarr"))
     with pytest.raises(MoekdError, match="unfinished build"):
         CacheReader(tmp_path / "c.zarr")
+
+
+def test_info_on_an_unfinished_store_counts_the_written_units(make_teacher, data_file, tmp_path, mixtral_cache):
+    """`cache info` mid-build: per-position figures over the positions written, the store said to be unfinished."""
+    from typer.testing import CliRunner
+
+    from moekd.cli import app
+    from moekd.store.info import store_info
+
+    out = tmp_path / "unfinished.zarr"
+    interrupted_build(options(make_teacher("mixtral"), data_file, out))
+    info, done = store_info(str(out)), store_info(str(mixtral_cache))
+    assert info["units_written"] == 1 < info["units_total"] == done["units_total"] == done["units_written"]
+    assert info["positions_written"] == 256 and done["positions_written"] == done["meta"].layout.num_positions
+    for figure in ("bytes_per_position", "distribution_bytes_per_position_sample"):
+        assert abs(info[figure] / done[figure] - 1) < 0.2, (figure, info[figure], done[figure])
+    shown = CliRunner().invoke(app, ["cache", "info", str(out)], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0, shown.output
+    assert f"unfinished: 1/{info['units_total']} units written" in shown.output
+    assert f"{info['bytes_per_position']:.1f}" in shown.output
+    (out / BUILD_DIR / "units" / "000000.json").unlink()  # the unit's marker: as if killed before its commit
+    shown = CliRunner().invoke(app, ["cache", "info", str(out)], env={"COLUMNS": "300"})
+    assert shown.exit_code == 0 and f"unfinished: 0/{info['units_total']} units written" in shown.output, shown.output
+    assert "no unit written yet" in shown.output and "bytes per position" not in shown.output

@@ -100,7 +100,7 @@ def test_top_r_gates_keep_the_largest_and_the_rest_mass(make_teacher, data_file,
     np.testing.assert_allclose(picked, np.take_along_axis(probs, expected_ids, -1), atol=2e-3)
     np.testing.assert_allclose(top["gate_rest"] + top["gate_probs"].astype(np.float64).sum(-1), 1.0, atol=3e-3)
     assert CacheReader(tmp_path / "top.zarr").meta.gates.mode == "top"
-    from moekd.store.verify import store_info
+    from moekd.store.info import store_info
 
     info = store_info(str(tmp_path / "top.zarr"))
     gate_bytes = sum(info["bytes_per_array"][name] for name in ("gate_ids", "gate_probs", "gate_rest"))

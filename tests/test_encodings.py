@@ -13,7 +13,8 @@ from moekd.cache_builder.build import build_cache
 from moekd.cache_builder.sparsify import SampledEncoder, draw_tokens, encoding_flags
 from moekd.encoding import FP8_MAX, HIDDEN_RELATIVE_ERROR, decode_hidden, encode_hidden, sampled_estimate
 from moekd.errors import MoekdError
-from moekd.store.verify import store_info, verify_store
+from moekd.store.info import store_info
+from moekd.store.verify import verify_store
 from tests.test_cache_build import interrupted_build
 from tests.test_cache_build import options as topk_options
 

@@ -40,9 +40,58 @@ def loud_teacher(make_teacher, tmp_path_factory):
     return out
 
 
-def explicit_scores(model_dir, teacher_dir, data, policy=None):
-    """Mean NLL and KL(teacher || model) over response tokens, one unpadded example at a time, from the definitions."""
+@pytest.fixture(scope="module")
+def moved_router(loud_teacher, tmp_path_factory):
+    """A router file for the loud teacher, written as `moekd sar train` writes one: its gate weights moved by seeded noise."""
+    from moekd.models import checkpoint_sha256
+    from moekd.sar.router_file import describe_teacher, recognised_routers, router_gate_parameters, write_router_file
+    from moekd.schemas.router import RouterFileMeta, RouterStudent
+
+    model, _ = load_model(loud_teacher, "cpu")
+    infos = recognised_routers(model)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        name: p.detach() + 0.5 * torch.randn(p.shape, generator=g) for name, p in router_gate_parameters(infos).items()
+    }
+    meta = RouterFileMeta(
+        teacher=describe_teacher(model, infos, str(loud_teacher), checkpoint_sha256(loud_teacher)),
+        parameters={name: list(t.shape) for name, t in tensors.items()},
+        student=RouterStudent(name_or_path="seeded noise", co_trained=False),
+        steps=0,
+        settings={},
+        loss_start=0.0,
+        loss_end=0.0,
+        created_at="2025-01-01T00:00:00+00:00",
+        versions={},
+    )
+    out = tmp_path_factory.mktemp("router") / "router.safetensors"
+    write_router_file(out, tensors, meta)
+    return out
+
+
+def sar_routers(router_file):
+    """The teacher with its gate weights replaced by the router file's tensors, every router's own
+    top-k widened to N (for Mixtral the `all` policy): the SAR teacher, built without moekd."""
+    from safetensors.torch import load_file
+
+    from moekd.routers import find_routers
+
+    def prepare(model):
+        tensors = load_file(str(router_file))
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        assert tensors and not unexpected and len(missing) == len(model.state_dict()) - len(tensors)
+        for _, router in find_routers(model):
+            router.top_k = router.num_experts
+        return model
+
+    return prepare
+
+
+def explicit_scores(model_dir, teacher_dir, data, policy=None, prepare=None):
+    """Mean NLL and KL(teacher || model) over response tokens, one unpadded example at a time, from the definitions;
+    `prepare` changes the loaded model first."""
     model, tokenizer = load_model(model_dir, "cpu")
+    model = prepare(model) if prepare else model
     teacher, _ = load_model(teacher_dir, "cpu")
     nll, kl, count = 0.0, 0.0, 0
     for ex in load_eval_examples(data):
@@ -90,6 +139,28 @@ def test_kl_of_a_model_from_itself_is_zero_and_a_policy_moves_it(loud_teacher, s
     assert same.datasets[0].nll == native.nll  # K = native k: no hook, the same numbers
 
 
+def test_sar_policy_routes_by_the_router_file(loud_teacher, moved_router, synth_dir, tmp_path):
+    from moekd.sar.router_file import file_sha256
+
+    teacher, data = loud_teacher, synth_dir / "test.jsonl"
+    sar = evaluate(
+        teacher, [data], rouge=False, teacher=teacher, policy=make_policy("sar"), router=moved_router, device="cpu"
+    )
+    nll, kl, _ = explicit_scores(teacher, teacher, data, prepare=sar_routers(moved_router))
+    assert sar.datasets[0].nll == pytest.approx(nll, rel=1e-5) and sar.datasets[0].kl_from_teacher == pytest.approx(
+        kl, rel=1e-5
+    )
+    plain = evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("all"), device="cpu").datasets[0]
+    assert abs(sar.datasets[0].nll - plain.nll) > 1e-2  # the router file moved the scores off the original routers'
+    assert sar.settings["router"] == {"path": str(moved_router), "sha256": file_sha256(moved_router)}
+    assert sar.settings["policy"]["name"] == "sar"
+    out = tmp_path / "sar.json"
+    args = ["eval", "--model", str(teacher), "--data", str(data), "--no-rouge", "--nll", "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--policy", "sar", "--router", str(moved_router), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["datasets"][0]["nll"] == pytest.approx(nll, rel=1e-5)
+
+
 def test_generation_under_a_policy_routes_every_decoding_step(loud_teacher, synth_dir):
     """`all` through the controller's hooks generates what a checkpoint whose native k is N generates."""
     from transformers import AutoModelForCausalLM
@@ -134,6 +205,18 @@ def test_errors_name_the_flag(make_teacher, synth_dir, tmp_path, tokenizer):
         app, ["eval", "--model", str(make_teacher("mixtral")), "--data", str(data), "--experts", "4"]
     )
     assert isinstance(result.exception, MoekdError) and "need --policy" in str(result.exception)
+
+
+def test_router_flag_goes_with_policy_sar(make_teacher, moved_router, synth_dir):
+    data, teacher = synth_dir / "test.jsonl", make_teacher("mixtral")
+    with pytest.raises(MoekdError, match="--policy sar needs --router FILE"):
+        evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("sar"))
+    with pytest.raises(MoekdError, match="--router applies only to --policy sar, not --policy all"):
+        evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("all"), router=moved_router)
+    with pytest.raises(MoekdError, match=r"--router applies only to --policy sar, not native routing \(no --policy\)"):
+        evaluate(teacher, [data], rouge=False, nll=True, router=moved_router)
+    with pytest.raises(MoekdError, match="was trained for another teacher"):  # it is the loud teacher's
+        evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("sar"), router=moved_router)
 
 
 def test_cli_teacher_forced_scores(make_teacher, synth_dir, tmp_path):

@@ -14,8 +14,9 @@ from moekd import CacheReader
 from moekd.cli import app
 from moekd.errors import MoekdError
 from moekd.store import transfer
+from moekd.store.info import store_info
 from moekd.store.transfer import copy_store, pack_store
-from moekd.store.verify import store_info, verify_store
+from moekd.store.verify import verify_store
 from tests.servers import http_server, s3_server
 
 pytestmark = pytest.mark.timeout(300)

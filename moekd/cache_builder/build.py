@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from moekd.cache_builder.metadata import describe_store, resume_settings
-from moekd.cache_builder.policies import make_policy
+from moekd.cache_builder.policies import check_router_flag, make_policy
 from moekd.cache_builder.routing import RouterController
 from moekd.cache_builder.runner import UnitRunner
 from moekd.cache_builder.sparsify import encoding_flags, make_encoder
@@ -117,10 +117,7 @@ def _check_options(o: BuildOptions) -> dict:
         raise MoekdError("--resume and --overwrite exclude each other")
     if not 0 <= o.seed < 2**63:
         raise MoekdError(f"--seed must be in [0, 2**63), got {o.seed}")
-    if o.policy == "sar" and o.router is None:
-        raise MoekdError("--policy sar needs --router FILE: the router file `moekd sar train --out` wrote")
-    if o.router is not None and o.policy != "sar":
-        raise MoekdError(f"--router applies only to --policy sar, not --policy {o.policy}; drop it or use --policy sar")
+    check_router_flag(o.policy, o.router)
     if not re.fullmatch(r"none|full|top-[0-9]+", o.router_probs):
         raise MoekdError(f"--router-probs: {o.router_probs!r} is not none, full or top-R (e.g. top-4)")
     if o.shard is not None and o.overwrite:

@@ -22,7 +22,8 @@ the family's native weighting exactly (incl. whether it renormalises).
           replacement from g. Across M passes every expert is visited in proportion to its
           probability of being in such a draw, not only the native top-k.
 - `sar`:  Student-Aware Router: `all`, with the router weights of a `moekd sar train` file
-          loaded into the teacher first (build.py does that; the policy itself routes as `all`).
+          loaded into the teacher first (build.py and `moekd eval` do that with
+          sar/router_file.py's load_router_file; the policy itself routes as `all`).
 
 Sampling without replacement is Gumbel-top-k: the k largest of log g_i + G_i with
 G_i = -log(-log u_i) draw k experts exactly as k successive draws from g renormalised over the
@@ -194,6 +195,15 @@ RoutingPolicy = NativeTopK | AllExperts | StudentAwareRouting | KnowledgeAugment
 
 # describe() of every policy returns its make_policy keyword arguments other than m, so
 # make_policy(policy.name, m=policy.samples, **policy.describe()) rebuilds it.
+
+
+def check_router_flag(policy: str | None, router) -> None:
+    """--policy sar and --router FILE go together (cache build, eval); `policy` None is native routing."""
+    if policy == "sar" and router is None:
+        raise MoekdError("--policy sar needs --router FILE: the router file `moekd sar train --out` wrote")
+    if router is not None and policy != "sar":
+        given = f"--policy {policy}" if policy else "native routing (no --policy)"
+        raise MoekdError(f"--router applies only to --policy sar, not {given}; drop it or use --policy sar")
 
 
 def make_policy(

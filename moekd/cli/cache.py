@@ -197,18 +197,20 @@ def cache_info(
 ) -> None:
     """Summarise a store: metadata, examples, stored positions, sizes (from its manifest).
 
+    On an unfinished build: how many units are written, with sizes per position over the positions written.
+
     Example: moekd cache info run.zarr
     """
     from rich.table import Table
 
+    from moekd.store.info import store_info
     from moekd.store.location import parse_storage_options
-    from moekd.store.verify import store_info
 
     info = store_info(store, parse_storage_options(storage_options))
     meta = info["meta"]
     table = Table(title=f"moekd cache {store}", show_header=False)
     rows = [
-        ("status", meta.build.status),
+        ("status", describe_status(info)),
         ("schema", meta.schema_version),
         ("teacher", f"{meta.teacher.name_or_path} ({meta.teacher.architecture}, vocab {meta.teacher.vocab_size})"),
         (
@@ -227,6 +229,8 @@ def cache_info(
     ]
     if info["bytes_total"] is None:
         rows.append(("size", "unknown: an unfinished store has no manifest and this location gives no listing"))
+    elif info["bytes_per_position"] is None:
+        rows.append(("size", f"{info['bytes_total']:,} B (no unit written yet: no per-position figures)"))
     else:
         rows += [
             ("size", f"{info['bytes_total']:,} B"),
@@ -244,6 +248,18 @@ def cache_info(
     for key, value in rows:
         table.add_row(key, str(value))
     Console().print(table)
+
+
+def describe_status(info: dict) -> str:
+    meta = info["meta"]
+    if meta.build.status == "complete":
+        return "complete"
+    if info["units_written"] is None:
+        return "unfinished: this location gives no listing, so the units written are unknown"
+    return (
+        f"unfinished: {info['units_written']}/{info['units_total']} units written ({info['positions_written']:,} of "
+        f"{meta.layout.num_positions:,} positions); per-position figures over the written positions"
+    )
 
 
 def describe_encoding(encoding) -> str:

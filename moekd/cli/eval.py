@@ -51,7 +51,12 @@ def eval_command(
         help="Also the exact KL(teacher || model) on the reference responses, the teacher routed natively (implies --nll).",
     ),
     policy: str | None = typer.Option(
-        None, help="Route the evaluated MoE model by a policy (topk, all, ka, topp, mc) for generation and scoring."
+        None,
+        help="Route the evaluated MoE model by a policy (topk, all, ka, topp, mc, sar) for generation and scoring; sar: all experts under the routers of --router.",
+    ),
+    router: Path | None = typer.Option(
+        None,
+        help="--policy sar: the router file of `moekd sar train --out` for this --model (checked against it), loaded into its routers.",
     ),
     experts: int | None = typer.Option(None, help="--policy topk: activate the K experts with the largest gates."),
     ka_lambda: float | None = typer.Option(
@@ -69,6 +74,8 @@ def eval_command(
 
     Example: moekd eval --model runs/student --data data/synth/test.jsonl --seeds 10,20 --max-new-tokens 64 --json eval.json
     Teacher-forced only: moekd eval --model runs/student --data test.jsonl --no-rouge --teacher runs/teacher/final
+
+    The teacher under a SAR router: moekd eval --model ./teacher --data test.jsonl --policy sar --router router.safetensors
     """
     from rich.table import Table
 
@@ -106,6 +113,7 @@ def eval_command(
         policy=chosen,
         routing_seed=routing_seed,
         max_len=max_len,
+        router=router,
     )
     title = (
         f"{model}: ROUGE-L (x100, mean ± std over {len(seed_list)} seeds)"

@@ -9,7 +9,8 @@ Beside it, on request, the deterministic teacher-forced scores of likelihood.py 
 reference of each record: response NLL and the exact KL from a reference teacher. `policy`
 routes the evaluated model's MoE layers by a routing policy (cache_builder/policies.py) for all
 of it, e.g. a teacher with `--policy topk --experts 4`; stochastic policies draw per record from
-derive_seed(routing_seed, data row, 0).
+derive_seed(routing_seed, data row, 0). `--policy sar` first loads the router file `router`
+into the model's routers, checked against it, as `cache build --policy sar --router` does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekd.cache_builder.policies import derive_seed
+from moekd.cache_builder.policies import check_router_flag, derive_seed
 from moekd.data.prompts import format_prompt, prompt_ids, tokenize_records
 from moekd.data.records import Record, detect_fields, read_rows, row_problem
 from moekd.data.tokenizer import tokenizer_fingerprint
@@ -29,7 +30,8 @@ from moekd.errors import MoekdError
 from moekd.eval.generate import SAMPLING, generate_responses, load_model
 from moekd.eval.likelihood import response_scores
 from moekd.eval.rouge import rouge_l
-from moekd.models import output_vocab_size
+from moekd.models import checkpoint_sha256, output_vocab_size
+from moekd.sar.router_file import load_router_file, read_router_file
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 
@@ -115,9 +117,12 @@ def evaluate(
     policy=None,
     routing_seed: int = 0,
     max_len: int = 512,
+    router: str | Path | None = None,
 ) -> EvalReport:
     """ROUGE-L of `model_dir`'s sampled responses on each dataset, per seed and as mean/std over seeds;
-    with `nll` its teacher-forced response NLL, with `teacher` also the exact KL from that teacher."""
+    with `nll` its teacher-forced response NLL, with `teacher` also the exact KL from that teacher.
+    `router`: the router file of `policy` sar (`moekd sar train --out`), loaded into the model's routers."""
+    check_router_flag(policy.name if policy is not None else None, router)
     for flag, value in (
         ("--max-new-tokens", max_new_tokens),
         ("--max-prompt-len", max_prompt_len),
@@ -134,7 +139,10 @@ def evaluate(
     if not data_paths:
         raise MoekdError("--data: give at least one data file")
     datasets = {str(path): load_eval_examples(path, limit) for path in data_paths}  # read all before the slow part
+    if router is not None:
+        read_router_file(router)  # a missing or damaged file is refused before the model loads
     model, tokenizer = load_model(model_dir, device)
+    loaded_router = load_router_file(model, router, str(model_dir), checkpoint_sha256(model_dir)) if router else None
     rows = output_vocab_size(model)
     routing = _routing(model, policy)
     reference = _reference_teacher(teacher, device, model, tokenizer) if teacher else None
@@ -225,6 +233,7 @@ def evaluate(
         "max_len": max_len,
         "teacher": str(teacher) if teacher else None,
         "policy": None if policy is None else {"name": policy.name, "params": policy.describe(), "seed": routing_seed},
+        "router": None if loaded_router is None else {"path": loaded_router.path, "sha256": loaded_router.sha256},
     }
     return EvalReport(str(model_dir), settings, scores, generations)
 

@@ -156,6 +156,11 @@ def plan_units(num_positions: int, positions_per_shard: int) -> list[Unit]:
     return [Unit(i, s, min(s + positions_per_shard, num_positions)) for i, s in enumerate(starts)]
 
 
+def unit_marker(unit: Unit) -> str:
+    """Path, inside the store, of the marker that commits `unit` during a build."""
+    return f"{BUILD_DIR}/units/{unit.index:06d}.json"
+
+
 def examples_overlapping(position_offsets: np.ndarray, unit: Unit) -> range:
     """Indices of the examples with at least one stored position inside `unit`."""
     first = int(np.searchsorted(position_offsets, unit.start, side="right")) - 1

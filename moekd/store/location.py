@@ -109,3 +109,12 @@ def can_list(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether listing this filesystem tells what files exist (HTTP servers give no listings)."""
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return not {"http", "https"} & set(protocols)
+
+
+def list_files(fs, root: str) -> dict[str, int]:
+    """Relative path -> size of every file under `root` (for filesystems that can list)."""
+    found = {}
+    for path, info in fs.find(root, detail=True).items():
+        if info.get("type", "file") == "file":
+            found[path[len(root) :].lstrip("/")] = info.get("size", 0)
+    return found

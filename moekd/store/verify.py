@@ -1,4 +1,4 @@
-"""Checking a store end to end (`moekd cache verify`) and summarising it (`moekd cache info`).
+"""Checking a store end to end (`moekd cache verify`).
 
 Works on local paths, packed .zip stores and fsspec URLs alike: files are read through fsspec
 (only those the manifest names: no directory listing is needed), arrays through zarr.
@@ -18,7 +18,7 @@ from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import HiddenEncoding, SampledEncoding, TopkEncoding
 from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META, VOCAB_ROWS_PER_CHUNK
-from moekd.store.location import can_list, file_path, open_files, open_group
+from moekd.store.location import can_list, file_path, list_files, open_files, open_group
 from moekd.store.reader import decode_teacher, teacher_arrays
 
 
@@ -35,7 +35,7 @@ class VerifyReport:
         return not self.problems
 
 
-def _read_root(fs, root: str, location: str) -> dict:
+def read_root(fs, root: str, location: str) -> dict:
     """The root metadata's `moekd` attribute; MoekdError when it is missing or torn."""
     try:
         raw = fs.cat_file(file_path(root, ROOT_META))
@@ -64,7 +64,7 @@ def verify_store(location: str, deep: bool = False, storage_options: dict | None
     report = VerifyReport(location, deep)
     fs, root = open_files(location, storage_options)
     try:
-        meta = parse_metadata(_read_root(fs, root, location), location)
+        meta = parse_metadata(read_root(fs, root, location), location)
     except MoekdError as e:
         report.problems.append(str(e).removeprefix(f"cache {location}: "))
         return report
@@ -94,7 +94,7 @@ def verify_store(location: str, deep: bool = False, storage_options: dict | None
         elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
             report.problems.append(f"{rel}: checksum mismatch (corrupted)")
     if can_list(fs):
-        for rel in sorted(set(_listing(fs, root)) - set(listed) - {ROOT_META, MANIFEST}):
+        for rel in sorted(set(list_files(fs, root)) - set(listed) - {ROOT_META, MANIFEST}):
             if not rel.startswith(BUILD_DIR + "/"):
                 report.problems.append(f"{rel}: not in the manifest (unexpected file)")
     if report.problems:
@@ -110,15 +110,6 @@ def verify_store(location: str, deep: bool = False, storage_options: dict | None
     if not report.problems and deep:
         _check_values(group, meta, report)
     return report
-
-
-def _listing(fs, root: str) -> dict[str, int]:
-    """Relative path -> size of every file under `root` (for filesystems that can list)."""
-    found = {}
-    for path, info in fs.find(root, detail=True).items():
-        if info.get("type", "file") == "file":
-            found[path[len(root) :].lstrip("/")] = info.get("size", 0)
-    return found
 
 
 def _check_values(group, meta, report: VerifyReport) -> None:
@@ -239,55 +230,3 @@ def _check_gates(group, gates, start: int, stop: int, where: str, report: Verify
     # float16 probabilities: each carries a relative error below 2^-11
     if np.any(probs < 0) or np.any(np.abs(mass - 1) > 2e-3 * probs.shape[-1] ** 0.5 + 1e-3):
         report.problems.append(f"{where}: gate distributions are not probability distributions")
-
-
-def store_info(location: str, storage_options: dict | None = None) -> dict:
-    """Metadata summary and sizes of a store (complete or not).
-
-    Sizes come from the manifest of a complete store; an unfinished one has none, so they are
-    taken from a listing where the filesystem gives one (None otherwise, e.g. over HTTP).
-    """
-    fs, root = open_files(location, storage_options)
-    meta = parse_metadata(_read_root(fs, root, location), location)
-    sizes = None
-    if meta.build.status == "complete":
-        manifest = read_manifest(fs, root, meta)
-        if manifest is None:
-            raise MoekdError(
-                f"cache {location}: {MANIFEST} does not match the metadata's checksum; run `moekd cache verify`"
-            )
-        sizes = {rel: entry["size"] for rel, entry in manifest["files"].items()}
-    elif can_list(fs):
-        sizes = {rel: size for rel, size in _listing(fs, root).items() if not rel.startswith(BUILD_DIR + "/")}
-    info = {
-        "meta": meta,
-        "bytes_total": None,
-        "bytes_per_array": {},
-        "bytes_per_position": None,
-        "distribution_bytes_per_position_sample": None,
-        "output_layer_bytes": None,
-        "gate_bytes_per_position_sample": None,
-    }
-    if sizes is None:
-        return info
-    arrays: dict[str, int] = {}
-    for rel, size in sizes.items():
-        top = rel.split("/")[0]
-        if top in meta.layout.arrays:
-            arrays[top] = arrays.get(top, 0) + size
-    total = sum(sizes.values())
-    positions = meta.layout.num_positions
-    position_samples = max(positions * meta.layout.num_samples, 1)
-    gates = meta.gates.arrays if meta.gates else []
-    info.update(
-        {
-            "bytes_total": total,
-            "bytes_per_array": dict(sorted(arrays.items())),
-            "bytes_per_position": total / max(positions, 1),
-            "distribution_bytes_per_position_sample": sum(arrays.get(name, 0) for name in teacher_arrays(meta.encoding))
-            / position_samples,
-            "output_layer_bytes": arrays.get("output_layer", 0),
-            "gate_bytes_per_position_sample": sum(arrays.get(name, 0) for name in gates) / position_samples,
-        }
-    )
-    return info

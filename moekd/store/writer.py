@@ -38,7 +38,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import CacheMetadata
-from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META, Unit, chunking, plan_units, position_arrays
+from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META, Unit, chunking, plan_units, position_arrays, unit_marker
 
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
 
@@ -305,7 +305,7 @@ class CacheWriter:
         return json.loads((self.build_dir / "split.json").read_text())["shards"]
 
     def _marker(self, unit: Unit) -> Path:
-        return self.build_dir / "units" / f"{unit.index:06d}.json"
+        return self.path / unit_marker(unit)
 
     def read_unit(self, unit: Unit) -> dict[str, np.ndarray]:
         group = zarr.open_group(str(self.path), mode="r")
