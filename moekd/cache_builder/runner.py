@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from moekd.cache_builder.policies import derive_seed
+from moekd.encodings.gates import encode_gates
 from moekd.errors import MoekdError
 from moekd.schemas.cache import ArraySpec
 from moekd.store.layout import Unit, examples_overlapping
@@ -123,17 +124,3 @@ class UnitRunner:
         if self.gate_r:
             arrays.update(encode_gates(gates[lo:hi], self.gate_r))
         return arrays
-
-
-def encode_gates(gates: np.ndarray, r: int) -> dict[str, np.ndarray]:
-    """Gate distributions [..., N] as stored: all of them, or the r largest (ids, probs) and the rest mass."""
-    if r == gates.shape[-1]:
-        return {"gate_probs": gates.astype(np.float16)}
-    order = np.argsort(-gates, axis=-1, kind="stable")[..., :r]
-    top = np.take_along_axis(gates, order, axis=-1)
-    rest = np.clip(1.0 - top.astype(np.float64).sum(-1), 0.0, 1.0)
-    return {
-        "gate_ids": order.astype(np.uint16),
-        "gate_probs": top.astype(np.float16),
-        "gate_rest": rest.astype(np.float32),
-    }
