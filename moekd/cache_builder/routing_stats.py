@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekd.cache_builder.policies import RoutingPolicy, derive_seed
+from moekd.cache_builder.policies import RoutingPolicy
 from moekd.cache_builder.routing import RouterController
 from moekd.data.prompts import TokenizedExample
 from moekd.errors import MoekdError
@@ -36,6 +36,7 @@ from moekd.sar.router_file import (
     router_gate_parameters,
     swapped_routers,
 )
+from moekd.seeds import derive_seed
 
 
 @dataclass

@@ -7,10 +7,10 @@ import inspect
 import numpy as np
 import torch
 
-from moekd.cache_builder.policies import derive_seed
 from moekd.encodings.gates import encode_gates
 from moekd.errors import MoekdError
 from moekd.schemas.cache import ArraySpec
+from moekd.seeds import derive_seed
 from moekd.store.layout import Unit, examples_overlapping
 from moekd.store.writer import ExampleTables
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moekd.cache_builder.policies import token_uniforms
 from moekd.encodings.base import PER_SAMPLE, Encoder, Encoding, SparseDistribution
 from moekd.errors import MoekdError
 from moekd.schemas.cache import ArraySpec, SampledEncoding
+from moekd.seeds import token_uniforms
 
 DEFAULT_DRAWS = 32
 SAMPLING_ROWS = 128  # positions per float64 cumulative distribution

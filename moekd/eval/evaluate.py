@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from moekd.cache_builder.policies import derive_seed
 from moekd.data.prompts import format_prompt, prompt_ids, tokenize_records
 from moekd.data.records import Record, detect_fields, read_rows, row_problem
 from moekd.data.tokenizer import tokenizer_fingerprint
@@ -30,6 +29,7 @@ from moekd.eval.generate import SAMPLING, generate_responses, load_model
 from moekd.eval.likelihood import response_scores
 from moekd.eval.rouge import rouge_l
 from moekd.models import output_vocab_size
+from moekd.seeds import derive_seed
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 
