@@ -7,6 +7,7 @@ import inspect
 import numpy as np
 import torch
 
+from moekd.data.batches import longest_first, pack, response_positions, right_pad
 from moekd.encodings.gates import encode_gates
 from moekd.errors import MoekdError
 from moekd.schemas.cache import ArraySpec
@@ -17,31 +18,15 @@ from moekd.store.writer import ExampleTables
 
 def length_batches(indices, lengths: np.ndarray, batch_tokens: int) -> list[list[int]]:
     """Examples grouped longest first so that rows x longest row stays within `batch_tokens`."""
-    order = sorted(indices, key=lambda i: (-lengths[i], i))
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    return pack(longest_first(indices, lengths), lengths, batch_tokens)
 
 
 def pad_batch(tables: ExampleTables, batch: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, target mask) [B, longest] of the examples in `batch`;
     the target mask marks the positions whose distributions the store keeps."""
-    lengths = [int(tables.token_offsets[e + 1] - tables.token_offsets[e]) for e in batch]
-    width = max(lengths)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    targets = torch.zeros((len(batch), width), dtype=torch.bool)
-    for row, (e, n) in enumerate(zip(batch, lengths)):
-        input_ids[row, :n] = torch.from_numpy(tables.input_ids[tables.token_offsets[e] : tables.token_offsets[e + 1]])
-        attention[row, :n] = 1
-        targets[row, int(tables.prompt_len[e]) - 1 : n - 1] = True
-    return input_ids, attention, targets
+    sequences = [tables.input_ids[tables.token_offsets[e] : tables.token_offsets[e + 1]] for e in batch]
+    targets = [response_positions(int(tables.prompt_len[e]), len(s)) for e, s in zip(batch, sequences)]
+    return right_pad(sequences, pad_id, targets)
 
 
 class UnitRunner:

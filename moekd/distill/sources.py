@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from moekd.data.batches import response_positions
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_differences
@@ -84,7 +85,7 @@ class CacheSource:
             "position_counts": np.diff(self.position_offsets)[examples],
             # the store's alignment convention: positions prompt_len-1 .. L-2, each predicting the next token
             "target_positions": np.concatenate(
-                [np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]
+                [response_positions(self.prompt_len[e], self.lengths[e]) for e in examples]
             ),
             "teacher": self._teacher(decode_teacher(self.encoding, arrays)),  # [P, M, ...] arrays
         }

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moekd.data.batches import response_positions
 from moekd.encodings import decode_teacher, encoding_of, teacher_arrays
 from moekd.encodings.gates import gate_problems
 from moekd.errors import MoekdError
@@ -131,7 +132,7 @@ def _check_values(group, meta, report: VerifyReport) -> None:
         report.problems.append("example_position_offsets: not increasing from 0 to num_positions")
     if report.problems:
         return
-    expected_positions = np.concatenate([np.arange(p - 1, n - 1) for p, n in zip(prompt_len, lengths)])
+    expected_positions = np.concatenate([response_positions(p, n) for p, n in zip(prompt_len, lengths)])
     vocab = meta.teacher.vocab_size
     if np.any(group["input_ids"][:] >= meta.tokenizer.size) or np.any(group["input_ids"][:] < 0):
         report.problems.append("input_ids: ids outside the tokenizer's range")
