@@ -42,10 +42,11 @@ from rich.console import Console
 
 from moekd import CacheReader
 from moekd.cache_builder.build import BuildOptions, build_cache
+from moekd.data.batches import pack
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.demo import DEFAULT_PLAN, QUICK_PLAN, prepare_teacher
-from moekd.distill.loader import BatchDataset, pack
+from moekd.distill.loader import BatchDataset
 from moekd.distill.losses import dense_kd_loss, exact_losses_, sparse_kd_loss
 from moekd.distill.losses import teacher_logprobs as exact_logprobs
 from moekd.distill.objective import batch_loss

@@ -30,7 +30,7 @@ import zarr
 
 from moekd import CacheReader
 from moekd.cache_builder.build import BuildOptions, build_cache
-from moekd.encoding import NEG_INF_STEP, encode_logprobs, encode_topk
+from moekd.encodings.topk import NEG_INF_STEP, encode_logprobs, encode_topk
 from moekd.store.writer import COMPRESSORS
 
 DEMO = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"

@@ -16,7 +16,7 @@ import torch
 
 from moekd import CacheReader
 from moekd.cache_builder.build import BuildOptions, build_cache
-from moekd.encoding import MAX_ABS_ERROR
+from moekd.encodings.topk import MAX_ABS_ERROR
 from moekd.errors import MoekdError
 from moekd.store.layout import BUILD_DIR
 

@@ -6,11 +6,11 @@ import torch
 
 from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
-from moekd.cache_builder.policies import derive_seed, make_policy
+from moekd.cache_builder.policies import make_policy
 from moekd.cache_builder.routing import RouterController
-from moekd.cache_builder.sparsify import sparse_next_token
-from moekd.encoding import decode_topk, encode_topk
+from moekd.encodings.topk import decode_topk, encode_topk, sparse_next_token
 from moekd.errors import MoekdError
+from moekd.seeds import derive_seed
 from moekd.store.verify import verify_store
 from tests.test_cache_build import options
 

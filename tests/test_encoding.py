@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from moekd.encoding import MAX_ABS_ERROR, MAX_GAP, MAX_STEPS, decode_logprobs, decode_topk, encode_logprobs, encode_topk
+from moekd.encodings.topk import (
+    MAX_ABS_ERROR,
+    MAX_GAP,
+    MAX_STEPS,
+    decode_logprobs,
+    decode_topk,
+    encode_logprobs,
+    encode_topk,
+)
 
 
 def _sorted_logprobs(rng, rows, vocab, k):

@@ -10,8 +10,9 @@ import torch
 
 from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
-from moekd.cache_builder.sparsify import SampledEncoder, draw_tokens, encoding_flags
-from moekd.encoding import FP8_MAX, HIDDEN_RELATIVE_ERROR, decode_hidden, encode_hidden, sampled_estimate
+from moekd.encodings import check_flags
+from moekd.encodings.hidden import FP8_MAX, HIDDEN_RELATIVE_ERROR, decode_hidden, encode_hidden
+from moekd.encodings.sampled import SampledEncoder, draw_tokens, sampled_estimate
 from moekd.errors import MoekdError
 from moekd.store.info import store_info
 from moekd.store.verify import verify_store
@@ -273,9 +274,8 @@ def test_hidden_refuses_a_model_that_changes_its_logits_after_the_output_layer(
     ],
 )
 def test_encoding_flags_are_checked(encoding, flags, message):
-    given = dict(k=None, draws=None, proposal_temp=None, hidden_dtype=None)
     with pytest.raises(MoekdError, match=message):
-        encoding_flags(encoding, **{**given, **flags})
+        check_flags(encoding, flags)
 
 
 def test_resume_refuses_another_encoding(make_teacher, data_file, tmp_path):
@@ -286,8 +286,10 @@ def test_resume_refuses_another_encoding(make_teacher, data_file, tmp_path):
 
 
 def test_verify_deep_checks_the_sampled_invariants():
-    from moekd.cache_builder.sparsify import SampledEncoder
-    from moekd.store.verify import _check_sampled
+    from moekd.encodings.sampled import SAMPLED, SampledEncoder
+
+    def _check_sampled(info, raw, decoded, vocab):
+        return SAMPLED.value_problems(info, raw, decoded, vocab)
 
     encoder = SampledEncoder(8, 0.8, 50)
     raw = encoder.encode(zipf_logits(50, 20), torch.arange(20), torch.arange(20))

@@ -7,16 +7,10 @@ import torch
 from torch import nn
 from transformers.utils.output_capturing import OutputRecorder
 
-from moekd.cache_builder.policies import (
-    KnowledgeAugmentation,
-    MonteCarloRouting,
-    derive_seed,
-    make_policy,
-    mix64,
-    token_uniforms,
-)
+from moekd.cache_builder.policies import KnowledgeAugmentation, MonteCarloRouting, make_policy
 from moekd.cache_builder.routing import RouterController
 from moekd.errors import MoekdError
+from moekd.seeds import derive_seed, mix64, token_uniforms
 from moekd.tiny_models import MOE_FAMILIES
 
 SOFTMAX_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")

@@ -27,11 +27,11 @@ from moekd.cache_builder.metadata import describe_store, resume_settings
 from moekd.cache_builder.policies import check_router_flag, make_policy
 from moekd.cache_builder.routing import RouterController
 from moekd.cache_builder.runner import UnitRunner
-from moekd.cache_builder.sparsify import encoding_flags, make_encoder
 from moekd.cache_builder.split import parse_shard, split_units
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.distributed import Ranks
+from moekd.encodings import ENCODINGS, check_flags
 from moekd.errors import MoekdError
 from moekd.models import (
     check_tokenizer_fits,
@@ -56,7 +56,7 @@ class BuildOptions:
     policy_params: dict = field(default_factory=dict)
     encoding: str = "topk"
     k: int | None = None  # topk: ids per position and sample (default 64)
-    logprob_scale: float | None = None  # topk: log-prob steps per nat (default moekd.encoding.TOPK_SCALE)
+    logprob_scale: float | None = None  # topk: log-prob steps per nat (default moekd.encodings.topk.TOPK_SCALE)
     draws: int | None = None  # sampled: draws per position and sample (default 32)
     proposal_temp: float | None = None  # sampled: proposal temperature t (default 1)
     hidden_dtype: str | None = None  # hidden: bf16 (default), fp8 or fp32
@@ -105,8 +105,9 @@ class BuildSummary:
 
 
 def _check_options(o: BuildOptions) -> dict:
-    """The checked options; returns the encoding's flags with their defaults (sparsify.encoding_flags)."""
-    flags = encoding_flags(o.encoding, o.k, o.draws, o.proposal_temp, o.hidden_dtype, o.logprob_scale)
+    """The checked options; returns the encoding's flags with their defaults (encodings.check_flags)."""
+    given = {"k": o.k, "logprob_scale": o.logprob_scale, "draws": o.draws, "proposal_temp": o.proposal_temp}
+    flags = check_flags(o.encoding, {**given, "hidden_dtype": o.hidden_dtype})
     if o.batch_tokens < 1:
         raise MoekdError(f"--batch-tokens must be positive, got {o.batch_tokens}")
     if o.positions_per_shard < 1 or o.positions_per_shard % min(POSITIONS_PER_CHUNK, o.positions_per_shard):
@@ -234,7 +235,7 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
     check_tokenizer_fits(tokenizer, model, tokenizer_flag)
     router = load_router_file(model, o.router, o.teacher, weights_sha256) if o.router else None
     vocab = output_vocab_size(model)
-    encoder = make_encoder(o.encoding, flags, model, vocab)
+    encoder = ENCODINGS[o.encoding].encoder(flags, model, vocab)
     controller = RouterController(model, policy, capture_gates=o.router_probs != "none")
     gate_r = gate_experts_kept(o.router_probs, controller.num_experts)
     meta = describe_store(

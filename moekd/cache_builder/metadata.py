@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 import torch
 
 from moekd import __version__
-from moekd.cache_builder.policies import SEED_DERIVATION
 from moekd.data.tokenizer import tokenizer_fingerprint
+from moekd.encodings.gates import gate_specs
 from moekd.models import output_vocab_size
 from moekd.schemas.cache import (
     BuildInfo,
@@ -22,7 +22,8 @@ from moekd.schemas.cache import (
     TokenizerInfo,
 )
 from moekd.schemas.router import RouterFileRef
-from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs, gate_specs
+from moekd.seeds import SEED_DERIVATION
+from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs
 from moekd.store.writer import ExampleTables, hash_arrays
 
 GATE_DEFINITION = (

@@ -18,9 +18,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from moekd.cache_builder.policies import NativeTopK, RoutingPolicy, token_uniforms
+from moekd.cache_builder.policies import NativeTopK, RoutingPolicy
 from moekd.errors import MoekdError
 from moekd.routers import find_routers, recognise_routers
+from moekd.seeds import token_uniforms
 
 
 class RouterController:

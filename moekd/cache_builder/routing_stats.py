@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekd.cache_builder.policies import RoutingPolicy, derive_seed
+from moekd.cache_builder.policies import RoutingPolicy
 from moekd.cache_builder.routing import RouterController
+from moekd.data.batches import right_pad
 from moekd.data.prompts import TokenizedExample
 from moekd.errors import MoekdError
 from moekd.sar.router_file import (
@@ -36,6 +37,7 @@ from moekd.sar.router_file import (
     router_gate_parameters,
     swapped_routers,
 )
+from moekd.seeds import derive_seed
 
 
 @dataclass
@@ -157,16 +159,8 @@ def _check_scope(scope: str) -> None:
 
 def _pad_batch(batch: list[TokenizedExample], pad_token_id: int, scope: str):
     """Right-padded input ids, attention mask and the bool [B, L] mask of counted tokens."""
-    width = max(len(ex.input_ids) for ex in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    counted = torch.zeros((len(batch), width), dtype=torch.bool)
-    for row, ex in enumerate(batch):
-        ids[row, : len(ex.input_ids)] = torch.from_numpy(ex.input_ids.astype(np.int64))
-        mask[row, : len(ex.input_ids)] = 1
-        positions = ex.target_positions if scope == "response" else np.arange(len(ex.input_ids))
-        counted[row, torch.from_numpy(positions.astype(np.int64))] = True
-    return ids, mask, counted
+    positions = [ex.target_positions if scope == "response" else np.arange(len(ex.input_ids)) for ex in batch]
+    return right_pad([ex.input_ids for ex in batch], pad_token_id, positions)
 
 
 def routing_stats_for_files(

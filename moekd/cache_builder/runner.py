@@ -7,40 +7,26 @@ import inspect
 import numpy as np
 import torch
 
-from moekd.cache_builder.policies import derive_seed
+from moekd.data.batches import longest_first, pack, response_positions, right_pad
+from moekd.encodings.gates import encode_gates
 from moekd.errors import MoekdError
 from moekd.schemas.cache import ArraySpec
+from moekd.seeds import derive_seed
 from moekd.store.layout import Unit, examples_overlapping
 from moekd.store.writer import ExampleTables
 
 
 def length_batches(indices, lengths: np.ndarray, batch_tokens: int) -> list[list[int]]:
     """Examples grouped longest first so that rows x longest row stays within `batch_tokens`."""
-    order = sorted(indices, key=lambda i: (-lengths[i], i))
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+    return pack(longest_first(indices, lengths), lengths, batch_tokens)
 
 
 def pad_batch(tables: ExampleTables, batch: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask, target mask) [B, longest] of the examples in `batch`;
     the target mask marks the positions whose distributions the store keeps."""
-    lengths = [int(tables.token_offsets[e + 1] - tables.token_offsets[e]) for e in batch]
-    width = max(lengths)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    targets = torch.zeros((len(batch), width), dtype=torch.bool)
-    for row, (e, n) in enumerate(zip(batch, lengths)):
-        input_ids[row, :n] = torch.from_numpy(tables.input_ids[tables.token_offsets[e] : tables.token_offsets[e + 1]])
-        attention[row, :n] = 1
-        targets[row, int(tables.prompt_len[e]) - 1 : n - 1] = True
-    return input_ids, attention, targets
+    sequences = [tables.input_ids[tables.token_offsets[e] : tables.token_offsets[e + 1]] for e in batch]
+    targets = [response_positions(int(tables.prompt_len[e]), len(s)) for e, s in zip(batch, sequences)]
+    return right_pad(sequences, pad_id, targets)
 
 
 class UnitRunner:
@@ -123,17 +109,3 @@ class UnitRunner:
         if self.gate_r:
             arrays.update(encode_gates(gates[lo:hi], self.gate_r))
         return arrays
-
-
-def encode_gates(gates: np.ndarray, r: int) -> dict[str, np.ndarray]:
-    """Gate distributions [..., N] as stored: all of them, or the r largest (ids, probs) and the rest mass."""
-    if r == gates.shape[-1]:
-        return {"gate_probs": gates.astype(np.float16)}
-    order = np.argsort(-gates, axis=-1, kind="stable")[..., :r]
-    top = np.take_along_axis(gates, order, axis=-1)
-    rest = np.clip(1.0 - top.astype(np.float64).sum(-1), 0.0, 1.0)
-    return {
-        "gate_ids": order.astype(np.uint16),
-        "gate_probs": top.astype(np.float16),
-        "gate_rest": rest.astype(np.float32),
-    }

@@ -263,17 +263,9 @@ def describe_status(info: dict) -> str:
 
 
 def describe_encoding(encoding) -> str:
-    if encoding.kind == "topk_tail":
-        return (
-            f"topk: top-{encoding.k} + tail, {encoding.logprob_codec} (max error {encoding.max_abs_error_nats:.5f} nat)"
-        )
-    if encoding.kind == "sampled":
-        weights = ", importance weights stored" if encoding.importance_weights else ""
-        return f"sampled: {encoding.draws} draws from p^{encoding.proposal_temp:g}, unique ids + counts{weights}"
-    return (
-        f"hidden: {encoding.hidden_dtype} hidden states (d = {encoding.hidden_size}) + output layer "
-        f"({encoding.output_layer_dtype}, sha256 {encoding.output_layer_sha256[:12]})"
-    )
+    from moekd.encodings import encoding_of
+
+    return encoding_of(encoding).describe(encoding)
 
 
 @cache_app.command("verify")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moekd.data.batches import response_positions
 from moekd.data.records import Record
 from moekd.errors import MoekdError
 
@@ -49,7 +50,7 @@ class TokenizedExample:
     @property
     def target_positions(self) -> np.ndarray:
         """Positions whose next token is a response token (position t predicts token t+1)."""
-        return np.arange(self.prompt_len - 1, len(self.input_ids) - 1, dtype=np.int32)
+        return response_positions(self.prompt_len, len(self.input_ids)).astype(np.int32)
 
 
 @dataclass

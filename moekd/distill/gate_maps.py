@@ -28,6 +28,7 @@ import re
 import numpy as np
 import torch
 
+from moekd.encodings.gates import dense_gates
 from moekd.errors import MoekdError
 
 EXPERT_MAPS = ("group", "stride")
@@ -81,17 +82,6 @@ def expert_map(kind: str, teacher_experts: int, student_experts: int) -> torch.T
     for j in range(student_experts):
         matrix[starts[j] : starts[j + 1] if kind == "group" else starts[j] + 1, j] = 1.0
     return matrix
-
-
-def dense_gates(arrays: dict[str, torch.Tensor], num_experts: int) -> torch.Tensor:
-    """float32 [..., N_T] gate distributions from stored `gate_probs` (full) or `gate_ids`/`gate_probs`/`gate_rest` (top-R)."""
-    probs = arrays["gate_probs"].float()
-    if "gate_ids" in arrays:
-        others = num_experts - probs.shape[-1]
-        spread = (arrays["gate_rest"].float() / others).unsqueeze(-1)
-        dense = spread.expand(*probs.shape[:-1], num_experts).clone()
-        probs = dense.scatter_(-1, arrays["gate_ids"].long(), probs)
-    return probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 class GateTargets:

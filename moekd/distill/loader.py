@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from moekd.data.batches import pack, right_pad
 from moekd.errors import MoekdError
 
 SPLIT_SEED = 0  # held-out examples are chosen independently of --seed, so runs compare on the same set
@@ -47,21 +48,6 @@ def held_out_split(num_examples: int, eval_fraction: float) -> tuple[np.ndarray,
     is_eval = np.zeros(num_examples, dtype=bool)
     is_eval[chosen] = True
     return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
-
-
-def pack(order: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> list[list[int]]:
-    """Consecutive examples of `order` grouped so that rows x longest row <= batch_tokens."""
-    batches, current, longest = [], [], 0
-    for i in order.tolist():
-        wider = max(longest, int(lengths[i]))
-        if current and (len(current) + 1) * wider > batch_tokens:
-            batches.append(current)
-            current, wider = [], int(lengths[i])
-        current.append(i)
-        longest = wider
-    if current:
-        batches.append(current)
-    return batches
 
 
 def plan_epoch(
@@ -142,14 +128,12 @@ class BatchDataset(Dataset):
             }
         data = self.source.read(examples)
         counts, positions = data["token_counts"], data["position_counts"]
-        width = int(counts.max())
-        input_ids = np.full((len(examples), width), self.pad_id, dtype=np.int64)
+        padded = right_pad(np.split(data["input_ids"], np.cumsum(counts)[:-1]), self.pad_id)[0]
+        input_ids, width = padded.numpy(), padded.shape[1]
         row_of_position = np.repeat(np.arange(len(examples)), positions)
-        for row, chunk in enumerate(np.split(data["input_ids"], np.cumsum(counts)[:-1])):
-            input_ids[row, : len(chunk)] = chunk
         t = data["target_positions"].astype(np.int64)
         batch = {
-            "input_ids": torch.from_numpy(input_ids),
+            "input_ids": padded,
             "lengths": torch.from_numpy(counts.astype(np.int64)),
             "rows": torch.from_numpy(row_of_position * width + t),
             "labels": torch.from_numpy(input_ids[row_of_position, t + 1]),

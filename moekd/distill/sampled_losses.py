@@ -2,7 +2,7 @@
 
 A sampled cache holds, per position and teacher sample, ids drawn from the teacher and weights
 w_i that make p_hat_i = w_i an unbiased estimate of the teacher p at those ids
-(moekd.encoding.sampled_estimate). A loss has an unbiased estimate from them when its
+(moekd.encodings.sampled.sampled_estimate). A loss has an unbiased estimate from them when its
 student-dependent part is linear in p: forward KL's cross-entropy H(p, q) = -sum_v p_v log q_v,
 estimated by -sum_i w_i log q_i. E[estimate] = KL(p || q) + H(p): its gradient is unbiased for
 the forward-KL gradient (the teacher entropy H(p) does not depend on the student), and its value

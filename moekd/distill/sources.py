@@ -17,15 +17,17 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from moekd.data.batches import response_positions
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_differences
 from moekd.distill.options import TrainOptions
 from moekd.distill.sampled_losses import SAMPLED_BIASED
-from moekd.encoding import estimable_temperature, sampled_estimate
+from moekd.encodings import decode_teacher, encoding_of, teacher_arrays
+from moekd.encodings.sampled import estimable_temperature
 from moekd.errors import MoekdError
 from moekd.models import output_vocab_size
-from moekd.store.reader import CacheReader, decode_teacher, teacher_arrays
+from moekd.store.reader import CacheReader
 from moekd.store.verify import verify_store
 
 
@@ -83,7 +85,7 @@ class CacheSource:
             "position_counts": np.diff(self.position_offsets)[examples],
             # the store's alignment convention: positions prompt_len-1 .. L-2, each predicting the next token
             "target_positions": np.concatenate(
-                [np.arange(self.prompt_len[e] - 1, self.lengths[e] - 1) for e in examples]
+                [response_positions(self.prompt_len[e], self.lengths[e]) for e in examples]
             ),
             "teacher": self._teacher(decode_teacher(self.encoding, arrays)),  # [P, M, ...] arrays
         }
@@ -91,23 +93,12 @@ class CacheSource:
     def teacher_output_layer(self, device: torch.device) -> torch.Tensor | None:
         """A hidden cache's teacher output layer W [V, d] on `device` (its sha256 checked against the
         store's record), from which the loss computes the teacher's logits; None for other encodings."""
-        return self.reader.output_layer().to(device) if self.encoding.kind == "hidden" else None
+        return self.reader.output_layer().to(device) if encoding_of(self.encoding).id_array is None else None
 
     def _teacher(self, decoded: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """What the loss takes: the decoded arrays, or for sampled caches the ids and the unbiased
-        estimate of the teacher (at the training temperature) there."""
-        if self.encoding.kind != "sampled":
-            return decoded
-        e, stored = self.encoding, {name: torch.from_numpy(value) for name, value in decoded.items()}
-        weights = sampled_estimate(
-            stored["sampled_counts"],
-            e.draws,
-            e.proposal_temp,
-            stored.get("sampled_logprobs"),
-            stored.get("proposal_logz"),
-            self.temperature,
-        )
-        return {"sampled_ids": decoded["sampled_ids"], "sampled_weights": weights.numpy()}
+        """What the loss takes from the decoded arrays (for sampled caches: the ids and the unbiased
+        estimate of the teacher at the training temperature)."""
+        return encoding_of(self.encoding).training_targets(self.encoding, decoded, self.temperature)
 
 
 class TokenizedSource:
@@ -220,7 +211,7 @@ def check_vocabulary(model, source, student: str) -> None:
     teacher_vocab = reader.meta.teacher.vocab_size
     if vocab >= teacher_vocab:
         return
-    if reader.meta.encoding.kind == "hidden":
+    if encoding_of(reader.meta.encoding).id_array is None:  # hidden: the whole vocabulary
         raise MoekdError(
             f"--student {student}: its output layer has {vocab} entries, fewer than the teacher's {teacher_vocab}, "
             "over all of which a hidden-state cache gives the teacher's distribution; use a student whose "

@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 
 from moekd import __version__
+from moekd.data.batches import pack
 from moekd.distill.checkpoint import (
     FINAL,
     RUN_CONFIG,
@@ -34,7 +35,7 @@ from moekd.distill.checkpoint import (
     save_checkpoint,
     step_dir,
 )
-from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader, pack
+from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader
 from moekd.distill.metrics import MetricsLog, progress_bar
 from moekd.distill.objective import batch_loss, held_out_loss
 from moekd.distill.options import NOT_RECORDED, RUN_ONLY, TrainOptions, check_options

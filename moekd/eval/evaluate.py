@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moekd.cache_builder.policies import check_router_flag, derive_seed
+from moekd.cache_builder.policies import check_router_flag
 from moekd.data.prompts import format_prompt, prompt_ids, tokenize_records
 from moekd.data.records import Record, detect_fields, read_rows, row_problem
 from moekd.data.tokenizer import tokenizer_fingerprint
@@ -32,6 +32,7 @@ from moekd.eval.likelihood import response_scores
 from moekd.eval.rouge import rouge_l
 from moekd.models import checkpoint_sha256, output_vocab_size
 from moekd.sar.router_file import load_router_file, read_router_file
+from moekd.seeds import derive_seed
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 

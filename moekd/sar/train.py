@@ -38,6 +38,7 @@ from rich.console import Console
 from moekd import __version__
 from moekd.cache_builder.policies import AllExperts
 from moekd.cache_builder.routing import RouterController
+from moekd.data.batches import response_positions, right_pad
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_differences, tokenizer_fingerprint
@@ -114,15 +115,8 @@ def step_seed(seed: int, step: int) -> int:
 
 def pad_sequences(sequences: list[np.ndarray], prompt_lens: list[int], pad_id: int):
     """Right-padded input_ids, attention mask and response-position mask [B, longest]."""
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    targets = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, (seq, p) in enumerate(zip(sequences, prompt_lens)):
-        input_ids[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-        attention[row, : len(seq)] = 1
-        targets[row, p - 1 : len(seq) - 1] = True
-    return input_ids, attention, targets
+    targets = [response_positions(p, len(seq)) for seq, p in zip(sequences, prompt_lens)]
+    return right_pad(sequences, pad_id, targets)
 
 
 class _Checkpoint:

@@ -5,11 +5,11 @@ Works on local paths, packed .zip stores and fsspec URLs alike, like verify.py.
 
 from __future__ import annotations
 
+from moekd.encodings import teacher_arrays
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
 from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META, plan_units, unit_marker
 from moekd.store.location import can_list, list_files, open_files
-from moekd.store.reader import teacher_arrays
 from moekd.store.verify import read_manifest, read_root
 
 

@@ -6,7 +6,7 @@ A store is one Zarr v3 group holding flat arrays:
   `example_prompt_len` [E], `example_source_index` [E] (row of the source data);
 - per stored position p (response positions only, see the alignment convention):
   `target_positions` [P] (position inside its example), and per sample m the teacher's
-  distribution in the store's encoding (see moekd.encoding):
+  distribution in the store's encoding (see moekd.encodings):
   topk: `topk_ids` [P, M, k] (ascending, delta-coded), `topk_steps` [P, M, k], `tail_steps` [P, M]
   (schema 1.0 stores: `topk_ids`, `topk_gaps` [P, M, k], `top1_logprob`, `tail_logprob` [P, M]);
   sampled: `sampled_ids` [P, M, S], `sampled_counts` [P, M, S], with t != 1 also
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moekd.encoding import HIDDEN_STORED_DTYPE
-from moekd.schemas.cache import ArraySpec, EncodingInfo, HiddenEncoding, SampledEncoding, TopkEncoding
+from moekd.encodings import encoding_of
+from moekd.schemas.cache import ArraySpec, EncodingInfo
 
 POSITIONS_PER_CHUNK = 256
 POSITIONS_PER_SHARD = 65536
@@ -60,70 +60,9 @@ def array_specs(
         "example_source_index": ArraySpec(shape=[E], dtype="int64", dims=["example"]),
         "target_positions": ArraySpec(shape=[P], dtype="int32", dims=["position"]),
     }
-    specs.update(encoding_specs(encoding, P, samples, vocab_size))
+    specs.update(encoding_of(encoding).array_specs(encoding, P, samples, vocab_size))
     specs.update(extra or {})
     return specs
-
-
-def encoding_specs(encoding: EncodingInfo, num_positions: int, samples: int, vocab_size: int) -> dict[str, ArraySpec]:
-    """The arrays that hold the teacher's distributions in `encoding`."""
-    P, M = num_positions, samples
-    per_sample = ["position", "sample"]
-    if isinstance(encoding, TopkEncoding) and encoding.logprob_codec == "u16_gap_delta":  # schema 1.0
-        k = encoding.k
-        return {
-            "topk_ids": ArraySpec(shape=[P, M, k], dtype="int32", dims=[*per_sample, "rank"]),
-            "topk_gaps": ArraySpec(shape=[P, M, k], dtype="uint16", dims=[*per_sample, "rank"]),
-            "top1_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=per_sample),
-            "tail_logprob": ArraySpec(shape=[P, M], dtype="float32", dims=per_sample),
-        }
-    if isinstance(encoding, TopkEncoding):
-        k = encoding.k
-        return {
-            "topk_ids": ArraySpec(shape=[P, M, k], dtype="int32", dims=[*per_sample, "slot"]),
-            "topk_steps": ArraySpec(shape=[P, M, k], dtype="uint16", dims=[*per_sample, "slot"]),
-            "tail_steps": ArraySpec(shape=[P, M], dtype="uint16", dims=per_sample),
-        }
-    if isinstance(encoding, SampledEncoding):
-        S = encoding.width
-        specs = {
-            "sampled_ids": ArraySpec(shape=[P, M, S], dtype="int32", dims=[*per_sample, "slot"]),
-            "sampled_counts": ArraySpec(shape=[P, M, S], dtype=count_dtype(encoding.draws), dims=[*per_sample, "slot"]),
-        }
-        if encoding.importance_weights:
-            specs["sampled_logprobs"] = ArraySpec(shape=[P, M, S], dtype="float32", dims=[*per_sample, "slot"])
-            specs["proposal_logz"] = ArraySpec(shape=[P, M], dtype="float32", dims=per_sample)
-        return specs
-    assert isinstance(encoding, HiddenEncoding)
-    d = encoding.hidden_size
-    specs = {
-        "hidden_states": ArraySpec(
-            shape=[P, M, d], dtype=HIDDEN_STORED_DTYPE[encoding.hidden_dtype], dims=[*per_sample, "hidden"]
-        )
-    }
-    if encoding.hidden_dtype == "fp8":
-        specs["hidden_scale"] = ArraySpec(shape=[P, M], dtype="float32", dims=per_sample)
-    stored = {"bfloat16": "uint16"}.get(encoding.output_layer_dtype, encoding.output_layer_dtype)
-    specs["output_layer"] = ArraySpec(shape=[vocab_size, d], dtype=stored, dims=["vocab", "hidden"])
-    return specs
-
-
-def count_dtype(draws: int) -> str:
-    return "uint8" if draws <= np.iinfo(np.uint8).max else "uint16"
-
-
-def gate_specs(num_positions: int, samples: int, layers: int, num_experts: int, r: int) -> dict[str, ArraySpec]:
-    """Gate-distribution arrays: all N experts when r == N, else the r largest plus the rest mass."""
-    P, M, L = num_positions, samples, layers
-    if r == num_experts:
-        return {
-            "gate_probs": ArraySpec(shape=[P, M, L, r], dtype="float16", dims=["position", "sample", "layer", "expert"])
-        }
-    return {
-        "gate_ids": ArraySpec(shape=[P, M, L, r], dtype="uint16", dims=["position", "sample", "layer", "rank"]),
-        "gate_probs": ArraySpec(shape=[P, M, L, r], dtype="float16", dims=["position", "sample", "layer", "rank"]),
-        "gate_rest": ArraySpec(shape=[P, M, L], dtype="float32", dims=["position", "sample", "layer"]),
-    }
 
 
 def position_arrays(specs: dict[str, ArraySpec]) -> list[str]:

@@ -18,18 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekd.encoding import (
-    decode_hidden,
-    decode_logprobs,
-    decode_topk,
-    estimable_temperature,
-    sampled_estimate,
-    tensor_from_bits,
-)
+from moekd.encodings import SparseDistribution, decode_teacher, encoding_of, teacher_arrays
+from moekd.encodings.hidden import tensor_from_bits
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
-from moekd.schemas.cache import CacheMetadata, EncodingInfo, HiddenEncoding, SampledEncoding, TopkEncoding
-from moekd.store.layout import encoding_specs
+from moekd.schemas.cache import CacheMetadata, EncodingInfo
 from moekd.store.location import open_group
 
 
@@ -52,43 +45,6 @@ class CacheExample:
     # hidden stores
     hidden_states: np.ndarray | None = None  # float32 [P, M, d], decoded; logits = h @ output_layer.T
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # further position arrays (e.g. gates)
-
-
-@dataclass
-class SparseDistribution:
-    """Teacher probabilities of some token ids per position and sample: the exact values of a top-k
-    store, unbiased estimates from a sampled one."""
-
-    ids: np.ndarray  # int32 [P, M, S]
-    probs: np.ndarray  # float32 [P, M, S]; 0 in padding slots
-    rest: np.ndarray | None  # float32 [P, M]: mass outside `ids` (topk: the tail); None when unknown (sampled)
-    estimate: bool  # True: probs are unbiased estimates (E[probs] = p), not exact values
-
-
-def teacher_arrays(encoding: EncodingInfo) -> list[str]:
-    """Names of the position arrays that hold the teacher's distributions in `encoding`."""
-    return [name for name, spec in encoding_specs(encoding, 1, 1, 1).items() if spec.dims[0] == "position"]
-
-
-def decode_teacher(encoding: EncodingInfo, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The decoded teacher arrays (CacheExample's names) from the stored ones (`teacher_arrays`)."""
-    if isinstance(encoding, TopkEncoding) and encoding.logprob_codec == "u16_gap_delta":  # schema 1.0
-        return {
-            "topk_ids": raw["topk_ids"],
-            "topk_logprobs": decode_logprobs(raw["top1_logprob"], raw["topk_gaps"]),
-            "tail_logprob": raw["tail_logprob"],
-        }
-    if isinstance(encoding, TopkEncoding):
-        ids, logprobs, tail = decode_topk(raw["topk_ids"], raw["topk_steps"], raw["tail_steps"], encoding.scale)
-        return {"topk_ids": ids, "topk_logprobs": logprobs, "tail_logprob": tail}
-    if isinstance(encoding, SampledEncoding):
-        out = {"sampled_ids": raw["sampled_ids"], "sampled_counts": raw["sampled_counts"].astype(np.int32)}
-        if encoding.importance_weights:
-            out.update(sampled_logprobs=raw["sampled_logprobs"], proposal_logz=raw["proposal_logz"])
-        return out
-    return {
-        "hidden_states": decode_hidden(raw["hidden_states"], encoding.hidden_dtype, raw.get("hidden_scale")).numpy()
-    }
 
 
 class CacheReader:
@@ -141,21 +97,19 @@ class CacheReader:
 
     def largest_stored_id(self) -> int:
         """The largest teacher token id the stored distributions name (topk and sampled stores), shard by shard."""
-        name = {"topk_tail": "topk_ids", "sampled": "sampled_ids"}.get(self.encoding.kind)
-        if name is None:
+        encoding = encoding_of(self.encoding)
+        if encoding.id_array is None:
             raise MoekdError(f"cache {self.location}: a hidden store covers the whole vocabulary, it names no ids")
         step, largest = self.meta.layout.positions_per_shard, -1
         for start in range(0, self.num_positions, step):
-            ids = self.group[name][start : start + step]
-            if name == "topk_ids" and self.encoding.logprob_codec == "u16_steps_sorted_ids":
-                ids = ids.sum(axis=-1, dtype=np.int64)  # delta-coded ascending ids: the last one, per row
-            largest = max(largest, int(ids.max(initial=-1)))
+            ids = self.group[encoding.id_array][start : start + step]
+            largest = max(largest, encoding.largest_id(self.encoding, ids))
         return largest
 
     def output_layer(self) -> torch.Tensor:
         """The teacher's output layer W [V, d] in its own dtype (hidden stores): logits = h @ W.T. Refused
         unless its bytes have the sha256 the store recorded when it was built."""
-        if not isinstance(self.encoding, HiddenEncoding):
+        if self.encoding.kind != "hidden":
             raise MoekdError(
                 f"cache {self.location}: only --encoding hidden stores the output layer "
                 f"(this one is {self.encoding.kind})"
@@ -177,37 +131,8 @@ class CacheReader:
         sampled: the unbiased estimate (at T = 1, or T = 1/t for proposal temperature t; other
         temperatures have none). A hidden store keeps the full distribution, not a sparse one.
         """
-        d = self.read_positions(start, stop)
-        if isinstance(self.encoding, TopkEncoding):
-            buckets = np.concatenate([d["topk_logprobs"], d["tail_logprob"][..., None]], axis=-1).astype(np.float64)
-            tempered = torch.log_softmax(torch.from_numpy(buckets) / temperature, dim=-1).exp().numpy()
-            return SparseDistribution(
-                d["topk_ids"],
-                tempered[..., :-1].astype(np.float32),
-                tempered[..., -1].astype(np.float32),
-                estimate=False,
-            )
-        if isinstance(self.encoding, SampledEncoding):
-            e = self.encoding
-            if estimable_temperature(temperature, e.proposal_temp) is None:
-                raise MoekdError(
-                    f"cache {self.location}: draws from p^{e.proposal_temp:g} estimate the teacher without "
-                    f"bias at temperature 1 or {1 / e.proposal_temp:g} only, not {temperature:g}"
-                )
-            weights = {name: torch.from_numpy(d[name]) for name in ("sampled_logprobs", "proposal_logz") if name in d}
-            probs = sampled_estimate(
-                torch.from_numpy(d["sampled_counts"]),
-                e.draws,
-                e.proposal_temp,
-                weights.get("sampled_logprobs"),
-                weights.get("proposal_logz"),
-                temperature,
-            ).numpy()
-            return SparseDistribution(d["sampled_ids"], probs, None, estimate=True)
-        raise MoekdError(
-            f"cache {self.location} stores hidden states, from which the full distribution follows: "
-            "use hidden_states with output_layer() instead of a sparse distribution"
-        )
+        decoded = self.read_positions(start, stop)
+        return encoding_of(self.encoding).sparse_distribution(self.encoding, decoded, temperature, self.location)
 
     def __getitem__(self, i: int) -> CacheExample:
         if not -len(self) <= i < len(self):

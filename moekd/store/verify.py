@@ -11,15 +11,14 @@ import json
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from moekd.encoding import tensor_from_bits
+from moekd.data.batches import response_positions
+from moekd.encodings import decode_teacher, encoding_of, teacher_arrays
+from moekd.encodings.gates import gate_problems
 from moekd.errors import MoekdError
 from moekd.schemas import parse_metadata
-from moekd.schemas.cache import HiddenEncoding, SampledEncoding, TopkEncoding
-from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META, VOCAB_ROWS_PER_CHUNK
+from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META
 from moekd.store.location import can_list, file_path, list_files, open_files, open_group
-from moekd.store.reader import decode_teacher, teacher_arrays
 
 
 @dataclass
@@ -124,12 +123,12 @@ def _check_values(group, meta, report: VerifyReport) -> None:
         report.problems.append("example_position_offsets: not increasing from 0 to num_positions")
     if report.problems:
         return
-    expected_positions = np.concatenate([np.arange(p - 1, n - 1) for p, n in zip(prompt_len, lengths)])
+    expected_positions = np.concatenate([response_positions(p, n) for p, n in zip(prompt_len, lengths)])
     vocab = meta.teacher.vocab_size
     if np.any(group["input_ids"][:] >= meta.tokenizer.size) or np.any(group["input_ids"][:] < 0):
         report.problems.append("input_ids: ids outside the tokenizer's range")
-    if isinstance(meta.encoding, HiddenEncoding):
-        _check_output_layer(group, meta.encoding, report)
+    encoding = encoding_of(meta.encoding)
+    report.problems += encoding.fixed_problems(group, meta.encoding)
     names = teacher_arrays(meta.encoding)
     step = layout.positions_per_shard
     for start in range(0, layout.num_positions, step):
@@ -144,89 +143,10 @@ def _check_values(group, meta, report: VerifyReport) -> None:
             continue
         if not np.array_equal(targets, expected_positions[start:stop]):
             report.problems.append(f"{where}: target_positions disagree with the example table")
-        check = {TopkEncoding: _check_topk, SampledEncoding: _check_sampled, HiddenEncoding: _check_hidden}
-        for problem in check[type(meta.encoding)](meta.encoding, raw, teacher, vocab):
-            report.problems.append(f"{where}: {problem}")
+        problems = encoding.value_problems(meta.encoding, raw, teacher, vocab)
         if meta.gates is not None:
-            _check_gates(group, meta.gates, start, stop, where, report)
+            problems += gate_problems(
+                {name: group[name][start:stop] for name in meta.gates.arrays}, meta.gates.num_experts
+            )
+        report.problems += [f"{where}: {problem}" for problem in problems]
         report.positions_checked += stop - start
-
-
-def _check_topk(encoding, raw, teacher, vocab: int) -> list[str]:
-    ids, logprobs, tail = teacher["topk_ids"], teacher["topk_logprobs"], teacher["tail_logprob"]
-    problems = []
-    if np.any(ids < 0) or np.any(ids >= vocab):
-        problems.append(f"topk_ids outside [0, {vocab})")
-    if not np.all(np.isfinite(logprobs)) or np.any(logprobs > 0):
-        problems.append("top-k log-probs not finite and <= 0")
-    if np.any(np.isnan(tail)) or np.any(tail > 0):
-        problems.append("tail log-probs NaN or > 0")
-    mass = np.exp(logprobs.astype(np.float64)).sum(-1) + np.exp(tail.astype(np.float64))
-    # each decoded probability may exceed the teacher's by the quantisation error: a factor e^max_abs_error
-    if np.any(mass > np.exp(encoding.max_abs_error_nats) * (1 + 1e-6)):
-        problems.append(f"probability mass up to {mass.max():.6f} > 1")
-    return problems
-
-
-def _check_sampled(encoding, raw, teacher, vocab: int) -> list[str]:
-    ids, counts = teacher["sampled_ids"], teacher["sampled_counts"]
-    real = counts > 0
-    problems = []
-    if np.any(ids < 0) or np.any(ids >= vocab):
-        problems.append(f"sampled_ids outside [0, {vocab})")
-    if np.any(counts.sum(-1) != encoding.draws):
-        problems.append(f"sampled_counts do not add up to the {encoding.draws} draws of every position and sample")
-    if np.any(real[..., 1:] & ~real[..., :-1]) or np.any(ids[~real] != 0):
-        problems.append("padding slots (count 0, id 0) are not all after the drawn ids")
-    if np.any((np.diff(ids, axis=-1) <= 0) & real[..., 1:]):
-        problems.append("sampled_ids are not unique and ascending")
-    if encoding.importance_weights:
-        logprobs, logz = teacher["sampled_logprobs"], teacher["proposal_logz"].astype(np.float64)
-        if not np.all(np.isfinite(logprobs)) or np.any(logprobs > 0) or np.any(logprobs[~real] != 0):
-            problems.append("sampled_logprobs not finite and <= 0 (0 in padding slots)")
-        elif not np.all(np.isfinite(logz)):
-            problems.append("proposal_logz not finite")
-        else:  # the proposal mass of the drawn ids cannot exceed 1
-            mass = np.where(real, np.exp(encoding.proposal_temp * logprobs - logz[..., None]), 0.0).sum(-1)
-            if np.any(mass > 1 + 1e-5):
-                problems.append(f"proposal mass of the drawn ids up to {mass.max():.6f} > 1")
-    return problems
-
-
-def _check_hidden(encoding, raw, teacher, vocab: int) -> list[str]:
-    problems = []
-    if encoding.hidden_dtype == "fp8":
-        scale = raw["hidden_scale"]
-        if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-            problems.append("hidden_scale not finite and > 0")
-    if not np.all(np.isfinite(teacher["hidden_states"])):
-        problems.append("hidden_states not finite")
-    return problems
-
-
-def _check_output_layer(group, encoding, report: VerifyReport) -> None:
-    """The stored output layer is the one the metadata names (sha256) and finite."""
-    layer = group["output_layer"]
-    h = hashlib.sha256()
-    finite = True
-    for start in range(0, layer.shape[0], VOCAB_ROWS_PER_CHUNK):
-        block = layer[start : start + VOCAB_ROWS_PER_CHUNK]
-        h.update(np.ascontiguousarray(block).tobytes())
-        finite = finite and bool(torch.isfinite(tensor_from_bits(block, encoding.output_layer_dtype)).all())
-    if h.hexdigest() != encoding.output_layer_sha256:
-        report.problems.append("output_layer: sha256 differs from the one recorded in the metadata")
-    if not finite:
-        report.problems.append("output_layer: values not finite")
-
-
-def _check_gates(group, gates, start: int, stop: int, where: str, report: VerifyReport) -> None:
-    probs = group["gate_probs"][start:stop].astype(np.float64)
-    mass = probs.sum(-1)
-    if gates.mode == "top":
-        ids, rest = group["gate_ids"][start:stop], group["gate_rest"][start:stop].astype(np.float64)
-        if np.any(ids >= gates.num_experts):
-            report.problems.append(f"{where}: gate_ids outside [0, {gates.num_experts})")
-        mass = mass + rest
-    # float16 probabilities: each carries a relative error below 2^-11
-    if np.any(probs < 0) or np.any(np.abs(mass - 1) > 2e-3 * probs.shape[-1] ** 0.5 + 1e-3):
-        report.problems.append(f"{where}: gate distributions are not probability distributions")
