@@ -97,7 +97,7 @@ def make_step(case: Case, inputs: dict):
     """A function running one forward + backward of `case` on fresh leaf tensors of the inputs."""
     hidden = inputs["hidden"].clone().requires_grad_()
     weight = inputs["weight"].clone().requires_grad_()
-    options = TrainOptions(student="", out="", cache="", loss=case.kind, loss_chunk=case.chunk)
+    options = TrainOptions(student="", out="", cache="", loss=case.kind, loss_chunk=case.chunk).kd_loss()
 
     def step() -> None:
         hidden.grad = weight.grad = None

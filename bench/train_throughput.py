@@ -121,7 +121,7 @@ def make_step(method: str, paths: dict, device: torch.device):
     student = AutoModelForCausalLM.from_pretrained(str(paths["student"])).to(device).train()
     trainer_student = Student(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    options = TrainOptions(student="", out="", cache="", loss="ce" if method == "ce" else "fkl")
+    options = TrainOptions(student="", out="", cache="", loss="ce" if method == "ce" else "fkl").kd_loss()
     teacher = (
         AutoModelForCausalLM.from_pretrained(str(paths["teacher"])).to(device).eval() if method == "online" else None
     )

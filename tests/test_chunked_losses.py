@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from moekd.distill.chunked import OutputLayer, chunked_output_loss
 from moekd.distill.losses import KD_LOSSES, dense_kd_loss, student_bucket_logprobs
-from moekd.distill.objective import SparseObjective, batch_loss
+from moekd.distill.objective import KDLoss, SparseObjective, batch_loss
 from moekd.distill.options import TrainOptions
 from moekd.distill.student import Student
 from moekd.errors import MoekdError
@@ -58,8 +58,9 @@ def make_problem(positions=13, samples=2, k=K, seed=0, dtype=torch.float32, tiny
     return hidden.to(dtype), OutputLayer(weight.to(dtype), bias.to(dtype)), batch, teacher
 
 
-def options(kind="fkl", **kw) -> TrainOptions:
-    return TrainOptions(student="", out="", cache="", loss=kind, **kw)
+def options(kind="fkl", **kw) -> KDLoss:
+    """The logit objective's settings: a run's defaults with `kw` changed."""
+    return TrainOptions(student="", out="", cache="", loss=kind, **kw).kd_loss()
 
 
 def leaves(hidden, head):

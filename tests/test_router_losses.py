@@ -315,7 +315,7 @@ def test_batch_objective_adds_the_weighted_router_terms_and_gradients_reach_rout
         gate_cache, moe_student, ce_weight=0.2, router_aux_coef=0.01, expert_weight=0.3, coverage_weight=0.4
     )
     model.train()
-    terms = batch_loss(Student(model, router_terms=routing), batch, o, torch.device("cpu"))
+    terms = batch_loss(Student(model, router_terms=routing), batch, o.kd_loss(), torch.device("cpu"))
     expected = (
         terms["logit_loss"]
         + 0.3 * (terms["mc_loss"] + 0.4 * terms["coverage_loss"] + terms["router_loss"])
@@ -426,7 +426,7 @@ def test_family_aux_loss_alone_is_added_over_the_non_padding_tokens(gate_cache, 
     o, model, routing, batch = first_batch(gate_cache, moe_student, router_loss="none", router_aux_coef=0.05)
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    terms = batch_loss(Student(model, router_terms=routing), batch, o, torch.device("cpu"))
+    terms = batch_loss(Student(model, router_terms=routing), batch, o.kd_loss(), torch.device("cpu"))
     assert set(terms) == {"loss", "logit_loss", "aux_loss"}
     logits = model(input_ids=batch["input_ids"], output_router_logits=True).router_logits
     mask = torch.arange(batch["input_ids"].shape[1])[None] < batch["lengths"][:, None]

@@ -24,16 +24,29 @@ logit objective alone is then logged as logit_loss.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from moekd.distill.chunked import OutputLayer, chunked_output_loss
 from moekd.distill.losses import exact_losses_, sparse_losses_
-from moekd.distill.options import TrainOptions
 from moekd.distill.sampled_losses import sampled_losses_
 
 
+@dataclass(frozen=True)
+class KDLoss:
+    """What the logit objective of a batch computes: the settings it reads (TrainOptions.kd_loss() gives a run's)."""
+
+    loss: str  # fkl, rkl, skl, srkl, jsd, tvd or ce
+    temperature: float
+    skew_lambda: float
+    jsd_beta: float
+    ce_weight: float
+    chunk: int  # positions per chunk of the output layer and the loss
+
+
 def batch_loss(
-    student, batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor | None = None
+    student, batch: dict, kd: KDLoss, device: torch.device, teacher_layer: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """loss (and kd_loss, ce_loss when mixed; logit_loss and the router terms with router terms): means over
     the batch's target positions.
@@ -48,7 +61,7 @@ def batch_loss(
         # Right padding under a causal mask never reaches real tokens: no attention mask needed.
         output = student(input_ids=batch["input_ids"].to(device), output_router_logits=routing is not None)
     hidden = output.last_hidden_state.flatten(0, 1)[batch["rows"].to(device)]
-    terms = output_terms(hidden, inner.output_layer, batch, o, device, teacher_layer)
+    terms = output_terms(hidden, inner.output_layer, batch, kd, device, teacher_layer)
     if routing is None:
         return terms
     router = routing(output.router_logits, batch, training=inner.training)
@@ -59,22 +72,20 @@ def output_terms(
     hidden: torch.Tensor,
     head: OutputLayer,
     batch: dict,
-    o: TrainOptions,
+    kd: KDLoss,
     device: torch.device,
     teacher_layer: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The objective's terms from the final hidden states [P, d] of the batch's target positions."""
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else None  # what autocast would run the lm_head in
-    return chunked_output_loss(
-        hidden, head, cache_objective(batch, o, device, teacher_layer), o.loss_chunk, matmul_dtype
-    )
+    return chunked_output_loss(hidden, head, cache_objective(batch, kd, device, teacher_layer), kd.chunk, matmul_dtype)
 
 
 @torch.no_grad()
 def held_out_loss(
     student,
     batches,
-    o: TrainOptions,
+    kd: KDLoss,
     device,
     combine=lambda sums, positions: (sums, positions),
     teacher_layer: torch.Tensor | None = None,
@@ -87,7 +98,7 @@ def held_out_loss(
     for b in batches:
         if not len(b["rows"]):
             continue  # this rank's share of a batch was empty
-        for key, value in batch_loss(student, b, o, device, teacher_layer).items():
+        for key, value in batch_loss(student, b, kd, device, teacher_layer).items():
             sums[key] = sums.get(key, 0.0) + value.item() * len(b["rows"])
         positions += len(b["rows"])
     sums, positions = combine(sums, positions)
@@ -100,12 +111,12 @@ class _Objective:
 
     TEACHER: tuple[str, ...] = ()  # the batch's teacher arrays [P, M, ...] that _losses takes
 
-    def __init__(self, batch: dict, o: TrainOptions, device: torch.device):
-        self.o = o
+    def __init__(self, batch: dict, kd: KDLoss, device: torch.device):
+        self.kd = kd
         self.labels = batch["labels"].to(device)
-        self.teacher = None if o.loss == "ce" else tuple(batch[key].to(device) for key in self.TEACHER)
-        self.ce_share = 1.0 if self.teacher is None else o.ce_weight  # w
-        self.terms = ("loss", "kd_loss", "ce_loss") if self.teacher is not None and o.ce_weight else ("loss",)
+        self.teacher = None if kd.loss == "ce" else tuple(batch[key].to(device) for key in self.TEACHER)
+        self.ce_share = 1.0 if self.teacher is None else kd.ce_weight  # w
+        self.terms = ("loss", "kd_loss", "ce_loss") if self.teacher is not None and kd.ce_weight else ("loss",)
         positions = max(len(self.labels), 1)
         self.kd_scale = 0.0 if self.teacher is None else 1.0 / (positions * self.teacher[0].shape[1])  # mean over P, M
         self.ce_scale = 1.0 / positions
@@ -132,9 +143,18 @@ class SparseObjective(_Objective):
     TEACHER = ("topk_ids", "topk_logprobs", "tail_logprob")
 
     def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
-        o = self.o
+        kd = self.kd
         return sparse_losses_(
-            logits, *teacher, labels, kd_weight, ce_weight, need_grad, o.loss, o.temperature, o.skew_lambda, o.jsd_beta
+            logits,
+            *teacher,
+            labels,
+            kd_weight,
+            ce_weight,
+            need_grad,
+            kd.loss,
+            kd.temperature,
+            kd.skew_lambda,
+            kd.jsd_beta,
         )
 
 
@@ -145,7 +165,7 @@ class SampledObjective(_Objective):
     TEACHER = ("sampled_ids", "sampled_weights")
 
     def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
-        return sampled_losses_(logits, *teacher, labels, kd_weight, ce_weight, need_grad, self.o.temperature)
+        return sampled_losses_(logits, *teacher, labels, kd_weight, ce_weight, need_grad, self.kd.temperature)
 
 
 class ExactObjective(_Objective):
@@ -154,12 +174,12 @@ class ExactObjective(_Objective):
 
     TEACHER = ("hidden_states",)
 
-    def __init__(self, batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor):
-        super().__init__(batch, o, device)
+    def __init__(self, batch: dict, kd: KDLoss, device: torch.device, teacher_layer: torch.Tensor):
+        super().__init__(batch, kd, device)
         self.weight = teacher_layer.to(device)
 
     def _losses(self, logits, teacher, labels, kd_weight, ce_weight, need_grad):
-        o = self.o
+        kd = self.kd
         return exact_losses_(
             logits,
             *teacher,
@@ -168,22 +188,22 @@ class ExactObjective(_Objective):
             kd_weight,
             ce_weight,
             need_grad,
-            o.loss,
-            o.temperature,
-            o.skew_lambda,
-            o.jsd_beta,
+            kd.loss,
+            kd.temperature,
+            kd.skew_lambda,
+            kd.jsd_beta,
         )
 
 
-def cache_objective(batch: dict, o: TrainOptions, device: torch.device, teacher_layer: torch.Tensor | None = None):
+def cache_objective(batch: dict, kd: KDLoss, device: torch.device, teacher_layer: torch.Tensor | None = None):
     """The chunk loss of a batch, by the teacher arrays it carries; teacher_layer: the output layer of a hidden cache."""
-    if o.loss != "ce" and "sampled_ids" in batch:
-        return SampledObjective(batch, o, device)
-    if o.loss != "ce" and "hidden_states" in batch:
+    if kd.loss != "ce" and "sampled_ids" in batch:
+        return SampledObjective(batch, kd, device)
+    if kd.loss != "ce" and "hidden_states" in batch:
         if teacher_layer is None:
             raise ValueError(
                 "teacher_layer: a batch of a hidden cache needs the teacher's output layer "
                 "(CacheSource.teacher_output_layer)"
             )
-        return ExactObjective(batch, o, device, teacher_layer)
-    return SparseObjective(batch, o, device)
+        return ExactObjective(batch, kd, device, teacher_layer)
+    return SparseObjective(batch, kd, device)

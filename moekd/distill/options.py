@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from moekd.distill.gate_maps import EXPERT_MAPS
 from moekd.distill.losses import KD_LOSSES
+from moekd.distill.objective import KDLoss
 from moekd.distill.router_losses import TAU_RANGE
 from moekd.errors import MoekdError
 from moekd.paths import check_output_dir
@@ -69,6 +70,10 @@ class TrainOptions:
     layer_map: str = "auto"
     expert_map: str = "group"
     router_aux_coef: float = 0.0
+
+    def kd_loss(self) -> KDLoss:
+        """The settings the logit objective reads."""
+        return KDLoss(self.loss, self.temperature, self.skew_lambda, self.jsd_beta, self.ce_weight, self.loss_chunk)
 
 
 def check_options(o: TrainOptions) -> None:

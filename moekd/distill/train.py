@@ -154,7 +154,7 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
         batches = make_loader(
             BatchDataset(source, pad_id, "mean", o.seed, gate_targets), RankShare(eval_order, ranks), o.workers
         )
-        return held_out_loss(student, batches, o, device, partial(combined, ranks), teacher_layer)
+        return held_out_loss(student, batches, o.kd_loss(), device, partial(combined, ranks), teacher_layer)
 
     eval_start = None
     if step == 0 and eval_order:
@@ -272,7 +272,7 @@ def _optimizer_step(
             if not len(b["rows"]):
                 empty_share_backward(model, pad_id, device)
                 continue
-            terms = batch_loss(model, b, o, device, teacher_layer)
+            terms = batch_loss(model, b, o.kd_loss(), device, teacher_layer)
             if not torch.isfinite(terms["loss"]):
                 raise _diverged(f"the loss is {terms['loss'].item()}", step, b, out)
             weight = len(b["rows"]) / positions
