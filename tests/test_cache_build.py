@@ -333,6 +333,7 @@ def test_cli_info_and_verify(mixtral_cache, cache_copy):
     info = runner.invoke(app, ["cache", "info", str(mixtral_cache)])
     assert info.exit_code == 0, info.output
     assert "bytes per position-sample" in info.output and "MixtralForCausalLM" in info.output
+    assert "native weighting" in info.output
     ok = runner.invoke(app, ["cache", "verify", str(mixtral_cache), "--deep"])
     assert ok.exit_code == 0 and "OK" in ok.output
     (cache_copy / "manifest.json").unlink()
