@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 SCORES = ("softmax", "sigmoid", "probabilities", "score_fn")
-WEIGHTINGS = ("native", "published")
 PUBLISHED_TEXT = "published (softmax over the kept experts' logits, the others at -inf)"
 SCORE_TEXT = {
     "softmax": "softmax(logits)",
@@ -46,7 +45,7 @@ class GateAdapter:
     target: str | None = None  # experts layout: the sibling module that receives the selection
     index_arg: int | str | None = None  # ... and where in its call the index and weights are
     weights_arg: int | str | None = None
-    weighting: str = "native"  # one of WEIGHTINGS
+    weighting: str = "native"  # or "published"
     native_misfit: str = ""  # published weighting: why no native computation fits
 
     @classmethod
@@ -149,7 +148,7 @@ class GateAdapter:
         """What the families table says about it: kind, gate distribution g and native weighting."""
         if self.weighting == "published":
             return {
-                "kind": "logits"
+                "kind": "published"
                 + {"dense": " (dense scores)", "experts": " (picked in the MoE block)"}.get(self.layout, ""),
                 "g": SCORE_TEXT["softmax"],
                 "weighting": f"none fits ({self.native_misfit})",
