@@ -35,6 +35,9 @@ class FamilyReport:
     kind: str = ""  # score function and top-k, or "none fits"
     g: str = ""  # gate distribution g
     weighting: str = ""  # native weighting of the selected experts
+    policy_weighting: str = (
+        ""  # what all, ka, topp, mc weight by: native (and how it differs from published) or published
+    )
     quirks: str = ""
     policies: tuple[str, ...] = ()  # policies a forward ran under
     reason: str = ""  # why it is unsupported or not built
@@ -108,8 +111,11 @@ def family_report(family: Family, tokens: int = 12) -> FamilyReport:
     else:
         described = adapters[0].describe()
         report.kind, report.g, report.weighting = described["kind"], described["g"], described["weighting"]
+        report.policy_weighting = policy_weighting(adapters[0])
         if adapters[0].score == "score_fn":  # name the activation
-            report.g = report.g.replace("score_fn", type(infos[0].module.score_fn).__name__)
+            activation = type(infos[0].module.score_fn).__name__
+            report.g = report.g.replace("score_fn", activation)
+            report.policy_weighting = report.policy_weighting.replace("score_fn", activation)
         quirks = [f"top-{a.top_k} routing" for a in adapters[:1] if a.top_k == 1]
         report.quirks = "; ".join(dict.fromkeys([*quirks, *(q for i in infos for q in i.quirks)]))
     ran = []
@@ -128,7 +134,29 @@ def family_report(family: Family, tokens: int = 12) -> FamilyReport:
     return report
 
 
-COLUMNS = ("family", "router class", "kind", "g", "native weighting", "quirks", "policies", "tested")
+def policy_weighting(adapter) -> str:
+    """What the rewriting policies weight the selected experts by, and how that compares with the published weighting."""
+    if adapter.weighting == "published":
+        return "published: softmax over the kept experts' logits"
+    expanding, mc = adapter.published_difference(renormalise=True), adapter.published_difference(renormalise=False)
+    if expanding is None and mc is None:
+        return "native (= published)"
+    if expanding is None:
+        return f"native (= published; mc: {mc})"
+    return f"native (differs from published: {expanding})"
+
+
+COLUMNS = (
+    "family",
+    "router class",
+    "kind",
+    "g",
+    "native weighting",
+    "policy weighting",
+    "quirks",
+    "policies",
+    "tested",
+)
 
 
 def table_rows(reports: list[FamilyReport]) -> list[tuple[str, ...]]:
@@ -137,7 +165,9 @@ def table_rows(reports: list[FamilyReport]) -> list[tuple[str, ...]]:
     for r in reports:
         policies = ", ".join(r.policies) if r.supported else f"{', '.join(r.policies) or 'none'} only: {r.reason}"
         tested = "yes" if r.built else f"no: {r.reason}"
-        rows.append((r.model_type, r.router_class, r.kind, r.g, r.weighting, r.quirks, policies, tested))
+        rows.append(
+            (r.model_type, r.router_class, r.kind, r.g, r.weighting, r.policy_weighting, r.quirks, policies, tested)
+        )
     return rows
 
 

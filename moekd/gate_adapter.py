@@ -5,6 +5,11 @@ the routing policies (moekd/cache_builder/routing.py) and the training side: `ga
 the gate distribution g, `weights` the family's weighting of any selection, `read`/`write`
 (or `read_call`/`write_call`) take the selection out of and back into the router's output (or
 the call of the module its block hands the selection to).
+
+Weighting: `native` where a known computation reproduces the router's own weights; `published`
+(the KA paper's definition) where none does but the router has one logit per expert per token:
+the logits outside the selection are set to -inf and the kept experts weighted by the softmax of
+the rest, i.e. score softmax, renormalised, no scale.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from torch import nn
 
 SCORES = ("softmax", "sigmoid", "probabilities", "score_fn")
+PUBLISHED_TEXT = "published (softmax over the kept experts' logits, the others at -inf)"
 SCORE_TEXT = {
     "softmax": "softmax(logits)",
     "sigmoid": "sigmoid(logits) / sum",
@@ -39,6 +45,22 @@ class GateAdapter:
     target: str | None = None  # experts layout: the sibling module that receives the selection
     index_arg: int | str | None = None  # ... and where in its call the index and weights are
     weights_arg: int | str | None = None
+    weighting: str = "native"  # or "published"
+    native_misfit: str = ""  # published weighting: why no native computation fits
+
+    @classmethod
+    def published(cls, layout: str, num_experts: int, top_k: int, native_misfit: str, **target) -> GateAdapter:
+        """The published weighting on a router whose own weighting is no known computation."""
+        return cls(
+            "softmax",
+            True,
+            layout=layout,
+            num_experts=num_experts,
+            top_k=top_k,
+            weighting="published",
+            native_misfit=native_misfit,
+            **target,
+        )
 
     def scores(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
         """float32 [T, N] native per-expert scores."""
@@ -59,7 +81,11 @@ class GateAdapter:
     def weights(
         self, router: nn.Module, logits: torch.Tensor, index: torch.Tensor, valid=None, renormalise: bool = False
     ) -> torch.Tensor:
-        """float32 [T, k] weights of the selected experts `index`: native weighting, renormalised if asked."""
+        """float32 [T, k] weights of the selected experts `index`: native weighting, renormalised if asked
+        (the published weighting always renormalises: softmax over the kept logits)."""
+        if self.weighting == "published":
+            kept = logits.float().gather(1, index)
+            return torch.softmax(kept if valid is None else kept.masked_fill(~valid, float("-inf")), dim=-1)
         w = self.scores(router, logits).gather(1, index)
         if valid is not None:
             w = w * valid
@@ -100,8 +126,33 @@ class GateAdapter:
                 kwargs[where] = value
         return tuple(args), kwargs
 
+    def published_difference(self, renormalise: bool) -> str | None:
+        """How this weighting of a selection differs from the published one (None: they coincide).
+
+        `renormalise`: the policy renormalises the kept scores (all, ka, topp, topk --experts); mc does
+        not. Renormalised softmax scores are the softmax of the kept logits; renormalised router
+        probabilities are the softmax of the kept log-probabilities.
+        """
+        differences = []
+        if self.score in ("sigmoid", "score_fn"):
+            differences.append(f"{SCORE_TEXT[self.score]} of the kept experts, not a softmax of their logits")
+        if not (renormalise or self.normalise):
+            differences.append("the kept scores are not renormalised")
+        if self.scale_name or self.scale != 1.0:
+            differences.append(f"× {self.scale_name} ({self.scale:g})" if self.scale_name else f"× {self.scale:g}")
+        if self.expert_scale:
+            differences.append(f"× {self.expert_scale}[expert]")
+        return "; ".join(differences) or None
+
     def describe(self) -> dict:
         """What the families table says about it: kind, gate distribution g and native weighting."""
+        if self.weighting == "published":
+            return {
+                "kind": "published"
+                + {"dense": " (dense scores)", "experts": " (picked in the MoE block)"}.get(self.layout, ""),
+                "g": SCORE_TEXT["softmax"],
+                "weighting": f"none fits ({self.native_misfit})",
+            }
         scale = (
             f" × {self.scale_name} ({self.scale:g})"
             if self.scale_name

@@ -2,7 +2,8 @@
 
 `fit_router` reads the router's output layout, then tries every known computation (score
 function x renormalised or not x constant or per-expert scale) on the router's own logits and
-chosen experts, and keeps the one that reproduces its weights. `gate_parameter_names` and
+chosen experts, and keeps the one that reproduces its weights; where none does, the router
+still has one logit per expert per token and takes the published weighting. `gate_parameter_names` and
 `router_quirks` find, from the same call, the parameters g depends on and the family's quirks.
 Used by `moekd.routers.recognise_routers`.
 """
@@ -54,7 +55,7 @@ def _layout(output, logits_at: int):
         return f"it returns {type(output).__name__}, not tensors"
     shapes = ", ".join(str(tuple(o.shape)) if isinstance(o, torch.Tensor) else type(o).__name__ for o in output)
     if not all(isinstance(o, torch.Tensor) for o in output):
-        return f"it returns ({shapes}): expert-grouped dispatch, not a per-token selection"
+        return f"it returns ({shapes}): expert-grouped dispatch, not a per-token selection that a policy could replace"
     if (
         logits_at == 0
         and len(output) >= 3
@@ -74,7 +75,8 @@ def _layout(output, logits_at: int):
         return "dense", output[1], output[0].gather(1, index), index
     return (
         f"it returns tensors of shapes {shapes} with the logits at position {logits_at}; moekd reads "
-        "(logits [T, N], weights [T, k], index [T, k], ...) or (scores [T, N], logits [T, N])"
+        "(logits [T, N], weights [T, k], index [T, k], ...) or (scores [T, N], logits [T, N]): no per-token "
+        "selection to replace and no [T, N] logits, one per expert, to weight it by"
     )
 
 
@@ -115,7 +117,8 @@ def _scale_attribute(router: nn.Module, value: float) -> str | None:
 
 
 def fit_router(router, logits_at, output, siblings: dict) -> GateAdapter | str:
-    """The adapter reproducing this router's selection from its own logits, or why none does.
+    """The adapter reproducing this router's weights from its own logits, else the published weighting
+    (its logits are one per expert per token), or why neither applies.
 
     `siblings` holds the first call of each module beside the router: where a router returns
     only logits, the selection is looked for in the call of the module its block hands it to.
@@ -142,7 +145,10 @@ def fit_router(router, logits_at, output, siblings: dict) -> GateAdapter | str:
     }
     if declared and experts not in declared.values():
         counts = ", ".join(f"{n} = {a}" for n, a in declared.items())
-        return f"it scores {experts} classes but declares {counts}: a class that is not an expert"
+        return (
+            f"it scores {experts} classes but declares {counts}: a class that is not an expert, so there is no "
+            "logit per expert alone for a gate distribution or the published weighting"
+        )
     tolerance = 1e-4 if weights.dtype == torch.float32 else 2e-2
     best = None
     for score, s in _score_candidates(router, logits).items():
@@ -153,8 +159,9 @@ def fit_router(router, logits_at, output, siblings: dict) -> GateAdapter | str:
             if best is None or error < best[0]:
                 best = (error, score, normalise, scale, expert_scale)
     error, score, normalise, scale, expert_scale = best
-    if error > tolerance:
-        return f"its weights are no known function of the selected experts' scores (closest fit off by {error:.2g})"
+    if error > tolerance:  # one logit per expert per token: the published weighting applies
+        misfit = f"its weights are no known function of the selected experts' scores (closest fit off by {error:.2g})"
+        return GateAdapter.published(layout, experts, index.shape[1], misfit, **target)
     scale_name = _scale_attribute(router, scale) if abs(scale - 1.0) > tolerance else None
     scale = float(getattr(router, scale_name)) if scale_name else (1.0 if abs(scale - 1.0) <= tolerance else scale)
     return GateAdapter(score, normalise, scale, scale_name, expert_scale, layout, experts, index.shape[1], **target)

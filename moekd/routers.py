@@ -9,7 +9,9 @@ causal LM or on an inner model); `find_routers` returns the matching modules.
 What: routers are recognised by what they compute, never by class name. `recognise_routers`
 runs the model once on a few tokens, records each router's call and asks which known
 computation reproduces the router's own selection weights from its own logits
-(moekd/router_recognition.py). A computation (`GateAdapter`, moekd/gate_adapter.py) is data:
+(moekd/router_recognition.py). Where none does (Phi-3.5-MoE's sparsemixer, ...) but the
+router gives one logit per expert per token, it takes the published weighting (the KA paper's
+definition): g = softmax(logits), and a selection's weights are the softmax of its logits. A computation (`GateAdapter`, moekd/gate_adapter.py) is data:
 the per-expert score (softmax or sigmoid of the logits, the logits' own probabilities, or the
 router's `score_fn`), whether the selected scores are renormalised, a constant or per-expert
 scale (routed scaling), and where the selection is (the router's output, or the call of the
@@ -20,7 +22,8 @@ Gate distribution g (what policies select from, what `gate_probs` returns, float
 the per-expert scores normalised to sum 1: softmax(logits) for softmax routers, sigmoid(logits)
 / sum for sigmoid routers. Native weighting of a selection S: the scores of S, renormalised to 1
 if the family does, times the family's scale. The expanding policies (all, ka, topp) always
-renormalise before the scale; `mc` keeps the family's weighting exactly.
+renormalise before the scale; `mc` keeps the family's weighting exactly. `adapter.weighting`
+says which: "native" or "published".
 
 API for both sides (stable):
 - `find_routers(model) -> [(name, router)]` (module order, no forward)

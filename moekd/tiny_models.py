@@ -233,6 +233,11 @@ FAMILY_FIELDS: dict[str, dict] = {
     "DbrxAttentionConfig": dict(
         rope_theta=10000.0, clip_qkv=8.0
     ),  # DbrxAttention needs both; the class defaults lack them
+    "deepseek_v4": dict(  # no hash-routed layers: their token-to-expert table is sized by top-k (tests set it to N)
+        num_hidden_layers=4,
+        layer_types=["heavily_compressed_attention", "compressed_sparse_attention"] * 2,
+        mlp_layer_types=["moe"] * 4,
+    ),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),  # the default is Mamba only
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "mimo_v2_flash": dict(num_key_value_heads=2),  # sliding-window layers double the kv heads

@@ -110,7 +110,8 @@ def test_cached_distributions_match_full_teacher_forward(family, make_teacher, d
 
 def test_metadata_and_info(mixtral_cache, tokenizer):
     meta = CacheReader(mixtral_cache).meta
-    assert meta.build.status == "complete" and meta.schema_version == "1.2"
+    assert meta.build.status == "complete" and meta.schema_version == "1.3"
+    assert meta.policy.weighting == "native"
     assert meta.teacher.architecture == "MixtralForCausalLM" and meta.teacher.num_experts == 8
     assert meta.teacher.experts_per_token == 2 and len(meta.teacher.moe_layers) == 2
     assert meta.teacher.weights_sha256 and meta.tokenizer.size == len(tokenizer)
@@ -249,6 +250,20 @@ def test_verify_and_reader_refuse_incomplete_and_newer_stores(cache_copy):
     assert "not valid JSON" in verify_store(str(cache_copy)).problems[0]
 
 
+def test_stores_before_1_3_read_without_a_weighting(cache_copy):
+    """Schema 1.3 added the optional `policy.weighting`: a 1.2 store, which has none, reads and verifies."""
+    from moekd.store.verify import verify_store
+
+    root = cache_copy / "zarr.json"
+    meta = json.loads(root.read_text())
+    meta["attributes"]["moekd"]["schema_version"] = "1.2"
+    del meta["attributes"]["moekd"]["policy"]["weighting"]
+    root.write_text(json.dumps(meta))
+    reader = CacheReader(cache_copy)
+    assert reader.meta.schema_version == "1.2" and reader.meta.policy.weighting is None
+    assert verify_store(str(cache_copy)).ok
+
+
 def test_reader_from_object_storage_url(mixtral_cache):
     import fsspec
 
@@ -318,6 +333,7 @@ def test_cli_info_and_verify(mixtral_cache, cache_copy):
     info = runner.invoke(app, ["cache", "info", str(mixtral_cache)])
     assert info.exit_code == 0, info.output
     assert "bytes per position-sample" in info.output and "MixtralForCausalLM" in info.output
+    assert "native weighting" in info.output
     ok = runner.invoke(app, ["cache", "verify", str(mixtral_cache), "--deep"])
     assert ok.exit_code == 0 and "OK" in ok.output
     (cache_copy / "manifest.json").unlink()

@@ -5,7 +5,9 @@ its router recorders), each built small from its own config class by
 `tiny_models.make_tiny_family_model`, saved and loaded back like a user's checkpoint. A family
 that does not build small on CPU is skipped with the reason; a check that the family's config
 cannot express (no native top-k = N, no renormalisation to compare with) is skipped with why.
-A family no known router computation fits must refuse every policy but `topk`, naming its class.
+A family whose own weighting is no known computation takes the published weighting (softmax
+over the kept experts' logits): its checks compare with that, computed here independently. A
+family without one logit per expert per token must refuse every policy but `topk`, naming its class.
 """
 
 import json
@@ -115,7 +117,7 @@ def adapters_or_refusal(model, policy_name):
             RouterController(model, make_policy(policy_name, m=1), capture_gates=policy_name == "topk")
         what = "gate capture" if policy_name == "topk" else f"--policy {policy_name}"
         pytest.skip(
-            f"{model.config.model_type}: {name} fits no known router computation ({unsupported[0].reason}); {what} is refused naming "
+            f"{model.config.model_type}: {name} is not supported ({unsupported[0].reason}); {what} is refused naming "
             "the class, as checked"
         )
     return infos
@@ -139,7 +141,7 @@ def record_selections(info, store):
 
 
 def routed(model, policy=None, seeds=None):
-    """Final logits and every router's selection as dense [T, N] weights, under `policy` (native if None)."""
+    """Final logits, every router's selection as dense [T, N] weights and its logits, under `policy` (native if None)."""
     infos = recognise_routers(model)
     ids, mask = batch()
     selections = {}
@@ -155,7 +157,46 @@ def routed(model, policy=None, seeds=None):
     for info in infos:
         _, weights, index = selections[info.name]
         dense.append(torch.zeros(index.shape[0], info.adapter.num_experts).scatter(1, index, weights.float()))
-    return logits, dense
+    return logits, dense, [selections[info.name][0].float() for info in infos]
+
+
+def published_dense(router_logits, keep: int):
+    """The published weighting of the `keep` experts with the largest logits: softmax over them, 0 elsewhere."""
+    kept = torch.zeros_like(router_logits, dtype=torch.bool).scatter(1, router_logits.topk(keep, dim=-1).indices, True)
+    return router_logits.masked_fill(~kept, float("-inf")).softmax(dim=-1)
+
+
+def published_reference(model, keep: int):
+    """Final logits and dense weights of `model` with every router's output rewritten to the published top-`keep`:
+    its own logits, the `keep` largest selected and weighted by their softmax (no moekd routing code)."""
+    infos = recognise_routers(model)
+    if any(i.adapter.layout != "triple" for i in infos):
+        pytest.skip("the published reference is written for routers returning (logits, weights, index, ...)")
+
+    def rewrite(module, args, out):
+        index = out[0].float().topk(keep, dim=-1).indices
+        weights = out[0].float().gather(1, index).softmax(dim=-1)
+        return (out[0], weights.to(out[1].dtype), index, *out[3:])
+
+    handles = [i.module.register_forward_hook(rewrite) for i in infos]
+    try:
+        return routed(model)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def published_or_native(path, model, adapter, policy, keep: int, normalise: bool, seeds=None):
+    """(routing under `policy`, the reference it must equal): the family itself with top-k = `keep` where its
+    native weighting fits; else the published top-`keep`, whose per-layer weights are checked here first."""
+    got = routed(model, policy, seeds=seeds)
+    if adapter.weighting != "published":
+        return got, routed(native_reference(path, model, keep, normalise))
+    for layer, (dense, router_logits) in enumerate(zip(got[1], got[2])):
+        torch.testing.assert_close(
+            dense, published_dense(router_logits, keep), msg=lambda m, layer=layer: f"MoE layer {layer}: {m}"
+        )
+    return got, published_reference(model, keep)
 
 
 def native_reference(path, model, top_k: int, normalise: bool):
@@ -190,7 +231,7 @@ def native_reference(path, model, top_k: int, normalise: bool):
 
 
 def assert_same_routing(got, expected):
-    (logits, dense), (native_logits, native_dense) = got, expected
+    (logits, dense, _), (native_logits, native_dense, _) = got, expected
     for layer, (ours, theirs) in enumerate(zip(dense, native_dense)):
         torch.testing.assert_close(
             ours, theirs, atol=1e-5, rtol=1e-4, msg=lambda m, layer=layer: f"MoE layer {layer}: {m}"
@@ -249,8 +290,14 @@ def test_captured_gates_are_the_family_gates(family, family_dir):
         assert gates.dtype == torch.float32 and gates.shape == (20, adapter.num_experts)
         torch.testing.assert_close(gates.sum(dim=-1), torch.ones(20), atol=1e-5, rtol=0)
         torch.testing.assert_close(gates, adapter.gate_probs(info.module, logits))
-        own = adapter.weights(info.module, logits, index).to(weights.dtype)
-        torch.testing.assert_close(own, weights, atol=1e-5, rtol=1e-4)
+        if adapter.weighting == "published":  # g reproduces the logits up to a constant per token; no native weights
+            log_ratio = gates.log() - logits.float()
+            torch.testing.assert_close(log_ratio, log_ratio[:, :1].expand_as(log_ratio), atol=1e-4, rtol=0)
+            published = logits.float().gather(1, index).softmax(dim=-1)
+            torch.testing.assert_close(adapter.weights(info.module, logits, index), published)
+        else:
+            own = adapter.weights(info.module, logits, index).to(weights.dtype)
+            torch.testing.assert_close(own, weights, atol=1e-5, rtol=1e-4)
         assert torch.equal(active, torch.zeros_like(active).scatter_(1, index, True))
         if not any(q.startswith(SELECTION_QUIRKS) for q in info.quirks):
             top = torch.zeros_like(active).scatter_(1, gates.topk(adapter.top_k, dim=-1).indices, True)
@@ -263,10 +310,10 @@ def test_all_equals_native_top_k_of_n(family, family_dir):
     path = family_dir(family)
     model = load(path)
     adapter = adapters_or_refusal(model, "all")[0].adapter
-    got = routed(model, make_policy("all"))
+    normalise = adapter.score != "softmax"
+    got, expected = published_or_native(path, model, adapter, make_policy("all"), adapter.num_experts, normalise)
     assert all((d != 0).all() for d in got[1])
-    native = native_reference(path, model, adapter.num_experts, normalise=adapter.score != "softmax")
-    assert_same_routing(got, routed(native))
+    assert_same_routing(got, expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
@@ -277,10 +324,41 @@ def test_ka_lambda0_equals_native_top_n_minus_1_renormalised(family, family_dir)
     logits, ctrl = forward(model, make_policy("ka", m=1, ka_lambda=0.0), seeds=[1, 2], capture=True)
     for gates, active in zip(ctrl.gate_probs(), ctrl.activated_experts()):
         assert torch.equal(active, torch.ones_like(active).scatter_(1, gates.argmin(dim=-1, keepdim=True), False))
-    got = routed(model, make_policy("ka", m=1, ka_lambda=0.0), seeds=[1, 2])
+    policy = make_policy("ka", m=1, ka_lambda=0.0)
+    got, expected = published_or_native(path, model, adapter, policy, adapter.num_experts - 1, True, seeds=[1, 2])
     torch.testing.assert_close(got[0], logits, atol=0, rtol=0)
-    native = native_reference(path, model, adapter.num_experts - 1, normalise=True)
-    assert_same_routing(got, routed(native))
+    assert_same_routing(got, expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
+def test_native_weighting_coincides_with_published_or_says_how_it_differs(family, family_dir):
+    """A family that keeps its native weighting weights a selection as the published definition does exactly
+    when `published_difference` says so (None), else differently: on the N − 1 experts `ka` keeps at λ = 0
+    (renormalised) and on k experts as `mc` keeps them (renormalised only where the family does). Routers
+    returning probabilities in place of logits: their logs are the logits."""
+    model = load(family_dir(family))
+    infos = adapters_or_refusal(model, "ka")
+    outputs = {}
+    handles = [h for info in infos for h in record_selections(info, outputs)]
+    try:
+        forward(model)
+    finally:
+        for h in handles:
+            h.remove()
+    for info in infos:
+        adapter, router = info.adapter, info.module
+        logits = outputs[info.name][0].float()
+        published_logits = logits.log() if adapter.score == "probabilities" else logits
+        for renormalise, k in ((True, adapter.num_experts - 1), (False, adapter.top_k)):
+            keep = logits.topk(k, dim=-1).indices
+            published = published_logits.gather(1, keep).softmax(dim=-1)
+            difference = adapter.published_difference(renormalise)
+            weights = adapter.weights(router, logits, keep, renormalise=renormalise)
+            if difference is None:
+                torch.testing.assert_close(weights, published, atol=1e-5, rtol=1e-4)
+            else:
+                assert adapter.weighting == "native" and difference
+                assert (weights - published).abs().max() > 1e-3, f"{difference}, yet the weights coincide"
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
@@ -306,16 +384,29 @@ def test_generate_with_kv_cache_under_ka(family, family_dir, byte_tokenizer):
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
 def test_cache_build_and_deep_verify(family, family_dir, tiny_data, tmp_path):
+    from rich.console import Console
+
     path = family_dir(family)
-    supported = all(i.adapter is not None for i in recognise_routers(load(path)))
+    infos = recognise_routers(load(path))
+    supported = all(i.adapter is not None for i in infos)
     policy = dict(policy="ka", policy_params={"m": 1, "ka_lambda": 0.5}, router_probs="full") if supported else {}
     out = tmp_path / "cache.zarr"
-    build_cache(options(path, tiny_data, out, k=8, max_prompt_len=256, max_len=320, **policy))
+    console = Console(record=True, width=1000)
+    build_cache(options(path, tiny_data, out, k=8, max_prompt_len=256, max_len=320, **policy), console=console)
     assert verify_store(str(out), deep=True).ok
     meta = CacheReader(out).meta
-    assert meta.teacher.moe_layers == [info.name for info in recognise_routers(load(path))]
+    assert meta.teacher.moe_layers == [info.name for info in infos]
     if supported:
-        assert meta.policy.name == "ka" and meta.gates.mode == "full"
+        weighting = " / ".join(sorted({i.adapter.weighting for i in infos}))
+        assert meta.policy.name == "ka" and meta.gates.mode == "full" and meta.policy.weighting == weighting
+        said = (
+            "the published (softmax over the kept experts' logits"
+            if "published" in weighting
+            else "the family's native"
+        )
+        assert f"--policy ka weights the selected experts by {said}" in console.export_text()
+    else:
+        assert meta.policy.weighting == "native"  # topk: the router's own weighting
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.model_type)
@@ -352,15 +443,22 @@ def test_routing_families_command_reports_kind_policies_and_why_not():
 
     from moekd.cli import app
 
-    result = CliRunner().invoke(app, ["routing", "families", "--family", "mixtral", "--family", "phimoe", "--json"])
+    families = ["mixtral", "phimoe", "deepseek_v3", "doge"]
+    result = CliRunner().invoke(app, ["routing", "families", *(a for f in families for a in ("--family", f)), "--json"])
     assert result.exit_code == 0, result.output
     reports = {r["model_type"]: r for r in json.loads(result.stdout)}
     assert reports["mixtral"]["supported"] and reports["mixtral"]["policies"] == ["topk", "all", "ka", "topp", "mc"]
     assert (
         reports["mixtral"]["kind"] == "softmax" and reports["mixtral"]["weighting"] == "selected scores, renormalised"
     )
-    assert not reports["phimoe"]["supported"] and reports["phimoe"]["policies"] == ["topk"]
-    assert "no known function of the selected experts' scores" in reports["phimoe"]["reason"]
+    assert reports["mixtral"]["policy_weighting"] == "native (= published)"
+    assert reports["deepseek_v3"]["policy_weighting"].startswith("native (differs from published: sigmoid(logits)")
+    phimoe = reports["phimoe"]
+    assert phimoe["supported"] and phimoe["policies"] == ["topk", "all", "ka", "topp", "mc"]
+    assert phimoe["policy_weighting"] == "published: softmax over the kept experts' logits"
+    assert "no known function of the selected experts' scores" in phimoe["weighting"]
+    assert not reports["doge"]["supported"] and reports["doge"]["policies"] == ["topk"]
+    assert "no [T, N] logits, one per expert" in reports["doge"]["reason"]
     markdown = CliRunner().invoke(app, ["routing", "families", "--family", "mixtral", "--markdown"])
     assert (
         "| mixtral | MixtralTopKRouter | softmax |" in markdown.stdout

@@ -145,15 +145,47 @@ class ModelWithUnknownRouter(nn.Module):
         return self.router(self.embed(input_ids))
 
 
-def test_unknown_router_computation_is_named():
+def test_unknown_router_computation_takes_the_published_weighting():
+    """No known computation gives its weights, but it has a logit per expert and token: the policies weight the
+    kept experts by the softmax of their logits (the others at -inf), g is softmax(logits)."""
     model = ModelWithUnknownRouter()
+    with torch.no_grad():
+        model.router.weight.copy_(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+    ids = torch.randint(0, 16, (1, 12), generator=torch.Generator().manual_seed(1))
+    assert RouterController(model, make_policy("topk")).weighting == "native"
+    for policy, keep in ((make_policy("all"), 4), (make_policy("ka", m=1, ka_lambda=0.0), 3)):
+        ctrl = RouterController(model, policy, capture_gates=True)
+        assert ctrl.weighting == "published" and ctrl.router_class == "SquaredLogitsRouter"
+        assert "published (softmax over the kept experts' logits" in ctrl.weighting_text()
+        assert "no known function of the selected experts' scores" in ctrl.weighting_text()
+        with torch.no_grad(), ctrl.active(row_seeds=[0]):
+            logits, weights, index = model(ids)
+        kept = torch.zeros(12, 4, dtype=torch.bool).scatter(1, logits.topk(keep, dim=-1).indices, True)
+        expected = logits.masked_fill(~kept, float("-inf")).softmax(dim=-1)
+        torch.testing.assert_close(torch.zeros(12, 4).scatter(1, index, weights), expected)
+        torch.testing.assert_close(ctrl.gate_probs()[0], logits.softmax(dim=-1))
+
+
+class LogitsOnlyRouter(SquaredLogitsRouter):
+    def forward(self, x):
+        return x.reshape(-1, 8) @ self.weight.T
+
+
+class ModelWithLogitsOnlyRouter(ModelWithUnknownRouter):
+    _can_record_outputs = {"router_logits": OutputRecorder(LogitsOnlyRouter, index=0)}
+
+    def __init__(self):
+        super().__init__()
+        self.router = LogitsOnlyRouter()
+
+
+def test_router_without_a_selection_is_refused_naming_why():
+    model = ModelWithLogitsOnlyRouter()
     ctrl = RouterController(model, make_policy("topk"))
-    assert ctrl.router_class == "SquaredLogitsRouter" and ctrl.moe_layers == ["router"]
-    with pytest.raises(
-        MoekdError, match="router class SquaredLogitsRouter is not supported: its weights are no known function"
-    ):
+    assert ctrl.router_class == "LogitsOnlyRouter" and ctrl.moe_layers == ["router"]
+    with pytest.raises(MoekdError, match="router class LogitsOnlyRouter is not supported: it returns only its logits"):
         RouterController(model, make_policy("all"))
-    with pytest.raises(MoekdError, match="capturing gate distributions: router class SquaredLogitsRouter"):
+    with pytest.raises(MoekdError, match="capturing gate distributions: router class LogitsOnlyRouter"):
         RouterController(model, make_policy("topk"), capture_gates=True)
 
 

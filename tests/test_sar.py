@@ -167,10 +167,10 @@ def test_bfloat16_teacher_trains_float32_router_weights(make_teacher, student, d
 
 
 def test_unsupported_router_class_is_refused(tokenizer, student, data, tmp_path):
-    teacher = tmp_path / "phimoe"  # no known router computation fits its sparsemixer weights
-    make_tiny_family_model("phimoe", vocab_size=len(tokenizer), seed=1, out_dir=teacher, tokenizer=tokenizer)
+    teacher = tmp_path / "jetmoe"  # its router returns an expert-grouped dispatch, not a per-token selection
+    make_tiny_family_model("jetmoe", vocab_size=len(tokenizer), seed=1, out_dir=teacher, tokenizer=tokenizer)
     with pytest.raises(
-        MoekdError, match="--teacher: router class PhimoeTopKRouter is not supported by SAR: its weights"
+        MoekdError, match="--teacher: router class JetMoeTopKGating is not supported by SAR: it returns"
     ):
         RouterTrainer(sar_options(teacher, student, data, tmp_path / "r.safetensors"))
 

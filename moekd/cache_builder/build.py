@@ -237,6 +237,10 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
     vocab = output_vocab_size(model)
     encoder = ENCODINGS[o.encoding].encoder(flags, model, vocab)
     controller = RouterController(model, policy, capture_gates=o.router_probs != "none")
+    if controller.rewrites:
+        console.print(
+            f"--policy {policy.name} weights the selected experts by {controller.weighting_text()}", highlight=False
+        )
     gate_r = gate_experts_kept(o.router_probs, controller.num_experts)
     meta = describe_store(
         o,

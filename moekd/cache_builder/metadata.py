@@ -96,6 +96,7 @@ def describe_store(
             seed=o.seed,
             seed_derivation=SEED_DERIVATION,
             router=router,
+            weighting=controller.weighting,
         ),
         encoding=encoder.info,
         dataset=DatasetInfo(

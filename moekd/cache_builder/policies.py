@@ -5,7 +5,9 @@ family defines g is in `moekd/routers.py`) and returns the selected experts. The
 weights the selection with its own scores (softmax, sigmoid, ...): the expanding policies (`all`,
 `ka`, `topp`) renormalise the selected scores to 1 (METHODS §2-3: on softmax routers, mask the
 other logits to -inf and softmax) and then apply the family's scale (routed scaling); `mc` keeps
-the family's native weighting exactly (incl. whether it renormalises).
+the family's native weighting exactly (incl. whether it renormalises). On a router whose native
+weighting is no known computation (Phi-3.5-MoE's sparsemixer, ...), every policy that rewrites
+the selection uses the published weighting: softmax over the kept experts' logits.
 
 - `topk`: the router's own top-k; no rewrite, bit-identical to the unhooked model. With
           `experts` K (METHODS §3, published Figure 2): the K experts with the largest g, in

@@ -20,6 +20,7 @@ from torch import nn
 
 from moekd.cache_builder.policies import NativeTopK, RoutingPolicy
 from moekd.errors import MoekdError
+from moekd.gate_adapter import PUBLISHED_TEXT
 from moekd.routers import find_routers, recognise_routers
 from moekd.seeds import token_uniforms
 
@@ -67,6 +68,9 @@ class RouterController:
             )
         kinds = sorted({a.describe()["g"] for a in self._adapters if a is not None})
         self.gate_definition = " / ".join(kinds) or None
+        # how the rewritten selections are weighted (native when nothing is rewritten)
+        weightings = {a.weighting for a in self._adapters if a is not None} if self.rewrites else {"native"}
+        self.weighting = " / ".join(sorted(weightings)) or None
         drop = getattr(self.policy, "ka_drop", 0)
         if self.num_experts is not None and drop >= self.num_experts:
             raise MoekdError(f"--ka-drop {drop} leaves no expert: the teacher has {self.num_experts} experts per layer")
@@ -74,6 +78,17 @@ class RouterController:
         self._row_seeds: torch.Tensor | None = None
         self._gates: list[torch.Tensor | None] = []
         self._activated: list[torch.Tensor | None] = []
+
+    def weighting_text(self) -> str:
+        """How the selected experts are weighted, in words (printed at build time)."""
+        texts = [
+            f"the {PUBLISHED_TEXT} weighting, as no native one fits ({a.native_misfit})"
+            if a.weighting == "published"
+            else f"the family's native weighting ({a.describe()['weighting']})"
+            for a in self._adapters
+            if a is not None
+        ]
+        return "; ".join(dict.fromkeys(texts)) if self.rewrites else "the router's own top-k and weighting"
 
     @contextmanager
     def active(self, row_seeds: list[int] | None = None):

@@ -219,7 +219,11 @@ def cache_info(
             if meta.teacher.num_experts
             else "dense teacher",
         ),
-        ("policy", f"{meta.policy.name} {meta.policy.params} M={meta.policy.samples} seed={meta.policy.seed}"),
+        (
+            "policy",
+            f"{meta.policy.name} {meta.policy.params} M={meta.policy.samples} seed={meta.policy.seed}"
+            + (f", {meta.policy.weighting} weighting" if meta.policy.weighting else ""),
+        ),
         ("encoding", describe_encoding(meta.encoding)),
         ("dataset", f"{meta.dataset.source} ({meta.dataset.format}, {meta.dataset.template} template)"),
         ("examples", f"{meta.layout.num_examples:,}"),

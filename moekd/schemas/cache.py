@@ -6,7 +6,8 @@ added later bump the minor version, and an older reader ignores them.
 
 1.1 added the `sampled` and `hidden` encodings (a reader of 1.0 refuses them by their `kind`);
 stores of 1.0 (`topk_tail` only) read unchanged. 1.2 added `policy.router` (the router file of
-`--policy sar`).
+`--policy sar`). 1.3 added `policy.weighting` (native or published weighting of the selected
+experts; absent in older stores).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pydantic import Field
 from moekd.schemas.base import Strict
 from moekd.schemas.router import RouterFileRef
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 FORMAT = "moekd-teacher-cache"
 ALIGNMENT_DESCRIPTION = (
     "target_positions[p] = t means the stored distribution at p was produced by the teacher at token "
@@ -59,6 +60,13 @@ class PolicyInfo(Strict):
     seed: int
     seed_derivation: str = Field(description="How the seed of each (example, sample) is derived from `seed`")
     router: RouterFileRef | None = Field(None, description="--policy sar: the trained router file the teacher ran with")
+    weighting: str | None = Field(
+        None,
+        description="(1.3) How the selected experts were weighted: native (the family's own weighting; `topk` "
+        "without rewrite is always native) or published (softmax over the kept experts' logits, the others at "
+        "-inf: routers whose native weighting is no known computation); 'native / published' when layers differ. "
+        "Absent in stores before 1.3",
+    )
 
 
 class TopkEncoding(Strict):
