@@ -212,3 +212,22 @@ def test_every_readme_command_runs_or_is_listed(workdir):
         assert "Traceback" not in output, f"{command}\n{output[-4000:]}"
         ran.append(command)
     assert any(c.startswith("torchrun") for c in ran) and len(ran) >= 20
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of the headings of `markdown`."""
+    headings = re.findall(r"^#+ (.+)$", markdown, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/methods.md"])
+def test_links_name_files_and_headings_that_exist(page):
+    source = ROOT / page
+    for target in re.findall(r"\]\(([^)\s]+)\)", source.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # a URL
+        path, _, anchor = target.partition("#")
+        linked = (source.parent / path).resolve() if path else source
+        assert linked.exists(), f"{page} links to {path}, which does not exist"
+        if anchor:
+            assert anchor in anchors(linked.read_text()), f"{page} links to #{anchor}, no heading of {path or page}"
