@@ -20,7 +20,7 @@ SKEW_LAMBDA, JSD_BETA = 0.1, 0.5
 
 
 def textbook(p, q, kind):
-    """The METHODS.md §6 definitions, straight from probabilities [..., C] (all > 0 or matching zeros)."""
+    """The docs/methods.md §5.1 definitions, straight from probabilities [..., C] (all > 0 or matching zeros)."""
 
     def kl(a, b):
         return torch.where(a > 0, a * (a / b).log(), torch.zeros_like(a)).sum(-1)

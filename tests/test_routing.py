@@ -234,7 +234,7 @@ def test_ka_lambda0_keeps_top_n_minus_1_with_renormalised_weights(load, family):
         assert torch.equal(active, expected)
     logits = x @ block.gate.weight.T
     masked = logits.masked_fill(~ctrl.activated_experts()[0], float("-inf"))
-    weights = torch.softmax(masked, dim=-1)  # METHODS §2: unselected logits -inf, softmax over the rest
+    weights = torch.softmax(masked, dim=-1)  # docs/methods.md §2: unselected logits -inf, softmax over the rest
     explicit = torch.einsum("tn,nth->th", weights, expert_outputs(block.experts, x))
     torch.testing.assert_close(y, explicit, atol=1e-5, rtol=1e-4)
 

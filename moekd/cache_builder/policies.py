@@ -3,14 +3,14 @@
 A policy sees the layer's gate distribution g [T, N] (float32, rows sum to 1; how a router
 family defines g is in `moekd/routers.py`) and returns the selected experts. The router family then
 weights the selection with its own scores (softmax, sigmoid, ...): the expanding policies (`all`,
-`ka`, `topp`) renormalise the selected scores to 1 (METHODS §2-3: on softmax routers, mask the
+`ka`, `topp`) renormalise the selected scores to 1 (docs/methods.md §2: on softmax routers, mask the
 other logits to -inf and softmax) and then apply the family's scale (routed scaling); `mc` keeps
 the family's native weighting exactly (incl. whether it renormalises). On a router whose native
 weighting is no known computation (Phi-3.5-MoE's sparsemixer, ...), every policy that rewrites
 the selection uses the published weighting: softmax over the kept experts' logits.
 
 - `topk`: the router's own top-k; no rewrite, bit-identical to the unhooked model. With
-          `experts` K (METHODS §3, published Figure 2): the K experts with the largest g, in
+          `experts` K (docs/methods.md §2.1, published Figure 2): the K experts with the largest g, in
           expert order, renormalised like `all`. K = the router's k installs no rewrite (the
           native policy, bit for bit); K = N selects exactly what `all` selects.
 - `all`:  every expert (k = N).

@@ -4,7 +4,7 @@ For every MoE layer, over the counted tokens (`scope="response"`: the positions 
 next-token distribution the cache stores, i.e. `TokenizedExample.target_positions`;
 `scope="all"`: every non-padding token):
 - activated / dormant mass: mean over tokens of the gate mass of the experts the policy
-  activated / did not activate (they sum to 1; METHODS §1);
+  activated / did not activate (they sum to 1; docs/methods.md §1);
 - mean number of activated experts per token;
 - load: share of all token-to-expert assignments that went to each expert (sums to 1), and
   its coefficient of variation std/mean (population std; 0 = perfectly balanced);

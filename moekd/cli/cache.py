@@ -99,7 +99,8 @@ def cache_build(
 
     Example: moekd cache build --teacher ./teacher --data train.jsonl --out sampled.zarr --encoding sampled --draws 32
 
-    On several GPUs: torchrun --nproc-per-node 8 -m moekd cache build ... (one teacher per rank).
+    On several GPUs: torchrun --standalone --nproc-per-node 8 -m moekd -- cache build ... (one teacher per rank;
+    the -- stops torchrun from reading moekd's flags, such as --m, as its own).
     As a job array: moekd cache build ... --shard $I/$N in each job, then moekd cache finalize run.zarr
     """
     from moekd.cache_builder.build import BuildOptions, build_cache

@@ -107,10 +107,10 @@ def routing_families(
 ) -> None:
     """Every MoE causal-LM family of the installed transformers: router class, kind, policies, tested.
 
-    Each family is built small from its config class and run once under every policy (all 70
-    families of transformers 5.25 took 37 s here). The policy weighting column says whether the
-    policies weight the selected experts natively or by the published weighting (softmax over the
-    kept experts' logits). Example: moekd routing families --family gpt_oss
+    Each family is built small from its config class and run once under every policy (well under a
+    minute for all of them on a CPU). The policy weighting column says whether the policies weight
+    the selected experts natively or by the published weighting (softmax over the kept experts'
+    logits). Example: moekd routing families --family gpt_oss
     """
     import json
 

@@ -121,7 +121,7 @@ def train_command(
 
     MoE student, Balanced Distillation: moekd train --cache gates.zarr --student ./moe --out runs/bd --router-loss bdistill --expert-weight 0.1
 
-    On several GPUs (DDP, each rank trains its share of every batch): torchrun --nproc-per-node 8 -m moekd train ...
+    On several GPUs (DDP, each rank trains its share of every batch): torchrun --standalone --nproc-per-node 8 -m moekd -- train ...
     """
     from moekd.distill.train import TrainOptions, train
     from moekd.distributed import Ranks

@@ -13,7 +13,7 @@ The loss is the exact divergence between these two distributions: nothing is cla
 small k never makes it zero (a renormalised top-1 loss is identically zero). With k = V it is
 the full-vocabulary divergence that `dense_kd_loss` computes.
 
-Kinds (METHODS.md §6), with p the teacher and q the student:
+Kinds (docs/methods.md §5.1), with p the teacher and q the student:
     fkl   forward KL           KL(p || q) = sum p log(p/q)
     rkl   reverse KL           KL(q || p)
     skl   skew KL              KL(p || λp + (1-λ)q)          λ = skew_lambda

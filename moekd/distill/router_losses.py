@@ -1,4 +1,4 @@
-"""Router terms for MoE students: Balanced Distillation (METHODS §5) and the family's auxiliary loss.
+"""Router terms for MoE students: Balanced Distillation (docs/methods.md §6) and the family's auxiliary loss.
 
 Per target position, teacher sample m and mapped student layer l, with p the cached teacher
 gate distribution mapped onto the student's experts (gate_maps.py), g the student's router

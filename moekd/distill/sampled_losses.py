@@ -1,4 +1,4 @@
-"""The distillation loss of a sampled cache (random-sampling KD, METHODS.md §7).
+"""The distillation loss of a sampled cache (random-sampling KD, docs/methods.md §4.2, §5.3).
 
 A sampled cache holds, per position and teacher sample, ids drawn from the teacher and weights
 w_i that make p_hat_i = w_i an unbiased estimate of the teacher p at those ids

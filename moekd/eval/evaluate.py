@@ -1,6 +1,6 @@
 """`moekd eval`: sample responses for each dataset and seed, score ROUGE-L, report mean and std over seeds.
 
-Protocol of the published work (METHODS §8): prompts built exactly as in training, one sampled
+Protocol of the published work (docs/methods.md §7): prompts built exactly as in training, one sampled
 response per prompt per seed (temperature 1, top_k 0, top_p 1), ROUGE-L F-measure x100 with
 stemming, max over a record's references, averaged over the dataset; then mean and std over
 seeds. std is the population std (ddof=0, numpy's default), recorded in the report.

@@ -1,4 +1,4 @@
-"""The losses of Student-Aware Router training (METHODS §4), on one batch.
+"""The losses of Student-Aware Router training (docs/methods.md §3), on one batch.
 
 Teacher p_T (all experts, trainable routers) and student q_s are compared on the response
 positions of the batch (position t predicts token t+1), over the shared vocabulary V:

@@ -1,4 +1,4 @@
-"""`moekd sar train`: train the teacher's routers with the student's feedback (METHODS §4).
+"""`moekd sar train`: train the teacher's routers with the student's feedback (docs/methods.md §3).
 
 Flow: check the options, the student's tokenizer against the teacher's and the data -> load
 the teacher (every parameter frozen but its router gate weights, which are kept in float32 and
