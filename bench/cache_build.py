@@ -33,12 +33,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moekd.cache_builder.build import BuildOptions, build_cache, example_tables
-from moekd.cache_builder.policies import make_policy
-from moekd.cache_builder.routing import RouterController
 from moekd.cache_builder.runner import length_batches, pad_batch
 from moekd.data.prompts import format_prompt, tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import train_tokenizer
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import make_policy
 from moekd.store.info import store_info
 from moekd.tiny_models import tiny_config
 

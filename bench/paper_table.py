@@ -130,11 +130,11 @@ def teacher_routing(work: Path, max_examples: int) -> dict:
     import numpy as np
     import torch
 
-    from moekd.cache_builder.routing_stats import compute_routing_stats
     from moekd.data.prompts import tokenize_records
     from moekd.data.records import load_records
     from moekd.experiments import expert_specialisation
     from moekd.models import load_causal_lm, load_tokenizer
+    from moekd.routing.stats import compute_routing_stats
 
     teacher = work / "teacher" / "final"
     tokenizer = load_tokenizer(teacher)

@@ -26,9 +26,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from rich.console import Console
 from rich.table import Table
 
-from moekd.cache_builder.policies import make_policy
-from moekd.cache_builder.routing_stats import routing_stats_for_files
 from moekd.errors import MoekdError
+from moekd.routing.policies import make_policy
+from moekd.routing.stats import routing_stats_for_files
 from moekd.sar.train import SarOptions, train_router
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sar_router_kl.json"

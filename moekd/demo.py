@@ -35,8 +35,6 @@ from rich.console import Console
 from rich.table import Table
 
 from moekd.cache_builder.build import BuildOptions, build_cache
-from moekd.cache_builder.policies import make_policy
-from moekd.cache_builder.routing_stats import routing_stats_for_files
 from moekd.data.prompts import format_prompt
 from moekd.data.records import load_records
 from moekd.data.synth import write_suite
@@ -48,8 +46,10 @@ from moekd.errors import MoekdError
 from moekd.eval.evaluate import evaluate, write_report
 from moekd.experiments import Stopwatch, summarise_rows
 from moekd.paths import check_output_dir
+from moekd.routing.policies import make_policy
+from moekd.routing.router_file import read_router_file
+from moekd.routing.stats import routing_stats_for_files
 from moekd.sar.options import run_dir as sar_run_dir
-from moekd.sar.router_file import read_router_file
 from moekd.sar.train import SarOptions, train_router
 from moekd.store.info import store_info
 from moekd.store.writer import atomic_write, store_state

@@ -3,7 +3,7 @@
 A family is a model type that `AutoModelForCausalLM` builds (transformers'
 `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`) whose modeling module declares a router class for
 `router_logits` (read from the module's source, so listing the families imports no model). `family_report` builds the family small (`tiny_models.make_tiny_family_model`),
-recognises its routers (`moekd.routers`) and runs one short forward under every routing policy.
+recognises its routers (`moekd.routing.routers`) and runs one short forward under every routing policy.
 `moekd routing families` prints the reports; the conformance suite (tests/test_families.py)
 checks every family the same builder can build.
 """
@@ -82,10 +82,10 @@ def first_line(error: BaseException) -> str:
 
 def family_report(family: Family, tokens: int = 12) -> FamilyReport:
     """Build `family` small, recognise its routers and run a forward under each policy."""
-    from moekd.cache_builder.policies import make_policy
-    from moekd.cache_builder.routing import RouterController
     from moekd.errors import MoekdError
-    from moekd.routers import recognise_routers
+    from moekd.routing.controller import RouterController
+    from moekd.routing.policies import make_policy
+    from moekd.routing.routers import recognise_routers
     from moekd.tiny_models import make_tiny_family_model
 
     report = FamilyReport(family.model_type, family.causal_lm, ", ".join(family.router_classes), built=False)

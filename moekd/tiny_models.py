@@ -351,7 +351,7 @@ def reinit_routers(model, std: float = 1.0, seed: int = 0) -> None:
 
     Frozen parameters and buffers (selection biases) keep their initial values (zero).
     """
-    from moekd.routers import find_routers
+    from moekd.routing.routers import find_routers
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

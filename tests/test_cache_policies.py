@@ -6,10 +6,10 @@ import torch
 
 from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
-from moekd.cache_builder.policies import make_policy
-from moekd.cache_builder.routing import RouterController
 from moekd.encodings.topk import decode_topk, encode_topk, sparse_next_token
 from moekd.errors import MoekdError
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import make_policy
 from moekd.seeds import derive_seed
 from moekd.store.verify import verify_store
 from tests.test_cache_build import options

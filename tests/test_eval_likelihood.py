@@ -7,14 +7,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moekd.cache_builder.policies import make_policy
-from moekd.cache_builder.routing import RouterController
 from moekd.cli import app
 from moekd.data.prompts import format_prompt, prompt_ids
 from moekd.data.synth import write_suite
 from moekd.errors import MoekdError
 from moekd.eval.evaluate import evaluate, load_eval_examples
 from moekd.eval.generate import generate_responses, load_model
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import make_policy
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,12 @@ def loud_teacher(make_teacher, tmp_path_factory):
 def moved_router(loud_teacher, tmp_path_factory):
     """A router file for the loud teacher, written as `moekd sar train` writes one: its gate weights moved by seeded noise."""
     from moekd.models import checkpoint_sha256
-    from moekd.sar.router_file import describe_teacher, recognised_routers, router_gate_parameters, write_router_file
+    from moekd.routing.router_file import (
+        describe_teacher,
+        recognised_routers,
+        router_gate_parameters,
+        write_router_file,
+    )
     from moekd.schemas.router import RouterFileMeta, RouterStudent
 
     model, _ = load_model(loud_teacher, "cpu")
@@ -74,7 +79,7 @@ def sar_routers(router_file):
     top-k widened to N (for Mixtral the `all` policy): the SAR teacher, built without moekd."""
     from safetensors.torch import load_file
 
-    from moekd.routers import find_routers
+    from moekd.routing.routers import find_routers
 
     def prepare(model):
         tensors = load_file(str(router_file))
@@ -140,7 +145,7 @@ def test_kl_of_a_model_from_itself_is_zero_and_a_policy_moves_it(loud_teacher, s
 
 
 def test_sar_policy_routes_by_the_router_file(loud_teacher, moved_router, synth_dir, tmp_path):
-    from moekd.sar.router_file import file_sha256
+    from moekd.routing.router_file import file_sha256
 
     teacher, data = loud_teacher, synth_dir / "test.jsonl"
     sar = evaluate(

@@ -18,11 +18,11 @@ from transformers import PretrainedConfig
 
 from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
-from moekd.cache_builder.policies import make_policy
-from moekd.cache_builder.routing import RouterController
 from moekd.errors import MoekdError
 from moekd.families import moe_families
-from moekd.routers import find_routers, recognise_routers
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import make_policy
+from moekd.routing.routers import find_routers, recognise_routers
 from moekd.store.verify import verify_store
 from moekd.tiny_models import TOP_K_FIELDS, make_tiny_family_model
 from tests.test_cache_build import options
@@ -413,8 +413,8 @@ def test_cache_build_and_deep_verify(family, family_dir, tiny_data, tmp_path):
 def test_sar_backward_reaches_exactly_the_gate_parameters(family, family_dir):
     """SAR's teacher side on every family: all experts active, only the gate parameters trainable,
     the output loss reaches each of them, and the recorder sees each router's g and native choice."""
+    from moekd.routing.router_file import recognised_routers, router_gate_parameters
     from moekd.sar.objective import RouterRecorder
-    from moekd.sar.router_file import recognised_routers, router_gate_parameters
 
     model = load(family_dir(family))
     adapters_or_refusal(model, "all")

@@ -1,4 +1,4 @@
-"""moekd.routers: recognition by computation, and the API the training side uses."""
+"""moekd.routing.routers: recognition by computation, and the API the training side uses."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 from transformers.utils.output_capturing import OutputRecorder
 
 from moekd.errors import MoekdError
-from moekd.routers import frozen_router_tensors, gate_adapter, gate_parameters, recognise_routers
+from moekd.routing.routers import frozen_router_tensors, gate_adapter, gate_parameters, recognise_routers
 from moekd.tiny_models import make_tiny_family_model
 
 
@@ -94,7 +94,7 @@ def test_gemma4_per_expert_scale_is_frozen_and_norm_scale_trainable():
 def test_gate_adapter_errors_name_the_router():
     router = ScaledSigmoidRouter()
     with pytest.raises(
-        MoekdError, match="ScaledSigmoidRouter was not recognised yet: call moekd.routers.recognise_routers"
+        MoekdError, match="ScaledSigmoidRouter was not recognised yet: call moekd.routing.routers.recognise_routers"
     ):
         gate_adapter(router)
     infos = recognise_routers(make_tiny_family_model("jetmoe"))

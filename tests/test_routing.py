@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from transformers.utils.output_capturing import OutputRecorder
 
-from moekd.cache_builder.policies import KnowledgeAugmentation, MonteCarloRouting, make_policy
-from moekd.cache_builder.routing import RouterController
 from moekd.errors import MoekdError
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import KnowledgeAugmentation, MonteCarloRouting, make_policy
 from moekd.seeds import derive_seed, mix64, token_uniforms
 from moekd.tiny_models import MOE_FAMILIES
 

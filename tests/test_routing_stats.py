@@ -7,17 +7,17 @@ import pytest
 import torch
 from rich.console import Console
 
-from moekd.cache_builder.policies import make_policy
-from moekd.cache_builder.routing import RouterController
-from moekd.cache_builder.routing_stats import (
+from moekd.data.prompts import tokenize_records
+from moekd.data.records import load_records
+from moekd.errors import MoekdError
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import make_policy
+from moekd.routing.stats import (
     compute_routing_stats,
     plot_stats,
     render_table,
     routing_stats_for_files,
 )
-from moekd.data.prompts import tokenize_records
-from moekd.data.records import load_records
-from moekd.errors import MoekdError
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,16 @@ from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
 from moekd.distill.metrics import read_metrics
 from moekd.errors import MoekdError
-from moekd.routers import find_routers, frozen_router_tensors
-from moekd.sar.objective import balance_terms, cv_squared, student_divergence, teacher_divergence
-from moekd.sar.options import run_dir, student_dir
-from moekd.sar.router_file import (
+from moekd.routing.router_file import (
     file_sha256,
     read_router_file,
     recognised_routers,
     router_gate_parameters,
     write_router_file,
 )
+from moekd.routing.routers import find_routers, frozen_router_tensors
+from moekd.sar.objective import balance_terms, cv_squared, student_divergence, teacher_divergence
+from moekd.sar.options import run_dir, student_dir
 from moekd.sar.train import RouterTrainer, SarOptions, train_router
 from moekd.store.verify import verify_store
 from moekd.tiny_models import MOE_FAMILIES, make_tiny_family_model, make_tiny_model
@@ -237,7 +237,7 @@ def test_trainer_loss_equals_an_independent_all_expert_computation(make_teacher,
 
 def test_router_file_round_trips_and_is_refused_for_another_teacher(router_file, make_teacher, tmp_path):
     from moekd.models import checkpoint_sha256
-    from moekd.sar.router_file import check_router_file, load_router_file
+    from moekd.routing.router_file import check_router_file, load_router_file
 
     tensors, meta = read_router_file(router_file)
     copy = tmp_path / "copy.safetensors"

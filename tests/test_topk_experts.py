@@ -7,10 +7,10 @@ from typer.testing import CliRunner
 
 from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
-from moekd.cache_builder.policies import make_policy
-from moekd.cache_builder.routing import RouterController
 from moekd.cli import app
 from moekd.errors import MoekdError
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import make_policy
 from moekd.tiny_models import MOE_FAMILIES
 from tests.test_cache_build import options, read_all
 from tests.test_routing import batch, block_io, expert_outputs, hook_counts, run

@@ -2,7 +2,7 @@
 
 Flow: load and tokenize the data -> plan the store (sizes are known before the teacher runs;
 metadata.py) -> for each unfinished unit (one position shard): teacher forward x M under the
-routing policy, encode in the store's encoding (runner.py, sparsify.py), write the unit and its marker -> finalize
+routing policy, encode in the store's encoding (runner.py, moekd/encodings/), write the unit and its marker -> finalize
 (manifest, commit). See store/writer.py for the crash-safety protocol.
 
 Beyond one process (split.py): under torchrun, rank 0 plans the store (or finds it complete)
@@ -24,8 +24,6 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from moekd.cache_builder.metadata import describe_store, resume_settings
-from moekd.cache_builder.policies import check_router_flag, make_policy
-from moekd.cache_builder.routing import RouterController
 from moekd.cache_builder.runner import UnitRunner
 from moekd.cache_builder.split import parse_shard, split_units
 from moekd.data.prompts import tokenize_records
@@ -42,7 +40,9 @@ from moekd.models import (
     resolve_device,
     resolve_dtype,
 )
-from moekd.sar.router_file import file_sha256, load_router_file, read_router_file
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import check_router_flag, make_policy
+from moekd.routing.router_file import file_sha256, load_router_file, read_router_file
 from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, examples_overlapping
 from moekd.store.writer import CacheWriter, ExampleTables, recorded_settings, settings_differences, store_state
 

@@ -27,7 +27,7 @@ from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs
 from moekd.store.writer import ExampleTables, hash_arrays
 
 GATE_DEFINITION = (
-    "g = {g} (the router's per-expert scores normalised to sum 1, see moekd.routers); "
+    "g = {g} (the router's per-expert scores normalised to sum 1, see moekd.routing.routers); "
     "taken at the stored position, under the sample's routing policy"
 )
 

@@ -30,7 +30,7 @@ def pad_batch(tables: ExampleTables, batch: list[int], pad_id: int) -> tuple[tor
 
 
 class UnitRunner:
-    """Teacher passes for the examples of one unit, M samples each, encoded for the store (sparsify.py)."""
+    """Teacher passes for the examples of one unit, M samples each, encoded for the store (moekd/encodings/)."""
 
     def __init__(
         self,

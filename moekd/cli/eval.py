@@ -87,7 +87,7 @@ def eval_command(
     seed_list = parse_seeds(seeds) if rouge else []
     chosen = None
     if policy is not None:
-        from moekd.cache_builder.policies import make_policy
+        from moekd.routing.policies import make_policy
 
         chosen = make_policy(policy, ka_lambda=ka_lambda, ka_drop=ka_drop, top_p=top_p, experts=experts)
     elif any(v is not None for v in (experts, ka_lambda, ka_drop, top_p)):

@@ -62,13 +62,13 @@ def routing_stats(
     """
     import json
 
-    from moekd.cache_builder.policies import make_policy
-    from moekd.cache_builder.routing_stats import (
+    from moekd.paths import check_output_file
+    from moekd.routing.policies import make_policy
+    from moekd.routing.stats import (
         plot_stats,
         render_table,
         routing_stats_for_files,
     )
-    from moekd.paths import check_output_file
 
     if plot is not None:
         check_output_file(plot, "--plot")

@@ -2,7 +2,7 @@
 
 Per target position, teacher sample m and mapped student layer l, with p the cached teacher
 gate distribution mapped onto the student's experts (gate_maps.py), g the student's router
-logits and q = gate(g) the student's gate distribution (the adapter `moekd.routers.recognise_routers`
+logits and q = gate(g) the student's gate distribution (the adapter `moekd.routing.routers.recognise_routers`
 finds for its router: softmax(g) for softmax routers, sigmoid(g) / sum for sigmoid ones):
 - Monte-Carlo expert exploration: K draws e_j from the current p, each weighted by
   w_j = p[e_j] and then suppressed, p[e_j] <- α·p[e_j], renormalised;
@@ -35,7 +35,7 @@ from torch import nn
 
 from moekd.distill.gate_maps import GateTargets, expert_map, parse_layer_map
 from moekd.errors import MoekdError
-from moekd.routers import recognise_routers
+from moekd.routing.routers import recognise_routers
 
 TAU_RANGE = (0.5, 1.5)
 TINY = torch.finfo(torch.float32).tiny

@@ -7,7 +7,7 @@ seeds. std is the population std (ddof=0, numpy's default), recorded in the repo
 
 Beside it, on request, the deterministic teacher-forced scores of likelihood.py on the first
 reference of each record: response NLL and the exact KL from a reference teacher. `policy`
-routes the evaluated model's MoE layers by a routing policy (cache_builder/policies.py) for all
+routes the evaluated model's MoE layers by a routing policy (routing/policies.py) for all
 of it, e.g. a teacher with `--policy topk --experts 4`; stochastic policies draw per record from
 derive_seed(routing_seed, data row, 0). `--policy sar` first loads the router file `router`
 into the model's routers, checked against it, as `cache build --policy sar --router` does.
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from moekd.cache_builder.policies import check_router_flag
 from moekd.data.prompts import format_prompt, prompt_ids, tokenize_records
 from moekd.data.records import Record, detect_fields, read_rows, row_problem
 from moekd.data.tokenizer import tokenizer_fingerprint
@@ -31,7 +30,8 @@ from moekd.eval.generate import SAMPLING, generate_responses, load_model
 from moekd.eval.likelihood import response_scores
 from moekd.eval.rouge import rouge_l
 from moekd.models import checkpoint_sha256, output_vocab_size
-from moekd.sar.router_file import load_router_file, read_router_file
+from moekd.routing.policies import check_router_flag
+from moekd.routing.router_file import load_router_file, read_router_file
 from moekd.seeds import derive_seed
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
@@ -243,7 +243,7 @@ def _routing(model, policy):
     """A RouterController routing `model` by `policy`, or None for native routing."""
     if policy is None:
         return None
-    from moekd.cache_builder.routing import RouterController
+    from moekd.routing.controller import RouterController
 
     controller = RouterController(model, policy)
     return controller if controller.rewrites else None

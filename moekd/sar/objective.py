@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from moekd.distill.losses import dense_kd_loss
-from moekd.routers import RouterInfo
+from moekd.routing.routers import RouterInfo
 
 TEACHER_KLDS = ("reverse", "forward")
 

@@ -36,8 +36,6 @@ import torch
 from rich.console import Console
 
 from moekd import __version__
-from moekd.cache_builder.policies import AllExperts
-from moekd.cache_builder.routing import RouterController
 from moekd.data.batches import response_positions, right_pad
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
@@ -56,9 +54,11 @@ from moekd.models import (
     resolve_device,
     resolve_dtype,
 )
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import AllExperts
+from moekd.routing.router_file import describe_teacher, recognised_routers, router_gate_parameters, write_router_file
 from moekd.sar.objective import RouterRecorder, student_divergence, teacher_loss
 from moekd.sar.options import DEFAULT_STUDENT_LR, RUN_ONLY, SarOptions, check_options, run_dir, student_dir
-from moekd.sar.router_file import describe_teacher, recognised_routers, router_gate_parameters, write_router_file
 from moekd.schemas.router import RouterFileMeta, RouterStudent
 from moekd.store.writer import atomic_write
 

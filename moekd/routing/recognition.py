@@ -5,7 +5,7 @@ function x renormalised or not x constant or per-expert scale) on the router's o
 chosen experts, and keeps the one that reproduces its weights; where none does, the router
 still has one logit per expert per token and takes the published weighting. `gate_parameter_names` and
 `router_quirks` find, from the same call, the parameters g depends on and the family's quirks.
-Used by `moekd.routers.recognise_routers`.
+Used by `moekd.routing.routers.recognise_routers`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moekd.gate_adapter import GateAdapter
+from moekd.routing.adapter import GateAdapter
 
 
 def detach(x):

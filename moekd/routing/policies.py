@@ -1,7 +1,7 @@
 """Routing policies: which experts each token row of each MoE layer activates.
 
 A policy sees the layer's gate distribution g [T, N] (float32, rows sum to 1; how a router
-family defines g is in `moekd/routers.py`) and returns the selected experts. The router family then
+family defines g is in `moekd/routing/routers.py`) and returns the selected experts. The router family then
 weights the selection with its own scores (softmax, sigmoid, ...): the expanding policies (`all`,
 `ka`, `topp`) renormalise the selected scores to 1 (docs/methods.md §2: on softmax routers, mask the
 other logits to -inf and softmax) and then apply the family's scale (routed scaling); `mc` keeps
@@ -25,7 +25,7 @@ the selection uses the published weighting: softmax over the kept experts' logit
           probability of being in such a draw, not only the native top-k.
 - `sar`:  Student-Aware Router: `all`, with the router weights of a `moekd sar train` file
           loaded into the teacher first (build.py and `moekd eval` do that with
-          sar/router_file.py's load_router_file; the policy itself routes as `all`).
+          routing/router_file.py's load_router_file; the policy itself routes as `all`).
 
 Sampling without replacement is Gumbel-top-k: the k largest of log g_i + G_i with
 G_i = -log(-log u_i) draw k experts exactly as k successive draws from g renormalised over the

@@ -1,6 +1,6 @@
 """Find a teacher's MoE routers and make them route by a policy (see `policies.py`).
 
-Routers and their gate distributions are described in `moekd/routers.py`. A forward hook
+Routers and their gate distributions are described in `moekd/routing/routers.py`. A forward hook
 rewrites `(weights, index)` only, so `output_router_logits=True` still records the raw
 logits; the `topk` policy installs no rewrite at all.
 
@@ -18,10 +18,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from moekd.cache_builder.policies import NativeTopK, RoutingPolicy
 from moekd.errors import MoekdError
-from moekd.gate_adapter import PUBLISHED_TEXT
-from moekd.routers import find_routers, recognise_routers
+from moekd.routing.adapter import PUBLISHED_TEXT
+from moekd.routing.policies import NativeTopK, RoutingPolicy
+from moekd.routing.routers import find_routers, recognise_routers
 from moekd.seeds import token_uniforms
 
 
@@ -39,7 +39,7 @@ class RouterController:
                 f"{what} needs an MoE teacher: {type(model).__name__} has no router modules; "
                 "use --policy topk (without --experts) for a dense teacher"
             )
-        # Each router in forward order with what it computes, from one short forward (moekd/routers.py)
+        # Each router in forward order with what it computes, from one short forward (moekd/routing/routers.py)
         infos = recognise_routers(model)
         self.moe_layers = [info.name for info in infos]
         self._routers = [info.module for info in infos]

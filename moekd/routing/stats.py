@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moekd.cache_builder.policies import RoutingPolicy
-from moekd.cache_builder.routing import RouterController
 from moekd.data.batches import right_pad
 from moekd.data.prompts import TokenizedExample
 from moekd.errors import MoekdError
-from moekd.sar.router_file import (
+from moekd.routing.controller import RouterController
+from moekd.routing.policies import RoutingPolicy
+from moekd.routing.router_file import (
     check_router_file,
     read_router_file,
     recognised_routers,

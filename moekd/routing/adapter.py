@@ -1,7 +1,7 @@
 """What an MoE router computes, as data: its per-expert score, renormalisation and scale.
 
-A `GateAdapter` is found for each router by `moekd.routers.recognise_routers` and applied by
-the routing policies (moekd/cache_builder/routing.py) and the training side: `gate_probs` is
+A `GateAdapter` is found for each router by `moekd.routing.routers.recognise_routers` and applied by
+the routing policies (moekd/routing/controller.py) and the training side: `gate_probs` is
 the gate distribution g, `weights` the family's weighting of any selection, `read`/`write`
 (or `read_call`/`write_call`) take the selection out of and back into the router's output (or
 the call of the module its block hands the selection to).

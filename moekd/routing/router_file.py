@@ -7,7 +7,7 @@ sha256, router class, layer names), the student, the steps, settings and losses.
 atomically (a temporary file renamed into place), so a file that exists is complete.
 
 Trainable router parameters are the ones each router's gate distribution depends on
-(`moekd.routers.gate_parameters`, found by autograd when the routers are recognised): the gate
+(`moekd.routing.routers.gate_parameters`, found by autograd when the routers are recognised): the gate
 weights of every MoE layer, on every family whose routers moekd recognises. The router's other
 tensors (`frozen_router_tensors`: DeepSeek-V3-style correction biases that only steer the
 native top-k choice, per-expert output scales) are never trained nor stored.
@@ -26,14 +26,14 @@ from pydantic import ValidationError
 from torch import nn
 
 from moekd.errors import MoekdError
-from moekd.routers import RouterInfo, find_routers, gate_parameters, recognise_routers
+from moekd.routing.routers import RouterInfo, find_routers, gate_parameters, recognise_routers
 from moekd.schemas.router import ROUTER_FORMAT, RouterFileMeta, RouterFileRef, RouterTeacher
 
 METADATA_KEY = "moekd"
 
 
 def recognised_routers(model: nn.Module, flag: str = "--teacher") -> list[RouterInfo]:
-    """Every router of `model` in forward order, recognised by one short forward (moekd/routers.py);
+    """Every router of `model` in forward order, recognised by one short forward (moekd/routing/routers.py);
     a one-line error for a dense model, a router no known computation fits, or one with nothing to train."""
     infos = recognise_routers(model)
     if not infos:
