@@ -139,7 +139,8 @@ class _Destination:
         return _sha256(self.fs, path) == entry["sha256"]
 
     def write(self, rel: str, chunks, sha256: str) -> int:
-        """Write the blocks of `chunks` to `rel`; the file appears only if their sha256 is `sha256`."""
+        """Write the blocks of `chunks` to `rel`; the file appears only if their sha256 is `sha256` (an object
+        that then reads back otherwise is reported, and replaced by the next push)."""
         h, size = hashlib.sha256(), 0
         if self.local:
             target = self.dir / rel
@@ -234,8 +235,8 @@ def copy_store(
         raise MoekdError(f"--jobs must be at least 1, got {jobs}")
     src = _open_complete(source, source_options, verb)
     dst = _Destination(destination, destination_options, verb)
-    with WriterLock(dst.dir, f"{verb} destination") if dst.local else contextlib.nullcontext() as lock:
-        return _copy(src, dst, jobs, verb, source, destination, console, lock)
+    with WriterLock(dst.dir, f"{verb} destination") if dst.local else contextlib.nullcontext() as held:
+        return _copy(src, dst, jobs, verb, source, destination, console, held)
 
 
 def _copy(
@@ -246,7 +247,7 @@ def _copy(
     source: str,
     destination: str,
     console: Console | None,
-    lock: WriterLock | None,
+    held: WriterLock | None,
 ) -> TransferReport:
     dst.check(src)
     report = TransferReport(files=len(src.files))
@@ -293,8 +294,8 @@ def _copy(
             f"metadata, so it does not read as a store; rerun to resume once the source is intact "
             f"(`moekd cache verify {source}`)"
         )
-    if lock is not None:
-        lock.verify()
+    if held is not None:
+        held.verify()
     dst.commit(src)
     return report
 
