@@ -155,8 +155,8 @@ class WriterLock:
     def __init__(self, target: str | Path, flag: str, shard: tuple[int, int] | None = None):
         self.target, self.flag, self.shard = Path(target), flag, shard
         self.path = lock_path(self.target, shard)
-        self._raw: bytes | None = None
-        self._stop = threading.Event()
+        self._raw: bytes | None = None  # the lock file's content while we hold it
+        self._stop = threading.Event()  # stops the heartbeat of the current hold
 
     def __enter__(self) -> WriterLock:
         self.acquire()
@@ -189,13 +189,15 @@ class WriterLock:
                 raise MoekdError(f"{self.flag}: other writers of {self.target} keep taking its lock; retry")
         except OSError as e:
             raise MoekdError(f"{self.flag}: cannot create the lock file {self.path}: {e.strerror}") from None
-        self._raw = raw
+        self._raw, self._stop = raw, threading.Event()
         try:
             self._check_the_other_side()
         except BaseException:
             self.release()
             raise
-        threading.Thread(target=self._heartbeat, name=f"moekd-lock {self.path.name}", daemon=True).start()
+        beat = threading.Thread(target=self._heartbeat, args=(raw, self._stop), name=f"moekd-lock {self.path.name}")
+        beat.daemon = True
+        beat.start()
 
     def _create(self, raw: bytes) -> bool:
         """Publish `raw` at the lock name whole, by hard link; False when the name is taken."""
@@ -240,10 +242,10 @@ class WriterLock:
             f"{self.flag}: {self.target} is being written by another moekd {what}({describe(holder)}); {todo}"
         )
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+    def _heartbeat(self, raw: bytes, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_SECONDS):
             try:
-                if self.path.read_bytes() == self._raw:
+                if self.path.read_bytes() == raw:
                     os.utime(self.path)
             except OSError:
                 pass  # a filesystem that hiccups: the lease tolerates missed beats
