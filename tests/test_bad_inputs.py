@@ -188,6 +188,24 @@ def other_zarr(tmp: Path, fx: dict) -> Path:
     return tmp / "other.zarr"
 
 
+def held(
+    maker: Maker | None = None, name: str = "out", suffix: str = "", shard: tuple[int, int] | None = None
+) -> Maker:
+    """`maker`'s output (default: a fresh path `name`) with its lock held by a live writer (this test process)."""
+    from moekd.locking import WriterLock
+
+    def make(tmp: Path, fx: dict) -> Path:
+        path = maker(tmp, fx) if maker is not None else tmp / name
+        lock = WriterLock(f"{path}{suffix}", "--out", shard)
+        lock.acquire()
+        record = lock.path.read_bytes()
+        lock.release()
+        lock.path.write_bytes(record)  # still held, by a live pid, without a heartbeat thread left running
+        return path
+
+    return make
+
+
 def set_key(key: str, value) -> Callable[[dict], None]:
     def change(d: dict) -> None:
         *parents, last = key.split(".")
@@ -243,6 +261,7 @@ SAR = (
     "sar train --teacher {teacher} --student {student} --data {data} --out {out}.safetensors --steps 1 "
     "--batch-tokens 512 --max-prompt-len 96 --max-len 128 --device cpu"
 )
+LOCKED = "is being written by another moekd"
 # Options are single-valued, so a later occurrence overrides the base command's (except eval --data, which repeats).
 
 DOLLY_ROW = {"instruction": "Say hi.", "context": "", "response": "hi"}
@@ -484,6 +503,19 @@ CASES = [
     case("pack-exists", "cache pack {cache} {out}", "exists", out=text("x", "run.zip")),
     case("pack-source-unfinished", "cache pack {unfinished} {tmp}/run.zip", "unfinished build"),
     case("build-resume-other-settings", BUILD + " --resume --k 8", "--resume", "k: 16", out=copy("unfinished")),
+    # ---- one writer at a time: another live writer holds the output's lock
+    case("build-resume-while-a-build-writes", BUILD + " --resume", "--out", LOCKED, out=held(copy("unfinished"))),
+    case("build-shard-while-a-build-writes", BUILD + " --shard 0/2", "--out", LOCKED, out=held()),
+    case(
+        "finalize-while-a-shard-job-writes",
+        "cache finalize {out}",
+        "STORE",
+        "shard job 0/2",
+        LOCKED,
+        out=held(copy("unfinished"), shard=(0, 2)),
+    ),
+    case("pull-while-a-pull-writes", "cache pull {cache} {out}", "pull destination", LOCKED, out=held()),
+    case("pack-while-a-pack-writes", "cache pack {cache} {out}", "pack", LOCKED, out=held(name="run.zip")),
     # ---- cache info / verify
     case("info-missing", "cache info {tmp}/absent.zarr", "absent.zarr", "does not exist"),
     case("info-file", "cache info {data}", "demo_instructions.jsonl"),
@@ -550,6 +582,7 @@ CASES = [
         bad=foreign_safetensors,
     ),
     # ---- sar train
+    case("sar-while-a-run-writes", SAR + " --resume auto", "--out", LOCKED, out=held(suffix=".safetensors")),
     case("sar-lr-zero", SAR + " --lr 0", "--lr"),
     case("sar-lr-negative", SAR + " --lr=-1e-5", "--lr"),
     case("sar-beta-negative", SAR + " --beta=-0.1", "--beta"),
@@ -711,6 +744,7 @@ CASES = [
     case("train-resume-auto-other-run", TRAIN + " --lr 1e-3 --resume auto", "--out", "lr", out=copy("run")),
     case("train-resume-other-runs-checkpoint", TRAIN + " --lr 1e-3 --resume {run}/step-000001", "--resume", "lr"),
     case("train-resume-not-a-checkpoint", TRAIN + " --resume {tmp}", "--resume"),
+    case("train-resume-while-a-run-writes", TRAIN + " --resume auto", "--out", LOCKED, out=held(copy("run"))),
     case("train-resume-model-only-checkpoint", TRAIN + " --resume {run}/final", "--resume", "training_state.pt"),
     # ---- train --data
     case(

@@ -127,6 +127,18 @@ def test_corrupted_object_is_caught_by_verify_and_pull_and_healed_by_push(cache,
     assert pulled.copied == 1 and verify_store(str(tmp_path / "copy.zarr"), deep=True).ok  # resumed: the rest was kept
 
 
+def test_two_pushes_of_one_store_at_once_leave_it_complete(cache, s3):
+    """No lock guards a URL: two pushes of the same store race file by file, and the store they leave is whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = "s3://team/twice/run.zarr"
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda _: copy_store(str(cache), url, destination_options=s3, jobs=4), range(2)))
+    assert all(r.files == r.copied + r.kept and not r.problems for r in reports)
+    assert verify_store(url, deep=True, storage_options=s3).ok
+    assert_same_store(CacheReader(url, s3), CacheReader(cache))
+
+
 def test_copies_refuse_unfinished_sources_and_foreign_destinations(cache, s3, tmp_path):
     shutil.copytree(cache, tmp_path / "other.zarr")
     root = tmp_path / "other.zarr" / "zarr.json"

@@ -211,3 +211,114 @@ def test_bad_shard_flags(change, message, make_teacher, data_file, tmp_path):
     with pytest.raises(MoekdError, match=re.escape(message)):
         build_cache(options(make_teacher("mixtral"), data_file, tmp_path / "c.zarr", **change))
     assert not (tmp_path / "c.zarr").exists()
+
+
+# ---------------------------------------------------------------- one writer at a time, with real processes
+
+
+def moekd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moekd", *args]
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as fh:  # a file, not a pipe: a stopped reader must never block the writer
+        return subprocess.Popen(args, env={**ENV, "COLUMNS": "10000"}, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def wait_for_lock(proc: subprocess.Popen, path: Path) -> None:
+    """Until `proc` holds the lock at `path`."""
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if json.loads(path.read_bytes())["pid"] == proc.pid:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"process {proc.pid} never held {path} (exit code {proc.poll()})")
+
+
+def refused(args: list[str], holder: subprocess.Popen, *named: str) -> None:
+    """Run `args` to its end while `holder` holds the lock: exit code 2 and one line naming the holder."""
+    run = subprocess.run(args, env={**ENV, "COLUMNS": "10000"}, capture_output=True, text=True, timeout=200)
+    output = run.stdout + run.stderr
+    lines = output.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in output and len(lines) == 1, output
+    for part in ("is being written by another moekd", f"pid {holder.pid} on ", "since ", "`moekd ", *named):
+        assert part in lines[0], lines[0]
+
+
+def finish(proc: subprocess.Popen, log: Path) -> str:
+    os.kill(proc.pid, signal.SIGCONT)
+    assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()
+    return " ".join(log.read_text().split())
+
+
+@pytest.fixture
+def processes():
+    """Popen objects to kill (and continue, if stopped) when a test ends early."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+
+
+def test_two_resumes_of_a_killed_build_one_writes_and_the_other_is_refused(
+    reference, make_teacher, data_file, tmp_path, processes
+):
+    """A build SIGKILLed mid-way leaves its lock; two `--resume` runs at once: the first takes the dead
+    build's lock over and finishes the store, the second exits 2 naming it; the store equals an uninterrupted one."""
+    from moekd.locking import lock_path
+
+    ref, ref_summary = reference
+    out = tmp_path / "killed.zarr"
+    args = moekd(*cli_args(make_teacher("mixtral"), data_file, out))
+    killed = start(args, tmp_path / "killed.log")
+    processes.append(killed)
+    units = out / BUILD_DIR / "units"
+    deadline = time.time() + 200
+    while time.time() < deadline and killed.poll() is None and not (units.exists() and any(units.glob("*.json"))):
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert json.loads(lock_path(out).read_bytes())["pid"] == killed.pid  # the kill left its lock behind
+    assert store_state(out) == "unfinished"
+
+    first = start(args + ["--resume"], tmp_path / "first.log")
+    processes.append(first)
+    wait_for_lock(first, lock_path(out))
+    os.kill(first.pid, signal.SIGSTOP)  # holding the lock, as busy as it likes
+    refused(args + ["--resume"], first, f"--out: {out} ")
+    text = finish(first, tmp_path / "first.log")
+    done, total = map(int, re.search(r"units (\d+)/(\d+)", text).groups())
+    assert 0 < done < total == ref_summary.units_total, text
+    assert_same_arrays(out, ref)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no lock, draft or temp file
+
+
+def test_two_jobs_of_one_shard_exclude_each_other_while_other_shards_run(
+    reference, make_teacher, data_file, tmp_path, processes
+):
+    from moekd.locking import lock_path
+
+    ref, _ = reference
+    out = tmp_path / "sharded.zarr"
+    args = moekd(*cli_args(make_teacher("mixtral"), data_file, out))
+    first = start(args + ["--shard", "0/2"], tmp_path / "first.log")
+    processes.append(first)
+    wait_for_lock(first, lock_path(out, (0, 2)))
+    os.kill(first.pid, signal.SIGSTOP)
+    refused(args + ["--shard", "0/2"], first, "shard job 0/2 (")
+    other = subprocess.run(args + ["--shard", "1/2"], env=ENV, capture_output=True, text=True, timeout=240)
+    assert other.returncode == 0, other.stderr[-3000:]  # shard 1/2 runs beside the (stopped) job of shard 0/2
+    refused(moekd("cache", "finalize", str(out)), first, f"STORE: {out} ", "shard job 0/2 (")
+    assert store_state(out) == "unfinished"
+    finish(first, tmp_path / "first.log")
+    done = subprocess.run(moekd("cache", "finalize", str(out)), env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert_same_arrays(out, ref)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -403,3 +403,80 @@ def test_sft_data_takes_the_field_flags_of_cache_build(student, data_file, tmp_p
     assert summary.steps == 2
     with pytest.raises(MoekdError, match="field 'instruction' is missing"):
         train(options(student, tmp_path / "sft2", data=str(custom), loss="ce", max_steps=2))
+
+
+def test_two_resume_auto_runs_of_a_killed_run_one_trains_and_the_other_is_refused(cache, student, tmp_path):
+    """A run SIGKILLed after its first checkpoint leaves its lock; two `--resume auto` at once: the first takes
+    the lock over and finishes, the second exits 2 naming it; the run equals an uninterrupted one."""
+    import os
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from moekd.locking import lock_path
+
+    kw = dict(cache=str(cache), max_steps=6, save_every=2, eval_every=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes below run
+    try:
+        train(options(student, tmp_path / "whole", **kw))
+    finally:
+        torch.set_num_threads(threads)
+    run = tmp_path / "run"
+    o = options(student, run, **kw)
+    args = [sys.executable, "-m", "moekd", "train", "--cache", str(cache), "--student", str(student), "--out", str(run)]
+    for flag in ("lr", "batch_tokens", "max_steps", "eval_every", "save_every", "workers", "device", "eval_fraction"):
+        args += [f"--{flag.replace('_', '-')}", str(getattr(o, flag))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "10000"}
+
+    def start(extra: list[str], log: str) -> subprocess.Popen:
+        with open(tmp_path / log, "w") as fh:
+            return subprocess.Popen(args + extra, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+    def wait_until(done, proc) -> None:
+        deadline = time.time() + 200
+        while not done() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert done(), (tmp_path / "first.log").read_text() if (tmp_path / "first.log").exists() else proc.poll()
+
+    def holds(proc) -> bool:
+        try:
+            return json.loads(lock_path(run).read_bytes())["pid"] == proc.pid
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    killed = start([], "killed.log")
+    try:
+        wait_until(lambda: is_complete(run / "step-000002"), killed)
+    finally:
+        killed.kill()
+        killed.wait()
+    assert holds(killed) and not is_complete(run / "final")  # the kill left its lock behind
+
+    first = start(["--resume", "auto"], "first.log")
+    try:
+        wait_until(lambda: holds(first), first)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(args + ["--resume", "auto"], env=env, capture_output=True, text=True, timeout=200)
+        lines = (second.stdout + second.stderr).strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
+        assert f"--out: {run} is being written by another moekd (`moekd train --cache" in lines[0]
+        assert f"pid {first.pid} on " in lines[0]
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        first.wait(timeout=240)
+    log = (tmp_path / "first.log").read_text()
+    assert first.returncode == 0 and "Traceback" not in log and "resuming from" in log, log[-3000:]
+
+    def losses(path):
+        return [(r["step"], r.get("loss"), r.get("eval_loss"), r["lr"], r["tokens"]) for r in read_metrics(path)]
+
+    assert losses(run) == losses(tmp_path / "whole")
+    resumed, whole = (
+        load_file(run / "final" / "model.safetensors"),
+        load_file(tmp_path / "whole/final/model.safetensors"),
+    )
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+    assert not lock_path(run).exists()

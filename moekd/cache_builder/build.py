@@ -5,8 +5,11 @@ metadata.py) -> for each unfinished unit (one position shard): teacher forward x
 routing policy, encode in the store's encoding (runner.py, moekd/encodings/), write the unit and its marker -> finalize
 (manifest, commit). See store/writer.py for the crash-safety protocol.
 
-Beyond one process (split.py): under torchrun, rank 0 plans the store (or finds it complete)
-and tells the others, every rank loads its own teacher replica and writes its share of the
+One job writes a store at a time (moekd/locking.py): the build holds the store's lock from before
+the teacher loads until it has finalized; a `--shard i/n` job holds its shard's lock.
+
+Beyond one process (split.py): under torchrun, rank 0 holds the lock for the job, plans the store
+(or finds it complete) and tells the others, every rank loads its own teacher replica and writes its share of the
 unfinished units, progress is summed over ranks, and rank 0 finalizes once all are done. With
 `--shard i/n`, n independent jobs each write their own units and `moekd cache finalize` commits.
 """
@@ -31,6 +34,7 @@ from moekd.data.records import load_records
 from moekd.distributed import Ranks
 from moekd.encodings import ENCODINGS, check_flags
 from moekd.errors import MoekdError
+from moekd.locking import WriterLock
 from moekd.models import (
     check_tokenizer_fits,
     checkpoint_sha256,
@@ -186,13 +190,17 @@ def build_cache(o: BuildOptions, console: Console | None = None) -> BuildSummary
         )
     console = console if console is not None and ranks.main else Console(stderr=True, quiet=True)
     ranks.start("gloo")  # only objects and counters travel between ranks: gloo serves CPU and GPU builds alike
+    lock = WriterLock(o.out, "--out", parse_shard(o.shard))  # rank 0 takes it, for the whole job
     try:
-        return _build(o, flags, ranks, console, started)
+        return _build(o, flags, ranks, console, started, lock)
     finally:
+        lock.release()
         ranks.stop()
 
 
-def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started: float) -> BuildSummary:
+def _build(
+    o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started: float, lock: WriterLock
+) -> BuildSummary:
     out = Path(o.out)
     shard = parse_shard(o.shard)
     device = ranks.device(resolve_device(o.device))
@@ -231,6 +239,7 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
             wall_seconds=time.perf_counter() - started,
             already_complete=True,
         )
+    ranks.share(lock.acquire)  # before the teacher loads: a second writer is refused at once
     model = load_causal_lm(o.teacher, dtype, device)
     check_tokenizer_fits(tokenizer, model, tokenizer_flag)
     router = load_router_file(model, o.router, o.teacher, weights_sha256) if o.router else None
@@ -303,6 +312,7 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
             arrays = runner.run(unit, on_batch)
             seconds = time.perf_counter() - t0
             teacher_seconds += seconds
+            lock.verify()
             writer.write_unit(
                 unit, arrays, {"tokens": done_tokens - tokens0, "seconds": round(seconds, 3), "by": work.by}
             )
@@ -313,7 +323,7 @@ def _build(o: BuildOptions, flags: dict, ranks: Ranks, console: Console, started
     if shard:
         units_missing = len(writer.missing_units())
     elif ranks.main:
-        writer.finalize(time.perf_counter() - started)
+        writer.finalize(lock, time.perf_counter() - started)
     return summary(
         skipped=meta.dataset.skipped,
         units_done=sum(r[0] for r in per_rank),

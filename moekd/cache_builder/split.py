@@ -1,6 +1,6 @@
 """Which units of a store this process writes: all of them, its share under torchrun, or its `--shard i/n`.
 
-Every unit has exactly one writer, so no locks are needed:
+Every unit has exactly one writer (one job writes a store, or one job each shard of it: moekd/locking.py):
 - `--shard i/n`: unit u belongs to shard u mod n, in every run (n independent jobs never talk to
   each other; a rerun of shard i redoes only shard i's unfinished units);
 - torchrun: the ranks check the units' markers in parallel (rank r the units u with u mod W = r),

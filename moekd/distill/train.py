@@ -6,7 +6,9 @@ grad accumulation, clipping, bf16 autocast on CUDA) on the objective of objectiv
 MoE student's router terms and their learned temperatures τ, router_losses.py) -> metrics
 every step, eval and checkpoints every N steps -> final/. The teacher is never loaded:
 everything needed is in the store. Under torchrun, every rank trains its share of each batch
-through DistributedDataParallel and rank 0 writes (parallel.py).
+through DistributedDataParallel and rank 0 writes (parallel.py). One run writes an --out at a time:
+rank 0 holds the run directory's lock (moekd/locking.py) from before it looks for a checkpoint to
+resume from until final/ is written.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from moekd.distill.sources import check_vocabulary, open_source, verify_cache
 from moekd.distill.student import Student
 from moekd.distributed import Ranks
 from moekd.errors import MoekdError
+from moekd.locking import WriterLock
 from moekd.models import load_causal_lm, load_tokenizer, resolve_device
 from moekd.store.writer import atomic_write
 
@@ -75,13 +78,18 @@ def train(o: TrainOptions, console: Console | None = None) -> TrainSummary:
         torch.cuda.set_device(device)
     console = console if console is not None and ranks.main else Console(stderr=True, quiet=True)
     ranks.start(backend(device))
+    lock = WriterLock(o.out, "--out")  # rank 0 takes it, for the whole job
     try:
-        return _train(o, ranks, device, console, started)
+        return _train(o, ranks, device, console, started, lock)
     finally:
+        lock.release()
         ranks.stop()
 
 
-def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console, started: float) -> TrainSummary:
+def _train(
+    o: TrainOptions, ranks: Ranks, device: torch.device, console: Console, started: float, lock: WriterLock
+) -> TrainSummary:
+    ranks.share(lock.acquire)  # before anything is read or written: a second writer is refused at once
     tokenizer = load_tokenizer(o.student, "--student")
     if o.cache is not None:
         ranks.share(lambda: verify_cache(o))  # every file hashed once, not once per rank
@@ -190,10 +198,12 @@ def _train(o: TrainOptions, ranks: Ranks, device: torch.device, console: Console
                 record.update(evaluate())
             write(record)
             if o.save_every and step % o.save_every == 0 and ranks.main:
+                lock.verify()
                 state = _training_state(optimizer, scheduler, device, step, tokens, position, routing)
                 save_checkpoint(step_dir(out, step), model, tokenizer, state, step, config, RUN_ONLY)
             progress.update(task, completed=step, loss=f"{terms['loss']:.4f}", rate=f"{rate:,.0f}")
     if ranks.main:
+        lock.verify()
         save_checkpoint(out / FINAL, model, tokenizer, None, step, config, RUN_ONLY)
         log.close()
     elapsed = time.perf_counter() - clock

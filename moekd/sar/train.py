@@ -21,6 +21,9 @@ installed, so a replayed layer routes as its forward did.
 All randomness is derived from (--seed, step): the batch order, the student's sampled responses
 and torch's generator at the start of each step. A resumed run therefore reproduces the
 uninterrupted one without restoring any random state.
+
+One run writes an --out at a time: `train_router` holds its lock (moekd/locking.py) from before it
+looks for a checkpoint to resume from until the router file is written.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from moekd.distill.metrics import MetricsLog, progress_bar
 from moekd.distill.sources import TokenizedSource
 from moekd.errors import MoekdError
 from moekd.eval.generate import sample_continuations
+from moekd.locking import WriterLock
 from moekd.models import (
     checkpoint_sha256,
     load_causal_lm,
@@ -140,9 +144,11 @@ class _Checkpoint:
 class RouterTrainer:
     """One SAR run: set up in the constructor (checks, models, resume point), then `train()`."""
 
-    def __init__(self, o: SarOptions, console: Console | None = None):
+    def __init__(self, o: SarOptions, console: Console | None = None, lock: WriterLock | None = None):
+        """`lock`: the run's lock, held by the caller (train_router); checked before each save."""
         self.o, self.console = o, console or Console(stderr=True, quiet=True)
         check_options(o)
+        self.lock = lock or WriterLock(o.out, "--out")  # not taken: verify() does nothing
         self.device = resolve_device(o.device)
         self.dtype = resolve_dtype(o.dtype, self.device)
         self.tokenizer = load_tokenizer(o.teacher, "--teacher")
@@ -388,6 +394,7 @@ class RouterTrainer:
         )
 
     def _save_checkpoint(self) -> None:
+        self.lock.verify()
         state = {
             "router_optimizer": self.router_optimizer.state_dict(),
             "student_optimizer": self.student_optimizer.state_dict() if self.student_optimizer else None,
@@ -406,6 +413,7 @@ class RouterTrainer:
         import transformers
 
         o, student_out = self.o, None
+        self.lock.verify()
         if o.co_train_student:
             student_out = str(student_dir(o.out))
             self.student.save_pretrained(student_out)
@@ -454,4 +462,6 @@ def _checkpoint_decoder_layers(model) -> None:
 
 def train_router(o: SarOptions, console: Console | None = None) -> SarSummary:
     """Run `moekd sar train` with options `o`; see the module docstring."""
-    return RouterTrainer(o, console).train()
+    check_options(o)  # bad flags are refused before the lock is written beside --out
+    with WriterLock(o.out, "--out") as lock:
+        return RouterTrainer(o, console, lock).train()

@@ -9,10 +9,17 @@
 - A destination never reads as complete before every file is there: the manifest and then the
   root `zarr.json` (which says `status: complete`) are written last. Local files are written
   under a temporary name and renamed; object stores show an object only once its upload completed.
+- One writer at a time: a local destination (a pull, a push to a directory) and a pack hold the
+  lock of what they write (moekd/locking.py). Object storage offers no lock that every fsspec
+  backend honours, so two pushes of one store to one URL may run at once: both upload the same
+  bytes (each checked against the manifest before the object appears), neither deletes an object,
+  and each commits only after every file was there intact, so the destination reads as complete
+  only once it is. Pushes of different stores to one URL at once are not detected; see docs/locking.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from moekd.errors import MoekdError
+from moekd.locking import WriterLock
 from moekd.schemas import parse_metadata
 from moekd.store.layout import MANIFEST, ROOT_META
 from moekd.store.location import file_path, is_url, open_files
@@ -131,7 +139,8 @@ class _Destination:
         return _sha256(self.fs, path) == entry["sha256"]
 
     def write(self, rel: str, chunks, sha256: str) -> int:
-        """Write the blocks of `chunks` to `rel`; the file appears only if their sha256 is `sha256`."""
+        """Write the blocks of `chunks` to `rel`; the file appears only if their sha256 is `sha256` (an object
+        that then reads back otherwise is reported, and replaced by the next push)."""
         h, size = hashlib.sha256(), 0
         if self.local:
             target = self.dir / rel
@@ -166,7 +175,8 @@ class _Destination:
             raise
         fh.close()
         if _sha256(self.fs, path) != sha256:  # as stored at the destination
-            self.fs.rm_file(path)
+            # left for the next push to replace, never deleted: a concurrent push of this store may
+            # be writing it, and may already have committed a destination that needs it
             raise _Corrupted(rel)
         return size
 
@@ -225,6 +235,20 @@ def copy_store(
         raise MoekdError(f"--jobs must be at least 1, got {jobs}")
     src = _open_complete(source, source_options, verb)
     dst = _Destination(destination, destination_options, verb)
+    with WriterLock(dst.dir, f"{verb} destination") if dst.local else contextlib.nullcontext() as held:
+        return _copy(src, dst, jobs, verb, source, destination, console, held)
+
+
+def _copy(
+    src: _Source,
+    dst: _Destination,
+    jobs: int,
+    verb: str,
+    source: str,
+    destination: str,
+    console: Console | None,
+    held: WriterLock | None,
+) -> TransferReport:
     dst.check(src)
     report = TransferReport(files=len(src.files))
     lock = threading.Lock()
@@ -270,6 +294,8 @@ def copy_store(
             f"metadata, so it does not read as a store; rerun to resume once the source is intact "
             f"(`moekd cache verify {source}`)"
         )
+    if held is not None:
+        held.verify()
     dst.commit(src)
     return report
 
@@ -281,9 +307,13 @@ def pack_store(
     out = Path(out)
     if out.suffix != ".zip":
         raise MoekdError(f"pack: {out} must end in .zip (readers recognise packed stores by it)")
-    if out.exists():
-        raise MoekdError(f"pack: {out} exists; remove it or choose another name (it is never overwritten)")
-    src = _open_complete(source, source_options, "pack")
+    with WriterLock(out, "pack") as lock:
+        if out.exists():
+            raise MoekdError(f"pack: {out} exists; remove it or choose another name (it is never overwritten)")
+        return _pack(_open_complete(source, source_options, "pack"), source, out, console, lock)
+
+
+def _pack(src: _Source, source: str, out: Path, console: Console | None, lock: WriterLock) -> TransferReport:
     report = TransferReport(files=len(src.files))
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
@@ -309,6 +339,7 @@ def pack_store(
             zf.writestr(ROOT_META, src.root_meta)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        lock.verify()
         os.replace(tmp, out)
         fsync_dir(out.parent)
     finally:

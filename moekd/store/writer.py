@@ -9,15 +9,18 @@ of machines sharing the store's filesystem):
    when several jobs plan at once exactly one rename wins; the others join the winner's plan.
    Joining with other settings is refused, naming the fields that differ.
 2. Each unit (one position shard of every position array) is written whole by exactly one
-   process, then an atomic marker with the sha256 of its data commits it. No locks are needed:
-   no two units share a file. Units whose data no longer matches their marker are redone.
-3. Finalize (once, by one process): every unit is checked against its marker, the per-file
+   process, then an atomic marker with the sha256 of its data commits it; no two units share a
+   file. Units whose data no longer matches their marker are redone. One job writes a store at a
+   time (moekd/locking.py: a build holds the store's lock, each --shard job its shard's; the
+   ranks of a torchrun job share rank 0's), so no two processes ever write the same unit.
+3. Finalize (once, by the holder of the store's lock): every unit is checked against its marker, the per-file
    sha256 manifest is written (files fsynced; it also records the build settings, so that
    `--resume` on the complete store can tell whether the settings match), then the root
    `zarr.json` is replaced atomically with `status: complete` -- the single commit point.
 Markers, the manifest and the root metadata are written here with write-to-temp + fsync +
 rename (zarr's LocalStore renames too but never fsyncs), and the temporary files of writes a
-crash interrupted are removed before the manifest is made.
+crash interrupted are removed before the manifest is made -- only under the store's lock, with no
+shard job alive, so that they cannot belong to a live writer.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from moekd.errors import MoekdError
+from moekd.locking import WriterLock
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import CacheMetadata
 from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META, Unit, chunking, plan_units, position_arrays, unit_marker
@@ -360,13 +364,14 @@ class CacheWriter:
             )
         return f"{len(missing)} of {len(self.units)} units are not written (units {shown}); rerun `moekd cache build ... --resume`"
 
-    def finalize(self, wall_seconds: float | None = None) -> CacheMetadata:
-        """Commit the store; `wall_seconds` defaults to the time since it was planned."""
+    def finalize(self, lock: WriterLock, wall_seconds: float | None = None) -> CacheMetadata:
+        """Commit the store, holding its whole-store `lock`; `wall_seconds` defaults to the time since it was planned."""
         pending = self.pending_units()
         if pending:
             raise MoekdError(f"cannot finalize {self.path}: {self.missing_message(pending)}")
+        lock.verify()  # no other writer lives, so every temporary file below is a dead one's
         for stray in [*self.path.rglob("*.partial"), *self.path.rglob(".*.tmp-*")]:
-            stray.unlink()  # temporary files of writes a crash interrupted
+            stray.unlink(missing_ok=True)  # temporary files of writes a crash interrupted
         files = {}
         for file in sorted(p for p in self.path.rglob("*") if p.is_file()):
             rel = file.relative_to(self.path).as_posix()
@@ -388,6 +393,7 @@ class CacheWriter:
             }
         )
         meta = self.meta.model_copy(update={"build": build})
+        lock.verify()
         root_path = self.path / ROOT_META
         root = json.loads(root_path.read_text())
         root.setdefault("attributes", {})["moekd"] = meta.model_dump(mode="json")
@@ -399,6 +405,8 @@ class CacheWriter:
 
 def finalize_store(path: str | Path) -> tuple[CacheMetadata, dict]:
     """`moekd cache finalize`: commit a store whose units were written by --shard jobs (or any build)."""
-    writer = CacheWriter.planned(path)
-    stats = writer.unit_stats()
-    return writer.finalize(), stats
+    CacheWriter.planned(path)  # refuse what is no planned build before writing a lock beside it
+    with WriterLock(path, "STORE") as lock:
+        writer = CacheWriter.planned(path)  # as it is now that no one else writes it
+        stats = writer.unit_stats()
+        return writer.finalize(lock), stats
