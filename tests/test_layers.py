@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "moekd"
 # Lowest first. A unit is a subpackage or a top-level module of moekd.
 LAYERS = [
     {"errors"},
-    {"paths", "seeds", "schemas"},  # output paths, the random streams, the metadata models
+    {"paths", "seeds", "schemas", "locking"},  # output paths, random streams, metadata models, writer locks
     {"data", "models", "distributed", "encodings"},  # rows and tokens, checkpoints, ranks, codecs
     {"store", "routing"},  # reading and writing stores; recognising and rerouting routers
     {"cache_builder", "distill", "routers"},  # the two recipes; routers.py re-exports routing's API
