@@ -220,9 +220,9 @@ def read_batches(location: str, options: dict | None, plan: list) -> float:
 
 
 def measure_reads(cache: Path, a) -> dict:
-    from moekd.distill.loader import BatchOrder
     from moekd.store.reader import CacheReader
     from moekd.store.transfer import copy_store
+    from moekd.training.order import BatchOrder
     from tests.servers import http_server
 
     reader = CacheReader(cache)

@@ -42,7 +42,7 @@ from transformers import AutoModelForCausalLM
 
 from moekd.data.prompts import format_prompt
 from moekd.data.records import load_records
-from moekd.distill.loader import BatchDataset, BatchOrder, make_loader
+from moekd.distill.loader import BatchDataset, make_loader
 from moekd.distill.losses import dense_kd_loss
 from moekd.distill.objective import batch_loss
 from moekd.distill.options import TrainOptions
@@ -50,6 +50,7 @@ from moekd.distill.sources import CacheSource
 from moekd.distill.student import Student
 from moekd.models import output_vocab_size
 from moekd.store.reader import CacheReader
+from moekd.training.order import BatchOrder
 
 DATA = Path(__file__).resolve().parents[1] / "moekd" / "data" / "demo_instructions.jsonl"
 WARMUP = 3

@@ -39,8 +39,6 @@ from moekd.data.prompts import format_prompt
 from moekd.data.records import load_records
 from moekd.data.synth import write_suite
 from moekd.data.tokenizer import train_tokenizer
-from moekd.distill.checkpoint import is_complete
-from moekd.distill.metrics import read_metrics
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.eval.evaluate import evaluate, write_report
@@ -54,6 +52,8 @@ from moekd.sar.train import SarOptions, train_router
 from moekd.store.info import store_info
 from moekd.store.writer import atomic_write, store_state
 from moekd.tiny_models import make_tiny_model
+from moekd.training.checkpoint import is_complete
+from moekd.training.metrics import read_metrics
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def small_cache(tmp_path_factory, make_teacher, data_file):
 def interrupt_at_step(monkeypatch):
     """interrupt_at_step(step, run): call run() and stop it as a kill would, when the training loop is
     about to log metrics step `step` (that record is never written); asserts that it stopped."""
-    from moekd.distill.metrics import MetricsLog
+    from moekd.training.metrics import MetricsLog
 
     real_write = MetricsLog.write
 

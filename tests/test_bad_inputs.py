@@ -967,10 +967,10 @@ def shared_snapshot(fx) -> dict:
 
 def complete_outputs(path: Path) -> list[str]:
     """Whatever at `path` reads as a finished result of some command."""
-    from moekd.distill.checkpoint import is_complete, latest_checkpoint
     from moekd.errors import MoekdError
     from moekd.store.reader import CacheReader
     from moekd.store.writer import store_state
+    from moekd.training.checkpoint import is_complete, latest_checkpoint
 
     if not path.is_dir():
         return []

@@ -5,7 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from moekd.cli import app
-from moekd.distill.metrics import read_metrics
+from moekd.training.metrics import read_metrics
 
 
 def test_quick_demo_runs_every_stage_and_reuses_them(tmp_path):

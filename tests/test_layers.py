@@ -14,7 +14,8 @@ LAYERS = [
     {"paths", "seeds", "schemas", "locking"},  # output paths, random streams, metadata models, writer locks
     {"data", "models", "distributed", "encodings"},  # rows and tokens, checkpoints, ranks, codecs
     {"store", "routing"},  # reading and writing stores; recognising and rerouting routers
-    {"cache_builder", "distill", "routers"},  # the two recipes; routers.py re-exports routing's API
+    {"training", "routers"},  # what every training loop uses; routers.py re-exports routing's API
+    {"cache_builder", "distill"},  # the two recipes: build a cache, train from one
     {"eval"},  # scoring (its likelihood scores use the build's teacher passes)
     {"sar"},  # Student-Aware Router training (generates with eval, trains with distill)
     {"tiny_models", "experiments"},

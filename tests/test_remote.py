@@ -201,9 +201,9 @@ def test_pack_opens_directly_and_catches_a_corrupted_member(cache, tmp_path):
 
 
 def test_train_reads_a_cache_from_s3_and_from_a_zip(cache, s3, tokenizer, tmp_path):
-    from moekd.distill.checkpoint import is_complete
     from moekd.distill.train import TrainOptions, train
     from moekd.tiny_models import make_tiny_model
+    from moekd.training.checkpoint import is_complete
 
     student = tmp_path / "student"
     make_tiny_model("llama", tokenizer, student, seed=3, hidden=32)

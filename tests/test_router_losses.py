@@ -10,8 +10,7 @@ import torch
 from moekd import CacheReader
 from moekd.cache_builder.build import BuildOptions, build_cache
 from moekd.distill.gate_maps import GateTargets, dense_gates, expert_map, parse_layer_map, uniform_layer_map
-from moekd.distill.loader import BatchDataset, BatchOrder, held_out_split, make_loader
-from moekd.distill.metrics import read_metrics
+from moekd.distill.loader import BatchDataset, make_loader
 from moekd.distill.objective import batch_loss
 from moekd.distill.router_losses import (
     TAU_RANGE,
@@ -30,6 +29,8 @@ from moekd.errors import MoekdError
 from moekd.models import load_causal_lm
 from moekd.store.reader import decode_teacher
 from moekd.tiny_models import MOE_FAMILIES, make_tiny_model
+from moekd.training.metrics import read_metrics
+from moekd.training.order import BatchOrder, held_out_split
 
 
 def build(teacher, data, out, **kw) -> Path:

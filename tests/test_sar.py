@@ -9,7 +9,6 @@ import torch
 
 from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
-from moekd.distill.metrics import read_metrics
 from moekd.errors import MoekdError
 from moekd.routing.router_file import (
     file_sha256,
@@ -24,6 +23,7 @@ from moekd.sar.options import run_dir, student_dir
 from moekd.sar.train import RouterTrainer, SarOptions, train_router
 from moekd.store.verify import verify_store
 from moekd.tiny_models import MOE_FAMILIES, make_tiny_family_model, make_tiny_model
+from moekd.training.metrics import read_metrics
 from tests.test_cache_build import interrupted_build
 from tests.test_cache_build import options as build_options
 

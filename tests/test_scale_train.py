@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from moekd.distill.checkpoint import is_complete
-from moekd.distill.loader import BatchOrder, held_out_split
-from moekd.distill.metrics import read_metrics
 from moekd.distill.train import TrainOptions, train
 from moekd.store.reader import CacheReader
 from moekd.tiny_models import make_tiny_model
+from moekd.training.checkpoint import is_complete
+from moekd.training.metrics import read_metrics
+from moekd.training.order import BatchOrder, held_out_split
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -12,13 +12,14 @@ import pytest
 from moekd import CacheReader
 from moekd.cache_builder.build import BuildOptions, build_cache
 from moekd.distill import objective as objective_module
-from moekd.distill.checkpoint import is_complete
-from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader
-from moekd.distill.metrics import read_metrics
+from moekd.distill.loader import BatchDataset, make_loader
 from moekd.distill.sources import CacheSource
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.tiny_models import make_tiny_model, tiny_config
+from moekd.training.checkpoint import is_complete
+from moekd.training.metrics import read_metrics
+from moekd.training.order import BatchOrder, LoaderPosition, held_out_split
 
 
 def build(teacher, data, out, **kw) -> Path:
@@ -386,7 +387,7 @@ def test_trains_from_a_cache_in_object_storage(cache, student, tmp_path):
 
 
 def test_metrics_reader_drops_a_line_torn_by_a_crash(tmp_path):
-    from moekd.distill.metrics import read_metrics
+    from moekd.training.metrics import read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]

@@ -14,7 +14,6 @@ resume from until final/ is written.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -28,30 +27,29 @@ from rich.console import Console
 
 from moekd import __version__
 from moekd.data.batches import pack
-from moekd.distill.checkpoint import (
+from moekd.distill.loader import BatchDataset, make_loader
+from moekd.distill.objective import batch_loss, held_out_loss
+from moekd.distill.options import NOT_RECORDED, RUN_ONLY, TrainOptions, check_options
+from moekd.distill.router_losses import router_objective
+from moekd.distill.sources import check_vocabulary, open_source, verify_cache
+from moekd.distill.student import Student
+from moekd.distributed import Ranks
+from moekd.locking import WriterLock
+from moekd.models import load_causal_lm, load_tokenizer, resolve_device
+from moekd.training.checkpoint import (
     FINAL,
-    RUN_CONFIG,
-    latest_checkpoint,
     load_state,
     resume_point,
     save_checkpoint,
     step_dir,
 )
-from moekd.distill.loader import BatchDataset, BatchOrder, LoaderPosition, held_out_split, make_loader
-from moekd.distill.metrics import MetricsLog, progress_bar
-from moekd.distill.objective import batch_loss, held_out_loss
-from moekd.distill.options import NOT_RECORDED, RUN_ONLY, TrainOptions, check_options
-from moekd.distill.parallel import RankShare, backend, combined, empty_share_backward, unwrap, wrap
-from moekd.distill.router_losses import router_objective
-from moekd.distill.sources import check_vocabulary, open_source, verify_cache
-from moekd.distill.student import Student
-from moekd.distributed import Ranks
-from moekd.errors import MoekdError
-from moekd.locking import WriterLock
-from moekd.models import load_causal_lm, load_tokenizer, resolve_device
-from moekd.store.writer import atomic_write
+from moekd.training.frame import StepFrame, check_finite
+from moekd.training.order import BatchOrder, LoaderPosition, held_out_split
+from moekd.training.parallel import RankShare, backend, combined, empty_share_backward, unwrap, wrap
 
 __all__ = ["TrainOptions", "TrainSummary", "train"]
+
+ADVICE = "Lower --lr, raise --warmup, or check the student's weights"
 
 
 @dataclass
@@ -129,15 +127,6 @@ def _train(
     if resume_from is not None:
         step, tokens, position = _restore(load_state(resume_from), optimizer, scheduler, device, routing)
         console.print(f"resuming from {resume_from} (step {step})")
-    log = None  # metrics and checkpoints are written by rank 0 only
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / RUN_CONFIG, json.dumps(config, indent=2, default=str).encode())
-        log = MetricsLog(
-            out, keep_until_step=step if resume_from else -1, extra_columns=routing.columns if routing else ()
-        )
-    write = log.write if log else lambda record: None
-
     pad_id = tokenizer.pad_token_id
     train_batches = iter(
         make_loader(
@@ -164,60 +153,64 @@ def _train(
         )
         return held_out_loss(student, batches, o.kd_loss(), device, partial(combined, ranks), teacher_layer)
 
-    eval_start = None
-    if step == 0 and eval_order:
-        eval_start = evaluate()
-        write({"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], "tokens": 0, **eval_start})
-    record, session_tokens, clock = {}, 0, time.perf_counter()
-    with progress_bar(console) as progress:
-        task = progress.add_task("train", total=total_steps, completed=step, loss="-", rate="-")
-        while step < total_steps:
+    frame = StepFrame(
+        out,
+        config,
+        console,
+        lock,
+        label="train",
+        total=total_steps,
+        step=step,
+        tokens=tokens,
+        resumed=resume_from is not None,
+        extra_columns=routing.columns if routing else (),
+        main=ranks.main,
+    )
+    eval_start, record = None, {}
+    with frame:
+        if step == 0 and eval_order:
+            eval_start = evaluate()
+            frame.write({"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], "tokens": 0, **eval_start})
+        while frame.step < total_steps:
             micro = list(islice(train_batches, o.grad_accum))
             if not micro:
                 break
             lr = scheduler.get_last_lr()[0]
             terms, grad_norm, batch_tokens = _optimizer_step(
-                forward, optimizer, micro, o, device, step + 1, out, ranks, pad_id, teacher_layer
+                forward, optimizer, micro, o, device, frame.step + 1, out, ranks, pad_id, teacher_layer
             )
             scheduler.step()
-            step += 1
-            tokens += batch_tokens
-            session_tokens += batch_tokens
             position = LoaderPosition(micro[-1]["epoch"], micro[-1]["batch"] + 1)
-            rate = session_tokens / max(time.perf_counter() - clock, 1e-9)
-            record = {
-                "step": step,
-                "epoch": micro[-1]["epoch"],
-                **terms,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": tokens,
-                "tokens_per_s": rate,
-            }
-            if eval_order and ((o.eval_every and step % o.eval_every == 0) or step == total_steps):
+            record = {"step": frame.step + 1, "epoch": micro[-1]["epoch"], **terms, "lr": lr, "grad_norm": grad_norm}
+            if eval_order and ((o.eval_every and record["step"] % o.eval_every == 0) or record["step"] == total_steps):
                 record.update(evaluate())
-            write(record)
-            if o.save_every and step % o.save_every == 0 and ranks.main:
-                lock.verify()
-                state = _training_state(optimizer, scheduler, device, step, tokens, position, routing)
-                save_checkpoint(step_dir(out, step), model, tokenizer, state, step, config, RUN_ONLY)
-            progress.update(task, completed=step, loss=f"{terms['loss']:.4f}", rate=f"{rate:,.0f}")
-    if ranks.main:
-        lock.verify()
-        save_checkpoint(out / FINAL, model, tokenizer, None, step, config, RUN_ONLY)
-        log.close()
-    elapsed = time.perf_counter() - clock
+            frame.done(record, batch_tokens)
+            if frame.due(o.save_every):
+                state = _training_state(optimizer, scheduler, device, frame.step, frame.tokens, position, routing)
+                frame.save(
+                    partial(
+                        save_checkpoint,
+                        step_dir(out, frame.step),
+                        model,
+                        tokenizer,
+                        state,
+                        frame.step,
+                        config,
+                        RUN_ONLY,
+                    )
+                )
+        frame.save(partial(save_checkpoint, out / FINAL, model, tokenizer, None, frame.step, config, RUN_ONLY))
     return TrainSummary(
         out=str(out),
-        steps=step,
-        tokens=tokens,
+        steps=frame.step,
+        tokens=frame.tokens,
         loss=record.get("loss"),
         eval_loss_start=eval_start["eval_loss"] if eval_start else None,
         eval_loss=record.get("eval_loss"),
         resumed_from=str(resume_from) if resume_from else None,
         final_dir=str(out / FINAL),
         wall_seconds=time.perf_counter() - started,
-        tokens_per_second=session_tokens / max(elapsed, 1e-9),
+        tokens_per_second=frame.tokens_per_second,
     )
 
 
@@ -283,29 +276,20 @@ def _optimizer_step(
                 empty_share_backward(model, pad_id, device)
                 continue
             terms = batch_loss(model, b, o.kd_loss(), device, teacher_layer)
-            if not torch.isfinite(terms["loss"]):
-                raise _diverged(f"the loss is {terms['loss'].item()}", step, b, out)
+            check_finite(terms["loss"], "the loss", step, b["epoch"], b["batch"], b["examples"].tolist(), out, ADVICE)
             weight = len(b["rows"]) / positions
             (terms["loss"] * (weight * ranks.world)).backward()  # DDP averages over ranks: x W makes it the sum
         for key, value in terms.items():
             totals[key] = totals.get(key, 0.0) + value.item() * weight
     totals, _ = combined(ranks, totals, 0)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)  # the Student's: τ too
-    if not torch.isfinite(grad_norm):
-        raise _diverged(f"the gradient norm is {grad_norm.item()}", step, micro[-1], out)
+    last = micro[-1]
+    check_finite(
+        grad_norm, "the gradient norm", step, last["epoch"], last["batch"], last["examples"].tolist(), out, ADVICE
+    )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     routing = unwrap(model).router_terms
     if routing is not None:
         routing.clamp_()
     return totals, grad_norm.item(), sum(t for _, t in counts)
-
-
-def _diverged(what: str, step: int, batch: dict, out: Path) -> MoekdError:
-    last = latest_checkpoint(out)
-    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-    return MoekdError(
-        f"step {step}: {what} on batch {batch['batch']} of epoch {batch['epoch']} "
-        f"(examples {batch['examples'].tolist()}); training stopped and {kept}. "
-        "Lower --lr, raise --warmup, or check the student's weights"
-    )

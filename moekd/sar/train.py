@@ -28,7 +28,6 @@ looks for a checkpoint to resume from until the router file is written.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -43,9 +42,6 @@ from moekd.data.batches import response_positions, right_pad
 from moekd.data.prompts import tokenize_records
 from moekd.data.records import load_records
 from moekd.data.tokenizer import tokenizer_differences, tokenizer_fingerprint
-from moekd.distill.checkpoint import RUN_CONFIG, load_state, resume_point, save_checkpoint, step_dir
-from moekd.distill.loader import BatchOrder, LoaderPosition
-from moekd.distill.metrics import MetricsLog, progress_bar
 from moekd.distill.sources import TokenizedSource
 from moekd.errors import MoekdError
 from moekd.eval.generate import sample_continuations
@@ -64,7 +60,9 @@ from moekd.routing.router_file import describe_teacher, recognised_routers, rout
 from moekd.sar.objective import RouterRecorder, student_divergence, teacher_loss
 from moekd.sar.options import DEFAULT_STUDENT_LR, RUN_ONLY, SarOptions, check_options, run_dir, student_dir
 from moekd.schemas.router import RouterFileMeta, RouterStudent
-from moekd.store.writer import atomic_write
+from moekd.training.checkpoint import load_state, resume_point, save_checkpoint, step_dir
+from moekd.training.frame import StepFrame, check_finite
+from moekd.training.order import BatchOrder, LoaderPosition
 
 __all__ = ["SarOptions", "SarSummary", "RouterTrainer", "train_router"]
 
@@ -303,8 +301,7 @@ class RouterTrainer:
             terms = teacher_loss(
                 logits, student_logits, self.recorder, b.attention.flatten().bool(), self.o.teacher_kld, self.o.beta
             )
-            if not torch.isfinite(terms["loss"]):
-                raise self._diverged(f"the teacher loss is {terms['loss'].item()}", b)
+            self._check_finite(terms["loss"], "the teacher loss", b)
             if backward:  # inside the routing context: checkpointed layers replay with all experts
                 terms["loss"].backward()
         return {k: v.item() for k, v in terms.items()}
@@ -320,8 +317,7 @@ class RouterTrainer:
     def _router_step(self, b: Batch) -> dict[str, float]:
         terms = self._teacher_terms(b, self._student_logits(b), backward=True)
         grad_norm = torch.nn.utils.clip_grad_norm_(list(self.routers.values()), self.o.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise self._diverged(f"the routers' gradient norm is {grad_norm.item()}", b)
+        self._check_finite(grad_norm, "the routers' gradient norm", b)
         self.router_optimizer.step()
         self.router_optimizer.zero_grad(set_to_none=True)
         return {**terms, "grad_norm": grad_norm.item()}
@@ -334,10 +330,10 @@ class RouterTrainer:
         with self._autocast():
             student_logits = self._logits(self.student, b)
         loss = student_divergence(student_logits, teacher_logits).mean()
-        if not torch.isfinite(loss):
-            raise self._diverged(f"the student loss is {loss.item()}", b)
+        self._check_finite(loss, "the student loss", b)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.o.max_grad_norm)
+        self._check_finite(grad_norm, "the student's gradient norm", b)
         self.student_optimizer.step()
         self.student_optimizer.zero_grad(set_to_none=True)
         self.student.eval()
@@ -350,37 +346,38 @@ class RouterTrainer:
 
     def train(self) -> SarSummary:
         o, started = self.o, time.perf_counter()
-        self.run.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.run / RUN_CONFIG, json.dumps(self.config, indent=2, default=str).encode())
-        log = MetricsLog(self.run, keep_until_step=self.step if self.resume_from else -1, columns=COLUMNS)
+        frame = StepFrame(
+            self.run,
+            self.config,
+            self.console,
+            self.lock,
+            label="sar",
+            total=o.steps,
+            step=self.step,
+            tokens=self.tokens,
+            resumed=self.resume_from is not None,
+            columns=COLUMNS,
+        )
         if self.loss_start is None:
             self.loss_start = self._probe_loss()
         batches = iter(self._order(self.position))
-        session_tokens, clock = 0, time.perf_counter()
-        with progress_bar(self.console, "sar") as progress:
-            task = progress.add_task("sar", total=o.steps, completed=self.step, loss="-", rate="-")
-            while self.step < o.steps:
+        with frame:
+            while frame.step < o.steps:
                 epoch, index, examples = next(batches)
-                step = self.step + 1
-                seed = step_seed(o.seed, step)
+                seed = step_seed(o.seed, frame.step + 1)
                 torch.manual_seed(seed)
                 b = self._batch(epoch, index, examples, seed)
-                record = {"step": step, "epoch": epoch, **self._router_step(b), "lr": o.lr}
+                record = {"step": frame.step + 1, "epoch": epoch, **self._router_step(b), "lr": o.lr}
                 if o.co_train_student:
                     record.update(self._student_step(b))
-                self.step, self.position = step, LoaderPosition(epoch, index + 1)
-                self.tokens += b.tokens
-                session_tokens += b.tokens
-                rate = session_tokens / max(time.perf_counter() - clock, 1e-9)
-                record.update(tokens=self.tokens, tokens_per_s=rate)
-                log.write(record)
-                if o.save_every and step % o.save_every == 0 and step < o.steps:
-                    self._save_checkpoint()
-                progress.update(task, completed=step, loss=f"{record['loss']:.4f}", rate=f"{rate:,.0f}")
-        elapsed = time.perf_counter() - clock
-        loss_end = self._probe_loss()
-        student_out = self._save_outputs(loss_end, elapsed)
-        log.close()
+                frame.done(record, b.tokens)
+                self.step, self.tokens, self.position = frame.step, frame.tokens, LoaderPosition(epoch, index + 1)
+                if frame.due(o.save_every) and frame.step < o.steps:
+                    frame.save(self._save_checkpoint)
+            train_seconds = frame.elapsed
+            loss_end = self._probe_loss()
+            student_out = str(student_dir(o.out)) if o.co_train_student else None
+            frame.save(lambda: self._save_outputs(loss_end, train_seconds))
         return SarSummary(
             out=o.out,
             steps=self.step,
@@ -390,11 +387,10 @@ class RouterTrainer:
             resumed_from=str(self.resume_from) if self.resume_from else None,
             student_out=student_out,
             wall_seconds=time.perf_counter() - started,
-            tokens_per_second=session_tokens / max(elapsed, 1e-9),
+            tokens_per_second=frame.tokens_per_second,
         )
 
     def _save_checkpoint(self) -> None:
-        self.lock.verify()
         state = {
             "router_optimizer": self.router_optimizer.state_dict(),
             "student_optimizer": self.student_optimizer.state_dict() if self.student_optimizer else None,
@@ -408,16 +404,14 @@ class RouterTrainer:
         )
         save_checkpoint(step_dir(self.run, self.step), content, None, state, self.step, self.config, RUN_ONLY)
 
-    def _save_outputs(self, loss_end: float, train_seconds: float) -> str | None:
+    def _save_outputs(self, loss_end: float, train_seconds: float) -> None:
         """The co-trained student (first), then the router file: its appearance marks a finished run."""
         import transformers
 
-        o, student_out = self.o, None
-        self.lock.verify()
+        o = self.o
         if o.co_train_student:
-            student_out = str(student_dir(o.out))
-            self.student.save_pretrained(student_out)
-            self.student_tokenizer.save_pretrained(student_out)
+            self.student.save_pretrained(student_dir(o.out))
+            self.student_tokenizer.save_pretrained(student_dir(o.out))
         settings = {k: v for k, v in self.config.items() if isinstance(v, (int, float, str, bool, type(None)))}
         meta = RouterFileMeta(
             teacher=self.teacher_info,
@@ -434,13 +428,10 @@ class RouterTrainer:
             versions={"moekd": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         )
         write_router_file(o.out, self.routers, meta)
-        return student_out
 
-    def _diverged(self, what: str, b: Batch) -> MoekdError:
-        return MoekdError(
-            f"step {self.step + 1}: {what} on batch {b.index} of epoch {b.epoch} (examples {b.examples}); training "
-            f"stopped, checkpoints are in {self.run}. Lower --lr, or check the teacher and student weights"
-        )
+    def _check_finite(self, value, what: str, b: Batch) -> None:
+        advice = "Lower --lr, or check the teacher and student weights"
+        check_finite(value, what, self.step + 1, b.epoch, b.index, b.examples, self.run, advice)
 
 
 def _checkpoint_decoder_layers(model) -> None:
