@@ -43,6 +43,7 @@ from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.eval.evaluate import evaluate, write_report
 from moekd.experiments import Stopwatch, summarise_rows
+from moekd.fsio import atomic_write
 from moekd.paths import check_output_dir
 from moekd.routing.policies import make_policy
 from moekd.routing.router_file import read_router_file
@@ -50,7 +51,7 @@ from moekd.routing.stats import routing_stats_for_files
 from moekd.sar.options import run_dir as sar_run_dir
 from moekd.sar.train import SarOptions, train_router
 from moekd.store.info import store_info
-from moekd.store.writer import atomic_write, store_state
+from moekd.store.writer import store_state
 from moekd.tiny_models import make_tiny_model
 from moekd.training.checkpoint import is_complete
 from moekd.training.metrics import read_metrics

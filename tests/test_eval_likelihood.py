@@ -145,7 +145,7 @@ def test_kl_of_a_model_from_itself_is_zero_and_a_policy_moves_it(loud_teacher, s
 
 
 def test_sar_policy_routes_by_the_router_file(loud_teacher, moved_router, synth_dir, tmp_path):
-    from moekd.routing.router_file import file_sha256
+    from moekd.fsio import sha256_file
 
     teacher, data = loud_teacher, synth_dir / "test.jsonl"
     sar = evaluate(
@@ -157,7 +157,7 @@ def test_sar_policy_routes_by_the_router_file(loud_teacher, moved_router, synth_
     )
     plain = evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("all"), device="cpu").datasets[0]
     assert abs(sar.datasets[0].nll - plain.nll) > 1e-2  # the router file moved the scores off the original routers'
-    assert sar.settings["router"] == {"path": str(moved_router), "sha256": file_sha256(moved_router)}
+    assert sar.settings["router"] == {"path": str(moved_router), "sha256": sha256_file(moved_router)}
     assert sar.settings["policy"]["name"] == "sar"
     out = tmp_path / "sar.json"
     args = ["eval", "--model", str(teacher), "--data", str(data), "--no-rouge", "--nll", "--device", "cpu"]

@@ -11,10 +11,10 @@ from moekd import CacheReader
 from moekd.cache_builder.build import build_cache
 from moekd.errors import MoekdError
 from moekd.routing.router_file import (
-    file_sha256,
     read_router_file,
     recognised_routers,
     router_gate_parameters,
+    sha256_file,
     write_router_file,
 )
 from moekd.routing.routers import find_routers, frozen_router_tensors
@@ -248,7 +248,7 @@ def test_router_file_round_trips_and_is_refused_for_another_teacher(router_file,
     assert meta.teacher.weights_sha256 == checkpoint_sha256(teacher) and meta.steps == 4
     model = _load(teacher)
     ref = load_router_file(model, router_file, str(teacher), checkpoint_sha256(teacher))
-    assert ref.sha256 == file_sha256(router_file) and ref.meta == meta
+    assert ref.sha256 == sha256_file(router_file) and ref.meta == meta
     assert all(torch.equal(p, tensors[n]) for n, p in router_gate_parameters(recognised_routers(model)).items())
 
     other = make_teacher("mixtral", hidden=48)
@@ -294,7 +294,7 @@ def test_sar_store_equals_an_independent_forward_with_the_trained_routers(router
     reader = CacheReader(out)
     meta = reader.meta
     assert meta.policy.name == "sar" and not meta.policy.stochastic
-    assert meta.policy.router.sha256 == file_sha256(router_file)
+    assert meta.policy.router.sha256 == sha256_file(router_file)
     assert meta.policy.router.meta == read_router_file(router_file)[1]
     assert verify_store(str(out), deep=True).ok
 
@@ -516,7 +516,7 @@ def test_cli_sar_train_then_sar_cache(make_teacher, student, data, tmp_path):
         ],
     )
     assert built.exit_code == 0, built.output
-    assert CacheReader(tmp_path / "sar.zarr").meta.policy.router.sha256 == file_sha256(out)
+    assert CacheReader(tmp_path / "sar.zarr").meta.policy.router.sha256 == sha256_file(out)
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ from moekd.data.records import load_records
 from moekd.distributed import Ranks
 from moekd.encodings import ENCODINGS, check_flags
 from moekd.errors import MoekdError
+from moekd.fsio import setting_differences, sha256_file
 from moekd.locking import WriterLock
 from moekd.models import (
     check_tokenizer_fits,
@@ -46,9 +47,9 @@ from moekd.models import (
 )
 from moekd.routing.controller import RouterController
 from moekd.routing.policies import check_router_flag, make_policy
-from moekd.routing.router_file import file_sha256, load_router_file, read_router_file
+from moekd.routing.router_file import load_router_file, read_router_file
 from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, examples_overlapping
-from moekd.store.writer import CacheWriter, ExampleTables, recorded_settings, settings_differences, store_state
+from moekd.store.writer import CacheWriter, ExampleTables, recorded_settings, store_state
 
 
 @dataclass
@@ -214,7 +215,7 @@ def _build(
     )
     tables = example_tables(report.examples)
     weights_sha256 = checkpoint_sha256(o.teacher)
-    router_sha256 = file_sha256(o.router) if o.router else None
+    router_sha256 = sha256_file(o.router) if o.router else None
     settings = resume_settings(
         o, policy, flags, tokenizer, loaded, tables, device, dtype, weights_sha256, router_sha256
     )
@@ -354,7 +355,7 @@ def _complete_with(out: Path, settings: dict) -> bool:
             f"--resume: {out} is complete but was made by a moekd that did not record its build settings, "
             "so they cannot be compared; use it as it is, or pass --overwrite to rebuild it"
         )
-    differ = settings_differences(recorded, settings)
+    differ = setting_differences(recorded, settings, where="the store")
     if differ:
         raise MoekdError(
             f"--resume: the complete cache at {out} was built with other settings ({'; '.join(differ)}); "

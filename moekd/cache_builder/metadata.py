@@ -10,6 +10,7 @@ import torch
 from moekd import __version__
 from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.encodings.gates import gate_specs
+from moekd.fsio import hash_arrays
 from moekd.models import output_vocab_size
 from moekd.schemas.cache import (
     BuildInfo,
@@ -24,7 +25,7 @@ from moekd.schemas.cache import (
 from moekd.schemas.router import RouterFileRef
 from moekd.seeds import SEED_DERIVATION
 from moekd.store.layout import POSITIONS_PER_CHUNK, array_specs
-from moekd.store.writer import ExampleTables, hash_arrays
+from moekd.store.writer import ExampleTables
 
 GATE_DEFINITION = (
     "g = {g} (the router's per-expert scores normalised to sum 1, see moekd.routing.routers); "

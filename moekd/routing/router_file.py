@@ -15,7 +15,6 @@ native top-k choice, per-expert output scales) are never trained nor stored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from moekd.errors import MoekdError
+from moekd.fsio import sha256_file
 from moekd.routing.routers import RouterInfo, find_routers, gate_parameters, recognise_routers
 from moekd.schemas.router import ROUTER_FORMAT, RouterFileMeta, RouterFileRef, RouterTeacher
 
@@ -73,14 +73,6 @@ def describe_teacher(
         num_experts=num_experts,
         experts_per_token=top_k,
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_router_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: RouterFileMeta) -> None:
@@ -186,7 +178,7 @@ def load_router_file(
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name].to(param.dtype))
-    return RouterFileRef(path=str(path), sha256=file_sha256(path), meta=meta)
+    return RouterFileRef(path=str(path), sha256=sha256_file(path), meta=meta)
 
 
 @contextmanager

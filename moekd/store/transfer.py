@@ -34,11 +34,11 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from moekd.errors import MoekdError
+from moekd.fsio import atomic_write, fsync_dir
 from moekd.locking import WriterLock
 from moekd.schemas import parse_metadata
 from moekd.store.layout import MANIFEST, ROOT_META
 from moekd.store.location import file_path, is_url, open_files
-from moekd.store.writer import atomic_write, fsync_dir
 
 BLOCK = 4 << 20
 

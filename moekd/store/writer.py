@@ -39,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from moekd.errors import MoekdError
+from moekd.fsio import atomic_write, fsync_dir, fsync_tree, hash_arrays, setting_differences, sha256_file
 from moekd.locking import WriterLock
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import CacheMetadata
@@ -57,53 +58,6 @@ class ExampleTables:
     prompt_len: np.ndarray  # int32 [E]
     source_index: np.ndarray  # int64 [E]
     target_positions: np.ndarray  # int32 [P]
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path, fsync: bool = False) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-        if fsync:
-            os.fsync(fh.fileno())
-    return h.hexdigest()
-
-
-def hash_arrays(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        h.update(name.encode())
-        h.update(np.ascontiguousarray(arrays[name]).tobytes())
-    return h.hexdigest()
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and directory under `root` (zarr writes without fsync)."""
-    for path in sorted(root.rglob("*"), reverse=True):
-        flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
-        fd = os.open(path, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def store_state(path: Path) -> str:
@@ -132,14 +86,6 @@ def recorded_settings(path: Path) -> dict | None:
     """The build settings a complete store was made with (None for stores made before they were recorded)."""
     manifest = path / MANIFEST
     return json.loads(manifest.read_text()).get("build_settings") if manifest.is_file() else None
-
-
-def settings_differences(old: dict, new: dict) -> list[str]:
-    return [
-        f"{k}: {old.get(k)!r} in the store, {new.get(k)!r} now"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
-    ]
 
 
 def _split(shards: int | None) -> str:
@@ -219,7 +165,9 @@ class CacheWriter:
     def join(cls, path: str | Path, settings: dict, shards: int | None = None) -> CacheWriter:
         """The planned, unfinished store at `path`, after checking that it is built with `settings` and split the same way."""
         writer = cls.planned(path)
-        differ = settings_differences(json.loads((writer.build_dir / "settings.json").read_text()), settings)
+        differ = setting_differences(
+            json.loads((writer.build_dir / "settings.json").read_text()), settings, where="the store"
+        )
         if differ:
             raise MoekdError(
                 f"--resume: the unfinished build at {path} used other settings ({'; '.join(differ)}); "

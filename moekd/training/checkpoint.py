@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from moekd.errors import MoekdError
-from moekd.store.writer import atomic_write
+from moekd.fsio import atomic_write, setting_differences
 
 MARKER = "checkpoint.json"
 STATE = "training_state.pt"
@@ -45,11 +45,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 def config_hash(config: dict, ignore: tuple[str, ...]) -> str:
     kept = {k: v for k, v in config.items() if k not in ignore}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def config_differences(saved: dict, current: dict, ignore: tuple[str, ...]) -> list[str]:
-    keys = sorted((set(saved) | set(current)) - set(ignore))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
 def save_checkpoint(
@@ -83,7 +78,7 @@ def resume_point(out: Path, config: dict, resume: str | None, ignore: tuple[str,
     """The checkpoint to continue from (None: start fresh), or an error when `out` holds another run."""
     saved = json.loads((out / RUN_CONFIG).read_text()) if (out / RUN_CONFIG).is_file() else None
     if saved is not None:
-        differences = config_differences(saved, config, ignore)
+        differences = setting_differences(saved, config, ignore)
         if differences:
             raise MoekdError(
                 f"--out {out} holds a run with another configuration ({'; '.join(differences)}); "
@@ -104,7 +99,7 @@ def resume_point(out: Path, config: dict, resume: str | None, ignore: tuple[str,
         raise MoekdError(
             f"--resume {path}: not a complete checkpoint (no {MARKER}); pass a step-XXXXXX directory or auto"
         )
-    differences = config_differences(load_marker(path)["config"], config, ignore)
+    differences = setting_differences(load_marker(path)["config"], config, ignore)
     if differences:
         raise MoekdError(f"--resume {path} was trained with another configuration: {'; '.join(differences)}")
     return path

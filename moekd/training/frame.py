@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 
 from moekd.errors import MoekdError
+from moekd.fsio import atomic_write
 from moekd.locking import WriterLock
-from moekd.store.writer import atomic_write
 from moekd.training.checkpoint import RUN_CONFIG, latest_checkpoint
 from moekd.training.metrics import COLUMNS, MetricsLog, progress_bar
 
