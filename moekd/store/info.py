@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from moekd.encodings import teacher_arrays
 from moekd.errors import MoekdError
-from moekd.schemas import parse_metadata
 from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META, plan_units, unit_marker
 from moekd.store.location import can_list, list_files, open_files
-from moekd.store.verify import read_manifest, read_root
+from moekd.store.root import read_manifest, read_metadata
 
 
 def store_info(location: str, storage_options: dict | None = None) -> dict:
@@ -24,7 +23,7 @@ def store_info(location: str, storage_options: dict | None = None) -> dict:
     mid-build, the figures estimate the finished store's.
     """
     fs, root = open_files(location, storage_options)
-    meta = parse_metadata(read_root(fs, root, location), location)
+    meta = read_metadata(fs, root, location)
     layout = meta.layout
     units = plan_units(layout.num_positions, layout.positions_per_shard)
     info = {

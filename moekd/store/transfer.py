@@ -39,6 +39,7 @@ from moekd.locking import WriterLock
 from moekd.schemas import parse_metadata
 from moekd.store.layout import MANIFEST, ROOT_META
 from moekd.store.location import file_path, is_url, open_files
+from moekd.store.root import moekd_attribute
 
 BLOCK = 4 << 20
 
@@ -66,10 +67,10 @@ def _open_complete(location: str, storage_options: dict | None, verb: str) -> _S
     fs, root = open_files(location, storage_options)
     try:
         root_meta = fs.cat_file(file_path(root, ROOT_META))
-        meta = parse_metadata(json.loads(root_meta).get("attributes", {}).get("moekd"), location)
+        meta = parse_metadata(moekd_attribute(root_meta), location)
     except FileNotFoundError:
         raise MoekdError(f"{verb}: {location} has no {ROOT_META}; it is not a moekd cache") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except ValueError:
         raise MoekdError(
             f"{verb}: {location}/{ROOT_META} is not valid JSON; run `moekd cache verify {location}`"
         ) from None
@@ -106,8 +107,8 @@ class _Destination:
             raw = None
         if raw is not None:
             try:
-                theirs = json.loads(raw)["attributes"]["moekd"]["build"].get("manifest_sha256")
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                theirs = moekd_attribute(raw)["build"].get("manifest_sha256")
+            except (ValueError, KeyError, TypeError):
                 theirs = None
             if theirs != source.manifest_sha256:
                 raise MoekdError(

@@ -7,7 +7,6 @@ Works on local paths, packed .zip stores and fsspec URLs alike: files are read t
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,9 +15,9 @@ from moekd.data.batches import response_positions
 from moekd.encodings import decode_teacher, encoding_of, teacher_arrays
 from moekd.encodings.gates import gate_problems
 from moekd.errors import MoekdError
-from moekd.schemas import parse_metadata
 from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META
 from moekd.store.location import can_list, file_path, list_files, open_files, open_group
+from moekd.store.root import read_manifest, read_metadata
 
 
 @dataclass
@@ -34,26 +33,6 @@ class VerifyReport:
         return not self.problems
 
 
-def read_root(fs, root: str, location: str) -> dict:
-    """The root metadata's `moekd` attribute; MoekdError when it is missing or torn."""
-    try:
-        raw = fs.cat_file(file_path(root, ROOT_META))
-    except (FileNotFoundError, NotADirectoryError):
-        raise MoekdError(f"cache {location}: {ROOT_META} is missing: not a Zarr v3 store") from None
-    try:
-        return json.loads(raw).get("attributes", {}).get("moekd")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise MoekdError(f"cache {location}: {ROOT_META} is not valid JSON (truncated or corrupted)") from None
-
-
-def read_manifest(fs, root: str, meta) -> dict | None:
-    """The manifest of a complete store, checked against the checksum in its metadata (None when it does not match)."""
-    data = fs.cat_file(file_path(root, MANIFEST))
-    if hashlib.sha256(data).hexdigest() != meta.build.manifest_sha256:
-        return None
-    return json.loads(data)
-
-
 def verify_store(location: str, deep: bool = False, storage_options: dict | None = None) -> VerifyReport:
     """Every problem found in the store at `location` (none means it is intact and complete).
 
@@ -63,7 +42,7 @@ def verify_store(location: str, deep: bool = False, storage_options: dict | None
     report = VerifyReport(location, deep)
     fs, root = open_files(location, storage_options)
     try:
-        meta = parse_metadata(read_root(fs, root, location), location)
+        meta = read_metadata(fs, root, location)
     except MoekdError as e:
         report.problems.append(str(e).removeprefix(f"cache {location}: "))
         return report

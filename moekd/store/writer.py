@@ -44,6 +44,7 @@ from moekd.locking import WriterLock
 from moekd.schemas import parse_metadata
 from moekd.schemas.cache import CacheMetadata
 from moekd.store.layout import BUILD_DIR, MANIFEST, ROOT_META, Unit, chunking, plan_units, position_arrays, unit_marker
+from moekd.store.root import moekd_attribute
 
 COMPRESSORS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
 
@@ -68,8 +69,8 @@ def store_state(path: Path) -> str:
         return "foreign"
     root = path / ROOT_META
     try:
-        raw = json.loads(root.read_text()).get("attributes", {}).get("moekd") if root.exists() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = moekd_attribute(root.read_bytes()) if root.exists() else None
+    except ValueError:
         raw = None  # torn: the build directory below tells whose it is
     if (
         isinstance(raw, dict)
@@ -158,7 +159,7 @@ class CacheWriter:
                 f"{path} is not a planned, unfinished moekd build (no {BUILD_DIR}/init.done: it is complete, "
                 "not a moekd cache, or its planning by an older moekd was interrupted; pass --overwrite to start again)"
             )
-        stored = json.loads((path / ROOT_META).read_text())["attributes"]["moekd"]
+        stored = moekd_attribute((path / ROOT_META).read_bytes())
         return cls(path, parse_metadata(stored, str(path)))  # keeps the original creation time
 
     @classmethod
