@@ -616,6 +616,23 @@ CASES = [
     case("stats-plot-is-directory", STATS + " --plot {tmp}", "--plot"),
     # ---- train: choices, numbers, conflicts
     case("train-no-source", "train --student {student} --out {out}", "--cache", "--data"),
+    case("train-config-missing", TRAIN + " --config {tmp}/absent.yaml", "--config", "absent.yaml"),
+    case(
+        "train-config-unknown", TRAIN + " --config {bad}", "--config", "'max_step'", bad=text("max_step: 3\n", "c.yaml")
+    ),
+    case(
+        "train-config-type", TRAIN + " --config {bad}", "--config", "lr must be float", bad=text("lr: fast\n", "c.yaml")
+    ),
+    case(
+        "train-config-not-yaml", TRAIN + " --config {bad}", "--config", "not valid YAML", bad=text("lr: [1\n", "c.yaml")
+    ),
+    case("train-config-list", TRAIN + " --config {bad}", "--config", "a mapping", bad=text("- 1\n", "c.yaml")),
+    case(
+        "build-config-no-teacher",
+        "cache build --config {bad}",
+        "--teacher",
+        bad=text("data: x.jsonl\nout: y.zarr\n", "c.yaml"),
+    ),
     case("train-both-sources", TRAIN + " --data {data}", "--cache", "--data"),
     case("train-loss-unknown", TRAIN + " --loss kl", "--loss"),
     case("train-storage-options-not-json", TRAIN + " --storage-options '{{oops'", "--storage-options"),

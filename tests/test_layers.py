@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "moekd"
 # Lowest first. A unit is a subpackage or a top-level module of moekd.
 LAYERS = [
     {"errors"},
-    {"paths", "seeds", "schemas", "locking", "fsio"},  # paths, random streams, metadata, locks, safe files
+    {"paths", "seeds", "schemas", "locking", "fsio", "options"},  # paths, seeds, metadata, locks, files, flags
     {"data", "models", "distributed", "encodings"},  # rows and tokens, checkpoints, ranks, codecs
     {"store", "routing"},  # reading and writing stores; recognising and rerouting routers
     {"training", "routers"},  # what every training loop uses; routers.py re-exports routing's API

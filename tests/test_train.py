@@ -241,11 +241,26 @@ def test_cli_train(cache, student, tmp_path):
     assert isinstance(again.exception, MoekdError) and "--resume auto" in str(again.exception)
 
 
-def test_training_code_never_imports_the_teacher_side():
-    code = (
-        "import sys, moekd.cli, moekd.distill.train; "
-        "print([m for m in sys.modules if m.startswith('moekd.cache_builder')])"
+def test_cli_train_from_a_config_file_with_a_flag_overriding_it(cache, student, tmp_path):
+    """`moekd train --config run.yaml`: the file's settings reach the run (its config.json), a flag wins."""
+    from typer.testing import CliRunner
+
+    from moekd.cli import app
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"cache: {cache}\nstudent: {student}\nout: {tmp_path / 'run'}\nmax-steps: 2\nlr: 0.003\n"
+        "batch_tokens: 1024\neval_every: 0\nsave_every: 0\nworkers: 0\ndevice: cpu\nloss: rkl\n"
     )
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--loss", "jsd"])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (recorded["loss"], recorded["max_steps"], recorded["lr"], recorded["batch_tokens"]) == ("jsd", 2, 3e-3, 1024)
+    assert recorded["fields"] == {"instruction": None, "context": None, "response": None}  # as runs always recorded
+
+
+def test_training_code_never_imports_the_teacher_side():
+    code = "import sys, moekd.distill.train; print([m for m in sys.modules if m.startswith('moekd.cache_builder')])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

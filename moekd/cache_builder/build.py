@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from moekd.cache_builder.metadata import describe_store, resume_settings
+from moekd.cache_builder.options import BuildOptions
 from moekd.cache_builder.runner import UnitRunner
 from moekd.cache_builder.split import parse_shard, split_units
 from moekd.data.prompts import tokenize_records
@@ -48,41 +49,8 @@ from moekd.models import (
 from moekd.routing.controller import RouterController
 from moekd.routing.policies import check_router_flag, make_policy
 from moekd.routing.router_file import load_router_file, read_router_file
-from moekd.store.layout import POSITIONS_PER_CHUNK, POSITIONS_PER_SHARD, examples_overlapping
+from moekd.store.layout import POSITIONS_PER_CHUNK, examples_overlapping
 from moekd.store.writer import CacheWriter, ExampleTables, recorded_settings, store_state
-
-
-@dataclass
-class BuildOptions:
-    teacher: str
-    data: str
-    out: str
-    policy: str = "topk"
-    policy_params: dict = field(default_factory=dict)
-    encoding: str = "topk"
-    k: int | None = None  # topk: ids per position and sample (default 64)
-    logprob_scale: float | None = None  # topk: log-prob steps per nat (default moekd.encodings.topk.TOPK_SCALE)
-    draws: int | None = None  # sampled: draws per position and sample (default 32)
-    proposal_temp: float | None = None  # sampled: proposal temperature t (default 1)
-    hidden_dtype: str | None = None  # hidden: bf16 (default), fp8 or fp32
-    max_prompt_len: int = 256
-    max_len: int = 512
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_tokens: int = 8192
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False
-    tokenizer: str | None = None
-    chat_template: bool = False
-    fields: dict = field(default_factory=dict)
-    skip_invalid: bool = False
-    positions_per_shard: int = POSITIONS_PER_SHARD
-    router_probs: str = "none"
-    router: str | None = None  # --policy sar: the router file of `moekd sar train`
-    shard: str | None = (
-        None  # "i/n": this job writes units i, i+n, i+2n, ... of the store; `moekd cache finalize` commits it
-    )
 
 
 @dataclass

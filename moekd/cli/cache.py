@@ -7,90 +7,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from moekd.cache_builder.options import BuildOptions
 from moekd.cli.app import cache_app, console
+from moekd.options import command
 
 
-@cache_app.command("build")
-def cache_build(
-    teacher: str = typer.Option(
-        ..., help="Teacher checkpoint: a local Hugging Face directory (or a hub id when online)."
-    ),
-    data: Path = typer.Option(
-        ..., help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory."
-    ),
-    out: Path = typer.Option(..., help="Store to write, e.g. run.zarr."),
-    policy: str = typer.Option(
-        "topk", help="Teacher routing policy: topk, all, ka, topp, mc, sar (all experts under the routers of --router)."
-    ),
-    router: Path | None = typer.Option(
-        None, help="sar: the router file of `moekd sar train` (checked against the teacher)."
-    ),
-    m: int | None = typer.Option(None, "--m", help="Teacher samples per example (stochastic policies; ka default 2)."),
-    ka_lambda: float | None = typer.Option(
-        None, help="ka: probability of sampling the kept experts instead of taking the top ones (default 0.05)."
-    ),
-    ka_drop: int | None = typer.Option(None, help="ka: experts left out per token and layer (default 1: N-1 kept)."),
-    top_p: float | None = typer.Option(None, help="topp: gate mass the selected experts must reach."),
-    experts: int | None = typer.Option(
-        None,
-        help="topk: activate the K experts with the largest gates, renormalised (default: the router's own k; K = N is the same as --policy all).",
-    ),
-    encoding: str = typer.Option(
-        "topk",
-        help="What is stored per position and sample: topk (k largest + tail), sampled (random-sampling KD draws) or hidden (final hidden state + the output layer once: exact).",
-    ),
-    k: int | None = typer.Option(
-        None, help="topk: teacher token ids stored per position and sample, plus a tail bucket (default 64)."
-    ),
-    logprob_scale: float | None = typer.Option(
-        None, help="topk: log-prob quantisation steps per nat; error 1/(2 x scale) nat (default 256)."
-    ),
-    draws: int | None = typer.Option(
-        None, help="sampled: token ids drawn with replacement per position and sample (default 32)."
-    ),
-    proposal_temp: float | None = typer.Option(
-        None, help="sampled: draw from p^t renormalised (default 1); t != 1 also stores what importance weights need."
-    ),
-    hidden_dtype: str | None = typer.Option(
-        None, help="hidden: bf16 (default), fp8 (e4m3, one scale per row) or fp32 (exact for a float32 teacher)."
-    ),
-    max_prompt_len: int = typer.Option(
-        256, help="Longest prompt in tokens; longer rows are an error (or skipped with --skip-invalid)."
-    ),
-    max_len: int = typer.Option(
-        512, help="Longest prompt+response in tokens; longer responses are truncated and counted."
-    ),
-    dtype: str = typer.Option(
-        "auto", help="Teacher dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."
-    ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    batch_tokens: int = typer.Option(8192, help="Padded tokens per teacher forward."),
-    seed: int = typer.Option(0, help="Base seed; each (example, sample) draws from its own seed derived from it."),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue an unfinished build (same settings required), or start one if there is none."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store at --out."),
-    tokenizer: str | None = typer.Option(None, help="Tokenizer directory, when it is not in the teacher's."),
-    chat_template: bool = typer.Option(
-        False, "--chat-template", help="Build prompts with the tokenizer's chat template instead of the Dolly template."
-    ),
-    instruction_field: str | None = typer.Option(None, help="Field holding the instruction (default: instruction)."),
-    context_field: str | None = typer.Option(
-        None, help="Field holding the context (default: context or input; '' for none)."
-    ),
-    response_field: str | None = typer.Option(None, help="Field holding the response (default: response or output)."),
-    skip_invalid: bool = typer.Option(
-        False, "--skip-invalid", help="Leave out bad or over-long rows (counted in the summary) instead of stopping."
-    ),
-    positions_per_shard: int = typer.Option(65536, help="Stored positions per shard file, the unit of resumable work."),
-    router_probs: str = typer.Option(
-        "none", help="Also store each MoE layer's gate distribution: none, full, or top-R (R largest + rest mass)."
-    ),
-    shard: str | None = typer.Option(
-        None,
-        help="I/N: this job writes the I-th of N shares of the units (job arrays; same flags in every job); then run `moekd cache finalize`.",
-    ),
-) -> None:
+@command(cache_app, "build", BuildOptions)
+def cache_build(options: BuildOptions) -> None:
     """Run the teacher once per example and sample and write its sparse distributions to a Zarr store.
 
     Example: moekd cache build --teacher ./teacher --data train.jsonl --out run.zarr --k 64
@@ -103,39 +26,9 @@ def cache_build(
     the -- stops torchrun from reading moekd's flags, such as --m, as its own).
     As a job array: moekd cache build ... --shard $I/$N in each job, then moekd cache finalize run.zarr
     """
-    from moekd.cache_builder.build import BuildOptions, build_cache
+    from moekd.cache_builder.build import build_cache
     from moekd.distributed import Ranks
 
-    params = {"m": m, "ka_lambda": ka_lambda, "ka_drop": ka_drop, "top_p": top_p, "experts": experts}
-    options = BuildOptions(
-        teacher=teacher,
-        data=str(data),
-        out=str(out),
-        policy=policy,
-        policy_params={key: value for key, value in params.items() if value is not None},
-        encoding=encoding,
-        k=k,
-        logprob_scale=logprob_scale,
-        draws=draws,
-        proposal_temp=proposal_temp,
-        hidden_dtype=hidden_dtype,
-        max_prompt_len=max_prompt_len,
-        max_len=max_len,
-        dtype=dtype,
-        device=device,
-        batch_tokens=batch_tokens,
-        seed=seed,
-        resume=resume,
-        overwrite=overwrite,
-        tokenizer=tokenizer,
-        chat_template=chat_template,
-        fields={"instruction": instruction_field, "context": context_field, "response": response_field},
-        skip_invalid=skip_invalid,
-        positions_per_shard=positions_per_shard,
-        router_probs=router_probs,
-        shard=shard,
-        router=str(router) if router else None,
-    )
     s = build_cache(options, console=Console(stderr=True))
     if not Ranks.from_env().main:
         return  # rank 0 prints the job's summary

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from moekd.distill.gate_maps import EXPERT_MAPS
 from moekd.distill.losses import KD_LOSSES
 from moekd.distill.objective import KDLoss
 from moekd.distill.router_losses import TAU_RANGE
 from moekd.errors import MoekdError
+from moekd.options import data_field_parts, option
 from moekd.paths import check_output_dir
+from moekd.store.location import parse_storage_options
 
 LOSSES = (*KD_LOSSES, "ce")
 ROUTER_LOSSES = ("none", "bdistill")
@@ -24,52 +26,90 @@ NOT_RECORDED = ("storage_options",)  # may hold credentials
 
 @dataclass
 class TrainOptions:
-    student: str
-    out: str
-    cache: str | None = None
-    storage_options: dict | None = None  # fsspec options for a --cache URL; never written to the run directory
-    data: str | None = None
-    loss: str = "fkl"
-    skew_lambda: float = 0.1
-    jsd_beta: float = 0.5
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    samples: str = "mean"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    warmup: int = 0
-    max_grad_norm: float = 1.0
-    batch_tokens: int = 8192
-    loss_chunk: int = LOSS_CHUNK
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: int | None = None
-    eval_every: int = 100
-    eval_fraction: float = 0.05
-    save_every: int = 500
-    resume: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    workers: int = 2
-    allow_tokenizer_mismatch: bool = False
-    max_prompt_len: int = 256
-    max_len: int = 512
-    chat_template: bool = False
-    fields: dict = field(default_factory=dict)
-    skip_invalid: bool = False
+    student: str = option(help="Student checkpoint: a local Hugging Face causal LM directory (dense or MoE).")
+    out: str = option(help="Run directory: config.json, metrics.jsonl/.csv, step-XXXXXX/ checkpoints, final/.")
+    cache: str | None = option(
+        None, "Teacher cache to distil from: a directory, a packed .zip, or an fsspec URL (s3://, gs://, http(s)://)."
+    )
+    storage_options: dict | None = option(
+        None,
+        "fsspec options for a --cache URL as JSON, e.g. '{\"anon\": true}' (not written to --out).",
+        parse=parse_storage_options,
+    )  # never written to --out
+    data: str | None = option(None, "Instruction data for plain SFT with --loss ce, instead of --cache.")
+    loss: str = option("fkl", "fkl, rkl, skl, srkl, jsd, tvd (over the k stored ids + tail bucket), or ce.")
+    skew_lambda: float = option(0.1, "Mixing weight λ of skl and srkl.")
+    jsd_beta: float = option(0.5, "β of jsd.")
+    temperature: float = option(1.0, "Divides student logits and teacher log-probs (loss not scaled by T²).")
+    ce_weight: float = option(0.0, "w in (1-w)·KD + w·CE, CE on the ground-truth response tokens.")
+    samples: str = option(
+        "mean", "With M > 1 teacher samples: mean (average the losses) or random (one per example and epoch)."
+    )
+    lr: float = option(1e-4, "Peak AdamW learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    schedule: str = option("cosine", "constant or cosine (to 0), after the warmup.")
+    warmup: int = option(0, "Optimizer steps of linear warmup.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    batch_tokens: int = option(8192, "Padded tokens per micro-batch (rows x longest row).")
+    loss_chunk: int = option(
+        LOSS_CHUNK,
+        "Positions per chunk of the loss: logits are computed chunk by chunk from the hidden states, never all at once.",
+    )
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    max_steps: int | None = option(None, "Optimizer steps to train (instead of --epochs).")
+    epochs: int | None = option(None, "Passes over the training examples (default 1 when --max-steps is not given).")
+    eval_every: int = option(
+        100, "Held-out evaluation every N steps (also before the first and after the last); 0: only those."
+    )
+    eval_fraction: float = option(
+        0.05, "Share of the examples held out for evaluation (at least 1; 0 for none); fixed for a given dataset."
+    )
+    save_every: int = option(500, "Resumable checkpoint every N steps; 0: only final/.")
+    resume: str | None = option(
+        None, "auto (newest complete checkpoint in --out, or a fresh start) or a step-XXXXXX directory."
+    )
+    seed: int = option(0, "Seed of the batch order, the --samples random draws and torch.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N (bf16 autocast on CUDA).")
+    workers: int = option(2, "Loader processes reading the cache ahead of training (0: read in the training process).")
+    allow_tokenizer_mismatch: bool = option(
+        False, "Train although the tokenizers differ, when their token-to-id mappings are the same."
+    )
+    max_prompt_len: int = option(256, "--data: longest prompt in tokens.")
+    max_len: int = option(512, "--data: longest prompt+response in tokens (responses are truncated).")
+    chat_template: bool = option(
+        False, "--data: build prompts with the tokenizer's chat template, as cache build does."
+    )
+    fields: dict = option(default_factory=dict, help="--data: the fields of a row", parts=data_field_parts("--data: "))
+    skip_invalid: bool = option(False, "--data: leave out bad or over-long rows instead of stopping.")
     # router terms for MoE students (router_losses.py, gate_maps.py)
-    router_loss: str = "none"
-    expert_weight: float = 0.1
-    mc_draws: int = 3
-    mc_alpha: float = 0.5
-    coverage_weight: float = 0.5
-    router_beta: float = 0.1
-    router_tau_init: float = 1.0
-    router_layers: str = "all"
-    layer_map: str = "auto"
-    expert_map: str = "group"
-    router_aux_coef: float = 0.0
+    router_loss: str = option(
+        "none",
+        "MoE students: none, or bdistill (Balanced Distillation from the cache's teacher gate distributions; needs --router-probs).",
+    )
+    expert_weight: float = option(0.1, "bdistill: weight of the router terms, added as w·(L_mc + coverage + L_router).")
+    mc_draws: int = option(3, "bdistill: Monte-Carlo expert draws K per position, sample and layer.")
+    mc_alpha: float = option(
+        0.5, "bdistill: a drawn expert's probability is multiplied by α (in (0, 1]) before the next draw."
+    )
+    coverage_weight: float = option(
+        0.5, "bdistill: weight of the coverage term KL(mean teacher gates || mean student gates)."
+    )
+    router_beta: float = option(0.1, "bdistill: β in L_router = KL(p_T || gate(g/τ)) - β·H(gate(g/τ)).")
+    router_tau_init: float = option(1.0, "bdistill: initial τ of every mapped layer (learned, clamped to [0.5, 1.5]).")
+    router_layers: str = option(
+        "all", "bdistill: all mapped MoE layers, or last (the student's last mapped layer, as the published code)."
+    )
+    layer_map: str = option(
+        "auto",
+        'bdistill: auto (student MoE layer s takes teacher layer round(s·(L_T-1)/(L_S-1))) or student:teacher pairs "0:0,1:2".',
+    )
+    expert_map: str = option(
+        "group",
+        "bdistill, student with fewer experts: group (sum contiguous teacher expert groups) or stride (every N_T/N_S-th, renormalised).",
+    )
+    router_aux_coef: float = option(
+        0.0, "MoE students: weight of the student family's own load-balancing loss (0: off)."
+    )
 
     def kd_loss(self) -> KDLoss:
         """The settings the logit objective reads."""

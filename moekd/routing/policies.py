@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from moekd.errors import MoekdError
+from moekd.options import Part
 
 POLICY_NAMES = ("topk", "all", "ka", "topp", "mc", "sar")
 
@@ -160,6 +161,26 @@ def check_router_flag(policy: str | None, router) -> None:
     if router is not None and policy != "sar":
         given = f"--policy {policy}" if policy else "native routing (no --policy)"
         raise MoekdError(f"--router applies only to --policy sar, not {given}; drop it or use --policy sar")
+
+
+# The policy flags of cache build, eval and routing stats: make_policy's parameters (None: the default).
+POLICY_PARTS = (
+    Part("m", "m", int, "Teacher samples per example (stochastic policies; ka default 2)."),
+    Part(
+        "ka_lambda",
+        "ka_lambda",
+        float,
+        "ka: probability of sampling the kept experts instead of taking the top ones (default 0.05).",
+    ),
+    Part("ka_drop", "ka_drop", int, "ka: experts left out per token and layer (default 1: N-1 kept)."),
+    Part("top_p", "top_p", float, "topp: gate mass the selected experts must reach."),
+    Part(
+        "experts",
+        "experts",
+        int,
+        "topk: activate the K experts with the largest gates, renormalised (default: the router's own k; K = N is the same as --policy all).",
+    ),
+)
 
 
 def make_policy(

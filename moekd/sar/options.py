@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from moekd.errors import MoekdError
+from moekd.options import data_field_parts, option
 from moekd.sar.objective import TEACHER_KLDS
 
 RESPONSES = ("data", "student")
@@ -17,31 +18,56 @@ RUN_ONLY = ("out", "resume", "device", "save_every", "moekd_version")
 
 @dataclass
 class SarOptions:
-    teacher: str
-    student: str
-    data: str
-    out: str  # the router file, e.g. router.safetensors
-    steps: int = 200
-    lr: float = 5e-6
-    beta: float = 0.01
-    teacher_kld: str = "reverse"
-    responses: str = "data"
-    co_train_student: bool = False
-    student_lr: float | None = None  # DEFAULT_STUDENT_LR when co-training
-    batch_tokens: int = 4096
-    gradient_checkpointing: bool = False
-    dtype: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    resume: str | None = None
-    max_grad_norm: float = 1.0
-    max_new_tokens: int = 256
-    save_every: int = 50
-    max_prompt_len: int = 256
-    max_len: int = 512
-    chat_template: bool = False
-    fields: dict = field(default_factory=dict)
-    skip_invalid: bool = False
+    teacher: str = option(
+        help="MoE teacher checkpoint directory: any family whose routers moekd recognises (see `moekd routing families`)."
+    )
+    student: str = option(
+        help="Student checkpoint directory; its tokenizer must map tokens to ids as the teacher's does."
+    )
+    data: str = option(
+        help="Training data (.jsonl, .json, .parquet or a datasets directory): the prompts, and the responses with --responses data."
+    )
+    out: str = option(
+        help="Router file to write, e.g. router.safetensors; the run (metrics, checkpoints) goes to router.run/ beside it."
+    )  # the router file, e.g. router.safetensors
+    steps: int = option(200, "Router updates.")
+    lr: float = option(5e-6, "AdamW learning rate of the routers (published 1e-6 .. 5e-6).")
+    beta: float = option(0.01, "Weight β of the load-balancing term CV(importance)² + CV(load)², per MoE layer.")
+    teacher_kld: str = option("reverse", "reverse: KL(p_T || q_s) (published); forward: -Σ q_s log p_T.")
+    responses: str = option(
+        "data",
+        "data: the dataset's responses; student: the student samples a response each step (published, on-policy).",
+    )
+    co_train_student: bool = option(
+        False,
+        "Alternate one router step and one student step (reverse KL against the updated teacher); saves the student to router.student/.",
+    )
+    student_lr: float | None = option(
+        None, "AdamW learning rate of the co-trained student (default 1e-5)."
+    )  # DEFAULT_STUDENT_LR when co-training
+    batch_tokens: int = option(4096, "Padded tokens per batch (rows x longest row of the data).")
+    gradient_checkpointing: bool = option(
+        False, "Recompute the teacher's layer activations in backward instead of keeping them."
+    )
+    dtype: str = option(
+        "auto",
+        "Teacher compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16; routers stay float32.",
+    )
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    seed: int = option(0, "Seed of the batch order and the sampled responses.")
+    resume: str | None = option(
+        None, "auto (newest complete checkpoint in router.run/, or a fresh start) or a step-XXXXXX directory."
+    )
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (routers; the student too).")
+    max_new_tokens: int = option(256, "--responses student: longest sampled response.")
+    save_every: int = option(50, "Resumable checkpoint every N steps; 0: none.")
+    max_prompt_len: int = option(256, "Longest prompt in tokens.")
+    max_len: int = option(512, "Longest prompt+response in tokens (responses are truncated).")
+    chat_template: bool = option(
+        False, "Build prompts with the tokenizer's chat template instead of the Dolly template."
+    )
+    fields: dict = option(default_factory=dict, help="the fields of a row", parts=data_field_parts())
+    skip_invalid: bool = option(False, "Leave out bad or over-long rows instead of stopping.")
 
 
 def run_dir(out: str | Path) -> Path:

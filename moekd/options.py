@@ -1,0 +1,241 @@
+"""Settings from one source: each command's flags are generated from its options dataclass.
+
+A field declared with `option(default, help)` becomes the flag `--field-name` with that default
+and help, written once. A dict field whose entries come from several flags declares them as
+`Part`s (e.g. `--instruction-field` fills `fields["instruction"]`); a field given as text on the
+command line and parsed (JSON) declares `parse`. `command(group, name, Options)` registers a
+Typer command whose flags are the dataclass's, plus `--config FILE`: a YAML (or TOML) file of
+settings by field or flag name, which the flags given on the command line override. The command
+body receives the filled-in options object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+import typer
+
+from moekd.errors import MoekdError
+
+CONFIG_HELP = (
+    "YAML (or TOML) file of settings, keyed by option name (max_len or max-len); "
+    "flags given on the command line override it."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A flag that fills one entry of a dict option (None: not given)."""
+
+    name: str  # the flag's option name, e.g. instruction_field -> --instruction-field
+    key: str  # the entry it fills, e.g. instruction
+    type: type
+    help: str
+
+
+def data_field_parts(prefix: str = "") -> tuple[Part, ...]:
+    """The flags that name a data set's fields (`fields` options): None keeps the detected field."""
+    return (
+        Part("instruction_field", "instruction", str, f"{prefix}field holding the instruction (default: instruction)."),
+        Part(
+            "context_field",
+            "context",
+            str,
+            f"{prefix}field holding the context (default: context or input; '' for none).",
+        ),
+        Part("response_field", "response", str, f"{prefix}field holding the response (default: response or output)."),
+    )
+
+
+def option(
+    default=dataclasses.MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    parse: Callable[[str], object] | None = None,
+    parts: tuple[Part, ...] = (),
+    default_factory=dataclasses.MISSING,
+):
+    """A dataclass field that is also a command-line option (see the module docstring)."""
+    metadata = {"help": help, "flag": flag, "parse": parse, "parts": parts}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _optional(tp) -> tuple[type, bool]:
+    """(the type without None, whether None is allowed)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flag:
+    """One generated command-line option."""
+
+    name: str  # the Python parameter name (= option name)
+    field: str  # the dataclass field it sets
+    type: type  # the value's type (without None)
+    default: object  # None where the field is required, a part, or parsed
+    required: bool
+    flag: str
+    help: str
+    part: Part | None = None
+    parse: Callable | None = None
+
+    def parameter(self) -> inspect.Parameter:
+        optional = self.required or self.part is not None or self.parse is not None or self.default is None
+        annotation = (str if self.parse else self.type) | None if optional else self.type
+        if self.type is bool and not optional:
+            default = typer.Option(self.default, self.flag, help=self.help)
+        else:
+            default = typer.Option(None if optional else self.default, self.flag, help=self.help)
+        return inspect.Parameter(self.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def flags_of(cls) -> list[_Flag]:
+    """The command-line options of an options dataclass, in field order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue  # not a command-line setting
+        for part in meta["parts"]:
+            out.append(_Flag(part.name, f.name, part.type, None, False, flag_of(part.name), part.help, part=part))
+        if meta["parts"]:
+            continue
+        tp, _ = _optional(hints[f.name])
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required or f.default is dataclasses.MISSING else f.default
+        flag = meta["flag"] or flag_of(f.name)
+        help_ = meta["help"] + (" Required (on the command line or in --config)." if required else "")
+        out.append(_Flag(f.name, f.name, tp, default, required, flag, help_, parse=meta["parse"]))
+    return out
+
+
+def load_config(path: Path, flags: list[_Flag]) -> dict:
+    """Settings of a --config file by option name; a clear error for anything unknown or mistyped."""
+    if not path.is_file():
+        raise MoekdError(f"--config {path}: no such file")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            raw = tomllib.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as e:  # the parsers' own errors name the line
+        where = " ".join(str(e).split())  # the parser's message, on one line
+        raise MoekdError(
+            f"--config {path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'} ({where})"
+        ) from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MoekdError(f"--config {path}: expected a mapping of option names to values, got {type(raw).__name__}")
+    by_name = {f.name: f for f in flags}
+    dict_fields = {f.field: [g for g in flags if g.field == f.field] for f in flags if f.part is not None}
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name in dict_fields and isinstance(value, dict):  # e.g. fields: {instruction: question}
+            for part_flag in dict_fields[name]:
+                if part_flag.part.key in value:
+                    values[part_flag.name] = _typed(path, part_flag, value.pop(part_flag.part.key))
+            if value:
+                raise MoekdError(f"--config {path}: {name} has unknown entries {sorted(value)}")
+            continue
+        if name not in by_name:
+            known = ", ".join(sorted(by_name))
+            raise MoekdError(f"--config {path}: unknown setting {key!r}; known settings: {known}")
+        values[name] = _typed(path, by_name[name], value)
+    return values
+
+
+def _typed(path: Path, flag: _Flag, value):
+    if value is None:
+        if flag.required:
+            raise MoekdError(f"--config {path}: {flag.name} cannot be empty")
+        return None
+    if flag.parse is not None:
+        return value  # text is parsed like the flag's; a mapping given directly is used as it is
+    expected = flag.type
+    ok = (
+        isinstance(value, bool)
+        if expected is bool
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if expected is float
+        else isinstance(value, int) and not isinstance(value, bool)
+        if expected is int
+        else isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        if expected in (str, Path)
+        else True
+    )
+    if not ok:
+        raise MoekdError(f"--config {path}: {flag.name} must be {expected.__name__}, got {value!r}")
+    return float(value) if expected is float else str(value) if expected in (str, Path) else value
+
+
+def build_options(cls, flags: list[_Flag], values: dict):
+    """The options object from option values (None: not given); parts collected, text parsed."""
+    kwargs: dict = {}
+    for f in flags:
+        value = values.get(f.name)
+        if f.part is not None:  # every entry, None where not given (as recorded in runs and stores)
+            kwargs.setdefault(f.field, {})[f.part.key] = value
+            continue
+        if f.required and value is None:
+            raise MoekdError(f"{f.flag} is required: pass it, or set {f.name} in --config")
+        if f.parse is not None and isinstance(value, str):
+            value = f.parse(value)
+        if value is not None or not f.required:
+            kwargs[f.field] = value if value is not None or f.default is None else f.default
+    return cls(**kwargs)
+
+
+def command(group: typer.Typer, name: str, cls):
+    """Register `body(options)` as the command `name` of `group`, its flags generated from `cls`."""
+    flags = flags_of(cls)
+
+    def decorator(body):
+        def run(ctx: typer.Context, **kwargs):
+            config = kwargs.pop("config")
+            from_file = load_config(config, flags) if config is not None else {}
+            values = {}
+            for f in flags:
+                given = ctx.get_parameter_source(f.name).name not in ("DEFAULT", "DEFAULT_MAP")
+                values[f.name] = kwargs[f.name] if given or f.name not in from_file else from_file[f.name]
+            return body(build_options(cls, flags, values))
+
+        context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        parameters = [context, *(f.parameter() for f in flags)]
+        parameters.append(
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, "--config", help=CONFIG_HELP),
+                annotation=Path | None,
+            )
+        )
+        run.__signature__ = inspect.Signature(parameters)
+        run.__name__, run.__doc__ = body.__name__, body.__doc__
+        group.command(name)(run)
+        return body
+
+    return decorator
