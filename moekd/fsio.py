@@ -75,4 +75,11 @@ def setting_differences(old: dict, new: dict, ignore: tuple[str, ...] = (), wher
     `where` (e.g. "the store") `key: old in the store, new now`."""
     keys = sorted((set(old) | set(new)) - set(ignore))
     form = "{k}: {a!r} -> {b!r}" if where is None else "{k}: {a!r} in " + where + ", {b!r} now"
-    return [form.format(k=k, a=old.get(k), b=new.get(k)) for k in keys if old.get(k) != new.get(k)]
+    return [
+        form.format(k=k, a=old.get(k), b=new.get(k)) for k in keys if _settled(old.get(k)) != _settled(new.get(k))
+    ]
+
+
+def _settled(value):
+    """A setting as compared: in a mapping, an entry set to None is one not given (`fields` from flags or not)."""
+    return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import types
 import typing
 from collections.abc import Callable
@@ -94,6 +95,11 @@ class _Flag:
     help: str
     part: Part | None = None
     parse: Callable | None = None
+
+    @property
+    def part_key_or_name(self) -> str:
+        """Where a recorded settings dict keeps this flag's value."""
+        return self.part.key if self.part else self.field
 
     def parameter(self) -> inspect.Parameter:
         optional = self.required or self.part is not None or self.parse is not None or self.default is None
@@ -209,18 +215,40 @@ def build_options(cls, flags: list[_Flag], values: dict):
     return cls(**kwargs)
 
 
-def command(group: typer.Typer, name: str, cls):
-    """Register `body(options)` as the command `name` of `group`, its flags generated from `cls`."""
+def read_recorded(path: Path) -> dict | None:
+    """Settings a run or build recorded as JSON (None when there are none); an error when the file is torn."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MoekdError(f"{path}: the recorded settings are not valid JSON; pass every flag again") from None
+
+
+def command(group: typer.Typer, name: str, cls, recorded: Callable[[dict], dict | None] | None = None):
+    """Register `body(options)` as the command `name` of `group`, its flags generated from `cls`.
+
+    `recorded(values)`, given the settings from the command line and --config by option name, returns
+    the settings an earlier run recorded (by field name; None: there is none): a resumed run takes
+    those it was not given. Precedence: command line, --config, recorded, default."""
     flags = flags_of(cls)
 
     def decorator(body):
         def run(ctx: typer.Context, **kwargs):
             config = kwargs.pop("config")
-            from_file = load_config(config, flags) if config is not None else {}
-            values = {}
+            values = load_config(config, flags) if config is not None else {}
             for f in flags:
-                given = ctx.get_parameter_source(f.name).name not in ("DEFAULT", "DEFAULT_MAP")
-                values[f.name] = kwargs[f.name] if given or f.name not in from_file else from_file[f.name]
+                if ctx.get_parameter_source(f.name).name not in ("DEFAULT", "DEFAULT_MAP"):
+                    values[f.name] = kwargs[f.name]  # given on the command line: it wins
+            if recorded is not None:  # then what the run or store being resumed recorded
+                earlier = recorded(values) or {}
+                for f in flags:
+                    if f.name not in values:
+                        known = earlier.get(f.field, {}) if f.part else earlier
+                        if isinstance(known, dict) and f.part_key_or_name in known:
+                            values[f.name] = known[f.part_key_or_name]
+            for f in flags:
+                values.setdefault(f.name, kwargs[f.name])
             return body(build_options(cls, flags, values))
 
         context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)

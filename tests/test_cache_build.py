@@ -151,8 +151,10 @@ def test_resume_after_sigkill_is_identical(make_teacher, data_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     killed_planning = killed_with_units = False
     for wait_for_units in (0, 2):  # once while planning, once between/inside units
+        # a resume repeats no flag: `cache build --out STORE --resume` takes the rest from the store's plan
+        resume = [*args[:5], "--out", str(out), "--resume"]
         proc = subprocess.Popen(
-            args + (["--resume"] if out.exists() else []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            resume if out.exists() else args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         units = out / BUILD_DIR / "units"
         deadline = time.time() + 120
@@ -174,7 +176,7 @@ def test_resume_after_sigkill_is_identical(make_teacher, data_file, tmp_path):
     with pytest.raises(MoekdError, match="unfinished build"):
         CacheReader(out)
     # resume and the uninterrupted reference run in the same environment (thread count included)
-    resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True)
+    resumed = subprocess.run(resume, env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     done, total = map(int, re.search(r"units\s+(\d+)/(\d+)", resumed.stderr).groups())
     assert 0 < done < total, "the resumed build redid every unit"

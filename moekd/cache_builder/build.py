@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from moekd.cache_builder.metadata import describe_store, resume_settings
-from moekd.cache_builder.options import BuildOptions
+from moekd.cache_builder.options import BuildOptions, recorded_options
 from moekd.cache_builder.runner import UnitRunner
 from moekd.cache_builder.split import parse_shard, split_units
 from moekd.data.prompts import tokenize_records
@@ -240,7 +240,9 @@ def _build(
     planned: list[CacheWriter] = []
     ranks.share(
         lambda: planned.append(
-            CacheWriter.open(out, meta, settings, tables, o.resume, o.overwrite, shards, encoder.fixed_arrays())
+            CacheWriter.open(
+                out, meta, settings, tables, o.resume, o.overwrite, shards, encoder.fixed_arrays(), recorded_options(o)
+            )
         )
     )
     # the other ranks open rank 0's plan, checking it against their own settings (their data, teacher, versions)

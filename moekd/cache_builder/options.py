@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from moekd.options import data_field_parts, option
+from moekd.options import data_field_parts, option, read_recorded
 from moekd.routing.policies import POLICY_PARTS
-from moekd.store.layout import POSITIONS_PER_SHARD
+from moekd.store.layout import BUILD_DIR, POSITIONS_PER_SHARD
+
+OPTIONS_FILE = "options.json"  # in the build directory of an unfinished store
+NOT_RECORDED = ("resume", "overwrite", "shard")  # how this job runs, not what the store holds
 
 
 @dataclass
@@ -63,4 +68,19 @@ class BuildOptions:
     shard: str | None = option(
         None,
         "I/N: this job writes the I-th of N shares of the units (job arrays; same flags in every job); then run `moekd cache finalize`.",
+    )
+
+
+def recorded_options(o: BuildOptions) -> dict[str, bytes]:
+    """The build's options as a file of its plan, so that `cache build --out STORE --resume` needs no other flag."""
+    kept = {k: v for k, v in asdict(o).items() if k not in NOT_RECORDED}
+    return {OPTIONS_FILE: json.dumps(kept, indent=1, sort_keys=True).encode()}
+
+
+def recorded_build(values: dict) -> dict | None:
+    """The options the unfinished store at --out was started with, when it is being resumed."""
+    return (
+        read_recorded(Path(values["out"]) / BUILD_DIR / OPTIONS_FILE)
+        if values.get("resume") and values.get("out")
+        else None
     )

@@ -7,12 +7,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from moekd.cache_builder.options import BuildOptions
+from moekd.cache_builder.options import BuildOptions, recorded_build
 from moekd.cli.app import cache_app, console
 from moekd.options import command
 
 
-@command(cache_app, "build", BuildOptions)
+@command(cache_app, "build", BuildOptions, recorded=recorded_build)
 def cache_build(options: BuildOptions) -> None:
     """Run the teacher once per example and sample and write its sparse distributions to a Zarr store.
 

@@ -6,10 +6,10 @@ from rich.console import Console
 
 from moekd.cli.app import console, sar_app
 from moekd.options import command
-from moekd.sar.options import SarOptions
+from moekd.sar.options import SarOptions, recorded_run
 
 
-@command(sar_app, "train", SarOptions)
+@command(sar_app, "train", SarOptions, recorded=recorded_run)
 def sar_train(options: SarOptions) -> None:
     """Train the teacher's routers (all experts active, everything else frozen) so the student learns from it more easily.
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from rich.console import Console
 
 from moekd.cli.app import app, console
-from moekd.distill.options import TrainOptions
+from moekd.distill.options import TrainOptions, recorded_run
 from moekd.options import command
 
 
-@command(app, "train", TrainOptions)
+@command(app, "train", TrainOptions, recorded=recorded_run)
 def train_command(options: TrainOptions) -> None:
     """Train a student on a teacher cache (KD), or on instruction data (--loss ce).
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from moekd.distill.gate_maps import EXPERT_MAPS
 from moekd.distill.losses import KD_LOSSES
 from moekd.distill.objective import KDLoss
 from moekd.distill.router_losses import TAU_RANGE
 from moekd.errors import MoekdError
-from moekd.options import data_field_parts, option
+from moekd.options import data_field_parts, option, read_recorded
 from moekd.paths import check_output_dir
 from moekd.store.location import parse_storage_options
+from moekd.training.checkpoint import RUN_CONFIG
 
 LOSSES = (*KD_LOSSES, "ce")
 ROUTER_LOSSES = ("none", "bdistill")
@@ -114,6 +116,12 @@ class TrainOptions:
     def kd_loss(self) -> KDLoss:
         """The settings the logit objective reads."""
         return KDLoss(self.loss, self.temperature, self.skew_lambda, self.jsd_beta, self.ce_weight, self.loss_chunk)
+
+
+def recorded_run(values: dict) -> dict | None:
+    """The settings the run at --out recorded (its config.json), when it is being resumed: `moekd train
+    --out RUN --resume auto` needs no other flag."""
+    return read_recorded(Path(values["out"]) / RUN_CONFIG) if values.get("resume") and values.get("out") else None
 
 
 def check_options(o: TrainOptions) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moekd.errors import MoekdError
-from moekd.options import data_field_parts, option
+from moekd.options import data_field_parts, option, read_recorded
 from moekd.sar.objective import TEACHER_KLDS
 
 RESPONSES = ("data", "student")
@@ -80,6 +80,12 @@ def student_dir(out: str | Path) -> Path:
     """Where --co-train-student saves the student: `router.student/` beside `router.safetensors`."""
     out = Path(out)
     return out.with_name(out.stem + ".student")
+
+
+def recorded_run(values: dict) -> dict | None:
+    """The settings the run of --out recorded (router.run/config.json), when it is being resumed: `moekd sar
+    train --out router.safetensors --resume auto` needs no other flag."""
+    return read_recorded(run_dir(values["out"]) / "config.json") if values.get("resume") and values.get("out") else None
 
 
 def check_options(o: SarOptions) -> None:

@@ -122,13 +122,15 @@ class CacheWriter:
         overwrite: bool = False,
         shards: int | None = None,
         fixed_arrays: dict[str, np.ndarray] | None = None,
+        build_files: dict[str, bytes] | None = None,
     ) -> CacheWriter:
         """Plan a new store at `path`, or continue the unfinished one there.
 
         `shards`: the store is built by that many independent `--shard i/n` jobs, which join an
         unfinished store without `--resume` (one of them planned it). `fixed_arrays`: arrays of the
         encoding that do not depend on the teacher's passes (the hidden encoding's output layer),
-        written with the plan."""
+        written with the plan. `build_files`: files kept in the build directory with the plan (the
+        build's options, for a resume that repeats no flag)."""
         path = Path(path)
         state = store_state(path)
         if state == "foreign":
@@ -142,7 +144,9 @@ class CacheWriter:
         if state in ("complete", "unfinished") and overwrite:
             _remove_store(path)
             state = "absent"
-        if state in ("absent", "empty") and cls._plan(path, meta, settings, tables, shards, fixed_arrays or {}):
+        if state in ("absent", "empty") and cls._plan(
+            path, meta, settings, tables, shards, fixed_arrays or {}, build_files or {}
+        ):
             return cls(path, meta)
         if state in ("absent", "empty") and not shards:
             raise MoekdError(
@@ -194,6 +198,7 @@ class CacheWriter:
         tables: ExampleTables,
         shards: int | None,
         fixed_arrays: dict[str, np.ndarray],
+        build_files: dict[str, bytes],
     ) -> bool:
         """Lay the store out beside `path`, then publish it there by rename; False when another job published first."""
         try:
@@ -205,6 +210,8 @@ class CacheWriter:
             if draft.exists():
                 shutil.rmtree(draft)
             (draft / BUILD_DIR / "units").mkdir(parents=True)
+            for name, data in build_files.items():
+                atomic_write(draft / BUILD_DIR / name, data)
             cls(draft, meta)._init(settings, tables, shards, fixed_arrays)
             fsync_tree(draft)
             try:
