@@ -75,9 +75,7 @@ def setting_differences(old: dict, new: dict, ignore: tuple[str, ...] = (), wher
     `where` (e.g. "the store") `key: old in the store, new now`."""
     keys = sorted((set(old) | set(new)) - set(ignore))
     form = "{k}: {a!r} -> {b!r}" if where is None else "{k}: {a!r} in " + where + ", {b!r} now"
-    return [
-        form.format(k=k, a=old.get(k), b=new.get(k)) for k in keys if _settled(old.get(k)) != _settled(new.get(k))
-    ]
+    return [form.format(k=k, a=old.get(k), b=new.get(k)) for k in keys if _settled(old.get(k)) != _settled(new.get(k))]
 
 
 def _settled(value):

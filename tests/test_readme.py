@@ -2,7 +2,7 @@
 
 The commands are the lines of the README's ```bash / ```sh / ```console blocks that start with
 `moekd`, `torchrun` or `make` (a console block's `$ ` prompt removed, `\\` continuations joined,
-comments dropped, `&&` chains split). They run one after the other in one working directory that
+comments dropped, `&&` chains split), and the files a `cat > FILE <<'END'` here-document writes. They run one after the other in one working directory that
 holds what they name (tiny saved models, small data files), so a command uses what earlier ones
 wrote. Only sizes are shrunk (SHRINK: steps, rows, generated tokens), and torchrun lines run on two
 gloo ranks on CPU. A command that cannot run here is listed in NOT_RUN with the reason; a command
@@ -72,8 +72,18 @@ def readme_commands(markdown: str) -> list[str]:
     for language, body in blocks:
         if language not in LANGUAGES:
             continue
-        for line in body.replace("\\\n", " ").splitlines():
+        lines = iter(body.replace("\\\n", " ").splitlines())
+        for line in lines:
             line = line.strip()
+            heredoc = re.fullmatch(r"cat > (\S+) <<'(\w+)'", line)
+            if heredoc:  # a file the commands after it read: written as given
+                content = []
+                for text in lines:
+                    if text.strip() == heredoc[2]:
+                        break
+                    content.append(text)
+                commands.append(f"cat > {heredoc[1]}\n" + "\n".join(content) + "\n")
+                continue
             if language == "console":
                 if not line.startswith("$ "):
                     continue  # output
@@ -110,6 +120,10 @@ def torchrun_split(words: list[str]) -> tuple[list[str], list[str]]:
 
 
 def run(command: str, cwd: Path) -> tuple[int | str, str]:
+    if command.startswith("cat > "):
+        name, content = command[len("cat > ") :].split("\n", 1)
+        (cwd / name).write_text(content)
+        return 0, ""
     words = shlex.split(command)
     if words[0] == "moekd":
         previous = os.getcwd()
