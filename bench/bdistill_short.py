@@ -28,8 +28,8 @@ PLAN = replace(
     student_epochs=4,
     train_seeds=(0, 1, 2),
     probes=(),
-    teacher=dict(family="mixtral", hidden=48, layers=4, experts=8, top_k=2, intermediate_size=96, router_std=None),
-    students={"moe": dict(family="mixtral", hidden=32, layers=2, experts=4, top_k=2, router_std=None)},
+    teacher=dict(family="mixtral", hidden=48, layers=4, experts=8, top_k=2, intermediate_size=96, init="training"),
+    students={"moe": dict(family="mixtral", hidden=32, layers=2, experts=4, top_k=2, init="training")},
     caches=(GATES_CACHE,),
     reference="MoE KD",
     rows=(

@@ -150,7 +150,7 @@ DEFAULT_ROWS = (
     *MOE_ROWS,
 )
 # The teacher: its MoE layers hold most of its weights (8 experts of width 4 x hidden, top-2); see README.
-TEACHER = dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, intermediate_size=384, router_std=None)
+TEACHER = dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, intermediate_size=384, init="training")
 DEFAULT_PLAN = DemoPlan(
     n_train=1500,
     n_valid=100,
@@ -159,7 +159,7 @@ DEFAULT_PLAN = DemoPlan(
     teacher=TEACHER,
     students={
         "dense": dict(family="llama", hidden=64, layers=2),
-        "moe": dict(family="mixtral", hidden=64, layers=2, experts=4, top_k=2, router_std=None),
+        "moe": dict(family="mixtral", hidden=64, layers=2, experts=4, top_k=2, init="training"),
     },
     teacher_epochs=8,
     student_epochs=3,
@@ -182,10 +182,10 @@ QUICK_PLAN = DemoPlan(
     n_valid=16,
     n_test=32,
     vocab=512,
-    teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, intermediate_size=96, router_std=None),
+    teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, intermediate_size=96, init="training"),
     students={
         "dense": dict(family="llama", hidden=32, layers=1),
-        "moe": dict(family="mixtral", hidden=32, layers=1, experts=2, top_k=1, router_std=None),
+        "moe": dict(family="mixtral", hidden=32, layers=1, experts=2, top_k=1, init="training"),
     },
     teacher_epochs=4,
     student_epochs=2,

@@ -4,15 +4,17 @@
 `make_tiny_family_model` builds any model type of the installed transformers from its own
 config class, shrunk field by field (the conformance suite and `moekd routing families`).
 They are saved with `save_pretrained` and loaded back through the same path as a user's
-checkpoint. Random routers are nearly uniform, so router weights are re-initialised with a
-large standard deviation: that gives peaked gates on which routing policies really differ.
+checkpoint. Their weights come from their own seeded generator (moekd/tiny_weights.py), never
+from the library's random initialisation: by default an MoE model gets the "routing" recipe
+(top-k experts carry about 0.6 of the gate mass and experts move the output, so routing
+policies really differ), a dense one the "training" recipe (the usual small init).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from moekd.tiny_weights import TOP_K_FIELDS, build_tiny
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "llama")
 MOE_FAMILIES = FAMILIES[:5]
@@ -105,32 +107,29 @@ def make_tiny_model(
     tokenizer,
     out_dir: str | Path | None = None,
     seed: int = 0,
-    router_std: float | None = 1.0,
+    init: str | None = None,
+    gate_mass: float = 0.6,
     vocab_size: int | None = None,
     **config,
 ):
-    """A randomly initialised tiny model of `family` matching `tokenizer`, saved to `out_dir` with it.
+    """A tiny model of `family` matching `tokenizer`, its weights drawn from `seed`, saved to `out_dir` with it.
 
-    `router_std` re-initialises the router weights (peaked gates for tests); None keeps the
-    config's initialisation (near-uniform gates, as before training). `vocab_size` sets the
-    embedding and output-layer rows (default: the tokenizer's size; more is allowed, as in real
-    checkpoints padded for speed: the extra ids are never inputs or labels).
+    `init` is the recipe of moekd/tiny_weights.py: "routing" (the default for MoE families: the
+    top-k experts carry `gate_mass` of the gates) or "training" (the default for dense ones, and
+    for models the demo trains). `vocab_size` sets the embedding and output-layer rows (default:
+    the tokenizer's size; more is allowed, as in real checkpoints padded for speed: the extra ids
+    are never inputs or labels).
     """
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
     ids = dict(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
     )
     if vocab_size is not None and vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size: {vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
     cfg = tiny_config(family, vocab_size=vocab_size or len(tokenizer), special_ids=ids, **config)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if router_std is not None and name.endswith("gate.weight") and param.dim() == 2 and param.shape[0] > 1:
-                param.normal_(0.0, router_std)
-    model.eval()
+    init = init or ("routing" if family in MOE_FAMILIES else "training")
+    model = build_tiny(lambda: AutoModelForCausalLM.from_config(cfg), seed, init, gate_mass)
     if out_dir is not None:
         model.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
@@ -213,12 +212,12 @@ SMALL_FIELDS = dict(
 )
 VOCAB_FIELDS = ("vocab_size", "unpadded_vocab_size", "vocab_size_per_layer_input")
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-TOP_K_FIELDS = ("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_top_k", "moe_k")
 # (cap, value when unset) - capped, never raised: a family without groups or shared experts stays so;
 # an unset value that the modeling code multiplies by anyway gets the neutral one.
 CAPPED_FIELDS = {"n_shared_experts": (1, 1), "n_group": (2, 1), "topk_group": (1, 1), "zero_expert_num": (2, None)}
 # What the field rules cannot infer, per model type (or config class name for sub-configs without one).
 FAMILY_FIELDS: dict[str, dict] = {
+    "cohere2_moe": dict(logit_scale=1.0),  # its 1/16 shrinks tied logits: the embeddings would have to grow 16x
     "dots3_note_text": dict(
         swa_num_attention_heads=4,
         swa_num_key_value_heads=4,
@@ -346,42 +345,22 @@ def tiny_family_config(model_type: str, vocab_size: int = 256, experts: int = 8,
     return config_class(**kwargs)
 
 
-def reinit_routers(model, std: float = 1.0, seed: int = 0) -> None:
-    """Peaked, varied routers: trainable matrices ~ N(0, std), trainable vectors ~ U(0.5, 1.5).
-
-    Frozen parameters and buffers (selection biases) keep their initial values (zero).
-    """
-    from moekd.routing.routers import find_routers
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, router in find_routers(model):
-            for _, param in router.named_parameters():
-                if param.requires_grad:
-                    noise = (
-                        torch.randn(param.shape, generator=gen) * std
-                        if param.dim() > 1
-                        else torch.rand(param.shape, generator=gen) + 0.5
-                    )
-                    param.copy_(noise.to(param.dtype))
-
-
 def make_tiny_family_model(
     model_type: str,
     vocab_size: int = 256,
     seed: int = 0,
-    router_std: float | None = 0.3,
+    init: str = "routing",
+    gate_mass: float = 0.6,
     out_dir: str | Path | None = None,
     tokenizer=None,
     **overrides,
 ):
-    """A randomly initialised CPU-sized causal LM of `model_type` (eval mode), saved to `out_dir` if given."""
+    """A CPU-sized causal LM of `model_type` (eval mode), its weights drawn from `seed` by the `init` recipe
+    (moekd/tiny_weights.py), saved to `out_dir` if given."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_family_config(model_type, vocab_size, **overrides)).eval()
-    if router_std is not None:
-        reinit_routers(model, router_std, seed)
+    config = tiny_family_config(model_type, vocab_size, **overrides)
+    model = build_tiny(lambda: AutoModelForCausalLM.from_config(config), seed, init, gate_mass)
     if out_dir is not None:
         model.save_pretrained(str(out_dir))
         if tokenizer is not None:

@@ -26,6 +26,7 @@ from moekd.routing.routers import find_routers, recognise_routers
 from moekd.store.verify import verify_store
 from moekd.tiny_models import TOP_K_FIELDS, make_tiny_family_model
 from tests.test_cache_build import options
+from tests.test_tiny_teachers import assert_rerouted
 
 FAMILIES = moe_families()
 SELECTION_QUIRKS = ("selection bias", "group-limited")
@@ -104,7 +105,14 @@ def forward(model, policy=None, ids=None, mask=None, seeds=None, capture=False):
         if ctrl is None:
             return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, None
         with ctrl.active(row_seeds=seeds):
-            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, ctrl
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    if capture:
+        assert_every_layer_captured(ctrl)
+    return logits, ctrl
+
+
+def assert_every_layer_captured(ctrl):
+    assert len(ctrl.gate_probs()) == len(ctrl.activated_experts()) == len(ctrl.moe_layers) > 0
 
 
 def adapters_or_refusal(model, policy_name):
@@ -284,6 +292,7 @@ def test_captured_gates_are_the_family_gates(family, family_dir):
     finally:
         for h in handles:
             h.remove()
+    assert_every_layer_captured(ctrl)
     for info, gates, active in zip(infos, ctrl.gate_probs(), ctrl.activated_experts()):
         adapter = info.adapter
         logits, weights, index = outputs[info.name]
@@ -378,6 +387,7 @@ def test_generate_with_kv_cache_under_ka(family, family_dir, byte_tokenizer):
             pad_token_id=byte_tokenizer.pad_token_id,
         )
     assert out.shape == (2, 9)
+    assert_every_layer_captured(ctrl)
     last_step = ctrl.activated_experts()
     assert all(a.shape[0] == 2 and a.sum(dim=-1).eq(ctrl.num_experts - 1).all() for a in last_step)
 
@@ -425,9 +435,14 @@ def test_sar_backward_reaches_exactly_the_gate_parameters(family, family_dir):
         p.requires_grad_(True)
     ctrl, recorder = RouterController(model, make_policy("all")), RouterRecorder(infos)
     ids, mask = batch()
+    with torch.no_grad():
+        native_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     with ctrl.active(), recorder.recording():
-        model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1).mean().backward()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        logits.float().log_softmax(-1).mean().backward()
         gates, native = list(recorder.gates), list(recorder.native_index)
+    assert_rerouted(logits.detach(), native_logits)  # every expert, not the native top-k
+    assert len(gates) == len(native) == len(infos)
     for name, p in params.items():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"{name}: no gradient"
     frozen = {n for n, p in model.named_parameters() if n not in params}

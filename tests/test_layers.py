@@ -18,7 +18,8 @@ LAYERS = [
     {"cache_builder", "distill"},  # the two recipes: build a cache, train from one
     {"eval"},  # scoring (its likelihood scores use the build's teacher passes)
     {"sar"},  # Student-Aware Router training (generates with eval, trains with distill)
-    {"tiny_models", "experiments"},
+    {"tiny_weights", "experiments"},  # tiny models' weights; replicate statistics
+    {"tiny_models", "tiny_routing"},
     {"families"},
     {"demo"},
     {"cli"},

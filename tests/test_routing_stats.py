@@ -118,6 +118,7 @@ def test_routing_stats_command(make_teacher, data_file, tmp_path):
     assert stats["policy"] == "ka" and len(stats["layers"]) == 2
     for layer in stats["layers"]:
         assert abs(layer["activated_mass"] + layer["dormant_mass"] - 1) < 1e-5
+        assert layer["mean_activated"] == 7 and layer["activated_mass"] > 0.9  # N - 1 experts, not the native 2
     dense = CliRunner().invoke(
         app, ["routing", "stats", "--teacher", str(make_teacher("llama")), "--data", str(data_file)]
     )

@@ -14,6 +14,7 @@ from moekd.routing.policies import make_policy
 from moekd.tiny_models import MOE_FAMILIES
 from tests.test_cache_build import options, read_all
 from tests.test_routing import batch, block_io, expert_outputs, hook_counts, run
+from tests.test_tiny_teachers import assert_rerouted
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -37,6 +38,8 @@ def test_k_equal_n_is_all_bit_for_bit(load, family):
     every, every_ctrl = run(model, make_policy("all"), ids, mask)
     k8, k8_ctrl = run(model, make_policy("topk", experts=8), ids, mask)
     assert torch.equal(k8.logits, every.logits)
+    with torch.no_grad():
+        assert_rerouted(k8.logits, model(input_ids=ids, attention_mask=mask).logits)
     assert all(torch.equal(a, b) for a, b in zip(k8_ctrl.activated_experts(), every_ctrl.activated_experts()))
 
 

@@ -66,6 +66,7 @@ class RouterInfo:
     gate_parameter_names: tuple[str, ...] = ()
     quirks: tuple[str, ...] = field(default_factory=tuple)
     target: nn.Module | None = None  # experts layout: the module whose call carries the selection
+    logits_at: int = 0  # where the logits are in the router's output (its `router_logits` recorder's index)
 
 
 _RECOGNISED: weakref.WeakKeyDictionary[nn.Module, RouterInfo] = weakref.WeakKeyDictionary()
@@ -172,14 +173,14 @@ def recognise_routers(model: nn.Module, tokens: int = 16) -> list[RouterInfo]:
     for position in order:
         name, module, index = routers[position]
         if position not in calls:
-            info = RouterInfo(name, module, None, "it did not run in a forward of the model")
+            info = RouterInfo(name, module, None, "it did not run in a forward of the model", logits_at=index)
         else:
             args, kwargs, output = calls[position]
             block = _block(model, name)
             siblings = {child: call for (p, child), call in sibling_calls.items() if p == position}
             adapter = fit_router(module, index, output, siblings)
             if isinstance(adapter, str):
-                info = RouterInfo(name, module, None, adapter)
+                info = RouterInfo(name, module, None, adapter, logits_at=index)
             else:
                 gate_names = gate_parameter_names(module, args, kwargs, index)
                 target = block.get_submodule(adapter.target) if adapter.target else None
@@ -191,6 +192,7 @@ def recognise_routers(model: nn.Module, tokens: int = 16) -> list[RouterInfo]:
                     gate_names,
                     router_quirks(block, module, adapter, gate_names, args, kwargs),
                     target,
+                    index,
                 )
         _RECOGNISED[module] = info
         infos.append(info)
