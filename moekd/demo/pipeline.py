@@ -1,44 +1,27 @@
-"""`moekd demo`: the whole pipeline on the built-in suite, ending in the comparison table.
-
-Stages (each is skipped when its output is already complete, so a rerun picks up where it stopped):
-1. the synthetic instruction suite and a BPE tokenizer trained on its training split;
-2. a small MoE teacher trained by SFT;
-3. with a SAR stage in the plan (`SarSpec`), the Student-Aware Router: the teacher's routers
-   trained on the training split with the feedback of the first replicate of an SFT row, and
-   their per-layer KL(original || trained) on the test split; then teacher caches under the
-   routing policies of the plan (`CacheSpec`: topk, all, ka ..., and sar with those routers);
-4. the student rows (`StudentSpec`: SFT, or KD from one cache), each trained once per training
-   seed s from an initialisation drawn with seed s and with batches ordered by seed s; among them
-   MoE to MoE: a small MoE student (fewer layers and experts than the teacher) distilled from a
-   cache that also stores the teacher's gates, by logit KD only and by Balanced Distillation;
-5. `moekd eval` of the teacher, of the teacher under other routing policies (`TeacherProbe`:
-   its own ROUGE-L, NLL and KL from its native self) and of every student replicate: ROUGE-L over
-   the sampling seeds, teacher-forced response NLL and KL(native teacher || student) on the test split;
-   the held-out KD loss of every row trained from a cache (forward KL on that cache's held-out
-   examples), and the expert-load CV and gate entropy of every MoE student on the test split;
-6. the table (experiments.py): per row, mean ± std over training seeds and the paired difference
-   to the reference row with a 95% t-interval; results.json and results.png.
-A new method is one more entry: a `CacheSpec` for a teacher-side policy, a `StudentSpec` for a
-student-side one (another architecture in `DemoPlan.students`, other training options).
-`bench/paper_table.py` runs the same pipeline with a larger plan.
-"""
+"""The demo's stages (see moekd/demo/__init__.py), each skipped when its output is already complete."""
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from moekd.cache_builder.build import BuildOptions, build_cache
 from moekd.data.prompts import format_prompt
 from moekd.data.records import load_records
 from moekd.data.synth import write_suite
 from moekd.data.tokenizer import train_tokenizer
+from moekd.demo.plan import (
+    CacheSpec,
+    DemoPlan,
+    StudentSpec,
+    TeacherProbe,
+)
+from moekd.demo.report import plot_results
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.eval.evaluate import evaluate, write_report
@@ -55,155 +38,6 @@ from moekd.store.writer import store_state
 from moekd.tiny_models import make_tiny_model
 from moekd.training.checkpoint import is_complete
 from moekd.training.metrics import read_metrics
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    name: str
-    policy: str
-    params: dict = field(default_factory=dict)  # make_policy parameters (m, ka_lambda, experts ...)
-    router_probs: str = "none"  # also store the gate distributions (full, top-R) for MoE students
-
-
-@dataclass(frozen=True)
-class StudentSpec:
-    name: str
-    cache: str | None = None  # a CacheSpec name; None trains by SFT on the data
-    init: str = "dense"  # a key of DemoPlan.students
-    options: dict = field(default_factory=dict)  # TrainOptions fields beyond the plan's (loss, ce_weight ...)
-    reference: str | None = None  # the row its paired differences are taken against (None: the plan's reference)
-
-
-@dataclass(frozen=True)
-class TeacherProbe:
-    name: str
-    policy: str
-    params: dict = field(default_factory=dict)
-    rouge: bool = True  # also sample and score ROUGE-L (else only NLL and KL)
-
-
-@dataclass(frozen=True)
-class SarSpec:
-    """The `moekd sar train` run behind the plan's `sar` cache."""
-
-    steps: int
-    lr: float
-    beta: float = 0.01
-    teacher_kld: str = "reverse"
-    responses: str = "student"
-    feedback: str = "SFT"  # the SFT row whose first training-seed replicate gives the feedback
-    compare_examples: int = 64  # test prompts on which the per-layer KL(original || trained) is measured
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    n_train: int
-    n_valid: int
-    n_test: int
-    vocab: int
-    teacher: dict  # tiny_config arguments of the MoE teacher
-    students: dict  # name -> tiny_config arguments of a student architecture
-    teacher_epochs: int
-    student_epochs: int
-    teacher_lr: float
-    student_lr: float
-    batch_tokens: int
-    warmup: int
-    k: int
-    seeds: tuple[int, ...]  # sampling seeds of ROUGE-L
-    train_seeds: tuple[int, ...]  # student replicates: initialisation and batch order
-    max_new_tokens: int
-    eval_batch_size: int
-    caches: tuple[CacheSpec, ...]
-    rows: tuple[StudentSpec, ...]
-    reference: str  # the row the paired differences are taken against
-    probes: tuple[TeacherProbe, ...] = ()
-    threads: int = 1  # torch intra-op threads for every stage (numerics depend on it; see README)
-    sar: SarSpec | None = None  # the routers of the caches with policy sar
-
-
-KA = {"ka_lambda": 0.05}
-# The published SAR runs take 200 steps at lr 1e-6 .. 5e-6 on teachers of hidden size ~4096. Adam
-# moves every weight by about lr per step, and a gate logit sums hidden-size such moves, so the
-# same change of the gate logits takes a rate 4096 / 96 ~ 40 times larger at this teacher's size.
-SAR_STEPS, SAR_LR = 100, 2e-4
-# MoE to MoE: the topk cache with the teacher's gate distributions, one MoE student by logit KD and by B-Distill
-GATES_CACHE = CacheSpec("topk-gates", "topk", router_probs="full")
-BDISTILL = {"router_loss": "bdistill", "expert_weight": 0.1}
-MOE_ROWS = (
-    StudentSpec("MoE KD", "topk-gates", init="moe"),
-    StudentSpec("MoE B-Distill", "topk-gates", init="moe", options=BDISTILL, reference="MoE KD"),
-)
-DEFAULT_CACHES = (
-    CacheSpec("topk", "topk"),
-    CacheSpec("all", "all"),
-    CacheSpec("ka", "ka", {"m": 2, **KA}),
-    CacheSpec("sar", "sar"),
-    GATES_CACHE,
-)
-DEFAULT_ROWS = (
-    StudentSpec("SFT"),
-    StudentSpec("KD topk", "topk"),
-    StudentSpec("KD all", "all"),
-    StudentSpec("KD ka", "ka"),
-    StudentSpec("KD sar", "sar"),
-    *MOE_ROWS,
-)
-# The teacher: its MoE layers hold most of its weights (8 experts of width 4 x hidden, top-2); see README.
-TEACHER = dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, intermediate_size=384, init="training")
-DEFAULT_PLAN = DemoPlan(
-    n_train=1500,
-    n_valid=100,
-    n_test=200,
-    vocab=1024,
-    teacher=TEACHER,
-    students={
-        "dense": dict(family="llama", hidden=64, layers=2),
-        "moe": dict(family="mixtral", hidden=64, layers=2, experts=4, top_k=2, init="training"),
-    },
-    teacher_epochs=8,
-    student_epochs=3,
-    teacher_lr=3e-3,
-    student_lr=3e-3,
-    batch_tokens=4096,
-    warmup=20,
-    k=32,
-    seeds=(10, 20, 30, 40, 50),
-    train_seeds=(0, 1, 2),
-    max_new_tokens=64,
-    eval_batch_size=100,
-    caches=DEFAULT_CACHES,
-    rows=DEFAULT_ROWS,
-    reference="KD topk",
-    sar=SarSpec(steps=SAR_STEPS, lr=SAR_LR),
-)
-QUICK_PLAN = DemoPlan(
-    n_train=320,
-    n_valid=16,
-    n_test=32,
-    vocab=512,
-    teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, intermediate_size=96, init="training"),
-    students={
-        "dense": dict(family="llama", hidden=32, layers=1),
-        "moe": dict(family="mixtral", hidden=32, layers=1, experts=2, top_k=1, init="training"),
-    },
-    teacher_epochs=4,
-    student_epochs=2,
-    teacher_lr=3e-3,
-    student_lr=3e-3,
-    batch_tokens=2048,
-    warmup=4,
-    k=16,
-    seeds=(10, 20),
-    train_seeds=(0, 1),
-    max_new_tokens=32,
-    eval_batch_size=32,
-    caches=DEFAULT_CACHES,
-    rows=DEFAULT_ROWS,
-    reference="KD topk",
-    probes=(TeacherProbe("all", "all"),),
-    sar=SarSpec(steps=4, lr=1e-3, compare_examples=8),
-)
 
 
 def _train(console: Console, out: Path, **options) -> dict:
@@ -596,107 +430,3 @@ def _init(out: Path, config: dict, seed: int) -> Path:
             config["family"], tokenizer, out, seed=seed, **{k: v for k, v in config.items() if k != "family"}
         )
     return out
-
-
-def _fmt(stat: dict | None, digits: int) -> str:
-    if not stat:
-        return "-"
-    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat.get("std") is not None else "")
-
-
-def _fmt_diff(stat: dict | None, digits: int) -> str:
-    diff = (stat or {}).get("vs_reference")
-    if not diff:
-        return "-"
-    interval = f" [{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]" if diff["low"] is not None else ""
-    return f"{diff['mean']:+.{digits}f}{interval}"
-
-
-def results_table(results: dict, title: str = "moekd demo") -> Table:
-    """Teacher rows (std over sampling seeds) and student rows (mean ± std over training seeds, paired differences)."""
-    plan = results["plan"]
-    table = Table(
-        title=f"{title}: the built-in test split ({plan['n_test']} prompts)",
-        caption=f"ROUGE-L: students mean ± std (ddof=1) over {len(plan['train_seeds'])} training seeds of the mean over "
-        f"{len(plan['seeds'])} sampling seeds; teachers mean ± std over sampling seeds. NLL, KL: nats per response token, "
-        f"teacher-forced (KL from the native teacher). Δ: paired difference to {plan['reference']}{_own_references(plan)}, "
-        "95% t-interval over training seeds.",
-    )
-    for column in ("model", "ROUGE-L", "Δ ROUGE-L", "NLL", "Δ NLL", "KL", "Δ KL", "cache"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for name, row in results["teacher"].items():
-        label = "teacher" if name == "native" else f"teacher {name}"
-        rouge = {"mean": row["rougeL"], "std": row["rougeL_sampling_std"]} if row["rougeL"] is not None else None
-        kl = "-" if name == "native" else f"{row['kl']:.4f}"
-        table.add_row(label, _fmt(rouge, 2), "", f"{row['nll']:.4f}", "", kl, "", "")
-    sar_caches = {c["name"] for c in plan["caches"] if c["policy"] == "sar"}
-    for name, row in results["rows"].items():
-        cache = f"{row['cache_bytes'] / 1e6:.2f} MB, {row['build_seconds']:.0f} s" if "cache_bytes" in row else "-"
-        if row.get("cache") in sar_caches and results.get("sar", {}).get("train_seconds"):
-            cache += f" + {results['sar']['train_seconds']:.0f} s SAR"
-        table.add_row(
-            f"student {name}",
-            _fmt(row.get("rougeL"), 2),
-            _fmt_diff(row.get("rougeL"), 2),
-            _fmt(row.get("nll"), 4),
-            _fmt_diff(row.get("nll"), 4),
-            _fmt(row.get("kl"), 4),
-            _fmt_diff(row.get("kl"), 4),
-            cache,
-        )
-    return table
-
-
-def plot_results(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["rows"]
-    names = list(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(2.4 * len(names) + 2, 4))
-    for ax, metric, label in ((axes[0], "rougeL", "ROUGE-L (x100)"), (axes[1], "nll", "response NLL (nats/token)")):
-        means = [rows[n][metric]["mean"] for n in names]
-        stds = [rows[n][metric]["std"] or 0.0 for n in names]
-        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c72b0")
-        ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
-        ax.set_ylabel(label)
-        if metric == "rougeL":
-            ax.axhline(results["teacher"]["native"]["rougeL"], color="#888888", linestyle="--", label="teacher")
-            ax.legend(loc="lower right")
-        else:
-            ax.set_ylim(bottom=min(means) - 3 * max(stds + [0.01]))
-    fig.suptitle("moekd: students, mean ± std over training seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _own_references(plan: dict) -> str:
-    own = [f"{r['name']}: to {r['reference']}" for r in plan["rows"] if r.get("reference")]
-    return f" ({'; '.join(own)})" if own else ""
-
-
-def routing_table(results: dict) -> Table | None:
-    """The MoE students' held-out KD loss, expert-load CV and gate entropy (None when the plan has no MoE student)."""
-    rows = {name: row for name, row in results["rows"].items() if "load_cv" in row}
-    if not rows:
-        return None
-    plan = results["plan"]
-    table = Table(
-        title="MoE students: held-out KD loss and routing",
-        caption="held-out KD: forward KL on the cache's held-out examples at the end of training; load CV: coefficient "
-        "of variation of the expert load, gate H: gate entropy (nats), on the test split, mean over MoE layers; mean ± "
-        f"std over {len(plan['train_seeds'])} training seeds; Δ as above.",
-    )
-    for column in ("model", "held-out KD", "Δ held-out KD", "load CV", "Δ load CV", "gate H", "Δ gate H"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for name, row in rows.items():
-        cells = [
-            cell
-            for key in ("heldout_kd", "load_cv", "gate_entropy")
-            for cell in (_fmt(row.get(key), 4), _fmt_diff(row.get(key), 4))
-        ]
-        table.add_row(f"student {name}", *cells)
-    return table
