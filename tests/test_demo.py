@@ -56,3 +56,25 @@ def test_demo_refuses_a_workdir_of_another_plan(tmp_path):
     (tmp_path / "plan.json").write_text("{}")
     result = CliRunner().invoke(app, ["demo", "--quick", "--workdir", str(tmp_path)])
     assert result.exit_code != 0 and "holds a run of another plan" in str(result.exception)
+
+
+def test_the_built_in_plans_are_files_a_config_of_ones_own_starts_from(tmp_path):
+    """moekd/demo/plans/*.yaml are the plans `moekd demo` and `--quick` run; a copy with changes is a plan too,
+    a misspelt field is refused naming it, and --config with --quick is refused."""
+    import pytest
+
+    from moekd.demo import DEFAULT_PLAN, QUICK_PLAN
+    from moekd.demo.plan import PLANS, CacheSpec, load_plan
+    from moekd.errors import MoekdError
+
+    assert load_plan(PLANS / "quick.yaml") == QUICK_PLAN and DEFAULT_PLAN.reference == "KD topk"
+    assert CacheSpec("ka", "ka", {"m": 2, "ka_lambda": 0.05}) in DEFAULT_PLAN.caches
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((PLANS / "quick.yaml").read_text().replace("train_seeds: [0, 1]", "train_seeds: [0, 1, 2, 3]"))
+    assert load_plan(mine).train_seeds == (0, 1, 2, 3)
+    mine.write_text((PLANS / "quick.yaml").read_text().replace("n_test:", "n_tests:"))
+    with pytest.raises(MoekdError, match=r"--config .*mine.yaml: not a demo plan \(n_test: Field required; n_tests"):
+        load_plan(mine)
+    result = CliRunner().invoke(app, ["demo", "--quick", "--config", str(mine), "--workdir", str(tmp_path / "w")])
+    assert isinstance(result.exception, MoekdError) and "pass one of them" in str(result.exception)
+    assert not (tmp_path / "w").exists()

@@ -4,10 +4,19 @@ teacher probes and the SAR stage, bundled in a `DemoPlan`; the built-in plans DE
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+from moekd.errors import MoekdError
+
+STRICT = ConfigDict(extra="forbid")  # a misspelt key in a plan file is an error, not ignored
 
 
 @dataclass(frozen=True)
 class CacheSpec:
+    __pydantic_config__ = STRICT
+
     name: str
     policy: str
     params: dict = field(default_factory=dict)  # make_policy parameters (m, ka_lambda, experts ...)
@@ -16,6 +25,8 @@ class CacheSpec:
 
 @dataclass(frozen=True)
 class StudentSpec:
+    __pydantic_config__ = STRICT
+
     name: str
     cache: str | None = None  # a CacheSpec name; None trains by SFT on the data
     init: str = "dense"  # a key of DemoPlan.students
@@ -25,6 +36,8 @@ class StudentSpec:
 
 @dataclass(frozen=True)
 class TeacherProbe:
+    __pydantic_config__ = STRICT
+
     name: str
     policy: str
     params: dict = field(default_factory=dict)
@@ -34,6 +47,8 @@ class TeacherProbe:
 @dataclass(frozen=True)
 class SarSpec:
     """The `moekd sar train` run behind the plan's `sar` cache."""
+
+    __pydantic_config__ = STRICT
 
     steps: int
     lr: float
@@ -46,6 +61,8 @@ class SarSpec:
 
 @dataclass(frozen=True)
 class DemoPlan:
+    __pydantic_config__ = STRICT
+
     n_train: int
     n_valid: int
     n_test: int
@@ -71,85 +88,31 @@ class DemoPlan:
     sar: SarSpec | None = None  # the routers of the caches with policy sar
 
 
-KA = {"ka_lambda": 0.05}
-# The published SAR runs take 200 steps at lr 1e-6 .. 5e-6 on teachers of hidden size ~4096. Adam
-# moves every weight by about lr per step, and a gate logit sums hidden-size such moves, so the
-# same change of the gate logits takes a rate 4096 / 96 ~ 40 times larger at this teacher's size.
-SAR_STEPS, SAR_LR = 100, 2e-4
-# MoE to MoE: the topk cache with the teacher's gate distributions, one MoE student by logit KD and by B-Distill
-GATES_CACHE = CacheSpec("topk-gates", "topk", router_probs="full")
-BDISTILL = {"router_loss": "bdistill", "expert_weight": 0.1}
-MOE_ROWS = (
-    StudentSpec("MoE KD", "topk-gates", init="moe"),
-    StudentSpec("MoE B-Distill", "topk-gates", init="moe", options=BDISTILL, reference="MoE KD"),
-)
-DEFAULT_CACHES = (
-    CacheSpec("topk", "topk"),
-    CacheSpec("all", "all"),
-    CacheSpec("ka", "ka", {"m": 2, **KA}),
-    CacheSpec("sar", "sar"),
-    GATES_CACHE,
-)
-DEFAULT_ROWS = (
-    StudentSpec("SFT"),
-    StudentSpec("KD topk", "topk"),
-    StudentSpec("KD all", "all"),
-    StudentSpec("KD ka", "ka"),
-    StudentSpec("KD sar", "sar"),
-    *MOE_ROWS,
-)
-# The teacher: its MoE layers hold most of its weights (8 experts of width 4 x hidden, top-2); see README.
-TEACHER = dict(family="mixtral", hidden=96, layers=4, experts=8, top_k=2, intermediate_size=384, init="training")
-DEFAULT_PLAN = DemoPlan(
-    n_train=1500,
-    n_valid=100,
-    n_test=200,
-    vocab=1024,
-    teacher=TEACHER,
-    students={
-        "dense": dict(family="llama", hidden=64, layers=2),
-        "moe": dict(family="mixtral", hidden=64, layers=2, experts=4, top_k=2, init="training"),
-    },
-    teacher_epochs=8,
-    student_epochs=3,
-    teacher_lr=3e-3,
-    student_lr=3e-3,
-    batch_tokens=4096,
-    warmup=20,
-    k=32,
-    seeds=(10, 20, 30, 40, 50),
-    train_seeds=(0, 1, 2),
-    max_new_tokens=64,
-    eval_batch_size=100,
-    caches=DEFAULT_CACHES,
-    rows=DEFAULT_ROWS,
-    reference="KD topk",
-    sar=SarSpec(steps=SAR_STEPS, lr=SAR_LR),
-)
-QUICK_PLAN = DemoPlan(
-    n_train=320,
-    n_valid=16,
-    n_test=32,
-    vocab=512,
-    teacher=dict(family="mixtral", hidden=48, layers=2, experts=4, top_k=2, intermediate_size=96, init="training"),
-    students={
-        "dense": dict(family="llama", hidden=32, layers=1),
-        "moe": dict(family="mixtral", hidden=32, layers=1, experts=2, top_k=1, init="training"),
-    },
-    teacher_epochs=4,
-    student_epochs=2,
-    teacher_lr=3e-3,
-    student_lr=3e-3,
-    batch_tokens=2048,
-    warmup=4,
-    k=16,
-    seeds=(10, 20),
-    train_seeds=(0, 1),
-    max_new_tokens=32,
-    eval_batch_size=32,
-    caches=DEFAULT_CACHES,
-    rows=DEFAULT_ROWS,
-    reference="KD topk",
-    probes=(TeacherProbe("all", "all"),),
-    sar=SarSpec(steps=4, lr=1e-3, compare_examples=8),
-)
+PLANS = Path(__file__).with_name("plans")  # the built-in plans, as `moekd demo --config` takes them
+
+
+def load_plan(path: str | Path) -> DemoPlan:
+    """A plan from a YAML file (the built-in ones are plans/default.yaml and plans/quick.yaml); one line
+    naming the field at fault otherwise."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoekdError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise MoekdError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    try:
+        return TypeAdapter(DemoPlan).validate_python(raw)
+    except ValidationError as e:
+        where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3])
+        raise MoekdError(f"--config {path}: not a demo plan ({where})") from None
+
+
+DEFAULT_PLAN = load_plan(PLANS / "default.yaml")
+QUICK_PLAN = load_plan(PLANS / "quick.yaml")
+# Pieces of the default plan that the benchmarks reuse in plans of their own.
+GATES_CACHE = next(c for c in DEFAULT_PLAN.caches if c.router_probs != "none")
+MOE_ROWS = tuple(row for row in DEFAULT_PLAN.rows if row.cache == GATES_CACHE.name)
+KA = {k: v for k, v in next(c for c in DEFAULT_PLAN.caches if c.policy == "ka").params.items() if k != "m"}
