@@ -182,6 +182,10 @@ def _typed(path: Path, flag: _Flag, value):
     if flag.parse is not None:
         return value  # text is parsed like the flag's; a mapping given directly is used as it is
     expected = flag.type
+    if typing.get_origin(expected) is list:  # e.g. several --data files
+        if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+            raise MoekdError(f"--config {path}: {flag.name} must be a list, got {value!r}")
+        return [str(v) for v in value]
     ok = (
         isinstance(value, bool)
         if expected is bool

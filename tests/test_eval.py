@@ -13,8 +13,9 @@ from moekd.data.prompts import format_prompt, prompt_ids
 from moekd.data.synth import write_suite
 from moekd.errors import MoekdError
 from moekd.eval import evaluate as evaluate_module
-from moekd.eval.evaluate import evaluate, generations_path, load_eval_examples, parse_seeds, write_report
+from moekd.eval.evaluate import evaluate, generations_path, load_eval_examples, write_report
 from moekd.eval.generate import generate_responses, load_model
+from moekd.eval.options import EvalOptions, parse_seeds
 from moekd.eval.rouge import rouge_l
 
 # ---------------------------------------------------------------- ROUGE-L
@@ -141,7 +142,7 @@ def test_copying_the_reference_scores_100(make_teacher, synth_dir, monkeypatch, 
         return [reference_of[tuple(p)] for p in prompts]
 
     monkeypatch.setattr(evaluate_module, "generate_responses", copy_reference)
-    report = evaluate(make_teacher("mixtral"), [synth_dir / "test.jsonl"], seeds=[10, 20])
+    report = evaluate(EvalOptions(str(make_teacher("mixtral")), [str(synth_dir / "test.jsonl")], seeds=(10, 20)))
     (scores,) = report.datasets
     assert scores.per_seed == {10: pytest.approx(100), 20: pytest.approx(100)}
     assert scores.mean == pytest.approx(100) and scores.std == 0
@@ -149,7 +150,10 @@ def test_copying_the_reference_scores_100(make_teacher, synth_dir, monkeypatch, 
 
 def test_evaluate_writes_report_and_generations(make_teacher, synth_dir, tmp_path):
     data = [synth_dir / "test.jsonl", synth_dir / "valid.jsonl"]
-    report = evaluate(make_teacher("mixtral"), data, seeds=[10, 20], max_new_tokens=6, batch_size=3, limit=4)
+    options = EvalOptions(
+        str(make_teacher("mixtral")), [str(p) for p in data], (10, 20), max_new_tokens=6, batch_size=3, limit=4
+    )
+    report = evaluate(options)
     json_path, gen_path = write_report(report, tmp_path / "scores.json")
     assert gen_path == generations_path(json_path) == tmp_path / "scores.generations.jsonl"
 
@@ -169,7 +173,7 @@ def test_evaluate_writes_report_and_generations(make_teacher, synth_dir, tmp_pat
         assert list(scores.per_seed.values()) == pytest.approx(per_seed)
         assert scores.mean == pytest.approx(np.mean(per_seed)) and scores.std == pytest.approx(np.std(per_seed))
 
-    again = evaluate(make_teacher("mixtral"), data, seeds=[10, 20], max_new_tokens=6, batch_size=3, limit=4)
+    again = evaluate(options)
     assert again.generations == report.generations
 
 
@@ -188,7 +192,7 @@ def test_several_references_per_record(tmp_path):
 
 
 def test_bad_input_names_the_flag(make_teacher, synth_dir, tmp_path):
-    assert parse_seeds("10, 20,30") == [10, 20, 30]
+    assert parse_seeds("10, 20,30") == (10, 20, 30)
     for text in ("", "10,x", "10;20", "10,,20", "10,10", "-1"):
         with pytest.raises(MoekdError, match="--seeds"):
             parse_seeds(text)
@@ -201,7 +205,7 @@ def test_bad_input_names_the_flag(make_teacher, synth_dir, tmp_path):
     with pytest.raises(MoekdError, match="--model.*tokenizer"):
         load_model(no_tokenizer)
     with pytest.raises(MoekdError, match="--max-prompt-len"):
-        evaluate(make_teacher("mixtral"), [synth_dir / "test.jsonl"], seeds=[10], max_prompt_len=8)
+        evaluate(EvalOptions(str(make_teacher("mixtral")), [str(synth_dir / "test.jsonl")], (10,), max_prompt_len=8))
 
 
 def test_cli_eval(make_teacher, synth_dir, tmp_path):

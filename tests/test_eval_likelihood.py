@@ -13,6 +13,7 @@ from moekd.data.synth import write_suite
 from moekd.errors import MoekdError
 from moekd.eval.evaluate import evaluate, load_eval_examples
 from moekd.eval.generate import generate_responses, load_model
+from moekd.eval.options import EvalOptions
 from moekd.routing.controller import RouterController
 from moekd.routing.policies import make_policy
 
@@ -121,7 +122,9 @@ def explicit_scores(model_dir, teacher_dir, data, policy=None, prepare=None):
 
 def test_nll_and_kl_equal_the_explicit_computation(make_teacher, synth_dir):
     student, teacher, data = make_teacher("llama"), make_teacher("mixtral"), synth_dir / "test.jsonl"
-    report = evaluate(student, [data], rouge=False, teacher=teacher, batch_size=5, device="cpu")
+    report = evaluate(
+        EvalOptions(str(student), [str(data)], rouge=False, teacher=str(teacher), batch_size=5, device="cpu")
+    )
     (scores,) = report.datasets
     nll, kl, count = explicit_scores(student, teacher, data)
     assert scores.response_positions == count
@@ -132,15 +135,31 @@ def test_nll_and_kl_equal_the_explicit_computation(make_teacher, synth_dir):
 
 def test_kl_of_a_model_from_itself_is_zero_and_a_policy_moves_it(loud_teacher, synth_dir):
     teacher, data = loud_teacher, synth_dir / "test.jsonl"
-    native = evaluate(teacher, [data], rouge=False, teacher=teacher, device="cpu").datasets[0]
+    native = evaluate(EvalOptions(str(teacher), [str(data)], rouge=False, teacher=str(teacher), device="cpu")).datasets[
+        0
+    ]
     assert native.kl_from_teacher == 0.0
     policy = make_policy("topk", experts=8)
-    routed = evaluate(teacher, [data], rouge=False, teacher=teacher, policy=policy, device="cpu")
+    routed = evaluate(
+        EvalOptions(
+            str(teacher),
+            [str(data)],
+            rouge=False,
+            teacher=str(teacher),
+            policy="topk",
+            policy_params={"experts": 8},
+            device="cpu",
+        )
+    )
     nll, kl, _ = explicit_scores(teacher, teacher, data, policy)
     assert routed.datasets[0].kl_from_teacher == pytest.approx(kl, rel=1e-5) and kl > 1e-2
     assert routed.datasets[0].nll == pytest.approx(nll, rel=1e-5)
     assert routed.settings["policy"] == {"name": "topk", "params": {"experts": 8}, "seed": 0}
-    same = evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("topk", experts=2), device="cpu")
+    same = evaluate(
+        EvalOptions(
+            str(teacher), [str(data)], rouge=False, nll=True, policy="topk", policy_params={"experts": 2}, device="cpu"
+        )
+    )
     assert same.datasets[0].nll == native.nll  # K = native k: no hook, the same numbers
 
 
@@ -149,13 +168,23 @@ def test_sar_policy_routes_by_the_router_file(loud_teacher, moved_router, synth_
 
     teacher, data = loud_teacher, synth_dir / "test.jsonl"
     sar = evaluate(
-        teacher, [data], rouge=False, teacher=teacher, policy=make_policy("sar"), router=moved_router, device="cpu"
+        EvalOptions(
+            str(teacher),
+            [str(data)],
+            rouge=False,
+            teacher=str(teacher),
+            policy="sar",
+            router=str(moved_router),
+            device="cpu",
+        )
     )
     nll, kl, _ = explicit_scores(teacher, teacher, data, prepare=sar_routers(moved_router))
     assert sar.datasets[0].nll == pytest.approx(nll, rel=1e-5) and sar.datasets[0].kl_from_teacher == pytest.approx(
         kl, rel=1e-5
     )
-    plain = evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("all"), device="cpu").datasets[0]
+    plain = evaluate(
+        EvalOptions(str(teacher), [str(data)], rouge=False, nll=True, policy="all", device="cpu")
+    ).datasets[0]
     assert abs(sar.datasets[0].nll - plain.nll) > 1e-2  # the router file moved the scores off the original routers'
     assert sar.settings["router"] == {"path": str(moved_router), "sha256": sha256_file(moved_router)}
     assert sar.settings["policy"]["name"] == "sar"
@@ -182,30 +211,33 @@ def test_generation_under_a_policy_routes_every_decoding_step(loud_teacher, synt
     assert routed != generate_responses(model, tokenizer, prompts, 0, 12, batch_size=3, greedy=True)
 
 
+def run(model, data, **options):
+    """`evaluate` of `model` on the one file `data`, with EvalOptions `options`."""
+    return evaluate(EvalOptions(str(model), [str(data)], **options))
+
+
 def test_stochastic_policy_draws_per_data_row(loud_teacher, synth_dir):
     teacher, data = loud_teacher, synth_dir / "test.jsonl"
-    ka = make_policy("ka", ka_lambda=1.0)
-    first = evaluate(teacher, [data], rouge=False, nll=True, policy=ka, device="cpu", batch_size=4).datasets[0].nll
-    regrouped = evaluate(teacher, [data], rouge=False, nll=True, policy=ka, device="cpu", batch_size=5).datasets[0].nll
-    other_seed = (
-        evaluate(teacher, [data], rouge=False, nll=True, policy=ka, routing_seed=1, device="cpu").datasets[0].nll
-    )
+    ka = dict(policy="ka", policy_params={"ka_lambda": 1.0})
+    first = run(teacher, data, rouge=False, nll=True, **ka, device="cpu", batch_size=4).datasets[0].nll
+    regrouped = run(teacher, data, rouge=False, nll=True, **ka, device="cpu", batch_size=5).datasets[0].nll
+    other_seed = run(teacher, data, rouge=False, nll=True, **ka, routing_seed=1, device="cpu").datasets[0].nll
     assert first == pytest.approx(regrouped, rel=1e-6) and first != pytest.approx(other_seed, rel=1e-6)
 
 
 def test_errors_name_the_flag(make_teacher, synth_dir, tmp_path, tokenizer):
     data = synth_dir / "test.jsonl"
     with pytest.raises(MoekdError, match="--no-rouge leaves nothing"):
-        evaluate(make_teacher("mixtral"), [data], rouge=False)
+        run(make_teacher("mixtral"), data, rouge=False)
     with pytest.raises(MoekdError, match="--experts 2 needs an MoE teacher"):
-        evaluate(make_teacher("llama"), [data], rouge=False, nll=True, policy=make_policy("topk", experts=2))
+        run(make_teacher("llama"), data, rouge=False, nll=True, policy="topk", policy_params={"experts": 2})
     from moekd.data.tokenizer import train_tokenizer
     from moekd.tiny_models import make_tiny_model
 
     other = train_tokenizer(["a completely different corpus of words"] * 20, 300)
     make_tiny_model("llama", other, tmp_path / "other")
     with pytest.raises(MoekdError, match="--teacher: .* another tokenizer"):
-        evaluate(make_teacher("llama"), [data], rouge=False, teacher=tmp_path / "other")
+        run(make_teacher("llama"), data, rouge=False, teacher=str(tmp_path / "other"))
     result = CliRunner().invoke(
         app, ["eval", "--model", str(make_teacher("mixtral")), "--data", str(data), "--experts", "4"]
     )
@@ -215,13 +247,13 @@ def test_errors_name_the_flag(make_teacher, synth_dir, tmp_path, tokenizer):
 def test_router_flag_goes_with_policy_sar(make_teacher, moved_router, synth_dir):
     data, teacher = synth_dir / "test.jsonl", make_teacher("mixtral")
     with pytest.raises(MoekdError, match="--policy sar needs --router FILE"):
-        evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("sar"))
+        run(teacher, data, rouge=False, nll=True, policy="sar")
     with pytest.raises(MoekdError, match="--router applies only to --policy sar, not --policy all"):
-        evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("all"), router=moved_router)
+        run(teacher, data, rouge=False, nll=True, policy="all", router=str(moved_router))
     with pytest.raises(MoekdError, match=r"--router applies only to --policy sar, not native routing \(no --policy\)"):
-        evaluate(teacher, [data], rouge=False, nll=True, router=moved_router)
+        run(teacher, data, rouge=False, nll=True, router=str(moved_router))
     with pytest.raises(MoekdError, match="was trained for another teacher"):  # it is the loud teacher's
-        evaluate(teacher, [data], rouge=False, nll=True, policy=make_policy("sar"), router=moved_router)
+        run(teacher, data, rouge=False, nll=True, policy="sar", router=str(moved_router))
 
 
 def test_cli_teacher_forced_scores(make_teacher, synth_dir, tmp_path):

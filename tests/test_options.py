@@ -11,10 +11,16 @@ from moekd.cache_builder.options import BuildOptions
 from moekd.cli import app
 from moekd.distill.options import TrainOptions
 from moekd.errors import MoekdError
+from moekd.eval.options import EvalOptions
 from moekd.options import Part, command, flags_of, option
 from moekd.sar.options import SarOptions
 
-COMMANDS = [(("train",), TrainOptions), (("sar", "train"), SarOptions), (("cache", "build"), BuildOptions)]
+COMMANDS = [
+    (("train",), TrainOptions),
+    (("sar", "train"), SarOptions),
+    (("cache", "build"), BuildOptions),
+    (("eval",), EvalOptions),
+]
 
 
 def click_command(path):
@@ -32,8 +38,8 @@ def test_every_flag_has_its_dataclass_default_and_nothing_else(path, cls):
     assert set(params) == {f.name for f in generated} | {"config"}  # no flag written by hand beside them
     for f in generated:
         param = params[f.name]
-        assert param.opts == [f.flag] and param.help == f.help
-        if f.part is None and not f.required:
+        assert "/".join(param.opts + param.secondary_opts) == f.flag and param.help == f.help
+        if f.part is None and f.parse is None and not f.required:
             assert param.default == defaults[f.name], f.name  # a default restated by hand would differ here
 
 

@@ -25,6 +25,7 @@ from moekd.demo.report import plot_results
 from moekd.distill.train import TrainOptions, train
 from moekd.errors import MoekdError
 from moekd.eval.evaluate import evaluate, write_report
+from moekd.eval.options import EvalOptions
 from moekd.experiments import Stopwatch, summarise_rows
 from moekd.fsio import atomic_write
 from moekd.paths import check_output_dir
@@ -91,19 +92,20 @@ def _eval(
     """ROUGE-L (per-seed and mean over sampling seeds), NLL and KL from `teacher` of one model, cached in `out`."""
     if not out.exists():
         console.print(f"[bold]eval[/] {out.stem}")
-        policy = make_policy(probe.policy, **probe.params) if probe else None
-        report = evaluate(
-            model,
+        options = EvalOptions(
+            str(model),
             [str(test)],
-            seeds=plan.seeds,
+            tuple(plan.seeds),
             max_new_tokens=plan.max_new_tokens,
             device="cpu",
             batch_size=plan.eval_batch_size,
             rouge=rouge,
             nll=True,
-            teacher=teacher,
-            policy=policy,
+            teacher=str(teacher) if teacher else None,
+            policy=probe.policy if probe else None,
+            policy_params=dict(probe.params) if probe else {},
         )
+        report = evaluate(options)
         write_report(report, out)
     scores = json.loads(out.read_text())["datasets"][0]
     return {

@@ -16,7 +16,7 @@ into the model's routers, checked against it, as `cache build --policy sar --rou
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,13 +28,13 @@ from moekd.data.tokenizer import tokenizer_fingerprint
 from moekd.errors import MoekdError
 from moekd.eval.generate import SAMPLING, generate_responses, load_model
 from moekd.eval.likelihood import response_scores
+from moekd.eval.options import EvalOptions
 from moekd.eval.rouge import rouge_l
 from moekd.models import checkpoint_sha256, output_vocab_size
-from moekd.routing.policies import check_router_flag
+from moekd.paths import check_output_file
+from moekd.routing.policies import check_router_flag, make_policy
 from moekd.routing.router_file import load_router_file, read_router_file
 from moekd.seeds import derive_seed
-
-DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 
 
 @dataclass
@@ -68,20 +68,6 @@ class EvalReport:
         return {"model": self.model, "settings": self.settings, "datasets": [asdict(d) for d in self.datasets]}
 
 
-def parse_seeds(text: str) -> list[int]:
-    """'10,20,30' -> [10, 20, 30]."""
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        seeds = [int(p) for p in parts]
-    except ValueError:
-        raise MoekdError(f"--seeds: expected comma-separated integers such as 10,20,30,40,50, got {text!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise MoekdError(f"--seeds: {text!r} repeats a seed")
-    if any(s < 0 for s in seeds):
-        raise MoekdError(f"--seeds: seeds must be non-negative, got {text!r}")
-    return seeds
-
-
 def load_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalExample]:
     """Records of a Dolly/Alpaca-form file whose response field is one reference or a list of them."""
     rows, _ = read_rows(path)
@@ -101,28 +87,23 @@ def load_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalE
     return examples
 
 
-def evaluate(
-    model_dir: str | Path,
-    data_paths: list[str | Path],
-    seeds: Sequence[int] = DEFAULT_SEEDS,
-    max_new_tokens: int = 256,
-    max_prompt_len: int = 256,
-    batch_size: int = 16,
-    limit: int | None = None,
-    device: str = "auto",
-    chat_template: bool = False,
-    log: Callable[[str], None] | None = None,
-    rouge: bool = True,
-    nll: bool = False,
-    teacher: str | Path | None = None,
-    policy=None,
-    routing_seed: int = 0,
-    max_len: int = 512,
-    router: str | Path | None = None,
-) -> EvalReport:
-    """ROUGE-L of `model_dir`'s sampled responses on each dataset, per seed and as mean/std over seeds;
-    with `nll` its teacher-forced response NLL, with `teacher` also the exact KL from that teacher.
-    `router`: the router file of `policy` sar (`moekd sar train --out`), loaded into the model's routers."""
+def evaluate(o: EvalOptions, log: Callable[[str], None] | None = None) -> EvalReport:
+    """ROUGE-L of `o.model`'s sampled responses on each dataset, per seed and as mean/std over seeds;
+    with `nll` its teacher-forced response NLL, with `teacher` also the exact KL from that teacher;
+    `policy` routes it (with `router`, the router file of `sar` written by `moekd sar train`)."""
+    model_dir, data_paths, seeds, router, teacher = o.model, o.data, o.seeds if o.rouge else (), o.router, o.teacher
+    max_new_tokens, max_prompt_len, max_len, batch_size = o.max_new_tokens, o.max_prompt_len, o.max_len, o.batch_size
+    limit, device, chat_template, rouge, nll, routing_seed = (
+        o.limit,
+        o.device,
+        o.chat_template,
+        o.rouge,
+        o.nll,
+        o.routing_seed,
+    )
+    if o.json_out is not None:
+        check_output_file(o.json_out, "--json")
+    policy = _policy(o)
     check_router_flag(policy.name if policy is not None else None, router)
     for flag, value in (
         ("--max-new-tokens", max_new_tokens),
@@ -237,6 +218,16 @@ def evaluate(
         "router": None if loaded_router is None else {"path": loaded_router.path, "sha256": loaded_router.sha256},
     }
     return EvalReport(str(model_dir), settings, scores, generations)
+
+
+def _policy(o: EvalOptions):
+    """The routing policy of --policy and its parameters (None: the model's own routing)."""
+    params = {key: value for key, value in o.policy_params.items() if value is not None}
+    if o.policy is None and params:
+        raise MoekdError(
+            "--experts, --ka-lambda, --ka-drop and --top-p need --policy; add it (e.g. --policy topk --experts 4)"
+        )
+    return make_policy(o.policy, **params) if o.policy is not None else None
 
 
 def _routing(model, policy):
