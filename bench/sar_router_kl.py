@@ -27,8 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moekd.errors import MoekdError
-from moekd.routing.policies import make_policy
-from moekd.routing.stats import routing_stats_for_files
+from moekd.routing.stats import StatsOptions, routing_stats_for_files
 from moekd.sar.train import SarOptions, train_router
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sar_router_kl.json"
@@ -74,12 +73,14 @@ def main() -> None:
             console,
         )
         stats = routing_stats_for_files(
-            teacher,
-            args.workdir / "data" / "test.jsonl",
-            make_policy("all"),
-            max_examples=args.examples,
-            device="cpu",
-            compare=args.router,
+            StatsOptions(
+                str(teacher),
+                str(args.workdir / "data" / "test.jsonl"),
+                "all",
+                max_examples=args.examples,
+                device="cpu",
+                compare=str(args.router),
+            )
         )
     except MoekdError as e:
         raise SystemExit(f"error: {e}") from None

@@ -13,6 +13,7 @@ from moekd.distill.options import TrainOptions
 from moekd.errors import MoekdError
 from moekd.eval.options import EvalOptions
 from moekd.options import Part, command, flags_of, option
+from moekd.routing.stats import StatsOptions
 from moekd.sar.options import SarOptions
 
 COMMANDS = [
@@ -20,6 +21,7 @@ COMMANDS = [
     (("sar", "train"), SarOptions),
     (("cache", "build"), BuildOptions),
     (("eval",), EvalOptions),
+    (("routing", "stats"), StatsOptions),
 ]
 
 

@@ -13,6 +13,7 @@ from moekd.errors import MoekdError
 from moekd.routing.controller import RouterController
 from moekd.routing.policies import make_policy
 from moekd.routing.stats import (
+    StatsOptions,
     compute_routing_stats,
     plot_stats,
     render_table,
@@ -78,7 +79,7 @@ def test_all_policy_activates_the_whole_gate_mass(teacher, examples, tokenizer):
 
 
 def test_table_plot_json_and_file_entry_point(make_teacher, data_file, tmp_path):
-    stats = routing_stats_for_files(make_teacher("mixtral"), data_file, make_policy("ka"), max_examples=3)
+    stats = routing_stats_for_files(StatsOptions(str(make_teacher("mixtral")), str(data_file), "ka", max_examples=3))
     console = Console(record=True, width=160)
     console.print(render_table(stats))
     text = console.export_text()
@@ -90,7 +91,7 @@ def test_table_plot_json_and_file_entry_point(make_teacher, data_file, tmp_path)
 
 def test_dense_teacher_is_reported(make_teacher, data_file):
     with pytest.raises(MoekdError, match="no MoE routers"):
-        routing_stats_for_files(make_teacher("llama"), data_file, max_examples=2)
+        routing_stats_for_files(StatsOptions(str(make_teacher("llama")), str(data_file), max_examples=2))
 
 
 def test_routing_stats_command(make_teacher, data_file, tmp_path):

@@ -29,9 +29,8 @@ from moekd.eval.options import EvalOptions
 from moekd.experiments import Stopwatch, summarise_rows
 from moekd.fsio import atomic_write
 from moekd.paths import check_output_dir
-from moekd.routing.policies import make_policy
 from moekd.routing.router_file import read_router_file
-from moekd.routing.stats import routing_stats_for_files
+from moekd.routing.stats import StatsOptions, routing_stats_for_files
 from moekd.sar.options import run_dir as sar_run_dir
 from moekd.sar.train import SarOptions, train_router
 from moekd.store.info import store_info
@@ -151,7 +150,9 @@ def _sar(console: Console, work: Path, plan: DemoPlan, teacher: Path, train_data
         )
     meta = read_router_file(router)[1]
     moved = routing_stats_for_files(
-        teacher, test_data, make_policy("all"), max_examples=spec.compare_examples, device="cpu", compare=router
+        StatsOptions(
+            str(teacher), str(test_data), "all", max_examples=spec.compare_examples, device="cpu", compare=str(router)
+        )
     )
     return {
         "router": str(router),
@@ -206,7 +207,7 @@ def _routing(console: Console, model: str, test: Path, out: Path, plan: DemoPlan
     if not out.exists():
         console.print(f"[bold]routing[/] {out.stem}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        stats = routing_stats_for_files(model, test, max_examples=plan.n_test, device="cpu")
+        stats = routing_stats_for_files(StatsOptions(str(model), str(test), max_examples=plan.n_test, device="cpu"))
         atomic_write(out, json.dumps(stats.to_dict()).encode())
     layers = json.loads(out.read_text())["layers"]
     return {

@@ -6,11 +6,9 @@ from dataclasses import dataclass
 
 from moekd.errors import MoekdError
 from moekd.options import option
-from moekd.routing.policies import POLICY_PARTS
+from moekd.routing.policies import POLICY_PARAM_PARTS
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
-# the policy flags eval takes: a policy's parameters, not its number of teacher samples
-EVAL_POLICY_PARTS = tuple(part for part in POLICY_PARTS if part.name != "m")
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -66,7 +64,7 @@ class EvalOptions:
         None,
         "--policy sar: the router file of `moekd sar train --out` for this --model (checked against it), loaded into its routers.",
     )
-    policy_params: dict = option(default_factory=dict, help="--policy's parameters", parts=EVAL_POLICY_PARTS)
+    policy_params: dict = option(default_factory=dict, help="--policy's parameters", parts=POLICY_PARAM_PARTS)
     routing_seed: int = option(
         0, "Base seed of a stochastic --policy (one draw per data row, derived as in cache build)."
     )

@@ -163,9 +163,8 @@ def check_router_flag(policy: str | None, router) -> None:
         raise MoekdError(f"--router applies only to --policy sar, not {given}; drop it or use --policy sar")
 
 
-# The policy flags of cache build, eval and routing stats: make_policy's parameters (None: the default).
-POLICY_PARTS = (
-    Part("m", "m", int, "Teacher samples per example (stochastic policies; ka default 2)."),
+# The flags of a policy's parameters (cache build, eval, routing stats): make_policy's (None: the default).
+POLICY_PARAM_PARTS = (
     Part(
         "ka_lambda",
         "ka_lambda",
@@ -180,6 +179,11 @@ POLICY_PARTS = (
         int,
         "topk: activate the K experts with the largest gates, renormalised (default: the router's own k; K = N is the same as --policy all).",
     ),
+)
+# cache build also takes the number of teacher samples per example
+POLICY_PARTS = (
+    Part("m", "m", int, "Teacher samples per example (stochastic policies; ka default 2)."),
+    *POLICY_PARAM_PARTS,
 )
 
 

@@ -28,8 +28,9 @@ import torch
 from moekd.data.batches import right_pad
 from moekd.data.prompts import TokenizedExample
 from moekd.errors import MoekdError
+from moekd.options import data_field_parts, option
 from moekd.routing.controller import RouterController
-from moekd.routing.policies import RoutingPolicy
+from moekd.routing.policies import POLICY_PARAM_PARTS, RoutingPolicy, make_policy
 from moekd.routing.router_file import (
     check_router_file,
     read_router_file,
@@ -163,27 +164,50 @@ def _pad_batch(batch: list[TokenizedExample], pad_token_id: int, scope: str):
     return right_pad([ex.input_ids for ex in batch], pad_token_id, positions)
 
 
-def routing_stats_for_files(
-    teacher: str | Path,
-    data: str | Path,
-    policy: RoutingPolicy | None = None,
-    max_examples: int = 64,
-    batch_size: int = 8,
-    max_prompt_len: int = 256,
-    max_len: int = 512,
-    seed: int = 0,
-    scope: str = "response",
-    device: str = "auto",
-    dtype: str = "auto",
-    tokenizer: str | None = None,
-    fields: dict[str, str | None] | None = None,
-    skip_invalid: bool = False,
-    chat_template: bool = False,
-    compare: str | Path | None = None,
-) -> RoutingStats:
-    """Load a teacher checkpoint (and `tokenizer`, when it is not in the teacher's directory) and a data file,
-    and compute routing statistics on the first examples, prompted as `cache build` prompts them;
-    `compare`: a router file of `moekd sar train` for this teacher, compared layer by layer."""
+@dataclass
+class StatsOptions:
+    """The settings of `moekd routing stats`: each flag's default and help, written once."""
+
+    teacher: str = option(help="Teacher checkpoint directory (Hugging Face MoE causal LM).")
+    data: str = option(help="Instruction data: .jsonl, .json, .parquet or a datasets save_to_disk directory.")
+    policy: str = option(
+        "topk", "Routing policy to measure: topk, all, ka, topp, mc (with --compare, both runs use it)."
+    )
+    policy_params: dict = option(default_factory=dict, help="--policy's parameters", parts=POLICY_PARAM_PARTS)
+    scope: str = option("response", "Tokens counted: response (the positions the cache stores) or all.")
+    max_examples: int = option(64, "Examples read from the start of --data.")
+    batch_size: int = option(8, "Examples per teacher forward.")
+    max_prompt_len: int = option(256, "Longest prompt in tokens.")
+    max_len: int = option(512, "Longest prompt+response in tokens; longer responses are truncated.")
+    seed: int = option(0, "Base seed of the stochastic policies (derived per example like cache build, sample 0).")
+    dtype: str = option("auto", "Teacher dtype: auto, float32, bfloat16, float16.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    compare: str | None = option(
+        None,
+        "A router file of `moekd sar train` for this teacher: adds each layer's mean KL(original || trained gate distribution).",
+    )
+    plot: str | None = option(None, "Also save a per-layer plot (PNG) here.")
+    as_json: bool = option(False, "Print the statistics as JSON on stdout instead of a table.", flag="--json")
+    tokenizer: str | None = option(None, "Tokenizer directory, when it is not in the teacher's.")
+    chat_template: bool = option(False, "Build prompts with the tokenizer's chat template, as cache build does.")
+    fields: dict = option(default_factory=dict, help="the fields of a row", parts=data_field_parts())
+    skip_invalid: bool = option(False, "Leave out bad or over-long rows instead of stopping.")
+
+
+def routing_stats_for_files(o: StatsOptions) -> RoutingStats:
+    """Load the teacher checkpoint (and --tokenizer, when it is not in the teacher's directory) and the data,
+    and compute routing statistics on the first examples under the policy, prompted as `cache build`
+    prompts them; --compare: a router file of `moekd sar train` for this teacher, compared layer by layer."""
+    teacher, data, max_examples, batch_size, seed, scope = (
+        o.teacher,
+        o.data,
+        o.max_examples,
+        o.batch_size,
+        o.seed,
+        o.scope,
+    )
+    compare, tokenizer, device = o.compare, o.tokenizer, o.device
+    policy = make_policy(o.policy, **{k: v for k, v in o.policy_params.items() if v is not None})
     from moekd.data.prompts import tokenize_records
     from moekd.data.records import load_records
     from moekd.models import (
@@ -207,17 +231,17 @@ def routing_stats_for_files(
     resolved = resolve_device(device)
     tokenizer_flag = "--tokenizer" if tokenizer else "--teacher"
     loaded_tokenizer = load_tokenizer(tokenizer or teacher, tokenizer_flag)
-    loaded = load_records(data, fields, skip_invalid)
+    loaded = load_records(data, o.fields, o.skip_invalid)
     report = tokenize_records(
         loaded.records[:max_examples],
         loaded.source_index[:max_examples],
         loaded_tokenizer,
-        max_prompt_len,
-        max_len,
-        chat_template,
-        skip_invalid,
+        o.max_prompt_len,
+        o.max_len,
+        o.chat_template,
+        o.skip_invalid,
     )
-    model = load_causal_lm(teacher, resolve_dtype(dtype, resolved), resolved)
+    model = load_causal_lm(teacher, resolve_dtype(o.dtype, resolved), resolved)
     check_tokenizer_fits(loaded_tokenizer, model, tokenizer_flag)
     if trained is not None:
         check_router_file(trained[1], model, str(teacher), checkpoint_sha256(teacher), compare, "--compare")
