@@ -110,7 +110,7 @@ def test_loader_position_restores_the_same_order_and_workers_read_the_same_batch
     # batches stay inside one position shard apart from examples straddling a boundary
     assert np.mean([len(set(source.shards[list(x)])) == 1 for _, _, x in full]) > 0.5
 
-    dataset = BatchDataset(source, pad_id=0, samples="random", seed=0)
+    dataset = BatchDataset(source, pad_id=0, sample_mode="random", seed=0)
     serial = list(make_loader(dataset, full[:6], workers=0))
     parallel = list(make_loader(dataset, full[:6], workers=2))
     for a, b in zip(serial, parallel):
@@ -123,7 +123,7 @@ def test_loader_position_restores_the_same_order_and_workers_read_the_same_batch
     ex = CacheReader(cache)[batch["examples"][0].item()]
     first = batch["labels"][: len(ex.target_positions)].numpy()
     np.testing.assert_array_equal(first, ex.input_ids[ex.target_positions + 1])
-    mean = BatchDataset(source, pad_id=0, samples="mean")[full[0]]
+    mean = BatchDataset(source, pad_id=0, sample_mode="mean")[full[0]]
     assert mean["topk_ids"].shape[1] == 2
 
 

@@ -22,16 +22,16 @@ class BatchDataset(Dataset):
     b*W + t of each target position), labels [P] (the token each position predicts), examples [B],
     epoch, batch, tokens (unpadded); from a cache also the teacher arrays of its encoding
     (CacheSource.read's, e.g. topk_ids [P, M', k], topk_logprobs [P, M', k], tail_logprob [P, M'])
-    where M' = M for samples="mean" and 1 for "random" (one sample per example, drawn from (seed,
+    where M' = M for sample_mode "mean" and 1 for "random" (--samples) (one sample per example, drawn from (seed,
     epoch, example)); with `gate_targets` (gate_maps.GateTargets) also teacher_gates
     [P, M', L, N_S] from the stored gate arrays of the same samples and mc_uniforms [K, P, M', L]
     for the Monte-Carlo expert draws.
     """
 
-    def __init__(self, source, pad_id: int, samples: str = "mean", seed: int = 0, gate_targets=None):
-        if samples not in ("mean", "random"):
-            raise MoekdError(f"--samples must be mean or random, got {samples!r}")
-        self.source, self.pad_id, self.samples, self.seed = source, pad_id, samples, seed
+    def __init__(self, source, pad_id: int, sample_mode: str = "mean", seed: int = 0, gate_targets=None):
+        if sample_mode not in ("mean", "random"):
+            raise MoekdError(f"--samples must be mean or random, got {sample_mode!r}")
+        self.source, self.pad_id, self.sample_mode, self.seed = source, pad_id, sample_mode, seed
         self.gate_targets = gate_targets
 
     def __getitem__(self, item: tuple[int, int, list[int]]) -> dict:
@@ -63,9 +63,9 @@ class BatchDataset(Dataset):
         if self.source.has_teacher:
             teacher = data["teacher"]
             per_sample = {**teacher, **{name: data[name] for name in self.source.gate_arrays}}  # [P, M, ...] each
-            if self.samples == "random" and self.source.samples > 1:
+            if self.sample_mode == "random" and self.source.num_samples > 1:
                 drawn = np.array(
-                    [np.random.default_rng([self.seed, epoch, e]).integers(self.source.samples) for e in examples]
+                    [np.random.default_rng([self.seed, epoch, e]).integers(self.source.num_samples) for e in examples]
                 )
                 at, pick = np.arange(len(row_of_position)), drawn[row_of_position]
                 per_sample = {name: a[at, pick][:, None] for name, a in per_sample.items()}

@@ -46,7 +46,7 @@ class CacheSource:
         self.token_offsets, self.position_offsets = reader.token_offsets, reader.position_offsets
         self.prompt_len = reader.prompt_len.astype(np.int64)
         self.shards = reader.position_offsets[:-1] // reader.meta.layout.positions_per_shard
-        self.samples = reader.meta.layout.num_samples
+        self.num_samples = reader.meta.layout.num_samples  # M, the teacher samples per example
         self.encoding = reader.meta.encoding
         self.arrays = ("input_ids", *teacher_arrays(self.encoding), *self.gate_arrays)
         self._open(reader)
@@ -105,7 +105,7 @@ class TokenizedSource:
     """Tokenized examples held in memory (`--data`): ground truth only, no teacher."""
 
     has_teacher = False
-    samples = 0
+    num_samples = 0
     gate_info = None
 
     def __init__(self, examples):
