@@ -120,7 +120,7 @@ def main() -> None:
 
     def build(policy: str, m: int | None = None):
         out = work / f"{policy}-{m}.zarr"
-        params = {"m": m} if m else {}
+        params = {"samples": m} if m else {}
         summary = build_cache(
             BuildOptions(
                 teacher=str(work / "teacher"),

@@ -57,12 +57,12 @@ CACHES = (
     CacheSpec("topk-K4", "topk", {"experts": 4}),
     CacheSpec("topk-K6", "topk", {"experts": 6}),
     CacheSpec("all", "all"),  # = topk with K = 8 (tested bit for bit)
-    CacheSpec("ka-M1", "ka", {"m": 1, **KA}),
-    CacheSpec("ka-M2", "ka", {"m": 2, **KA}),
-    CacheSpec("ka-M4", "ka", {"m": 4, **KA}),
-    CacheSpec("ka-M8", "ka", {"m": 8, **KA}),
-    CacheSpec("ka-M2-l0.01", "ka", {"m": 2, "ka_lambda": 0.01}),
-    CacheSpec("ka-M2-l0.2", "ka", {"m": 2, "ka_lambda": 0.2}),
+    CacheSpec("ka-M1", "ka", {"samples": 1, **KA}),
+    CacheSpec("ka-M2", "ka", {"samples": 2, **KA}),
+    CacheSpec("ka-M4", "ka", {"samples": 4, **KA}),
+    CacheSpec("ka-M8", "ka", {"samples": 8, **KA}),
+    CacheSpec("ka-M2-l0.01", "ka", {"samples": 2, "ka_lambda": 0.01}),
+    CacheSpec("ka-M2-l0.2", "ka", {"samples": 2, "ka_lambda": 0.2}),
     CacheSpec("sar", "sar"),  # routers of the plan's SarSpec
     GATES_CACHE,
 )

@@ -155,7 +155,7 @@ def main() -> None:
     elif teacher is None:
         ap.error("pass --teacher DIR or --random-teacher")
     caches = {}
-    for name, policy in (("topk", {"policy": "topk"}), ("ka", {"policy": "ka", "policy_params": {"m": 2}})):
+    for name, policy in (("topk", {"policy": "topk"}), ("ka", {"policy": "ka", "policy_params": {"samples": 2}})):
         out = tmp / f"{name}.zarr"
         build_cache(BuildOptions(teacher=str(teacher), data=str(data), out=str(out), k=64, device="cpu", **policy))
         r = CacheReader(out)

@@ -121,7 +121,7 @@ def family_report(family: Family, tokens: int = 12) -> FamilyReport:
     ran = []
     for name in ALL_POLICIES:
         try:
-            controller = RouterController(model, make_policy(name, m=1))
+            controller = RouterController(model, make_policy(name, samples=1))
             with torch.no_grad(), controller.active(row_seeds=[0]):
                 logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
             if torch.isfinite(logits).all():

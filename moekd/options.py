@@ -24,7 +24,7 @@ import typer
 from moekd.errors import MoekdError
 
 CONFIG_HELP = (
-    "YAML (or TOML) file of settings, keyed by option name (max_len or max-len); "
+    "YAML (or TOML) file of settings, keyed by flag name (max_len or max-len); "
     "flags given on the command line override it."
 )
 
@@ -60,10 +60,12 @@ def option(
     flag: str | None = None,
     parse: Callable[[str], object] | None = None,
     parts: tuple[Part, ...] = (),
+    argument: bool = False,
     default_factory=dataclasses.MISSING,
 ):
-    """A dataclass field that is also a command-line option (see the module docstring)."""
-    metadata = {"help": help, "flag": flag, "parse": parse, "parts": parts}
+    """A dataclass field that is also a command-line option (see the module docstring); `argument`: given by
+    position (`moekd cache info STORE`) instead of as a flag."""
+    metadata = {"help": help, "flag": flag, "parse": parse, "parts": parts, "argument": argument}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -95,6 +97,7 @@ class _Flag:
     help: str
     part: Part | None = None
     parse: Callable | None = None
+    argument: bool = False
 
     @property
     def part_key_or_name(self) -> str:
@@ -104,7 +107,9 @@ class _Flag:
     def parameter(self) -> inspect.Parameter:
         optional = self.required or self.part is not None or self.parse is not None or self.default is None
         annotation = (str if self.parse else self.type) | None if optional else self.type
-        if self.type is bool and not optional:
+        if self.argument:
+            default = typer.Argument(None, help=self.help, metavar=self.name.upper(), show_default=False)
+        elif self.type is bool and not optional:
             default = typer.Option(self.default, self.flag, help=self.help)
         else:
             default = typer.Option(None if optional else self.default, self.flag, help=self.help)
@@ -126,9 +131,10 @@ def flags_of(cls) -> list[_Flag]:
         tp, _ = _optional(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required or f.default is dataclasses.MISSING else f.default
-        flag = meta["flag"] or flag_of(f.name)
-        help_ = meta["help"] + (" Required (on the command line or in --config)." if required else "")
-        out.append(_Flag(f.name, f.name, tp, default, required, flag, help_, parse=meta["parse"]))
+        argument = meta.get("argument", False)
+        flag = f.name if argument else meta["flag"] or flag_of(f.name)
+        help_ = meta["help"] + (" Required (on the command line or in --config)." if required and not argument else "")
+        out.append(_Flag(f.name, f.name, tp, default, required, flag, help_, parse=meta["parse"], argument=argument))
     return out
 
 
@@ -156,6 +162,7 @@ def load_config(path: Path, flags: list[_Flag]) -> dict:
     if not isinstance(raw, dict):
         raise MoekdError(f"--config {path}: expected a mapping of option names to values, got {type(raw).__name__}")
     by_name = {f.name: f for f in flags}
+    by_name.update({f.flag[2:].replace("-", "_"): f for f in flags if "/" not in f.flag})  # e.g. samples, json
     dict_fields = {f.field: [g for g in flags if g.field == f.field] for f in flags if f.part is not None}
     values = {}
     for key, value in raw.items():
@@ -170,7 +177,7 @@ def load_config(path: Path, flags: list[_Flag]) -> dict:
         if name not in by_name:
             known = ", ".join(sorted(by_name))
             raise MoekdError(f"--config {path}: unknown setting {key!r}; known settings: {known}")
-        values[name] = _typed(path, by_name[name], value)
+        values[by_name[name].name] = _typed(path, by_name[name], value)
     return values
 
 
@@ -211,6 +218,8 @@ def build_options(cls, flags: list[_Flag], values: dict):
             kwargs.setdefault(f.field, {})[f.part.key] = value
             continue
         if f.required and value is None:
+            if f.argument:
+                raise MoekdError(f"Missing argument '{f.name}': pass it, or set {f.name} in --config")
             raise MoekdError(f"{f.flag} is required: pass it, or set {f.name} in --config")
         if f.parse is not None and isinstance(value, str):
             value = f.parse(value)

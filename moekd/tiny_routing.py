@@ -54,8 +54,8 @@ def routing_strength(model: nn.Module, ids: torch.Tensor) -> RoutingStrength:
         return RoutingStrength(mass, flat, None, None, False)
     every = log_probs(model, ids, make_policy("all"))
     rows = ids.shape[0]
-    first = log_probs(model, ids, make_policy("ka", m=2, ka_lambda=0.5), list(range(rows)))
-    second = log_probs(model, ids, make_policy("ka", m=2, ka_lambda=0.5), list(range(rows, 2 * rows)))
+    first = log_probs(model, ids, make_policy("ka", samples=2, ka_lambda=0.5), list(range(rows)))
+    second = log_probs(model, ids, make_policy("ka", samples=2, ka_lambda=0.5), list(range(rows, 2 * rows)))
     return RoutingStrength(mass, flat, kl(native, every), kl(first, second), True)
 
 

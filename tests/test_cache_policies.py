@@ -27,7 +27,14 @@ def test_ka_samples_are_stored_apart_and_recompute_exactly(make_teacher, data_fi
     # batch_tokens=1 runs every example alone, so a single-example recomputation is bit-identical
     build_cache(
         options(
-            teacher, data_file, out, policy="ka", policy_params={"m": 2, "ka_lambda": 0.5}, seed=7, batch_tokens=1, k=8
+            teacher,
+            data_file,
+            out,
+            policy="ka",
+            policy_params={"samples": 2, "ka_lambda": 0.5},
+            seed=7,
+            batch_tokens=1,
+            k=8,
         )
     )
     reader = CacheReader(out)
@@ -36,7 +43,7 @@ def test_ka_samples_are_stored_apart_and_recompute_exactly(make_teacher, data_fi
     assert meta.policy.params == {"ka_lambda": 0.5, "ka_drop": 1} and meta.policy.seed == 7
     assert reader[0].topk_ids.shape[1] == 2
     model = _teacher(teacher)
-    policy = make_policy("ka", m=2, ka_lambda=0.5)
+    policy = make_policy("ka", samples=2, ka_lambda=0.5)
     controller = RouterController(model, policy)
     differ = 0
     for i in (0, 13, 95):
@@ -61,7 +68,7 @@ def test_ka_samples_are_stored_apart_and_recompute_exactly(make_teacher, data_fi
 def test_deterministic_policy_refuses_several_samples(make_teacher, data_file, tmp_path):
     with pytest.raises(MoekdError, match="--m 2 with --policy all: the policy is deterministic"):
         build_cache(
-            options(make_teacher("mixtral"), data_file, tmp_path / "c.zarr", policy="all", policy_params={"m": 2})
+            options(make_teacher("mixtral"), data_file, tmp_path / "c.zarr", policy="all", policy_params={"samples": 2})
         )
 
 

@@ -68,7 +68,7 @@ def test_the_built_in_plans_are_files_a_config_of_ones_own_starts_from(tmp_path)
     from moekd.errors import MoekdError
 
     assert load_plan(PLANS / "quick.yaml") == QUICK_PLAN and DEFAULT_PLAN.reference == "KD topk"
-    assert CacheSpec("ka", "ka", {"m": 2, "ka_lambda": 0.05}) in DEFAULT_PLAN.caches
+    assert CacheSpec("ka", "ka", {"samples": 2, "ka_lambda": 0.05}) in DEFAULT_PLAN.caches
     mine = tmp_path / "mine.yaml"
     mine.write_text((PLANS / "quick.yaml").read_text().replace("train_seeds: [0, 1]", "train_seeds: [0, 1, 2, 3]"))
     assert load_plan(mine).train_seeds == (0, 1, 2, 3)

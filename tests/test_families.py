@@ -122,7 +122,7 @@ def adapters_or_refusal(model, policy_name):
     if unsupported:
         name = type(unsupported[0].module).__name__
         with pytest.raises(MoekdError, match=f"router class {name} is not supported"):
-            RouterController(model, make_policy(policy_name, m=1), capture_gates=policy_name == "topk")
+            RouterController(model, make_policy(policy_name, samples=1), capture_gates=policy_name == "topk")
         what = "gate capture" if policy_name == "topk" else f"--policy {policy_name}"
         pytest.skip(
             f"{model.config.model_type}: {name} is not supported ({unsupported[0].reason}); {what} is refused naming "
@@ -330,10 +330,10 @@ def test_ka_lambda0_equals_native_top_n_minus_1_renormalised(family, family_dir)
     path = family_dir(family)
     model = load(path)
     adapter = adapters_or_refusal(model, "ka")[0].adapter
-    logits, ctrl = forward(model, make_policy("ka", m=1, ka_lambda=0.0), seeds=[1, 2], capture=True)
+    logits, ctrl = forward(model, make_policy("ka", samples=1, ka_lambda=0.0), seeds=[1, 2], capture=True)
     for gates, active in zip(ctrl.gate_probs(), ctrl.activated_experts()):
         assert torch.equal(active, torch.ones_like(active).scatter_(1, gates.argmin(dim=-1, keepdim=True), False))
-    policy = make_policy("ka", m=1, ka_lambda=0.0)
+    policy = make_policy("ka", samples=1, ka_lambda=0.0)
     got, expected = published_or_native(path, model, adapter, policy, adapter.num_experts - 1, True, seeds=[1, 2])
     torch.testing.assert_close(got[0], logits, atol=0, rtol=0)
     assert_same_routing(got, expected)
@@ -375,7 +375,7 @@ def test_generate_with_kv_cache_under_ka(family, family_dir, byte_tokenizer):
     model = load(family_dir(family))
     adapters_or_refusal(model, "ka")
     ids, mask = batch(rows=2, length=6, seed=5)
-    ctrl = RouterController(model, make_policy("ka", m=1, ka_lambda=0.5), capture_gates=True)
+    ctrl = RouterController(model, make_policy("ka", samples=1, ka_lambda=0.5), capture_gates=True)
     with torch.no_grad(), ctrl.active(row_seeds=[5, 6]):
         out = model.generate(
             ids,
@@ -399,7 +399,7 @@ def test_cache_build_and_deep_verify(family, family_dir, tiny_data, tmp_path):
     path = family_dir(family)
     infos = recognise_routers(load(path))
     supported = all(i.adapter is not None for i in infos)
-    policy = dict(policy="ka", policy_params={"m": 1, "ka_lambda": 0.5}, router_probs="full") if supported else {}
+    policy = dict(policy="ka", policy_params={"samples": 1, "ka_lambda": 0.5}, router_probs="full") if supported else {}
     out = tmp_path / "cache.zarr"
     console = Console(record=True, width=1000)
     build_cache(options(path, tiny_data, out, k=8, max_prompt_len=256, max_len=320, **policy), console=console)

@@ -51,6 +51,7 @@ class Toy:
     steps: int = option(3, "Steps.")
     rate: float = option(0.5, "Rate.")
     fast: bool = option(False, "Go fast.")
+    mode: str = option("a", "Mode.", flag="--kind")
     extras: dict = option(default_factory=dict, help="-", parts=(Part("colour", "colour", str, "Colour."),))
 
 
@@ -88,6 +89,13 @@ def test_a_config_file_fills_the_options_and_flags_given_win(tmp_path):
     assert seen == [Toy(name="b", extras={"colour": "blue"})]
     result, seen = invoke(tmp_path, None, "--name", "c", "--fast")
     assert seen == [Toy(name="c", fast=True, extras={"colour": None})]
+
+
+def test_a_config_key_may_be_the_flag_name(tmp_path):
+    result, seen = invoke(tmp_path, "name: a\nkind: b\n")
+    assert seen == [Toy(name="a", mode="b", extras={"colour": None})], result.output
+    result, seen = invoke(tmp_path, "name: a\nmode: c\n")
+    assert seen[0].mode == "c"
 
 
 def test_option_names_may_use_dashes_and_toml_works(tmp_path):

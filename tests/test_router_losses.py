@@ -69,7 +69,7 @@ def gate_cache(tmp_path_factory, teacher, half_data):
         half_data,
         tmp_path_factory.mktemp("bd") / "full.zarr",
         policy="mc",
-        policy_params={"m": 2},
+        policy_params={"samples": 2},
         router_probs="full",
     )
 
@@ -112,7 +112,7 @@ def first_batch(cache, student, **kw):
     routing, targets = router_objective(o, model, source.gate_info)
     train_idx, _ = held_out_split(len(source), 0.1)  # as train() splits
     order = BatchOrder(train_idx, source.lengths, source.shards, 1024, seed=0)
-    batch = next(iter(make_loader(BatchDataset(source, 0, o.samples, 0, targets), order, workers=0)))
+    batch = next(iter(make_loader(BatchDataset(source, 0, o.sample_mode, 0, targets), order, workers=0)))
     return o, model, routing, batch
 
 
@@ -339,7 +339,7 @@ def test_batch_objective_adds_the_weighted_router_terms_and_gradients_reach_rout
 
 
 def test_teacher_gates_follow_the_random_sample_pick(gate_cache, moe_student):
-    o, model, routing, batch = first_batch(gate_cache, moe_student, samples="random")
+    o, model, routing, batch = first_batch(gate_cache, moe_student, sample_mode="random")
     reader = CacheReader(gate_cache)
     examples = batch["examples"].tolist()
     rows = np.concatenate([np.arange(reader.position_offsets[e], reader.position_offsets[e + 1]) for e in examples])
@@ -381,7 +381,7 @@ def test_tau_is_clamped_after_every_step(gate_cache, moe_student, tmp_path):
 def test_bdistill_resumes_to_identical_metrics(gate_cache, moe_student, tmp_path, interrupt_at_step):
     kw = dict(
         cache=str(gate_cache),
-        samples="random",
+        sample_mode="random",
         grad_accum=2,
         max_steps=4,
         save_every=2,

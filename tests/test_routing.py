@@ -156,7 +156,7 @@ def test_unknown_router_computation_takes_the_published_weighting():
         model.router.weight.copy_(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
     ids = torch.randint(0, 16, (1, 12), generator=torch.Generator().manual_seed(1))
     assert RouterController(model, make_policy("topk")).weighting == "native"
-    for policy, keep in ((make_policy("all"), 4), (make_policy("ka", m=1, ka_lambda=0.0), 3)):
+    for policy, keep in ((make_policy("all"), 4), (make_policy("ka", samples=1, ka_lambda=0.0), 3)):
         ctrl = RouterController(model, policy, capture_gates=True)
         assert ctrl.weighting == "published" and ctrl.router_class == "SquaredLogitsRouter"
         assert "published (softmax over the kept experts' logits" in ctrl.weighting_text()
@@ -195,9 +195,9 @@ def test_router_without_a_selection_is_refused_naming_why():
 @pytest.mark.parametrize(
     "kwargs, flag",
     [
-        (dict(name="topk", m=2), "--m 2 with --policy topk"),
-        (dict(name="all", m=3), "deterministic"),
-        (dict(name="ka", m=0), "--m"),
+        (dict(name="topk", samples=2), "--m 2 with --policy topk"),
+        (dict(name="all", samples=3), "deterministic"),
+        (dict(name="ka", samples=0), "--m"),
         (dict(name="ka", ka_lambda=1.5), "--ka-lambda"),
         (dict(name="ka", ka_drop=0), "--ka-drop"),
         (dict(name="topp", top_p=0.0), "--top-p"),
@@ -216,11 +216,17 @@ def test_ka_drop_must_leave_an_expert(load):
 
 
 def test_describe_rebuilds_the_policy():
-    policy = make_policy("ka", m=4, ka_lambda=0.1)
+    policy = make_policy("ka", samples=4, ka_lambda=0.1)
     assert (policy.name, policy.samples, policy.stochastic) == ("ka", 4, True)
     assert policy.describe() == {"ka_lambda": 0.1, "ka_drop": 1}
-    for p in (policy, make_policy("topp", top_p=0.8), make_policy("mc", m=3), make_policy("all"), make_policy("topk")):
-        assert make_policy(p.name, m=p.samples, **p.describe()) == p
+    for p in (
+        policy,
+        make_policy("topp", top_p=0.8),
+        make_policy("mc", samples=3),
+        make_policy("all"),
+        make_policy("topk"),
+    ):
+        assert make_policy(p.name, samples=p.samples, **p.describe()) == p
 
 
 # ---------------------------------------------------------------- policy definitions against explicit computations
@@ -231,7 +237,7 @@ def test_ka_lambda0_keeps_top_n_minus_1_with_renormalised_weights(load, family):
     """Renormalised on OLMoE too, whose native top-k is not (norm_topk_prob=False)."""
     model = load(family)
     ids, mask = batch()
-    block, x, y, ctrl = block_io(model, make_policy("ka", m=1, ka_lambda=0.0), ids, mask, seeds=[1, 2])
+    block, x, y, ctrl = block_io(model, make_policy("ka", samples=1, ka_lambda=0.0), ids, mask, seeds=[1, 2])
     for gates, active in zip(ctrl.gate_probs(), ctrl.activated_experts()):
         expected = torch.ones_like(active).scatter_(1, gates.argmin(dim=-1, keepdim=True), False)
         assert torch.equal(active, expected)
@@ -245,7 +251,7 @@ def test_ka_lambda0_keeps_top_n_minus_1_with_renormalised_weights(load, family):
 def test_ka_on_deepseek_v3_keeps_native_weighting(load):
     model = load("deepseek_v3")
     ids, mask = batch()
-    block, x, y, ctrl = block_io(model, make_policy("ka", m=1, ka_lambda=0.0), ids, mask, seeds=[1, 2])
+    block, x, y, ctrl = block_io(model, make_policy("ka", samples=1, ka_lambda=0.0), ids, mask, seeds=[1, 2])
     router = block.gate
     scores = (x.float() @ router.weight.T).sigmoid()
     active = ctrl.activated_experts()[0]

@@ -44,7 +44,7 @@ def cache(tmp_path_factory, make_teacher, data_file):
     training must never need the teacher."""
     root = tmp_path_factory.mktemp("train_cache")
     teacher = shutil.copytree(make_teacher("mixtral"), root / "teacher")
-    out = build(teacher, data_file, root / "ka.zarr", policy="ka", policy_params={"m": 2})
+    out = build(teacher, data_file, root / "ka.zarr", policy="ka", policy_params={"samples": 2})
     shutil.rmtree(teacher)
     return out
 
@@ -151,7 +151,7 @@ def test_kd_training_lowers_held_out_loss_and_writes_checkpoints(kd_run):
 def test_interrupted_run_resumes_to_identical_metrics(cache, student, tmp_path, interrupt_at_step):
     kw = dict(
         cache=str(cache),
-        samples="random",
+        sample_mode="random",
         grad_accum=2,
         max_steps=5,
         save_every=2,
@@ -171,7 +171,7 @@ def test_interrupted_run_resumes_to_identical_metrics(cache, student, tmp_path, 
 
     resumed = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "cut"), "--resume", "auto", "--workers", "1"])
     assert resumed.exit_code == 0, resumed.output
-    assert "resumed from" in resumed.output and "step-000002" in resumed.output
+    assert "resumed from" in resumed.output and "step-000002" in resumed.output.replace("\n", "")  # rich wraps
 
     def losses(name):
         return [
@@ -390,7 +390,7 @@ def test_student_vocabulary_smaller_than_the_cache_is_refused(cache, tokenizer, 
         (dict(ce_weight=1.5), "--ce-weight must be in"),
         (dict(max_steps=3, epochs=1), "one of --max-steps and --epochs"),
         (dict(batch_tokens=64), "--batch-tokens 64 is below the longest training example"),
-        (dict(samples="all"), "--samples must be mean or random"),
+        (dict(sample_mode="all"), "--samples must be mean or random"),
         (dict(loss_chunk=0), "--loss-chunk must be positive"),
     ],
 )

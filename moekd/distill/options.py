@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moekd.distill.gate_maps import EXPERT_MAPS
@@ -24,6 +24,7 @@ LOSS_CHUNK = 1024
 # Settings that do not change what the run computes: they may differ when resuming.
 RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version", "world_size")
 NOT_RECORDED = ("storage_options",)  # may hold credentials
+RECORDED_AS = {"sample_mode": "samples"}  # fields renamed since runs first recorded them
 
 
 @dataclass
@@ -44,8 +45,10 @@ class TrainOptions:
     jsd_beta: float = option(0.5, "β of jsd.")
     temperature: float = option(1.0, "Divides student logits and teacher log-probs (loss not scaled by T²).")
     ce_weight: float = option(0.0, "w in (1-w)·KD + w·CE, CE on the ground-truth response tokens.")
-    samples: str = option(
-        "mean", "With M > 1 teacher samples: mean (average the losses) or random (one per example and epoch)."
+    sample_mode: str = option(
+        "mean",
+        "With M > 1 teacher samples: mean (average the losses) or random (one per example and epoch).",
+        flag="--samples",
     )
     lr: float = option(1e-4, "Peak AdamW learning rate.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
@@ -113,6 +116,11 @@ class TrainOptions:
         0.0, "MoE students: weight of the student family's own load-balancing loss (0: off)."
     )
 
+    def recorded(self) -> dict:
+        """The settings a run records in its config.json, under the keys runs have always used."""
+        settings = {k: v for k, v in asdict(self).items() if k not in NOT_RECORDED}
+        return {RECORDED_AS.get(k, k): v for k, v in settings.items()}
+
     def kd_loss(self) -> KDLoss:
         """The settings the logit objective reads."""
         return KDLoss(self.loss, self.temperature, self.skew_lambda, self.jsd_beta, self.ce_weight, self.loss_chunk)
@@ -121,7 +129,10 @@ class TrainOptions:
 def recorded_run(values: dict) -> dict | None:
     """The settings the run at --out recorded (its config.json), when it is being resumed: `moekd train
     --out RUN --resume auto` needs no other flag."""
-    return read_recorded(Path(values["out"]) / RUN_CONFIG) if values.get("resume") and values.get("out") else None
+    if not (values.get("resume") and values.get("out")):
+        return None
+    recorded = read_recorded(Path(values["out"]) / RUN_CONFIG) or {}
+    return {next((f for f, key in RECORDED_AS.items() if key == k), k): v for k, v in recorded.items()}
 
 
 def check_options(o: TrainOptions) -> None:
@@ -153,8 +164,8 @@ def check_options(o: TrainOptions) -> None:
         raise MoekdError(
             f"--skew-lambda and --jsd-beta must lie strictly between 0 and 1, got {o.skew_lambda}, {o.jsd_beta}"
         )
-    if o.samples not in ("mean", "random"):
-        raise MoekdError(f"--samples must be mean or random, got {o.samples!r}")
+    if o.sample_mode not in ("mean", "random"):
+        raise MoekdError(f"--samples must be mean or random, got {o.sample_mode!r}")
     if o.schedule not in ("constant", "cosine"):
         raise MoekdError(f"--schedule must be constant or cosine, got {o.schedule!r}")
     check_output_dir(o.out, "--out")

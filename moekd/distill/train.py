@@ -29,7 +29,7 @@ from moekd import __version__
 from moekd.data.batches import pack
 from moekd.distill.loader import BatchDataset, make_loader
 from moekd.distill.objective import batch_loss, held_out_loss
-from moekd.distill.options import NOT_RECORDED, RUN_ONLY, TrainOptions, check_options
+from moekd.distill.options import RUN_ONLY, TrainOptions, check_options
 from moekd.distill.router_losses import router_objective
 from moekd.distill.sources import check_vocabulary, open_source, verify_cache
 from moekd.distill.student import Student
@@ -97,7 +97,7 @@ def _train(
     epochs = None if o.max_steps else (o.epochs or 1)
     total_steps = o.max_steps or -(-sum(len(order.epoch(e)) for e in range(epochs)) // o.grad_accum)
     config = {
-        **{k: v for k, v in asdict(o).items() if k not in NOT_RECORDED},
+        **o.recorded(),
         "epochs": epochs,
         "source_sha256": source_sha,
         "total_steps": total_steps,
@@ -130,7 +130,7 @@ def _train(
     pad_id = tokenizer.pad_token_id
     train_batches = iter(
         make_loader(
-            BatchDataset(source, pad_id, o.samples, o.seed, gate_targets),
+            BatchDataset(source, pad_id, o.sample_mode, o.seed, gate_targets),
             RankShare(
                 BatchOrder(
                     train_idx, source.lengths, source.shards, o.batch_tokens, o.seed, start=position, epochs=epochs

@@ -150,8 +150,8 @@ class MonteCarloRouting:
 RoutingPolicy = NativeTopK | AllExperts | StudentAwareRouting | KnowledgeAugmentation | TopP | MonteCarloRouting
 
 
-# describe() of every policy returns its make_policy keyword arguments other than m, so
-# make_policy(policy.name, m=policy.samples, **policy.describe()) rebuilds it.
+# describe() of every policy returns its make_policy keyword arguments other than samples, so
+# make_policy(policy.name, samples=policy.samples, **policy.describe()) rebuilds it.
 
 
 def check_router_flag(policy: str | None, router) -> None:
@@ -182,14 +182,14 @@ POLICY_PARAM_PARTS = (
 )
 # cache build also takes the number of teacher samples per example
 POLICY_PARTS = (
-    Part("m", "m", int, "Teacher samples per example (stochastic policies; ka default 2)."),
+    Part("m", "samples", int, "Teacher samples per example (stochastic policies; ka default 2)."),
     *POLICY_PARAM_PARTS,
 )
 
 
 def make_policy(
     name: str,
-    m: int | None = None,
+    samples: int | None = None,
     ka_lambda: float | None = None,
     ka_drop: int | None = None,
     top_p: float | None = None,
@@ -207,11 +207,11 @@ def make_policy(
     for flag, (value, owner) in owners.items():
         if value is not None and name != owner:
             raise MoekdError(f"{flag} applies only to --policy {owner}, not --policy {name}; drop it")
-    if m is not None and m < 1:
-        raise MoekdError(f"--m must be at least 1 (teacher samples per example), got {m}")
-    if name in ("topk", "all", "topp", "sar") and m not in (None, 1):
+    if samples is not None and samples < 1:
+        raise MoekdError(f"--m must be at least 1 (teacher samples per example), got {samples}")
+    if name in ("topk", "all", "topp", "sar") and samples not in (None, 1):
         raise MoekdError(
-            f"--m {m} with --policy {name}: the policy is deterministic, so all {m} samples would be identical; "
+            f"--m {samples} with --policy {name}: the policy is deterministic, so all {samples} samples would be identical; "
             "use --m 1, or a stochastic policy (ka, mc)"
         )
     if name == "topk":
@@ -228,12 +228,12 @@ def make_policy(
             raise MoekdError(f"--top-p must be in (0, 1], got {top_p}")
         return TopP(top_p=float(top_p))
     if name == "mc":
-        return MonteCarloRouting(samples=m or 2)
+        return MonteCarloRouting(samples=samples or 2)
     ka_lambda = 0.05 if ka_lambda is None else ka_lambda
     ka_drop = 1 if ka_drop is None else ka_drop
-    if ka_lambda == 0 and (m or 2) > 1:
+    if ka_lambda == 0 and (samples or 2) > 1:
         raise MoekdError(
-            f"--m {m or 2} with --ka-lambda 0: KA then always keeps the top experts, so every sample would be "
+            f"--m {samples or 2} with --ka-lambda 0: KA then always keeps the top experts, so every sample would be "
             "identical; use --m 1 or a --ka-lambda above 0"
         )
     if not 0.0 <= ka_lambda <= 1.0:
@@ -242,4 +242,4 @@ def make_policy(
         raise MoekdError(
             f"--ka-drop must be at least 1 (experts dropped per token), got {ka_drop}; to keep every expert use --policy all"
         )
-    return KnowledgeAugmentation(samples=m or 2, ka_lambda=float(ka_lambda), ka_drop=int(ka_drop))
+    return KnowledgeAugmentation(samples=samples or 2, ka_lambda=float(ka_lambda), ka_drop=int(ka_drop))
