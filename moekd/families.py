@@ -16,7 +16,18 @@ from pathlib import Path
 
 import torch
 
+from moekd.options import option
+
 ALL_POLICIES = ("topk", "all", "ka", "topp", "mc")
+
+
+@dataclass
+class FamiliesOptions:
+    """The settings of `moekd routing families`."""
+
+    family: list[str] | None = option(None, "Only this model type (repeatable); default: every MoE family.")
+    markdown: bool = option(False, "Print the table as Markdown (the README's) instead.")
+    as_json: bool = option(False, "Print the reports as JSON on stdout instead of a table.", flag="--json")
 
 
 @dataclass(frozen=True)

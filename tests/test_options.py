@@ -9,12 +9,15 @@ from typer.testing import CliRunner
 
 from moekd.cache_builder.options import BuildOptions
 from moekd.cli import app
+from moekd.data.options import SynthOptions
 from moekd.distill.options import TrainOptions
 from moekd.errors import MoekdError
 from moekd.eval.options import EvalOptions
+from moekd.families import FamiliesOptions
 from moekd.options import Part, command, flags_of, option
 from moekd.routing.stats import StatsOptions
 from moekd.sar.options import SarOptions
+from moekd.store.options import FinalizeOptions, InfoOptions, PackOptions, PullOptions, PushOptions, VerifyOptions
 
 COMMANDS = [
     (("train",), TrainOptions),
@@ -22,6 +25,14 @@ COMMANDS = [
     (("cache", "build"), BuildOptions),
     (("eval",), EvalOptions),
     (("routing", "stats"), StatsOptions),
+    (("routing", "families"), FamiliesOptions),
+    (("data", "synth"), SynthOptions),
+    (("cache", "info"), InfoOptions),
+    (("cache", "verify"), VerifyOptions),
+    (("cache", "finalize"), FinalizeOptions),
+    (("cache", "push"), PushOptions),
+    (("cache", "pull"), PullOptions),
+    (("cache", "pack"), PackOptions),
 ]
 
 
@@ -40,7 +51,7 @@ def test_every_flag_has_its_dataclass_default_and_nothing_else(path, cls):
     assert set(params) == {f.name for f in generated} | {"config"}  # no flag written by hand beside them
     for f in generated:
         param = params[f.name]
-        assert "/".join(param.opts + param.secondary_opts) == f.flag and param.help == f.help
+        assert "/".join(param.opts + param.secondary_opts) == f.flag and getattr(param, "help", f.help) == f.help
         if f.part is None and f.parse is None and not f.required:
             assert param.default == defaults[f.name], f.name  # a default restated by hand would differ here
 

@@ -10,6 +10,14 @@ from rich.console import Console
 from moekd.cache_builder.options import BuildOptions, recorded_build
 from moekd.cli.app import cache_app, console
 from moekd.options import command
+from moekd.store.options import (
+    FinalizeOptions,
+    InfoOptions,
+    PackOptions,
+    PullOptions,
+    PushOptions,
+    VerifyOptions,
+)
 
 
 @command(cache_app, "build", BuildOptions, recorded=recorded_build)
@@ -56,10 +64,8 @@ def cache_build(options: BuildOptions) -> None:
         console.print(left, highlight=False)
 
 
-@cache_app.command("finalize")
-def cache_finalize(
-    store: Path = typer.Argument(..., help="Store whose units were written by `cache build --shard I/N` jobs."),
-) -> None:
+@command(cache_app, "finalize", FinalizeOptions)
+def cache_finalize(options: FinalizeOptions) -> None:
     """Commit a store built by --shard jobs: check every unit, write the manifest, mark it complete.
 
     Names the shards whose units are missing, so that only those are rerun.
@@ -68,6 +74,7 @@ def cache_finalize(
     """
     from moekd.store.writer import finalize_store, store_state
 
+    store = Path(options.store)
     if store_state(store) == "complete":
         console.print(f"[green]already complete[/] {store}", highlight=False)
         return
@@ -80,15 +87,8 @@ def cache_finalize(
     )
 
 
-STORE_HELP = "Store: a directory, a packed .zip, or an fsspec URL (s3://, gs://, http(s)://, file://)."
-OPTIONS_HELP = """fsspec options for a URL as JSON, e.g. '{"anon": true}' or '{"client_kwargs": {"endpoint_url": "http://minio:9000"}}'."""
-
-
-@cache_app.command("info")
-def cache_info(
-    store: str = typer.Argument(..., help=STORE_HELP),
-    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP),
-) -> None:
+@command(cache_app, "info", InfoOptions)
+def cache_info(options: InfoOptions) -> None:
     """Summarise a store: metadata, examples, stored positions, sizes (from its manifest).
 
     On an unfinished build: how many units are written, with sizes per position over the positions written.
@@ -98,9 +98,9 @@ def cache_info(
     from rich.table import Table
 
     from moekd.store.info import store_info
-    from moekd.store.location import parse_storage_options
 
-    info = store_info(store, parse_storage_options(storage_options))
+    store = options.store
+    info = store_info(store, options.storage_options)
     meta = info["meta"]
     table = Table(title=f"moekd cache {store}", show_header=False)
     rows = [
@@ -166,20 +166,16 @@ def describe_encoding(encoding) -> str:
     return encoding_of(encoding).describe(encoding)
 
 
-@cache_app.command("verify")
-def cache_verify(
-    store: str = typer.Argument(..., help=STORE_HELP),
-    deep: bool = typer.Option(False, "--deep", help="Also decode every value and check its range."),
-    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP),
-) -> None:
+@command(cache_app, "verify", VerifyOptions)
+def cache_verify(options: VerifyOptions) -> None:
     """Check schema, structure and per-file checksums (and, with --deep, every value). Exit 1 on any problem.
 
     Example: moekd cache verify run.zarr --deep
     """
-    from moekd.store.location import parse_storage_options
     from moekd.store.verify import verify_store
 
-    report = verify_store(store, deep=deep, storage_options=parse_storage_options(storage_options))
+    store, deep = options.store, options.deep
+    report = verify_store(store, deep=deep, storage_options=options.storage_options)
     if report.ok:
         checked = f", {report.positions_checked:,} positions decoded" if deep else ""
         Console().print(f"[green]OK[/] {store}: {report.files_checked} files match the manifest{checked}")
@@ -190,13 +186,8 @@ def cache_verify(
     raise typer.Exit(1)
 
 
-@cache_app.command("push")
-def cache_push(
-    store: str = typer.Argument(..., help="Complete store to copy (a directory, .zip or URL)."),
-    url: str = typer.Argument(..., help="Destination URL, e.g. s3://bucket/run.zarr (or a directory)."),
-    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP + " Applies to every URL given."),
-    jobs: int = typer.Option(8, help="Files transferred in parallel."),
-) -> None:
+@command(cache_app, "push", PushOptions)
+def cache_push(options: PushOptions) -> None:
     """Copy a complete store to object storage, each file checked against the manifest on arrival.
 
     An interrupted push resumes (intact files are kept); the destination reads as a store only once
@@ -204,28 +195,22 @@ def cache_push(
 
     Example: moekd cache push run.zarr s3://team-bucket/caches/run.zarr
     """
-    _copy(store, url, storage_options, jobs, "push")
+    _copy(options.store, options.url, options.storage_options, options.jobs, "push")
 
 
-@cache_app.command("pull")
-def cache_pull(
-    url: str = typer.Argument(..., help="Complete store to copy, e.g. s3://bucket/run.zarr or https://host/run.zarr."),
-    directory: str = typer.Argument(..., help="Local directory to copy it into (new, empty, or an interrupted pull)."),
-    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP),
-    jobs: int = typer.Option(8, help="Files transferred in parallel."),
-) -> None:
+@command(cache_app, "pull", PullOptions)
+def cache_pull(options: PullOptions) -> None:
     """Copy a complete store from a URL into a local directory, checksum-verified; an interrupted pull resumes.
 
     Example: moekd cache pull s3://team-bucket/caches/run.zarr ./run.zarr
     """
-    _copy(url, directory, storage_options, jobs, "pull")
+    _copy(options.url, options.directory, options.storage_options, options.jobs, "pull")
 
 
-def _copy(source: str, destination: str, storage_options: str | None, jobs: int, verb: str) -> None:
-    from moekd.store.location import is_url, parse_storage_options
+def _copy(source: str, destination: str, options: dict | None, jobs: int, verb: str) -> None:
+    from moekd.store.location import is_url
     from moekd.store.transfer import copy_store
 
-    options = parse_storage_options(storage_options)
     r = copy_store(
         source,
         destination,
@@ -242,20 +227,16 @@ def _copy(source: str, destination: str, storage_options: str | None, jobs: int,
     )
 
 
-@cache_app.command("pack")
-def cache_pack(
-    store: str = typer.Argument(..., help="Complete store to pack (a directory or URL)."),
-    out: Path = typer.Argument(..., help="The .zip to write (a Zarr zip store)."),
-    storage_options: str | None = typer.Option(None, help=OPTIONS_HELP),
-) -> None:
+@command(cache_app, "pack", PackOptions)
+def cache_pack(options: PackOptions) -> None:
     """Pack a complete store into one .zip that CacheReader, `cache verify` and `train --cache` open directly.
 
     Example: moekd cache pack run.zarr run.zip
     """
-    from moekd.store.location import parse_storage_options
     from moekd.store.transfer import pack_store
 
-    r = pack_store(store, out, parse_storage_options(storage_options), console=Console(stderr=True))
+    store, out = options.store, Path(options.out)
+    r = pack_store(store, out, options.storage_options, console=Console(stderr=True))
     console.print(
         f"[green]packed[/] {store} -> {out}: {r.files} files ({r.bytes_copied:,} B) verified against the manifest",
         highlight=False,

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
 from rich.console import Console
 
 from moekd.cli.app import data_app
+from moekd.data.options import SynthOptions
+from moekd.options import command
 
 
-@data_app.command("synth")
-def data_synth(
-    out: Path = typer.Option(
-        ..., help="Directory to write train.jsonl, valid.jsonl, test.jsonl and synth_info.json into."
-    ),
-    seed: int = typer.Option(0, help="Generator seed; the same seed writes byte-identical files."),
-    n_train: int = typer.Option(2000, help="Records in train.jsonl (families balanced)."),
-    n_valid: int = typer.Option(200, help="Records in valid.jsonl."),
-    n_test: int = typer.Option(400, help="Records in test.jsonl."),
-) -> None:
+@command(data_app, "synth", SynthOptions)
+def data_synth(options: SynthOptions) -> None:
     """Write the built-in instruction suite: short Dolly-form tasks from 16 task families, disjoint splits.
 
     Example: moekd data synth --out data/synth --seed 0 --n-train 2000
@@ -28,7 +21,8 @@ def data_synth(
 
     from moekd.data.synth import write_suite
 
-    info = write_suite(out, seed=seed, n_train=n_train, n_valid=n_valid, n_test=n_test)
+    out, seed = Path(options.out), options.seed
+    info = write_suite(out, seed=seed, n_train=options.n_train, n_valid=options.n_valid, n_test=options.n_test)
     splits = list(info["counts"])
     table = Table(title=f"moekd data synth -> {out} (seed {seed})")
     table.add_column("family")

@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 
 from moekd.cli.app import routing_app
+from moekd.families import FamiliesOptions
 from moekd.options import command
 from moekd.routing.stats import StatsOptions
 
@@ -34,12 +35,8 @@ def routing_stats(options: StatsOptions) -> None:
         Console().print(render_table(stats))
 
 
-@routing_app.command("families")
-def routing_families(
-    family: list[str] | None = typer.Option(None, help="Only this model type (repeatable); default: every MoE family."),
-    markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown (the README's) instead."),
-    as_json: bool = typer.Option(False, "--json", help="Print the reports as JSON on stdout instead of a table."),
-) -> None:
+@command(routing_app, "families", FamiliesOptions)
+def routing_families(options: FamiliesOptions) -> None:
     """Every MoE causal-LM family of the installed transformers: router class, kind, policies, tested.
 
     Each family is built small from its config class and run once under every policy (well under a
@@ -53,6 +50,8 @@ def routing_families(
 
     from moekd.cli.app import console
     from moekd.families import COLUMNS, family_reports, markdown_table, summary, table_rows
+
+    family, markdown, as_json = options.family, options.markdown, options.as_json
 
     with console.status("building the families") as status:
         reports = family_reports(family, on_family=lambda f: status.update(f"building {f.model_type}"))
