@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -142,6 +143,8 @@ def load_config(path: Path, flags: list[_Flag]) -> dict:
     """Settings of a --config file by option name; a clear error for anything unknown or mistyped."""
     if not path.is_file():
         raise MoekdError(f"--config {path}: no such file")
+    if path.suffix == ".toml" and sys.version_info < (3, 11):
+        raise MoekdError(f"--config {path}: TOML needs Python 3.11 or newer (tomllib); use a YAML file")
     text = path.read_text()
     try:
         if path.suffix == ".toml":
