@@ -260,6 +260,27 @@ def _build(
         o.batch_tokens,
         gate_r,
     )
+    done_tokens, teacher_seconds = _run_units(runner, writer, work, tables, ranks, lock, console)
+    per_rank = ranks.gather((len(work.mine), done_tokens, teacher_seconds))
+    units_missing = 0
+    if shard:
+        units_missing = len(writer.missing_units())
+    elif ranks.main:
+        writer.finalize(lock, time.perf_counter() - started)
+    return summary(
+        skipped=meta.dataset.skipped,
+        units_done=sum(r[0] for r in per_rank),
+        units_total=len(writer.units),
+        units_missing=units_missing,
+        teacher_tokens=sum(r[1] for r in per_rank),
+        teacher_seconds=max(r[2] for r in per_rank),
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def _run_units(runner: UnitRunner, writer: CacheWriter, work, tables, ranks: Ranks, lock: WriterLock, console: Console):
+    """This rank's units, each run by the teacher and written as it finishes, with a progress bar over every
+    rank's tokens; returns (this rank's teacher tokens, its teacher seconds) once every rank is done."""
     total_tokens = sum(runner.tokens(examples_overlapping(tables.position_offsets, u)) for u in work.everyone)
     teacher_seconds, done_tokens = 0.0, 0
     progress_tokens, ranks_done = ranks.counter("build/tokens"), ranks.counter("build/ranks-done")
@@ -289,21 +310,7 @@ def _build(
             )
         ranks_done.add(1)
         ranks_done.wait_until(ranks.world, on_poll=lambda _: show(progress_tokens.value()))
-    per_rank = ranks.gather((len(work.mine), done_tokens, teacher_seconds))
-    units_missing = 0
-    if shard:
-        units_missing = len(writer.missing_units())
-    elif ranks.main:
-        writer.finalize(lock, time.perf_counter() - started)
-    return summary(
-        skipped=meta.dataset.skipped,
-        units_done=sum(r[0] for r in per_rank),
-        units_total=len(writer.units),
-        units_missing=units_missing,
-        teacher_tokens=sum(r[1] for r in per_rank),
-        teacher_seconds=max(r[2] for r in per_rank),
-        wall_seconds=time.perf_counter() - started,
-    )
+    return done_tokens, teacher_seconds
 
 
 def _join_plan(out: Path, settings: dict, wait_seconds: float = 60.0) -> CacheWriter:

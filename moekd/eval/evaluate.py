@@ -198,26 +198,32 @@ def evaluate(o: EvalOptions, log: Callable[[str], None] | None = None) -> EvalRe
                 log(f"{name}: response NLL {dataset.nll:.4f} nats/token{kl} over {forced['positions']} positions")
         scores.append(dataset)
 
-    settings = {
+    return EvalReport(str(model_dir), _settings(o, policy, loaded_router), scores, generations)
+
+
+def _settings(o: EvalOptions, policy, loaded_router) -> dict:
+    """What a report records of how it was made."""
+    return {
         **SAMPLING,
-        "max_new_tokens": max_new_tokens,
-        "max_prompt_len": max_prompt_len,
-        "batch_size": batch_size,
-        "seeds": list(seeds) if rouge else [],
-        "limit": limit,
-        "device": device,
-        "chat_template": chat_template,
-        "metric": "rougeL_fmeasure_x100_stemmed_max_over_references" if rouge else None,
+        "max_new_tokens": o.max_new_tokens,
+        "max_prompt_len": o.max_prompt_len,
+        "batch_size": o.batch_size,
+        "seeds": list(o.seeds) if o.rouge else [],
+        "limit": o.limit,
+        "device": o.device,
+        "chat_template": o.chat_template,
+        "metric": "rougeL_fmeasure_x100_stemmed_max_over_references" if o.rouge else None,
         "std_ddof": 0,
         "teacher_forced": "response NLL and KL(teacher || model) in nats per response token, first reference"
-        if nll or teacher
+        if o.nll or o.teacher
         else None,
-        "max_len": max_len,
-        "teacher": str(teacher) if teacher else None,
-        "policy": None if policy is None else {"name": policy.name, "params": policy.describe(), "seed": routing_seed},
+        "max_len": o.max_len,
+        "teacher": str(o.teacher) if o.teacher else None,
+        "policy": None
+        if policy is None
+        else {"name": policy.name, "params": policy.describe(), "seed": o.routing_seed},
         "router": None if loaded_router is None else {"path": loaded_router.path, "sha256": loaded_router.sha256},
     }
-    return EvalReport(str(model_dir), settings, scores, generations)
 
 
 def _policy(o: EvalOptions):
