@@ -128,7 +128,7 @@ def gradient_fidelity(student_dir: Path, teacher, cache: Path, positions: int) -
     model = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32)
     o = TrainOptions(student=str(student_dir), out="-", cache=str(cache), loss="fkl")
     cpu = torch.device("cpu")
-    batch_loss(Student(model), batch, o.kd_loss(), cpu, source.teacher_output_layer(cpu))[
+    batch_loss(Student(model), batch, o.kd_loss(source.encoding.kind), cpu, source.teacher_output_layer(cpu))[
         "loss"
     ].backward()  # the trainer's objective
     cached = flat_grad(model)

@@ -74,7 +74,7 @@ def reference(hidden, head, batch, o, per_sample_kd):
 @pytest.mark.parametrize("ce_weight", [0.0, 0.3])
 def test_sampled_chunked_equals_the_estimate_on_full_logits(temperature, ce_weight):
     """SampledObjective = sampled_kd_loss on full logits, with padding slots, uneven chunks, CE shared (T = 1) or not."""
-    o = options("fkl", ce_weight=ce_weight, temperature=temperature)
+    o = options("fkl", "sampled", ce_weight=ce_weight, temperature=temperature)
     for dtype, tolerance in (
         (torch.float32, dict(rtol=2e-5, atol=2e-6)),
         (torch.float64, dict(rtol=1e-10, atol=1e-12)),
@@ -111,7 +111,7 @@ def test_hidden_chunked_equals_the_dense_loss_of_the_teachers_logits(kind):
     """ExactObjective = dense_kd_loss against log_softmax(h·Wᵀ) of the teacher on full logits, at T = 1 and 2.5,
     M = 2 samples, mixed with CE, in float64 to rounding."""
     for temperature in (1.0, 2.5):
-        o = options(kind, ce_weight=0.3, temperature=temperature)
+        o = options(kind, "hidden", ce_weight=0.3, temperature=temperature)
         for dtype, tolerance in (
             (torch.float32, dict(rtol=2e-5, atol=2e-6)),
             (torch.float64, dict(rtol=1e-10, atol=1e-12)),
@@ -161,11 +161,11 @@ def test_a_larger_student_vocabulary_gives_the_extra_ids_teacher_probability_zer
     assert logp.shape == (3, V) and torch.isneginf(logp[:, V - 4 :]).all()
     torch.testing.assert_close(logp.exp().sum(-1), torch.ones(3))
     hidden, head, batch, weight = hidden_batch(teacher_vocab=V - 4)
-    terms, grads = chunked(hidden, head, batch, options("fkl"), chunk=4, teacher_layer=weight)
+    terms, grads = chunked(hidden, head, batch, options("fkl", "hidden"), chunk=4, teacher_layer=weight)
     assert math.isfinite(terms["loss"].item()) and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_a_hidden_batch_without_the_teacher_layer_is_refused():
     hidden, head, batch, _ = hidden_batch()
     with pytest.raises(ValueError, match="teacher_layer"):
-        cache_objective(batch, options("fkl"), torch.device("cpu"))
+        cache_objective(batch, options("fkl", "hidden"), torch.device("cpu"))

@@ -58,9 +58,9 @@ def make_problem(positions=13, samples=2, k=K, seed=0, dtype=torch.float32, tiny
     return hidden.to(dtype), OutputLayer(weight.to(dtype), bias.to(dtype)), batch, teacher
 
 
-def options(kind="fkl", **kw) -> KDLoss:
-    """The logit objective's settings: a run's defaults with `kw` changed."""
-    return TrainOptions(student="", out="", cache="", loss=kind, **kw).kd_loss()
+def options(kind="fkl", teacher="topk_tail", **kw) -> KDLoss:
+    """The logit objective's settings for a cache of encoding kind `teacher`: a run's defaults with `kw` changed."""
+    return TrainOptions(student="", out="", cache="", loss=kind, **kw).kd_loss(teacher)
 
 
 def leaves(hidden, head):

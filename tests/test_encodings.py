@@ -201,16 +201,24 @@ def test_training_loss_of_a_hidden_cache_is_the_dense_loss_of_the_teachers_own_l
     for kind, temperature in (("fkl", 1.0), ("jsd", 2.0)):
         learner = Student(AutoModelForCausalLM.from_pretrained(str(student), dtype=torch.float32))
         o = train_options(student, tmp_path / "run", out, loss=kind, temperature=temperature, loss_chunk=7)
-        batch_loss(learner, batch, o.kd_loss(), torch.device("cpu"), source.teacher_output_layer(torch.device("cpu")))[
-            "loss"
-        ].backward()
+        batch_loss(
+            learner,
+            batch,
+            o.kd_loss(source.encoding.kind),
+            torch.device("cpu"),
+            source.teacher_output_layer(torch.device("cpu")),
+        )["loss"].backward()
         cached = [p.grad.clone() for p in learner.parameters()]
         learner.zero_grad()
         logits = learner.lm(batch["input_ids"]).logits.flatten(0, 1)[batch["rows"]]
         expected = dense_kd_loss(logits, torch.log_softmax(own.float(), -1), kind, temperature).mean()
         expected.backward()
         terms = batch_loss(
-            learner, batch, o.kd_loss(), torch.device("cpu"), source.teacher_output_layer(torch.device("cpu"))
+            learner,
+            batch,
+            o.kd_loss(source.encoding.kind),
+            torch.device("cpu"),
+            source.teacher_output_layer(torch.device("cpu")),
         )
         torch.testing.assert_close(terms["loss"], expected.detach(), rtol=1e-5, atol=1e-6)
         for got, want in zip(cached, (p.grad for p in learner.parameters())):

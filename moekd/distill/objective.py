@@ -7,7 +7,7 @@ KD is averaged over the response positions of a batch; with --ce-weight w the ob
 With M > 1 teacher samples the per-sample losses are averaged (the loader already picked one
 sample per example for --samples random).
 
-KD by the cache's encoding (`cache_objective` picks the chunk loss from the batch's arrays):
+KD by the cache's encoding (`cache_objective` picks the chunk loss of `KDLoss.teacher`, OBJECTIVES):
 topk, the (k+1)-bucket divergence (`SparseObjective`); sampled, the unbiased estimate of the
 forward-KL cross-entropy (`SampledObjective`: KL + the teacher's entropy, a constant); hidden,
 the exact full-vocabulary divergence of every kind at any temperature, the teacher's log-probs
@@ -43,6 +43,7 @@ class KDLoss:
     jsd_beta: float
     ce_weight: float
     chunk: int  # positions per chunk of the output layer and the loss
+    teacher: str = "topk_tail"  # the cache encoding's kind: which stored teacher arrays the KD reads
 
 
 def batch_loss(
@@ -195,15 +196,18 @@ class ExactObjective(_Objective):
         )
 
 
+# The chunk loss of each cache encoding (by its stored kind, moekd/encodings).
+OBJECTIVES = {"topk_tail": SparseObjective, "sampled": SampledObjective, "hidden": ExactObjective}
+
+
 def cache_objective(batch: dict, kd: KDLoss, device: torch.device, teacher_layer: torch.Tensor | None = None):
     """The chunk loss of a batch, by the teacher arrays it carries; teacher_layer: the output layer of a hidden cache."""
-    if kd.loss != "ce" and "sampled_ids" in batch:
-        return SampledObjective(batch, kd, device)
-    if kd.loss != "ce" and "hidden_states" in batch:
+    objective = SparseObjective if kd.loss == "ce" else OBJECTIVES[kd.teacher]  # CE reads no teacher arrays
+    if objective is ExactObjective:
         if teacher_layer is None:
             raise ValueError(
                 "teacher_layer: a batch of a hidden cache needs the teacher's output layer "
                 "(CacheSource.teacher_output_layer)"
             )
         return ExactObjective(batch, kd, device, teacher_layer)
-    return SparseObjective(batch, kd, device)
+    return objective(batch, kd, device)

@@ -121,9 +121,11 @@ class TrainOptions:
         settings = {k: v for k, v in asdict(self).items() if k not in NOT_RECORDED}
         return {RECORDED_AS.get(k, k): v for k, v in settings.items()}
 
-    def kd_loss(self) -> KDLoss:
-        """The settings the logit objective reads."""
-        return KDLoss(self.loss, self.temperature, self.skew_lambda, self.jsd_beta, self.ce_weight, self.loss_chunk)
+    def kd_loss(self, teacher: str = "topk_tail") -> KDLoss:
+        """The settings the logit objective reads, for a cache of encoding kind `teacher`."""
+        return KDLoss(
+            self.loss, self.temperature, self.skew_lambda, self.jsd_beta, self.ce_weight, self.loss_chunk, teacher
+        )
 
 
 def recorded_run(values: dict) -> dict | None:

@@ -106,6 +106,7 @@ class TokenizedSource:
 
     has_teacher = False
     num_samples = 0
+    encoding = None
     gate_info = None
 
     def __init__(self, examples):

@@ -28,7 +28,7 @@ from rich.console import Console
 from moekd import __version__
 from moekd.data.batches import pack
 from moekd.distill.loader import BatchDataset, make_loader
-from moekd.distill.objective import batch_loss, held_out_loss
+from moekd.distill.objective import KDLoss, batch_loss, held_out_loss
 from moekd.distill.options import RUN_ONLY, TrainOptions, check_options
 from moekd.distill.router_losses import router_objective
 from moekd.distill.sources import check_vocabulary, open_source, verify_cache
@@ -115,6 +115,7 @@ def _train(
     routing, gate_targets = router_objective(o, model, source.gate_info)
     # the forward to hidden states (the loss applies the output layer) and the router terms with their τ
     student = Student(model, router_terms=routing.to(device) if routing is not None else None)
+    kd = o.kd_loss(source.encoding.kind if source.encoding else "topk_tail")  # what the loss reads of the cache
     teacher_layer = source.teacher_output_layer(device)  # hidden caches: the teacher's, for its exact log-probs
     forward = wrap(student, ranks, device)  # the module whose forward the loss calls (DDP on several ranks)
     groups = [{"params": list(model.parameters())}]
@@ -151,7 +152,7 @@ def _train(
         batches = make_loader(
             BatchDataset(source, pad_id, "mean", o.seed, gate_targets), RankShare(eval_order, ranks), o.workers
         )
-        return held_out_loss(student, batches, o.kd_loss(), device, partial(combined, ranks), teacher_layer)
+        return held_out_loss(student, batches, kd, device, partial(combined, ranks), teacher_layer)
 
     frame = StepFrame(
         out,
@@ -177,7 +178,7 @@ def _train(
                 break
             lr = scheduler.get_last_lr()[0]
             terms, grad_norm, batch_tokens = _optimizer_step(
-                forward, optimizer, micro, o, device, frame.step + 1, out, ranks, pad_id, teacher_layer
+                forward, optimizer, micro, o, kd, device, frame.step + 1, out, ranks, pad_id, teacher_layer
             )
             scheduler.step()
             position = LoaderPosition(micro[-1]["epoch"], micro[-1]["batch"] + 1)
@@ -256,6 +257,7 @@ def _optimizer_step(
     optimizer,
     micro: list[dict],
     o: TrainOptions,
+    kd: KDLoss,
     device,
     step: int,
     out: Path,
@@ -275,7 +277,7 @@ def _optimizer_step(
             if not len(b["rows"]):
                 empty_share_backward(model, pad_id, device)
                 continue
-            terms = batch_loss(model, b, o.kd_loss(), device, teacher_layer)
+            terms = batch_loss(model, b, kd, device, teacher_layer)
             check_finite(terms["loss"], "the loss", step, b["epoch"], b["batch"], b["examples"].tolist(), out, ADVICE)
             weight = len(b["rows"]) / positions
             (terms["loss"] * (weight * ranks.world)).backward()  # DDP averages over ranks: x W makes it the sum
