@@ -29,6 +29,7 @@ so a resumed run, every evaluation and any number of ranks draw the same.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -92,6 +93,18 @@ def load_cv(q: torch.Tensor, top_k: int) -> torch.Tensor:
     return load.std(-1, correction=0) / load.mean(-1)
 
 
+@dataclass(frozen=True)
+class RouterWeights:
+    """What the router terms read of a run's settings (TrainOptions' fields of the same names)."""
+
+    expert_weight: float
+    coverage_weight: float
+    mc_alpha: float
+    router_beta: float
+    router_tau_init: float
+    router_aux_coef: float
+
+
 class RouterObjective(nn.Module):
     """The router terms of one batch, from the student's router logits of its one forward; holds τ.
 
@@ -99,12 +112,12 @@ class RouterObjective(nn.Module):
     the model's `router_logits`; `pairs` the (student layer, teacher layer) map of Balanced
     Distillation (None: only the family's auxiliary loss)."""
 
-    def __init__(self, o, routers: list, pairs: list[tuple[int, int]] | None, aux_loss=None):
+    def __init__(self, w: RouterWeights, routers: list, pairs: list[tuple[int, int]] | None, aux_loss=None):
         super().__init__()
-        self.o, self.aux_loss = o, aux_loss
+        self.w, self.aux_loss = w, aux_loss
         self.routers = list(routers)  # a plain list: the modules belong to the model, not to this one
         self.student_layers = [s for s, _ in pairs] if pairs else []
-        self.tau = nn.Parameter(torch.full((len(self.student_layers),), float(o.router_tau_init)))
+        self.tau = nn.Parameter(torch.full((len(self.student_layers),), float(w.router_tau_init)))
 
     @property
     def columns(self) -> list[str]:
@@ -132,12 +145,12 @@ class RouterObjective(nn.Module):
         total = router_logits[0].new_zeros((), dtype=torch.float32)
         if self.student_layers:
             terms.update(self._balanced_distillation(router_logits, batch, training))
-            total = total + self.o.expert_weight * (
-                terms["mc_loss"] + self.o.coverage_weight * terms["coverage_loss"] + terms["router_loss"]
+            total = total + self.w.expert_weight * (
+                terms["mc_loss"] + self.w.coverage_weight * terms["coverage_loss"] + terms["router_loss"]
             )
         if self.aux_loss is not None:
             terms["aux_loss"] = self.aux_loss(router_logits, batch)
-            total = total + self.o.router_aux_coef * terms["aux_loss"]
+            total = total + self.w.router_aux_coef * terms["aux_loss"]
         return {"loss": total, **terms}
 
     def _balanced_distillation(self, router_logits, batch: dict, training: bool) -> dict[str, torch.Tensor]:
@@ -153,10 +166,10 @@ class RouterObjective(nn.Module):
             dim=1,
         )
         log_q = q.clamp_min(TINY).log()
-        experts, weights = mc_draws(p, batch["mc_uniforms"].to(device), self.o.mc_alpha)
+        experts, weights = mc_draws(p, batch["mc_uniforms"].to(device), self.w.mc_alpha)
         mc = mc_exploration_loss(log_q.unsqueeze(1), experts, weights).mean((0, 1))
         coverage = coverage_kl(p, q)
-        router = entropy_aware_kl(p, tempered(log_q, self.tau.to(device)[:, None]), self.o.router_beta)
+        router = entropy_aware_kl(p, tempered(log_q, self.tau.to(device)[:, None]), self.w.router_beta)
         terms = {"mc_loss": mc.mean(), "coverage_loss": coverage.mean(), "router_loss": router.mean()}
         with torch.no_grad():
             stats = torch.stack(
@@ -225,4 +238,7 @@ def router_objective(o, model, gates) -> tuple[RouterObjective | None, GateTarge
         )
     aux = FamilyAuxLoss(model, widths[0], infos[0].adapter.top_k) if o.router_aux_coef else None
     routers = [(info.module, info.adapter) for info in infos]
-    return RouterObjective(o, routers, pairs, aux), targets
+    weights = RouterWeights(
+        o.expert_weight, o.coverage_weight, o.mc_alpha, o.router_beta, o.router_tau_init, o.router_aux_coef
+    )
+    return RouterObjective(weights, routers, pairs, aux), targets
