@@ -616,6 +616,7 @@ CASES = [
     case("stats-plot-is-directory", STATS + " --plot {tmp}", "--plot"),
     # ---- train: choices, numbers, conflicts
     case("train-no-source", "train --student {student} --out {out}", "--cache", "--data"),
+    case("build-resume-complete", "cache build --out {cache} --resume", "--resume", "complete cache"),
     case("train-config-missing", TRAIN + " --config {tmp}/absent.yaml", "--config", "absent.yaml"),
     case(
         "train-config-unknown", TRAIN + " --config {bad}", "--config", "'max_step'", bad=text("max_step: 3\n", "c.yaml")

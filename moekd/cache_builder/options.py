@@ -6,9 +6,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moekd.errors import MoekdError
 from moekd.options import data_field_parts, option, read_recorded
 from moekd.routing.policies import POLICY_PARTS
 from moekd.store.layout import BUILD_DIR, POSITIONS_PER_SHARD
+from moekd.store.writer import store_state
 
 OPTIONS_FILE = "options.json"  # in the build directory of an unfinished store
 NOT_RECORDED = ("resume", "overwrite", "shard")  # how this job runs, not what the store holds
@@ -79,8 +81,9 @@ def recorded_options(o: BuildOptions) -> dict[str, bytes]:
 
 def recorded_build(values: dict) -> dict | None:
     """The options the unfinished store at --out was started with, when it is being resumed."""
-    return (
-        read_recorded(Path(values["out"]) / BUILD_DIR / OPTIONS_FILE)
-        if values.get("resume") and values.get("out")
-        else None
-    )
+    if not (values.get("resume") and values.get("out")):
+        return None
+    recorded = read_recorded(Path(values["out"]) / BUILD_DIR / OPTIONS_FILE)
+    if recorded is None and values.get("teacher") is None and store_state(Path(values["out"])) == "complete":
+        raise MoekdError(f"--resume: {values['out']} is a complete cache; there is nothing to resume")
+    return recorded
