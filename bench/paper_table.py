@@ -1,7 +1,7 @@
 """The miniature of the published comparisons (Every Expert Matters: KD, ALL, KA, SAR; Figures 1, 2, 4
 and 5; and B-Distill's MoE to MoE: a small MoE student by logit KD only and by Balanced Distillation).
 
-    python bench/paper_table.py                       # the whole table; see the README for its wall time here
+    python bench/paper_table.py                       # the whole table; see docs/science.md for its wall time here
     python bench/paper_table.py --quick               # a few-minute subset of every part, for development
     python bench/paper_table.py --workdir /tmp/pt     # finished stages are reused on a rerun
 
