@@ -26,7 +26,7 @@ class FamiliesOptions:
     """The settings of `moekd routing families`."""
 
     family: list[str] | None = option(None, "Only this model type (repeatable); default: every MoE family.")
-    markdown: bool = option(False, "Print the table as Markdown (the README's) instead.")
+    markdown: bool = option(False, "Print the table as Markdown (as in docs/families.md) instead.")
     as_json: bool = option(False, "Print the reports as JSON on stdout instead of a table.", flag="--json")
 
 
@@ -183,7 +183,7 @@ def table_rows(reports: list[FamilyReport]) -> list[tuple[str, ...]]:
 
 
 def markdown_table(reports: list[FamilyReport]) -> str:
-    """The README table."""
+    """The table of docs/families.md."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(reports)]
     return "\n".join(lines)

@@ -84,7 +84,7 @@ class DemoPlan:
     rows: tuple[StudentSpec, ...]
     reference: str  # the row the paired differences are taken against
     probes: tuple[TeacherProbe, ...] = ()
-    threads: int = 1  # torch intra-op threads for every stage (numerics depend on it; see README)
+    threads: int = 1  # torch intra-op threads for every stage (numerics depend on it; see docs/science.md)
     sar: SarSpec | None = None  # the routers of the caches with policy sar
 
 

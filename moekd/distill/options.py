@@ -19,7 +19,7 @@ from moekd.training.checkpoint import RUN_CONFIG
 LOSSES = (*KD_LOSSES, "ce")
 ROUTER_LOSSES = ("none", "bdistill")
 # Positions per chunk of the loss (chunked.py): bounds the loss's memory to [chunk, V] buffers.
-# Chosen by bench/loss_scale.py's chunk sweep on this project's machine (README, Benchmarks).
+# Chosen by bench/loss_scale.py's chunk sweep on this project's machine (docs/benchmarks.md).
 LOSS_CHUNK = 1024
 # Settings that do not change what the run computes: they may differ when resuming.
 RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version", "world_size")
