@@ -36,6 +36,7 @@ from moekd.distributed import Ranks
 from moekd.encodings import ENCODINGS, check_flags
 from moekd.errors import MoekdError
 from moekd.fsio import setting_differences, sha256_file
+from moekd.interrupt import resumable, resume_command
 from moekd.locking import WriterLock
 from moekd.models import (
     check_tokenizer_fits,
@@ -260,7 +261,12 @@ def _build(
         o.batch_tokens,
         gate_r,
     )
-    done_tokens, teacher_seconds = _run_units(runner, writer, work, tables, ranks, lock, console)
+    resume = resume_command("cache", "build", "--out", str(out), "--resume", *(["--shard", o.shard] if o.shard else []))
+    with resumable(
+        lambda: f"{len(writer.units) - len(writer.missing_units())} of {len(writer.units)} units of {out} are written",
+        resume,
+    ):
+        done_tokens, teacher_seconds = _run_units(runner, writer, work, tables, ranks, lock, console)
     per_rank = ranks.gather((len(work.mine), done_tokens, teacher_seconds))
     units_missing = 0
     if shard:

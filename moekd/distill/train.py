@@ -34,6 +34,7 @@ from moekd.distill.router_losses import router_objective
 from moekd.distill.sources import check_vocabulary, open_source, verify_cache
 from moekd.distill.student import Student
 from moekd.distributed import Ranks
+from moekd.interrupt import resumable, resume_command
 from moekd.locking import WriterLock
 from moekd.models import load_causal_lm, load_tokenizer, resolve_device
 from moekd.training.checkpoint import (
@@ -167,7 +168,7 @@ def _train(
         main=ranks.main,
     )
     eval_start, record = None, {}
-    with frame:
+    with frame, resumable(frame.where, resume_command("train", "--out", str(out), "--resume", "auto")):
         if step == 0 and eval_order:
             eval_start = evaluate()
             frame.write({"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], "tokens": 0, **eval_start})

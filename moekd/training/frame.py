@@ -73,6 +73,14 @@ class StepFrame:
     def tokens_per_second(self) -> float:
         return self.session_tokens / max(self.elapsed, 1e-9)
 
+    def where(self) -> str:
+        """Where the run stands, for the line of an interrupted run: its step and last complete checkpoint."""
+        last = latest_checkpoint(self.run)
+        kept = (
+            f"the last complete checkpoint is {last}" if last else "no checkpoint was saved yet (resuming starts over)"
+        )
+        return f"{self.label} stopped after step {self.step} of {self.total}; {kept}"
+
     def write(self, record: dict) -> None:
         """A metrics record outside the steps (e.g. step 0's held-out loss)."""
         if self.log is not None:

@@ -1,0 +1,108 @@
+"""The run lifecycle: SIGINT/SIGTERM stop `cache build`, `train` and `sar train` with one line naming where
+they stopped and the command that resumes them; that command resumes them."""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moekd.store.layout import BUILD_DIR
+from moekd.tiny_models import make_tiny_model
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("student")
+    make_tiny_model("llama", tokenizer, out, seed=3, hidden=32)
+    return out
+
+
+def start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "moekd", *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def stop_when(proc: subprocess.Popen, ready, sig: signal.Signals) -> tuple[int, str]:
+    """Send `sig` once `ready()` holds; returns (exit code, stderr)."""
+    deadline = time.time() + 180
+    while not ready():
+        assert proc.poll() is None, f"finished before it could be stopped: {proc.communicate()[1]}"
+        assert time.time() < deadline, "never got ready"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def resume_args(err: str) -> list[str]:
+    """The arguments of the resume command the stop line printed (after `moekd`)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "resume with:" in line]
+    assert len(lines) == 1, err
+    command = shlex.split(re.search(r"resume with: (.*)", lines[0]).group(1))
+    assert command[0] == "moekd"
+    return command[1:]
+
+
+def steps(run: Path) -> list[int]:
+    return sorted(int(p.name[5:]) for p in run.glob("step-*") if (p / "checkpoint.json").is_file())
+
+
+def test_sigint_and_sigterm_stop_training_with_a_resume_command(small_cache, student, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--cache", str(small_cache), "--student", str(student), "--out", str(run)]
+    args += ["--max-steps", "100000", "--save-every", "2", "--batch-tokens", "256", "--workers", "2", "--device", "cpu"]
+    code, err = stop_when(start(args), lambda: steps(run), signal.SIGINT)
+    assert code == 130, err
+    resume = resume_args(err)
+    assert resume == ["train", "--out", str(run), "--resume", "auto"]
+    first = steps(run)[-1]
+    assert f"the last complete checkpoint is {run / f'step-{first:06d}'}" in err
+    # the printed command resumes (no other flag) and goes on past that checkpoint
+    code, err = stop_when(start(resume), lambda: steps(run)[-1] > first, signal.SIGTERM)
+    assert code == 143, err
+    assert f"resuming from {run / f'step-{first:06d}'}" in err.replace("\n", "")
+    assert "interrupted by SIGTERM" in err and resume_args(err) == resume
+
+
+def test_sigint_stops_a_build_and_the_printed_command_resumes_it(make_teacher, data_file, tmp_path):
+    out = tmp_path / "run.zarr"
+    args = ["cache", "build", "--teacher", str(make_teacher("mixtral")), "--data", str(data_file), "--out", str(out)]
+    args += ["--k", "16", "--max-prompt-len", "96", "--max-len", "128", "--batch-tokens", "128"]
+    args += ["--positions-per-shard", "256", "--device", "cpu"]
+    units = out / BUILD_DIR / "units"
+    code, err = stop_when(start(args), lambda: len(list(units.glob("*.json"))) >= 2, signal.SIGINT)
+    assert code == 130, err
+    resume = resume_args(err)
+    assert resume == ["cache", "build", "--out", str(out), "--resume"]
+    written, total = map(int, re.search(r"(\d+) of (\d+) units of", err).groups())
+    assert 2 <= written < total
+    done = subprocess.run([sys.executable, "-m", "moekd", *resume], env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (out / "zarr.json").is_file() and not (out / BUILD_DIR).exists()
+
+
+def test_sigterm_stops_sar_training_and_the_printed_command_resumes_it(make_teacher, student, data_file, tmp_path):
+    out = tmp_path / "router.safetensors"
+    run = tmp_path / "router.run"
+    args = ["sar", "train", "--teacher", str(make_teacher("mixtral")), "--student", str(student)]
+    args += ["--data", str(data_file), "--out", str(out), "--steps", "100000", "--save-every", "1"]
+    args += ["--batch-tokens", "256", "--max-prompt-len", "96", "--max-len", "128", "--device", "cpu"]
+    code, err = stop_when(start(args), lambda: steps(run), signal.SIGTERM)
+    assert code == 143, err
+    resume = resume_args(err)
+    assert resume == ["sar", "train", "--out", str(out), "--resume", "auto"]
+    first = steps(run)[-1]
+    code, err = stop_when(start(resume), lambda: steps(run)[-1] > first, signal.SIGINT)
+    assert code == 130, err
+    assert f"resuming from {run / f'step-{first:06d}'}" in err.replace("\n", "")
+    assert resume_args(err) == resume
