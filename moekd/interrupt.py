@@ -1,8 +1,10 @@
 """Stopping a long command on SIGINT (Ctrl-C) or SIGTERM with one line instead of a traceback.
 
 `main` turns SIGTERM into `Terminated`, a KeyboardInterrupt, so both signals unwind the same way;
-`resumable` words where a run stopped and the exact command that continues it; loader worker processes
-ignore both signals (`quiet_worker`) so that only the main process reacts, and it stops them cleanly.
+`resumable` words where a run stopped and the exact command that continues it (`Interrupted`, still a
+KeyboardInterrupt for Python callers); the command layer turns that into `Stopped`, which `main` prints
+as one line with exit code 130 or 143. Loader worker processes ignore both signals (`quiet_worker`) so
+that only the main process reacts, and it stops them cleanly.
 """
 
 from __future__ import annotations
@@ -19,12 +21,27 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt."""
 
 
-class Interrupted(Exception):
-    """A run stopped by `signal`; the message says where and how to resume."""
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by `signal`; the message says where and how to resume (still a KeyboardInterrupt to
+    code that calls moekd from Python)."""
 
     def __init__(self, message: str, signal: signal.Signals):
         super().__init__(message)
         self.signal = signal
+
+
+class Stopped(Exception):
+    """What the command line reports of a KeyboardInterrupt (typer would turn one into a silent exit)."""
+
+    def __init__(self, message: str, signal: signal.Signals):
+        super().__init__(message)
+        self.signal = signal
+
+    @classmethod
+    def of(cls, e: KeyboardInterrupt) -> Stopped:
+        if isinstance(e, Interrupted):
+            return cls(str(e), e.signal)
+        return cls("finished units and checkpoints are kept; rerun with --resume to continue", signal_of(e))
 
 
 def signal_of(e: KeyboardInterrupt) -> signal.Signals:
@@ -54,5 +71,7 @@ def resumable(where: Callable[[], str], command: str) -> Iterator[None]:
     """Turn a signal inside the block into `Interrupted`: "<where()>; resume with: <command>"."""
     try:
         yield
+    except Interrupted:
+        raise
     except KeyboardInterrupt as e:
         raise Interrupted(f"{where()}; resume with: {command}", signal_of(e)) from None

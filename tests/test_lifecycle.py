@@ -1,6 +1,7 @@
 """The run lifecycle: SIGINT/SIGTERM stop `cache build`, `train` and `sar train` with one line naming where
 they stopped and the command that resumes them; that command resumes them."""
 
+import json
 import os
 import re
 import shlex
@@ -106,3 +107,57 @@ def test_sigterm_stops_sar_training_and_the_printed_command_resumes_it(make_teac
     assert code == 130, err
     assert f"resuming from {run / f'step-{first:06d}'}" in err.replace("\n", "")
     assert resume_args(err) == resume
+
+
+# ---------------------------------------------------------------- --max-examples: smoke runs
+
+
+def test_build_max_examples_stores_the_first_rows_and_is_a_recorded_setting(make_teacher, data_file, tmp_path):
+    from moekd import CacheReader
+    from moekd.cache_builder.build import BuildOptions, build_cache
+    from moekd.errors import MoekdError
+
+    def options(out, **kw):
+        base = dict(teacher=str(make_teacher("mixtral")), data=str(data_file), out=str(out), k=16, device="cpu")
+        return BuildOptions(**{**base, "max_prompt_len": 96, "max_len": 128, **kw})
+
+    out = tmp_path / "five.zarr"
+    assert build_cache(options(out, max_examples=5)).examples == 5
+    reader = CacheReader(out)
+    assert len(reader) == 5 and reader.source_index.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(MoekdError, match="max_examples: 5 in the store, 6 now"):
+        build_cache(options(out, max_examples=6, resume=True))
+
+
+def test_train_max_examples_uses_the_first_examples_of_data_and_cache(small_cache, student, data_file, tmp_path):
+    from moekd.distill.sources import open_source
+    from moekd.distill.train import TrainOptions, train
+    from moekd.models import load_tokenizer
+
+    base = dict(student=str(student), max_steps=1, eval_every=0, save_every=0, workers=0, device="cpu")
+    for name, source in {"data": dict(data=str(data_file), loss="ce"), "cache": dict(cache=str(small_cache))}.items():
+        o = TrainOptions(out=str(tmp_path / name), max_examples=7, eval_fraction=0.2, **base, **source)
+        assert len(open_source(o, load_tokenizer(o.student), None)[0]) > 7  # the data holds more
+        train(o)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert (config["train_examples"], config["eval_examples"], config["max_examples"]) == (6, 1, 7)
+
+
+def test_sar_max_examples_reads_the_first_rows(make_teacher, student, data_file, tmp_path):
+    from moekd.data.records import load_records
+    from moekd.sar.options import SarOptions
+    from moekd.sar.train import RouterTrainer
+
+    o = SarOptions(
+        teacher=str(make_teacher("mixtral")),
+        student=str(student),
+        data=str(data_file),
+        out=str(tmp_path / "r.safetensors"),
+        max_examples=4,
+        max_prompt_len=96,
+        max_len=128,
+        device="cpu",
+    )
+    trainer = RouterTrainer(o)
+    assert len(trainer.source) == 4
+    assert trainer.config["data_fingerprint"] == load_records(data_file).first(4).fingerprint()

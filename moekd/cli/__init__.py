@@ -13,7 +13,7 @@ import sys
 from moekd.cli import cache, data, demo, eval, routing, sar, train  # noqa: F401  (registers the commands)
 from moekd.cli.app import app, console
 from moekd.errors import MoekdError, ReportedByRankZero
-from moekd.interrupt import EXIT_CODES, Interrupted, raise_on_sigterm, signal_of
+from moekd.interrupt import EXIT_CODES, Stopped, raise_on_sigterm
 
 __all__ = ["app", "main"]
 
@@ -29,14 +29,7 @@ def main() -> None:
     except MoekdError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
-    except Interrupted as e:
-        # one unwrapped line, to copy the command from
+    except Stopped as e:
+        # one unwrapped line, to copy the resume command from
         console.print(f"[bold red]interrupted by {e.signal.name}:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_CODES[e.signal])
-    except KeyboardInterrupt as e:  # before a run had anything to resume
-        sig = signal_of(e)
-        console.print(
-            f"[bold red]interrupted by {sig.name}:[/] finished units and checkpoints are kept; "
-            "rerun with --resume to continue"
-        )
-        sys.exit(EXIT_CODES[sig])

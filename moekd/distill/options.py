@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moekd.data.records import check_max_examples
 from moekd.distill.gate_maps import EXPERT_MAPS
 from moekd.distill.losses import KD_LOSSES
 from moekd.distill.objective import KDLoss
@@ -86,6 +87,9 @@ class TrainOptions:
     )
     fields: dict = option(default_factory=dict, help="--data: the fields of a row", parts=data_field_parts("--data: "))
     skip_invalid: bool = option(False, "--data: leave out bad or over-long rows instead of stopping.")
+    max_examples: int | None = option(
+        None, "Use only the first N examples of --cache or --data (held-out ones included; a smoke run)."
+    )
     # router terms for MoE students (router_losses.py, gate_maps.py)
     router_loss: str = option(
         "none",
@@ -195,6 +199,7 @@ def check_options(o: TrainOptions) -> None:
     for flag, value in non_negative.items():
         if not value >= 0:  # NaN too
             raise MoekdError(f"{flag} must be >= 0, got {value}")
+    check_max_examples(o.max_examples)
     _check_router_options(o)
 
 

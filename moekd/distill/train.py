@@ -93,7 +93,7 @@ def _train(
     if o.cache is not None:
         ranks.share(lambda: verify_cache(o))  # every file hashed once, not once per rank
     source, source_sha = open_source(o, tokenizer, console)
-    train_idx, eval_idx = held_out_split(len(source), o.eval_fraction)
+    train_idx, eval_idx = held_out_split(min(len(source), o.max_examples or len(source)), o.eval_fraction)
     order = BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed)
     epochs = None if o.max_steps else (o.epochs or 1)
     total_steps = o.max_steps or -(-sum(len(order.epoch(e)) for e in range(epochs)) // o.grad_accum)

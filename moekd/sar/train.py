@@ -153,7 +153,7 @@ class RouterTrainer:
         self.tokenizer = load_tokenizer(o.teacher, "--teacher")
         self.student_tokenizer = load_tokenizer(o.student, "--student")
         self._check_tokenizers()
-        loaded = load_records(o.data, o.fields, o.skip_invalid)
+        loaded = load_records(o.data, o.fields, o.skip_invalid).first(o.max_examples)
         report = tokenize_records(
             loaded.records,
             loaded.source_index,
