@@ -561,6 +561,8 @@ CASES = [
     case("stats-max-examples-zero", STATS + " --max-examples 0", "--max-examples"),
     case("build-max-examples-zero", BUILD + " --max-examples 0", "--max-examples"),
     case("train-max-examples-zero", TRAIN + " --max-examples 0", "--max-examples"),
+    case("train-save-total-limit-zero", TRAIN + " --save-total-limit 0", "--save-total-limit"),
+    case("train-save-dtype-float16", TRAIN + " --save-dtype float16", "--save-dtype", "bfloat16"),
     case("sft-max-examples-negative", SFT + " --max-examples=-3", "--max-examples"),
     case("sar-max-examples-zero", SAR + " --max-examples 0", "--max-examples"),
     case("stats-batch-size-zero", STATS + " --batch-size 0", "--batch-size"),

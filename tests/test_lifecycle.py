@@ -161,3 +161,34 @@ def test_sar_max_examples_reads_the_first_rows(make_teacher, student, data_file,
     trainer = RouterTrainer(o)
     assert len(trainer.source) == 4
     assert trainer.config["data_fingerprint"] == load_records(data_file).first(4).fingerprint()
+
+
+# ---------------------------------------------------------------- checkpoints: --save-total-limit, --save-dtype
+
+
+def test_save_total_limit_keeps_the_newest_and_save_dtype_writes_a_loadable_final(small_cache, student, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moekd.distill.train import TrainOptions, train
+
+    base = dict(cache=str(small_cache), student=str(student), max_steps=5, save_every=1, eval_every=0)
+    base.update(workers=0, device="cpu", batch_tokens=512)
+    train(TrainOptions(out=str(tmp_path / "all"), **base))
+    train(TrainOptions(out=str(tmp_path / "kept"), save_total_limit=2, save_dtype="bfloat16", **base))
+    assert steps(tmp_path / "all") == [1, 2, 3, 4, 5]
+    assert steps(tmp_path / "kept") == [4, 5] and len(list((tmp_path / "kept").glob("step-*"))) == 2
+    final = tmp_path / "kept" / "final"
+    assert (final / "generation_config.json").is_file()
+    half = AutoModelForCausalLM.from_pretrained(str(final))
+    full = AutoModelForCausalLM.from_pretrained(str(tmp_path / "all" / "final"))
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert all(p.dtype == torch.float32 for p in full.parameters())
+    expected = full.state_dict()
+    for name, value in half.state_dict().items():
+        torch.testing.assert_close(value, expected[name].to(torch.bfloat16), rtol=0, atol=0)
+    # both are run-only settings: the run resumes with other values (and is finished here)
+    from moekd.errors import MoekdError
+
+    with pytest.raises(MoekdError, match="this run is finished"):
+        train(TrainOptions(out=str(tmp_path / "kept"), resume="auto", **base))

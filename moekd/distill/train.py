@@ -40,6 +40,7 @@ from moekd.models import load_causal_lm, load_tokenizer, resolve_device
 from moekd.training.checkpoint import (
     FINAL,
     load_state,
+    prune_checkpoints,
     resume_point,
     save_checkpoint,
     step_dir,
@@ -200,6 +201,9 @@ def _train(
                         RUN_ONLY,
                     )
                 )
+                if o.save_total_limit is not None:
+                    frame.save(partial(prune_checkpoints, out, o.save_total_limit))
+        model.to(getattr(torch, o.save_dtype))  # the last use of the model: final/ in the dtype asked for
         frame.save(partial(save_checkpoint, out / FINAL, model, tokenizer, None, frame.step, config, RUN_ONLY))
     return TrainSummary(
         out=str(out),
