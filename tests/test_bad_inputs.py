@@ -565,6 +565,7 @@ CASES = [
     case("train-save-dtype-float16", TRAIN + " --save-dtype float16", "--save-dtype", "bfloat16"),
     case("sft-max-examples-negative", SFT + " --max-examples=-3", "--max-examples"),
     case("sar-max-examples-zero", SAR + " --max-examples 0", "--max-examples"),
+    case("eval-greedy-no-rouge", EVAL + " --greedy --no-rouge --nll", "--greedy", "--no-rouge"),
     case("stats-batch-size-zero", STATS + " --batch-size 0", "--batch-size"),
     case("stats-max-len-not-above-prompt", STATS + " --max-len 50", "--max-len"),
     case("stats-top-p-with-ka", STATS + " --policy ka --top-p 0.5", "--top-p"),
