@@ -114,7 +114,7 @@ def check_finite(value, what: str, step: int, epoch: int, index: int, examples, 
     """Stop the run when `value` (a loss or gradient norm, tensor or float) is not finite, with one line
     naming the step, the batch (`index` of `epoch`, its `examples`), the last good checkpoint in `run`
     and what to try."""
-    number = float(value)
+    number = float(value.detach() if hasattr(value, "detach") else value)  # a loss tensor: no autograd warning
     if math.isfinite(number):
         return
     last = latest_checkpoint(run)
