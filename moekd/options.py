@@ -23,6 +23,7 @@ from pathlib import Path
 import typer
 
 from moekd.errors import MoekdError
+from moekd.interrupt import Stopped
 
 CONFIG_HELP = (
     "YAML (or TOML) file of settings, keyed by flag name (max_len or max-len); "
@@ -265,7 +266,11 @@ def command(group: typer.Typer, name: str, cls, recorded: Callable[[dict], dict 
                             values[f.name] = known[f.part_key_or_name]
             for f in flags:
                 values.setdefault(f.name, kwargs[f.name])
-            return body(build_options(cls, flags, values))
+            options = build_options(cls, flags, values)
+            try:
+                return body(options)
+            except KeyboardInterrupt as e:  # typer would turn it into a silent exit 130
+                raise Stopped.of(e) from None
 
         context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
         parameters = [context, *(f.parameter() for f in flags)]

@@ -162,7 +162,7 @@ def test_evaluate_writes_report_and_generations(make_teacher, synth_dir, tmp_pat
     assert [d["data"] for d in summary["datasets"]] == [str(p) for p in data]
     rows = [json.loads(line) for line in gen_path.read_text().splitlines()]
     assert len(rows) == 2 * 2 * 4
-    assert set(rows[0]) == {"dataset", "index", "seed", "prompt", "reference", "generation", "rougeL"}
+    assert set(rows[0]) == {"dataset", "index", "seed", "prompt", "reference", "generation", "rougeL", "exact_match"}
     for row in rows:
         assert row["prompt"].endswith("### Response:\n")
         assert row["rougeL"] == pytest.approx(rouge_l(row["generation"], row["reference"]))
@@ -175,6 +175,39 @@ def test_evaluate_writes_report_and_generations(make_teacher, synth_dir, tmp_pat
 
     again = evaluate(options)
     assert again.generations == report.generations
+
+
+def test_greedy_generates_once_per_prompt_by_argmax(make_teacher, synth_dir, tokenizer, teacher):
+    data = synth_dir / "test.jsonl"
+    options = EvalOptions(str(make_teacher("mixtral")), [str(data)], greedy=True, max_new_tokens=6, batch_size=3)
+    report = evaluate(EvalOptions(**{**vars(options), "limit": 5}))
+    model, _ = teacher
+    expected = generate_responses(model, tokenizer, _prompts(tokenizer, data, 5), 0, 6, 3, greedy=True)
+    assert [r["generation"] for r in report.generations] == expected
+    assert [r["seed"] for r in report.generations] == [None] * 5
+    (scores,) = report.datasets
+    assert scores.per_seed == {} and scores.std is None
+    assert scores.mean == pytest.approx(np.mean([r["rougeL"] for r in report.generations]))
+    assert report.settings["do_sample"] is False and report.settings["seeds"] == []
+
+
+def test_exact_match_ignores_case_and_whitespace(make_teacher, synth_dir, monkeypatch, tokenizer):
+    examples = load_eval_examples(synth_dir / "test.jsonl", limit=4)
+    reference_of = {
+        tuple(prompt_ids(tokenizer, format_prompt(ex.record), False)): ex.record.response for ex in examples
+    }
+
+    def shout_reference_or_not(model, tokenizer, prompts, seed, *args, greedy=False, **kwargs):
+        assert greedy
+        answers = [reference_of[tuple(p)] for p in prompts]
+        return [f"  {a.upper()}\n" if i % 2 else a + " extra" for i, a in enumerate(answers)]
+
+    monkeypatch.setattr(evaluate_module, "generate_responses", shout_reference_or_not)
+    options = EvalOptions(str(make_teacher("mixtral")), [str(synth_dir / "test.jsonl")], greedy=True, limit=4)
+    report = evaluate(options)
+    assert [r["exact_match"] for r in report.generations] == [0.0, 1.0, 0.0, 1.0]
+    assert report.datasets[0].exact_match == 0.5
+    assert evaluate_module.exact_match("a  B", ["x", "A b"]) == 1.0 and evaluate_module.exact_match("a", ["b"]) == 0
 
 
 def test_several_references_per_record(tmp_path):
@@ -235,3 +268,7 @@ def test_cli_eval(make_teacher, synth_dir, tmp_path):
 
     bad = CliRunner().invoke(app, args[:5] + ["--seeds", "ten"])
     assert isinstance(bad.exception, MoekdError) and "--seeds" in str(bad.exception)
+
+    greedy = CliRunner().invoke(app, [*args[:5], "--greedy", "--max-new-tokens", "4", "--limit", "3"])
+    assert greedy.exit_code == 0, greedy.output
+    assert "exact match" in greedy.output and "greedy" in greedy.output

@@ -31,11 +31,12 @@ from moekd.cache_builder.options import BuildOptions, recorded_options
 from moekd.cache_builder.runner import UnitRunner
 from moekd.cache_builder.split import parse_shard, split_units
 from moekd.data.prompts import tokenize_records
-from moekd.data.records import load_records
+from moekd.data.records import check_max_examples, load_records
 from moekd.distributed import Ranks
 from moekd.encodings import ENCODINGS, check_flags
 from moekd.errors import MoekdError
 from moekd.fsio import setting_differences, sha256_file
+from moekd.interrupt import resumable, resume_command
 from moekd.locking import WriterLock
 from moekd.models import (
     check_tokenizer_fits,
@@ -83,6 +84,7 @@ def _check_options(o: BuildOptions) -> dict:
     flags = check_flags(o.encoding, {**given, "hidden_dtype": o.hidden_dtype})
     if o.batch_tokens < 1:
         raise MoekdError(f"--batch-tokens must be positive, got {o.batch_tokens}")
+    check_max_examples(o.max_examples)
     if o.positions_per_shard < 1 or o.positions_per_shard % min(POSITIONS_PER_CHUNK, o.positions_per_shard):
         raise MoekdError(
             f"--positions-per-shard must be a positive multiple of {POSITIONS_PER_CHUNK} (or smaller than it)"
@@ -177,7 +179,7 @@ def _build(
     policy = make_policy(o.policy, **o.policy_params)
     tokenizer_flag = "--tokenizer" if o.tokenizer else "--teacher"
     tokenizer = load_tokenizer(o.tokenizer or o.teacher, tokenizer_flag)
-    loaded = load_records(o.data, o.fields, o.skip_invalid)
+    loaded = load_records(o.data, o.fields, o.skip_invalid).first(o.max_examples)
     report = tokenize_records(
         loaded.records, loaded.source_index, tokenizer, o.max_prompt_len, o.max_len, o.chat_template, o.skip_invalid
     )
@@ -260,7 +262,12 @@ def _build(
         o.batch_tokens,
         gate_r,
     )
-    done_tokens, teacher_seconds = _run_units(runner, writer, work, tables, ranks, lock, console)
+    resume = resume_command("cache", "build", "--out", str(out), "--resume", *(["--shard", o.shard] if o.shard else []))
+    with resumable(
+        lambda: f"{len(writer.units) - len(writer.missing_units())} of {len(writer.units)} units of {out} are written",
+        resume,
+    ):
+        done_tokens, teacher_seconds = _run_units(runner, writer, work, tables, ranks, lock, console)
     per_rank = ranks.gather((len(work.mine), done_tokens, teacher_seconds))
     units_missing = 0
     if shard:

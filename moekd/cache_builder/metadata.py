@@ -164,6 +164,7 @@ def resume_settings(
         "max_prompt_len": o.max_prompt_len,
         "max_len": o.max_len,
         "skip_invalid": o.skip_invalid,
+        "max_examples": o.max_examples,
         "policy": policy.name,
         "policy_params": policy.describe(),
         "samples": policy.samples,

@@ -60,6 +60,7 @@ class BuildOptions:
     )
     fields: dict = option(default_factory=dict, help="the fields of a row", parts=data_field_parts())
     skip_invalid: bool = option(False, "Leave out bad or over-long rows (counted in the summary) instead of stopping.")
+    max_examples: int | None = option(None, "Use only the first N rows of --data (a smoke run).")
     positions_per_shard: int = option(
         POSITIONS_PER_SHARD, "Stored positions per shard file, the unit of resumable work."
     )

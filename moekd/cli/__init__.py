@@ -13,6 +13,7 @@ import sys
 from moekd.cli import cache, data, demo, eval, routing, sar, train  # noqa: F401  (registers the commands)
 from moekd.cli.app import app, console
 from moekd.errors import MoekdError, ReportedByRankZero
+from moekd.interrupt import EXIT_CODES, Stopped, raise_on_sigterm
 
 __all__ = ["app", "main"]
 
@@ -20,6 +21,7 @@ __all__ = ["app", "main"]
 def main() -> None:
     # moekd draws its own progress bars; transformers' per-load bars would only clutter them
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    raise_on_sigterm()
     try:
         app()
     except ReportedByRankZero:
@@ -27,8 +29,7 @@ def main() -> None:
     except MoekdError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print(
-            "[bold red]interrupted[/]: finished units and checkpoints are kept; rerun with --resume to continue"
-        )
-        sys.exit(130)
+    except Stopped as e:
+        # one unwrapped line, to copy the resume command from
+        console.print(f"[bold red]interrupted by {e.signal.name}:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_CODES[e.signal])

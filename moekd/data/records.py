@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moekd.errors import MoekdError
@@ -40,6 +40,10 @@ class LoadedRecords:
     fields: FieldMap
     format: str
     skipped: dict[str, int]  # reason -> rows left out (only with skip_invalid)
+
+    def first(self, n: int | None) -> LoadedRecords:
+        """The first `n` records (all when None): --max-examples of a smoke run."""
+        return self if n is None else replace(self, records=self.records[:n], source_index=self.source_index[:n])
 
     def fingerprint(self) -> str:
         """sha256 of the records' content, independent of the file format they came in."""
@@ -115,6 +119,11 @@ def detect_fields(rows: list[dict], override: dict[str, str | None] | None = Non
         if value is not None:
             fields[key] = value or None  # "" turns the context field off
     return FieldMap(**fields)
+
+
+def check_max_examples(n: int | None) -> None:
+    if n is not None and n < 1:
+        raise MoekdError(f"--max-examples must be at least 1, got {n}")
 
 
 def load_records(

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from moekd.data.batches import right_pad
 from moekd.errors import MoekdError
+from moekd.interrupt import quiet_worker
 
 
 class BatchDataset(Dataset):
@@ -93,4 +94,5 @@ def make_loader(dataset: BatchDataset, order, workers: int, prefetch: int = 4) -
         num_workers=workers,
         prefetch_factor=prefetch if workers else None,
         persistent_workers=False,
+        worker_init_fn=quiet_worker,  # a signal stops the main process, which then stops the workers
     )

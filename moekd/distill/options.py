@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moekd.data.records import check_max_examples
 from moekd.distill.gate_maps import EXPERT_MAPS
 from moekd.distill.losses import KD_LOSSES
 from moekd.distill.objective import KDLoss
@@ -22,7 +23,19 @@ ROUTER_LOSSES = ("none", "bdistill")
 # Chosen by bench/loss_scale.py's chunk sweep on this project's machine (docs/benchmarks.md).
 LOSS_CHUNK = 1024
 # Settings that do not change what the run computes: they may differ when resuming.
-RUN_ONLY = ("out", "resume", "device", "workers", "eval_every", "save_every", "moekd_version", "world_size")
+RUN_ONLY = (
+    "out",
+    "resume",
+    "device",
+    "workers",
+    "eval_every",
+    "save_every",
+    "save_total_limit",
+    "save_dtype",
+    "moekd_version",
+    "world_size",
+)
+SAVE_DTYPES = ("float32", "bfloat16")
 NOT_RECORDED = ("storage_options",)  # may hold credentials
 RECORDED_AS = {"sample_mode": "samples"}  # fields renamed since runs first recorded them
 
@@ -70,6 +83,10 @@ class TrainOptions:
         0.05, "Share of the examples held out for evaluation (at least 1; 0 for none); fixed for a given dataset."
     )
     save_every: int = option(500, "Resumable checkpoint every N steps; 0: only final/.")
+    save_total_limit: int | None = option(
+        None, "Keep only the newest N step-XXXXXX checkpoints, deleting older ones (default: keep all)."
+    )
+    save_dtype: str = option("float32", "dtype of the weights in final/: float32 or bfloat16 (half the size).")
     resume: str | None = option(
         None, "auto (newest complete checkpoint in --out, or a fresh start) or a step-XXXXXX directory."
     )
@@ -86,6 +103,9 @@ class TrainOptions:
     )
     fields: dict = option(default_factory=dict, help="--data: the fields of a row", parts=data_field_parts("--data: "))
     skip_invalid: bool = option(False, "--data: leave out bad or over-long rows instead of stopping.")
+    max_examples: int | None = option(
+        None, "Use only the first N examples of --cache or --data (held-out ones included; a smoke run)."
+    )
     # router terms for MoE students (router_losses.py, gate_maps.py)
     router_loss: str = option(
         "none",
@@ -197,6 +217,11 @@ def check_options(o: TrainOptions) -> None:
     for flag, value in non_negative.items():
         if not value >= 0:  # NaN too
             raise MoekdError(f"{flag} must be >= 0, got {value}")
+    check_max_examples(o.max_examples)
+    if o.save_total_limit is not None and o.save_total_limit < 1:
+        raise MoekdError(f"--save-total-limit must be at least 1 (leave it out to keep all), got {o.save_total_limit}")
+    if o.save_dtype not in SAVE_DTYPES:
+        raise MoekdError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}, got {o.save_dtype!r}")
     _check_router_options(o)
 
 

@@ -34,11 +34,13 @@ from moekd.distill.router_losses import router_objective
 from moekd.distill.sources import check_vocabulary, open_source, verify_cache
 from moekd.distill.student import Student
 from moekd.distributed import Ranks
+from moekd.interrupt import resumable, resume_command
 from moekd.locking import WriterLock
 from moekd.models import load_causal_lm, load_tokenizer, resolve_device
 from moekd.training.checkpoint import (
     FINAL,
     load_state,
+    prune_checkpoints,
     resume_point,
     save_checkpoint,
     step_dir,
@@ -92,7 +94,7 @@ def _train(
     if o.cache is not None:
         ranks.share(lambda: verify_cache(o))  # every file hashed once, not once per rank
     source, source_sha = open_source(o, tokenizer, console)
-    train_idx, eval_idx = held_out_split(len(source), o.eval_fraction)
+    train_idx, eval_idx = held_out_split(min(len(source), o.max_examples or len(source)), o.eval_fraction)
     order = BatchOrder(train_idx, source.lengths, source.shards, o.batch_tokens, o.seed)
     epochs = None if o.max_steps else (o.epochs or 1)
     total_steps = o.max_steps or -(-sum(len(order.epoch(e)) for e in range(epochs)) // o.grad_accum)
@@ -168,7 +170,7 @@ def _train(
         main=ranks.main,
     )
     eval_start, record = None, {}
-    with frame:
+    with frame, resumable(frame.where, resume_command("train", "--out", str(out), "--resume", "auto")):
         if step == 0 and eval_order:
             eval_start = evaluate()
             frame.write({"step": 0, "loss": None, "lr": scheduler.get_last_lr()[0], "tokens": 0, **eval_start})
@@ -200,6 +202,9 @@ def _train(
                         RUN_ONLY,
                     )
                 )
+                if o.save_total_limit is not None:
+                    frame.save(partial(prune_checkpoints, out, o.save_total_limit))
+        model.to(getattr(torch, o.save_dtype))  # the last use of the model: final/ in the dtype asked for
         frame.save(partial(save_checkpoint, out / FINAL, model, tokenizer, None, frame.step, config, RUN_ONLY))
     return TrainSummary(
         out=str(out),

@@ -3,7 +3,9 @@
 Protocol of the published work (docs/methods.md §7): prompts built exactly as in training, one sampled
 response per prompt per seed (temperature 1, top_k 0, top_p 1), ROUGE-L F-measure x100 with
 stemming, max over a record's references, averaged over the dataset; then mean and std over
-seeds. std is the population std (ddof=0, numpy's default), recorded in the report.
+seeds. std is the population std (ddof=0, numpy's default), recorded in the report. `greedy` decodes
+one argmax generation per prompt instead. Every generation is also scored by exact match (equal to a
+reference up to case and whitespace).
 
 Beside it, on request, the deterministic teacher-forced scores of likelihood.py on the first
 reference of each record: response NLL and the exact KL from a reference teacher. `policy`
@@ -17,10 +19,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from moekd.data.prompts import format_prompt, prompt_ids, tokenize_records
 from moekd.data.records import Record, detect_fields, read_rows, row_problem
@@ -48,9 +53,10 @@ class EvalExample:
 class DatasetScores:
     data: str
     n: int
-    per_seed: dict[int, float]  # seed -> mean ROUGE-L over the dataset (empty without ROUGE-L)
-    mean: float | None
-    std: float | None
+    per_seed: dict[int, float]  # seed -> mean ROUGE-L over the dataset (empty without ROUGE-L, or with --greedy)
+    mean: float | None  # over seeds; with --greedy the greedy generations' ROUGE-L
+    std: float | None  # None with --greedy
+    exact_match: float | None = None  # share of generations equal to a reference (normalised); None without ROUGE-L
     nll: float | None = None  # teacher-forced response NLL, nats per response token
     kl_from_teacher: float | None = None  # KL(teacher || model), nats per response token
     response_positions: int | None = None  # positions the two above average over
@@ -66,6 +72,15 @@ class EvalReport:
     def summary(self) -> dict:
         """The report without the generations, as written to the --json file."""
         return {"model": self.model, "settings": self.settings, "datasets": [asdict(d) for d in self.datasets]}
+
+
+def exact_match(response: str, references: list[str]) -> float:
+    """1.0 when the response equals one of the references up to case and whitespace, else 0.0."""
+
+    def normal(text: str) -> str:
+        return " ".join(text.split()).casefold()
+
+    return float(any(normal(response) == normal(r) for r in references))
 
 
 def load_eval_examples(path: str | Path, limit: int | None = None) -> list[EvalExample]:
@@ -116,6 +131,8 @@ def evaluate(o: EvalOptions, log: Callable[[str], None] | None = None) -> EvalRe
         raise MoekdError(f"--limit must be at least 1, got {limit}")
     if rouge and not seeds:
         raise MoekdError("--seeds: give at least one seed")
+    if o.greedy and not rouge:
+        raise MoekdError("--greedy decodes the generations ROUGE-L scores; drop --no-rouge (or --greedy)")
     if not (rouge or nll or teacher):
         raise MoekdError("--no-rouge leaves nothing to compute: add --nll or --teacher PATH")
     if not data_paths:
@@ -146,17 +163,29 @@ def evaluate(o: EvalOptions, log: Callable[[str], None] | None = None) -> EvalRe
         prompted[name] = prompts, ids
 
     scores, generations = [], []
+    passes = () if not rouge else (None,) if o.greedy else seeds  # None: the one greedy pass
     for name, examples in datasets.items():
         prompts, ids = prompted[name]
         row_seeds = [derive_seed(routing_seed, ex.row, 0) for ex in examples] if routing and policy.stochastic else None
-        per_seed = {}
-        for seed in seeds if rouge else ():
-            responses = generate_responses(
-                model, tokenizer, ids, seed, max_new_tokens, batch_size, routing=routing, row_seeds=row_seeds
-            )
+        per_seed, matches = {}, []
+        for seed in passes:
+            with progress_bar(f"{name}" + (" greedy" if seed is None else f" seed {seed}"), len(ids)) as advance:
+                responses = generate_responses(
+                    model,
+                    tokenizer,
+                    ids,
+                    seed or 0,
+                    max_new_tokens,
+                    batch_size,
+                    greedy=o.greedy,
+                    routing=routing,
+                    row_seeds=row_seeds,
+                    on_batch=advance,
+                )
             rouge_scores = [rouge_l(response, ex.references) for response, ex in zip(responses, examples)]
-            per_seed[seed] = float(np.mean(rouge_scores))
-            for ex, prompt, response, score in zip(examples, prompts, responses, rouge_scores):
+            match = [exact_match(response, ex.references) for response, ex in zip(responses, examples)]
+            per_seed[seed], matches = float(np.mean(rouge_scores)), matches + match
+            for ex, prompt, response, score, m in zip(examples, prompts, responses, rouge_scores, match):
                 reference_text = ex.references[0] if len(ex.references) == 1 else ex.references
                 generations.append(
                     {
@@ -167,17 +196,23 @@ def evaluate(o: EvalOptions, log: Callable[[str], None] | None = None) -> EvalRe
                         "reference": reference_text,
                         "generation": response,
                         "rougeL": score,
+                        "exact_match": m,
                     }
                 )
             if log:
-                log(f"{name} seed {seed}: ROUGE-L {per_seed[seed]:.2f} over {len(examples)} prompts")
+                what = "greedy" if seed is None else f"seed {seed}"
+                log(
+                    f"{name} {what}: ROUGE-L {per_seed[seed]:.2f}, exact match {np.mean(match):.3f} "
+                    f"over {len(examples)} prompts"
+                )
         values = list(per_seed.values())
         dataset = DatasetScores(
             name,
             len(examples),
-            per_seed,
+            {} if o.greedy else per_seed,
             float(np.mean(values)) if values else None,
-            float(np.std(values)) if values else None,
+            float(np.std(values)) if values and not o.greedy else None,
+            float(np.mean(matches)) if matches else None,
         )
         if nll or teacher:
             tokenized = tokenize_records(
@@ -204,11 +239,12 @@ def evaluate(o: EvalOptions, log: Callable[[str], None] | None = None) -> EvalRe
 def _settings(o: EvalOptions, policy, loaded_router) -> dict:
     """What a report records of how it was made."""
     return {
-        **SAMPLING,
+        **({"do_sample": False} if o.greedy else SAMPLING),
+        "greedy": o.greedy,
         "max_new_tokens": o.max_new_tokens,
         "max_prompt_len": o.max_prompt_len,
         "batch_size": o.batch_size,
-        "seeds": list(o.seeds) if o.rouge else [],
+        "seeds": list(o.seeds) if o.rouge and not o.greedy else [],
         "limit": o.limit,
         "device": o.device,
         "chat_template": o.chat_template,
@@ -224,6 +260,21 @@ def _settings(o: EvalOptions, policy, loaded_router) -> dict:
         else {"name": policy.name, "params": policy.describe(), "seed": o.routing_seed},
         "router": None if loaded_router is None else {"path": loaded_router.path, "sha256": loaded_router.sha256},
     }
+
+
+@contextmanager
+def progress_bar(label: str, total: int):
+    """A transient bar on stderr over `total` prompts; yields the function that advances it."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
 
 
 def _policy(o: EvalOptions):

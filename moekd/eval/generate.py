@@ -52,17 +52,19 @@ def generate_responses(
     greedy: bool = False,
     routing=None,
     row_seeds: list[int] | None = None,
+    on_batch=lambda prompts: None,
 ) -> list[str]:
     """One response per prompt (token ids), batched in the given order with left padding, cut at EOS.
 
     torch is seeded once with `seed` before the first batch, so the same prompts, seed and
     batch size give the same responses. `greedy` decodes by argmax instead (for checks).
     `routing` (a RouterController of `model`) routes its MoE layers by a policy while it
-    generates, with one seed per prompt in `row_seeds` for a stochastic policy.
+    generates, with one seed per prompt in `row_seeds` for a stochastic policy. `on_batch(n)` is
+    called after each batch of n prompts (a progress bar).
     """
     eos = eos_token_ids(model, tokenizer)
     continuations = sample_continuations(
-        model, tokenizer, prompts, seed, max_new_tokens, batch_size, greedy, routing, row_seeds
+        model, tokenizer, prompts, seed, max_new_tokens, batch_size, greedy, routing, row_seeds, on_batch
     )
     return [
         tokenizer.decode(ids[:-1] if ids and ids[-1] in eos else ids, skip_special_tokens=True).strip()
@@ -80,12 +82,13 @@ def sample_continuations(
     greedy: bool = False,
     routing=None,
     row_seeds: list[int] | None = None,
+    on_batch=lambda prompts: None,
 ) -> list[list[int]]:
     """Token ids of one sampled continuation per prompt, up to and including the first EOS (if any).
 
     Sampling as in `generate_responses` (which decodes these): temperature 1, top_k 0, top_p 1,
     left-padded batches in the given order, torch seeded once with `seed`; `routing` and
-    `row_seeds` as there.
+    `row_seeds` and `on_batch` as there.
     """
     from transformers import GenerationConfig
 
@@ -110,6 +113,7 @@ def sample_continuations(
             for row in out[:, width:].tolist():
                 cut = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
                 continuations.append(row[:cut])
+            on_batch(len(batch))
     finally:
         model.generation_config = checkpoint_defaults
     return continuations

@@ -46,6 +46,10 @@ class EvalOptions:
     chat_template: bool = option(
         False, "Build prompts with the tokenizer's chat template (as a cache built with --chat-template)."
     )
+    greedy: bool = option(
+        False,
+        "Greedy decoding (argmax) instead of sampling: one generation per prompt (--seeds unused), scored by ROUGE-L and exact match.",
+    )
     rouge: bool = option(
         True, "Sample and score ROUGE-L (--no-rouge: only the teacher-forced scores).", flag="--rouge/--no-rouge"
     )

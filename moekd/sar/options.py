@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from moekd.data.records import check_max_examples
 from moekd.errors import MoekdError
 from moekd.options import data_field_parts, option, read_recorded
 from moekd.sar.objective import TEACHER_KLDS
@@ -68,6 +69,7 @@ class SarOptions:
     )
     fields: dict = option(default_factory=dict, help="the fields of a row", parts=data_field_parts())
     skip_invalid: bool = option(False, "Leave out bad or over-long rows instead of stopping.")
+    max_examples: int | None = option(None, "Use only the first N rows of --data (a smoke run).")
 
 
 def run_dir(out: str | Path) -> Path:
@@ -123,5 +125,6 @@ def check_options(o: SarOptions) -> None:
     for flag, value in positive.items():
         if not value > 0:
             raise MoekdError(f"{flag} must be positive, got {value}")
+    check_max_examples(o.max_examples)
     if o.save_every < 0:
         raise MoekdError(f"--save-every must be >= 0, got {o.save_every}")

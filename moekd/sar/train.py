@@ -45,6 +45,7 @@ from moekd.data.tokenizer import tokenizer_differences, tokenizer_fingerprint
 from moekd.distill.sources import TokenizedSource
 from moekd.errors import MoekdError
 from moekd.eval.generate import sample_continuations
+from moekd.interrupt import resumable, resume_command
 from moekd.locking import WriterLock
 from moekd.models import (
     checkpoint_sha256,
@@ -152,7 +153,7 @@ class RouterTrainer:
         self.tokenizer = load_tokenizer(o.teacher, "--teacher")
         self.student_tokenizer = load_tokenizer(o.student, "--student")
         self._check_tokenizers()
-        loaded = load_records(o.data, o.fields, o.skip_invalid)
+        loaded = load_records(o.data, o.fields, o.skip_invalid).first(o.max_examples)
         report = tokenize_records(
             loaded.records,
             loaded.source_index,
@@ -358,6 +359,11 @@ class RouterTrainer:
             resumed=self.resume_from is not None,
             columns=COLUMNS,
         )
+        with resumable(frame.where, resume_command("sar", "train", "--out", o.out, "--resume", "auto")):
+            return self._train(frame, started)
+
+    def _train(self, frame: StepFrame, started: float) -> SarSummary:
+        o = self.o
         if self.loss_start is None:
             self.loss_start = self._probe_loss()
         batches = iter(self._order(self.position))

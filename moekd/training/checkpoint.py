@@ -47,6 +47,18 @@ def config_hash(config: dict, ignore: tuple[str, ...]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints of `out` (incomplete ones older than those too)."""
+    found = sorted((int(m.group(1)), p) for p in out.glob("step-*") if (m := STEP_DIR.fullmatch(p.name)))
+    complete = [step for step, p in found if is_complete(p)]
+    if len(complete) <= keep:
+        return
+    oldest_kept = complete[-keep]
+    for step, path in found:
+        if step < oldest_kept:
+            shutil.rmtree(path)
+
+
 def save_checkpoint(
     path: Path, model, tokenizer, state: dict | None, step: int, config: dict, ignore: tuple[str, ...]
 ) -> None:

@@ -73,6 +73,14 @@ class StepFrame:
     def tokens_per_second(self) -> float:
         return self.session_tokens / max(self.elapsed, 1e-9)
 
+    def where(self) -> str:
+        """Where the run stands, for the line of an interrupted run: its step and last complete checkpoint."""
+        last = latest_checkpoint(self.run)
+        kept = (
+            f"the last complete checkpoint is {last}" if last else "no checkpoint was saved yet (resuming starts over)"
+        )
+        return f"{self.label} stopped after step {self.step} of {self.total}; {kept}"
+
     def write(self, record: dict) -> None:
         """A metrics record outside the steps (e.g. step 0's held-out loss)."""
         if self.log is not None:
@@ -106,7 +114,7 @@ def check_finite(value, what: str, step: int, epoch: int, index: int, examples, 
     """Stop the run when `value` (a loss or gradient norm, tensor or float) is not finite, with one line
     naming the step, the batch (`index` of `epoch`, its `examples`), the last good checkpoint in `run`
     and what to try."""
-    number = float(value.detach() if hasattr(value, "detach") else value)
+    number = float(value.detach() if hasattr(value, "detach") else value)  # a loss tensor: no autograd warning
     if math.isfinite(number):
         return
     last = latest_checkpoint(run)
