@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1] / "moekd"
 
 # Lowest first. A unit is a subpackage or a top-level module of moekd.
 LAYERS = [
-    {"errors"},
+    {"errors", "interrupt"},  # the one exception users see; how a run stops on a signal
     {"paths", "seeds", "schemas", "locking", "fsio", "options"},  # paths, seeds, metadata, locks, files, flags
     {"data", "models", "distributed", "encodings"},  # rows and tokens, checkpoints, ranks, codecs
     {"store", "routing"},  # reading and writing stores; recognising and rerouting routers
