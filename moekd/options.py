@@ -77,13 +77,12 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _optional(tp) -> tuple[type, bool]:
-    """(the type without None, whether None is allowed)."""
+def _without_none(tp) -> type:
+    """`X` of `X | None` (and `tp` itself otherwise)."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return tp, False
+        return next(a for a in args if a is not type(None))
+    return tp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +92,7 @@ class _Flag:
     name: str  # the Python parameter name (= option name)
     field: str  # the dataclass field it sets
     type: type  # the value's type (without None)
-    default: object  # None where the field is required, a part, or parsed
+    default: object  # the command line's default: None where the field is required, a part, or parsed
     required: bool
     flag: str
     help: str
@@ -130,7 +129,7 @@ def flags_of(cls) -> list[_Flag]:
             out.append(_Flag(part.name, f.name, part.type, None, False, flag_of(part.name), part.help, part=part))
         if meta["parts"]:
             continue
-        tp, _ = _optional(hints[f.name])
+        tp = _without_none(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required or f.default is dataclasses.MISSING else f.default
         argument = meta.get("argument", False)
@@ -227,8 +226,8 @@ def build_options(cls, flags: list[_Flag], values: dict):
             raise MoekdError(f"{f.flag} is required: pass it, or set {f.name} in --config")
         if f.parse is not None and isinstance(value, str):
             value = f.parse(value)
-        if value is not None or not f.required:
-            kwargs[f.field] = value if value is not None or f.default is None else f.default
+        if value is not None:  # else the dataclass's own default
+            kwargs[f.field] = value
     return cls(**kwargs)
 
 

@@ -41,7 +41,7 @@ class StepFrame:
         extra_columns: tuple[str, ...] = (),
         main: bool = True,
     ):
-        self.run, self.config, self.console, self.lock = run, config, console, lock
+        self.run, self.console, self.lock = run, console, lock
         self.label, self.total, self.step, self.tokens, self.main = label, total, step, tokens, main
         self.session_tokens = 0
         self.log = None
@@ -86,7 +86,7 @@ class StepFrame:
         if self.log is not None:
             self.log.write(record)
 
-    def done(self, record: dict, tokens: int) -> dict:
+    def done(self, record: dict, tokens: int) -> None:
         """Step `record["step"]` is done with `tokens` trained tokens: count them, add tokens and
         tokens_per_s to its record, write it and advance the bar."""
         self.step = record["step"]
@@ -97,7 +97,6 @@ class StepFrame:
         self._progress.update(
             self._task, completed=self.step, loss=f"{record['loss']:.4f}", rate=f"{record['tokens_per_s']:,.0f}"
         )
-        return record
 
     def due(self, every: int) -> bool:
         """Whether the step just done is one of every `every`-th (0: never)."""
