@@ -87,6 +87,12 @@ class Ranks:
             raise ReportedByRankZero(value)
         return value
 
+    def barrier(self) -> None:
+        """Wait until every rank is here: at the end of a job, so that no rank tears the process group down
+        (closing its gloo connections) while rank 0 still writes the outputs."""
+        if self.world > 1:
+            dist.barrier()
+
     def gather(self, value) -> list:
         """Every rank's `value`, in rank order, on every rank."""
         if self.world == 1:

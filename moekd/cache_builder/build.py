@@ -274,6 +274,7 @@ def _build(
         units_missing = len(writer.missing_units())
     elif ranks.main:
         writer.finalize(lock, time.perf_counter() - started)
+    ranks.barrier()  # the store is committed
     return summary(
         skipped=meta.dataset.skipped,
         units_done=sum(r[0] for r in per_rank),

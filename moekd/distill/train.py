@@ -206,9 +206,7 @@ def _train(
                     frame.save(partial(prune_checkpoints, out, o.save_total_limit))
         model.to(getattr(torch, o.save_dtype))  # the last use of the model: final/ in the dtype asked for
         frame.save(partial(save_checkpoint, out / FINAL, model, tokenizer, None, frame.step, config, RUN_ONLY))
-    # every rank waits for rank 0's final/ before the process group is torn down (a rank that leaves
-    # early closes its gloo connections under a peer still using the group)
-    ranks.share(lambda: None)
+    ranks.barrier()  # final/ is written
     return TrainSummary(
         out=str(out),
         steps=frame.step,
